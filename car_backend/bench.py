@@ -1,0 +1,26 @@
+"""`car-backend bench engine|service`: run a benchmark script from the source checkout's `benchmarks/`.
+
+Benchmarks compare against the slow literal implementation kept in `tests/`, so they need a checkout,
+not just the installed package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from car_backend.settings import Settings
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    script = CHECKOUT / "benchmarks" / f"{args.which}.py"
+    if not script.is_file():
+        print(f"car-backend bench: {script} not found; benchmarks run from a source checkout "
+              "(pip install -e .)", file=sys.stderr)
+        return 2
+    extra = [a for a in args.args if a != "--"]
+    return subprocess.call([sys.executable, str(script), *extra], cwd=CHECKOUT)

@@ -1,0 +1,139 @@
+"""`car-backend serve|worker|segment|prelabel|bench`: one entry point, settings from the environment.
+
+Each sub-command imports its module only when it runs, so `--help` is instant and never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from car_backend import __version__
+from car_backend.settings import PRESETS, Settings, SettingsError, settings_table
+
+log = logging.getLogger("car_backend")
+
+
+def _settings_epilog() -> str:
+    lines = ["settings (environment variables):"]
+    lines += [f"  {env:<24} {meaning} [default: {default or 'unset'}]" for env, default, meaning in settings_table()]
+    return "\n".join(lines)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the Label Studio ML backend HTTP server (gunicorn)",
+        description="Serve the ML backend protocol (/health, /setup, /predict, /webhook, /versions, /metrics) with "
+        "gunicorn. Without REDIS_URL, jobs run on an in-process worker with an embedded Redis; with REDIS_URL, "
+        "they go to the queue that `car-backend worker` processes serve.",
+    )
+    p.add_argument("--host", help="address to bind (default: HOST or 0.0.0.0)")
+    p.add_argument("--port", type=int, help="port to listen on (default: PORT or 9090)")
+    p.set_defaults(handler=_run("car_backend.server", "main"))
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="run an RQ worker that loads the models once and executes segmentation jobs",
+        description="Pull jobs from the Redis queue at REDIS_URL and run CaR on them in this process "
+        "(models load once, no fork per job). Start any number of workers on any number of machines; "
+        "interactive jobs are always served before batch jobs.",
+    )
+    p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    p.add_argument("--name", help="worker name (default: host and process id)")
+    p.set_defaults(handler=_run("car_backend.worker", "main"))
+
+
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="segment one image with CaR and write a label map / overlay / JSON summary",
+        description="Run CaR on IMAGE with the given vocabulary and print the kept labels, their scores, "
+        "the number of recurrent steps and the stage timings.",
+    )
+    p.add_argument("image", help="path to an image file")
+    p.add_argument("--labels", required=True, help='comma-separated vocabulary, e.g. "cat,dog,sofa"')
+    p.add_argument("--preset", choices=PRESETS, help="thresholds and visual prompts (default: CAR_PRESET)")
+    p.add_argument("--referring", action="store_true", help="treat the labels as sentences describing one object")
+    p.add_argument("--out", help="write the label map as a PNG (pixel value = label index + 1, 0 = background)")
+    p.add_argument("--overlay", help="write a colour overlay of the masks on the image as a PNG")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(handler=_run("car_backend.engine.cli", "segment_command"))
+
+
+def _add_prelabel(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prelabel",
+        help="pre-label a whole Label Studio project, or an image folder into an import file",
+        description="With --project: enqueue every task of the project that lacks a prediction for the current "
+        "model version and write predictions through the Label Studio API (resumable). With --images: segment "
+        "a folder offline and write a Label Studio import file with predictions.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--project", type=int, help="Label Studio project id (needs LABEL_STUDIO_URL and _API_KEY)")
+    src.add_argument("--images", help="folder of images to pre-label offline")
+    p.add_argument("--labels", help='vocabulary for --images, e.g. "cat,dog"')
+    p.add_argument("--out", help="import file to write for --images (JSON)")
+    p.add_argument("--format", choices=("brush", "polygon"), default="brush", help="region type for --images")
+    p.set_defaults(handler=_run("car_backend.prelabel", "main"))
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark (engine or service) and print figures; the last line is one JSON object",
+        description="Benchmarks print per-stage medians and ratios against a baseline measured in the same run.",
+    )
+    p.add_argument("which", choices=("engine", "service"), help="what to measure")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (see its --help)")
+    p.set_defaults(handler=_run("car_backend.bench", "main"))
+
+
+def _run(module: str, function: str) -> Callable[[argparse.Namespace, Settings], int]:
+    def handler(args: argparse.Namespace, settings: Settings) -> int:
+        import importlib
+        import importlib.util
+
+        if importlib.util.find_spec(module) is None:
+            print(f"car-backend {args.command}: not implemented yet ({module} is not in this build)", file=sys.stderr)
+            return 2
+        target = getattr(importlib.import_module(module), function)
+        return int(target(args, settings) or 0)
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="car-backend",
+        description="Label Studio ML backend: open-vocabulary segmentation pre-labels with CaR (CLIP as RNN).",
+        epilog=_settings_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"car-backend {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_serve, _add_worker, _add_segment, _add_prelabel, _add_bench):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"car-backend: bad setting: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    return args.handler(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

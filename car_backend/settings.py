@@ -1,0 +1,226 @@
+"""One typed settings object, read from the environment and validated at start.
+
+Every module takes its configuration from a `Settings` instance; nothing else reads `os.environ`
+for car-backend's own settings (Label Studio's SDK reads a few of its own variables, see media.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message names the variable and the allowed values."""
+
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+OUTPUTS = ("brush", "polygon", "auto")
+PRESETS = ("voc", "coco", "context", "ade", "refcoco", "refcoco+", "refcocog")
+SCORES = ("confidence", "uncertainty")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one environment variable maps to one field."""
+
+    env: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    secret: bool = False
+
+
+def _meta(env: str, help: str, choices: tuple[str, ...] | None = None, secret: bool = False) -> dict:
+    return {"setting": Setting(env=env, help=help, choices=choices, secret=secret)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Engine
+    proposal_model: str = field(
+        default="ViT-B-16:openai",
+        metadata=_meta("CAR_PROPOSAL_MODEL", "Mask-proposal CLIP, `NAME:WEIGHTS` (open_clip name or config JSON; "
+                       "pretrained tag, local checkpoint path, or `random`)."),
+    )
+    classifier_model: str = field(
+        default="ViT-L-14:openai",
+        metadata=_meta("CAR_CLASSIFIER_MODEL", "Mask-classifier CLIP, same form as CAR_PROPOSAL_MODEL."),
+    )
+    device: str = field(default="auto", metadata=_meta("CAR_DEVICE", "Where the models run.", DEVICES))
+    precision: str = field(
+        default="auto",
+        metadata=_meta("CAR_PRECISION", "Model precision; auto = fp16 on CUDA, fp32 on CPU.", PRECISIONS),
+    )
+    preset: str = field(
+        default="coco",
+        metadata=_meta("CAR_PRESET", "Thresholds and visual prompts (paper's per-dataset values).", PRESETS),
+    )
+    max_steps: int = field(
+        default=10, metadata=_meta("CAR_MAX_STEPS", "Cap on recurrent steps (the official code has none).")
+    )
+    sam_checkpoint: str = field(
+        default="",
+        metadata=_meta("CAR_SAM_CHECKPOINT", "Path to a segment-anything checkpoint; set to refine masks with SAM."),
+    )
+    sam_model_type: str = field(
+        default="vit_h",
+        metadata=_meta("CAR_SAM_MODEL_TYPE", "segment-anything model type of the checkpoint.", ("vit_h", "vit_l", "vit_b")),
+    )
+    weights_dir: str = field(
+        default="",
+        metadata=_meta("CAR_WEIGHTS_DIR", "Cache folder for downloaded weights (open_clip's default when empty)."),
+    )
+    # Label Studio results
+    output: str = field(
+        default="auto",
+        metadata=_meta("CAR_OUTPUT", "Region type; auto = whatever control the label config has.", OUTPUTS),
+    )
+    polygon_tolerance: float = field(
+        default=1.0,
+        metadata=_meta("CAR_POLYGON_TOLERANCE", "Polygon simplification tolerance in pixels (0 keeps every vertex)."),
+    )
+    score: str = field(
+        default="confidence",
+        metadata=_meta("CAR_SCORE", "Task-level prediction score used to order review.", SCORES),
+    )
+    task_labels_key: str = field(
+        default="",
+        metadata=_meta("CAR_TASK_LABELS_KEY", "Task-data key listing the labels to look for in that task (optional)."),
+    )
+    # Queue
+    redis_url: str = field(
+        default="",
+        metadata=_meta("REDIS_URL", "Redis for the job queue; empty = in-process worker (embedded Redis)."),
+    )
+    queue: str = field(default="car", metadata=_meta("CAR_QUEUE", "RQ queue name for batch jobs."))
+    predict_wait: float = field(
+        default=60.0,
+        metadata=_meta("CAR_PREDICT_WAIT", "Seconds /predict waits for jobs (keep under Label Studio's 100 s)."),
+    )
+    job_retries: int = field(default=2, metadata=_meta("CAR_JOB_RETRIES", "Retries of a failing job before it fails."))
+    job_timeout: int = field(default=600, metadata=_meta("CAR_JOB_TIMEOUT", "Seconds one job may run."))
+    result_ttl: int = field(
+        default=7 * 24 * 3600, metadata=_meta("CAR_RESULT_TTL", "Seconds finished results stay in the cache.")
+    )
+    # Label Studio access
+    label_studio_url: str = field(
+        default="",
+        metadata=_meta("LABEL_STUDIO_URL", "Label Studio's address, for media downloads and writing predictions."),
+    )
+    label_studio_api_key: str = field(
+        default="",
+        metadata=_meta("LABEL_STUDIO_API_KEY", "Personal access token (or legacy token) of a Label Studio user.",
+                       secret=True),
+    )
+    allowed_hosts: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta("CAR_ALLOWED_HOSTS", "Comma-separated hosts besides Label Studio's that images may come from."),
+    )
+    max_image_pixels: int = field(
+        default=50_000_000, metadata=_meta("CAR_MAX_IMAGE_PIXELS", "Largest image accepted, in pixels.")
+    )
+    max_download_bytes: int = field(
+        default=64 * 1024 * 1024, metadata=_meta("CAR_MAX_DOWNLOAD_BYTES", "Largest image download, in bytes.")
+    )
+    # HTTP server
+    basic_auth_user: str = field(
+        default="", metadata=_meta("BASIC_AUTH_USER", "Require HTTP basic auth with this user (and BASIC_AUTH_PASS).")
+    )
+    basic_auth_pass: str = field(
+        default="", metadata=_meta("BASIC_AUTH_PASS", "Password for basic auth.", secret=True)
+    )
+    host: str = field(default="0.0.0.0", metadata=_meta("HOST", "Address `car-backend serve` binds to."))
+    port: int = field(default=9090, metadata=_meta("PORT", "Port `car-backend serve` listens on."))
+    http_threads: int = field(
+        default=1, metadata=_meta("CAR_HTTP_THREADS", "gunicorn threads serving HTTP (models never load there).")
+    )
+    log_level: str = field(default="INFO", metadata=_meta("LOG_LEVEL", "Logging level.", LOG_LEVELS))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every setting from `environ` (default: os.environ); `overrides` win over the environment."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            setting: Setting = f.metadata["setting"]
+            raw = environ.get(setting.env)
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _parse(f, setting, raw.strip())
+        values.update(overrides)
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setting: Setting = f.metadata["setting"]
+            value = getattr(self, f.name)
+            if setting.choices and value not in setting.choices:
+                raise SettingsError(
+                    f"{setting.env}={value!r} is not allowed; use one of: {', '.join(setting.choices)}"
+                )
+        for name in ("max_steps", "job_timeout", "max_image_pixels", "max_download_bytes", "port", "http_threads"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{_env(name)} must be a positive number, got {getattr(self, name)!r}")
+        for name in ("predict_wait", "polygon_tolerance", "job_retries", "result_ttl"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{_env(name)} must not be negative, got {getattr(self, name)!r}")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
+        if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
+            raise SettingsError(f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}")
+
+    def redacted(self) -> dict[str, Any]:
+        """All settings as a dict with secrets masked: the only form that may be logged."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = "***" if f.metadata["setting"].secret and value else value
+        return out
+
+    def __repr__(self) -> str:  # dataclass repr would print secrets
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in self.redacted().items())})"
+
+
+def _env(name: str) -> str:
+    return next(f.metadata["setting"].env for f in dataclasses.fields(Settings) if f.name == name)
+
+
+def _parse(f: dataclasses.Field, setting: Setting, raw: str) -> Any:
+    parsers: dict[str, Callable[[str], Any]] = {
+        "int": int,
+        "float": float,
+        "str": str,
+        "tuple[str, ...]": lambda s: tuple(h.strip() for h in s.split(",") if h.strip()),
+    }
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        value = parsers[kind](raw)
+    except ValueError:
+        raise SettingsError(f"{setting.env}={raw!r} is not a valid {kind}") from None
+    if setting.env in ("LOG_LEVEL",):
+        value = value.upper()
+    return value
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for every setting: the README table and `--help` are made from this."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        setting: Setting = f.metadata["setting"]
+        default = f.default
+        shown = ",".join(default) if isinstance(default, tuple) else str(default)
+        meaning = setting.help + (f" One of: {', '.join(setting.choices)}." if setting.choices else "")
+        rows.append((setting.env, shown, meaning))
+    return rows
+
+
+def settings_markdown() -> str:
+    """The README's settings table."""
+    lines = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{env}` | {f'`{default}`' if default else '(unset)'} | {meaning} |"
+              for env, default, meaning in settings_table()]
+    return "\n".join(lines)
