@@ -1,0 +1,182 @@
+"""Authenticating to Label Studio with LABEL_STUDIO_API_KEY.
+
+Label Studio 1.23 takes three kinds of key:
+- a personal access token (a JWT *refresh* token): exchanged at `POST /api/token/refresh/` for an access
+  token that lives about 300 s, sent as `Bearer <access>`, and exchanged again when it expires or LS
+  answers 401;
+- an access token (a JWT access token) pasted directly: sent as `Bearer`, cannot be renewed;
+- a legacy token: sent as `Token <key>` (works only where the organisation still allows legacy tokens).
+
+One `LabelStudioAuth` per (process, Label Studio, key) is shared by every caller (`shared_auth`), so a
+process does one exchange per access-token lifetime. Keys and tokens never reach a log line or an
+exception message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import requests
+
+from car_backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REFRESH_PATH = "/api/token/refresh/"
+EXPIRY_MARGIN_S = 30.0  # renew this long before the access token expires
+DEFAULT_ACCESS_LIFETIME_S = 300.0
+
+
+class LabelStudioError(Exception):
+    """Label Studio cannot be reached or refuses the key (or none is configured). Never holds a token."""
+
+
+def jwt_claims(token: str) -> dict[str, Any] | None:
+    """The payload of a JWT (unverified), or None when `token` is not a JWT."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (binascii.Error, ValueError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+class LabelStudioAuth:
+    """The Authorization header for one Label Studio and one key; thread-safe."""
+
+    def __init__(self, url: str, api_key: str, timeout: tuple[float, float] = (5.0, 30.0)):
+        self.url = url.rstrip("/")
+        self._key = api_key
+        self._timeout = timeout
+        claims = jwt_claims(api_key) or {}
+        self.kind = {"refresh": "pat", "access": "access"}.get(claims.get("token_type"), "legacy")
+        self._lock = threading.Lock()
+        self._access: str | None = None
+        self._renew_at = 0.0
+
+    def __repr__(self) -> str:
+        return f"LabelStudioAuth(url={self.url!r}, kind={self.kind!r})"
+
+    @property
+    def refreshable(self) -> bool:
+        return self.kind == "pat"
+
+    def header(self) -> dict[str, str]:
+        """{"Authorization": ...}, exchanging the personal access token first when needed."""
+        if self.kind == "legacy":
+            return {"Authorization": f"Token {self._key}"}
+        if self.kind == "access":
+            return {"Authorization": f"Bearer {self._key}"}
+        with self._lock:
+            if self._access is None or time.monotonic() >= self._renew_at:
+                self._exchange()
+            return {"Authorization": f"Bearer {self._access}"}
+
+    def invalidate(self, header: dict[str, str]) -> None:
+        """Forget the access token in `header` (Label Studio answered 401 to it); a newer one is kept."""
+        with self._lock:
+            if self._access is not None and header.get("Authorization") == f"Bearer {self._access}":
+                self._access = None
+
+    def _exchange(self) -> None:
+        started = time.monotonic()
+        try:
+            resp = requests.post(self.url + REFRESH_PATH, json={"refresh": self._key}, timeout=self._timeout)
+        except requests.RequestException as exc:
+            raise LabelStudioError(
+                f"cannot reach Label Studio at {self.url} to exchange the personal access token: "
+                f"{type(exc).__name__}"
+            ) from None
+        if resp.status_code != 200:
+            detail = (
+                "the personal access token is invalid, expired or revoked"
+                if resp.status_code in (400, 401)
+                else "unexpected answer"
+            )
+            raise LabelStudioError(
+                f"Label Studio at {self.url} refused LABEL_STUDIO_API_KEY at {REFRESH_PATH} "
+                f"(HTTP {resp.status_code}): {detail}"
+            )
+        try:
+            access = resp.json()["access"]
+        except (ValueError, KeyError, TypeError):
+            raise LabelStudioError(
+                f"Label Studio at {self.url} sent no access token from {REFRESH_PATH}"
+            ) from None
+        claims = jwt_claims(access) or {}
+        lifetime = DEFAULT_ACCESS_LIFETIME_S
+        if isinstance(claims.get("exp"), int | float) and isinstance(claims.get("iat"), int | float):
+            lifetime = float(claims["exp"] - claims["iat"])  # immune to clock skew between the two machines
+        self._access = access
+        self._renew_at = started + max(lifetime - EXPIRY_MARGIN_S, lifetime / 2)
+        log.debug("exchanged the personal access token at %s (access token lives %.0f s)", self.url, lifetime)
+
+
+_shared: dict[tuple[int, str, str], LabelStudioAuth] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_auth(url: str, api_key: str) -> LabelStudioAuth:
+    """The process-wide LabelStudioAuth for this Label Studio and key."""
+    key = (os.getpid(), url.rstrip("/"), hashlib.sha256(api_key.encode()).hexdigest())
+    with _shared_lock:
+        auth = _shared.get(key)
+        if auth is None:
+            auth = _shared[key] = LabelStudioAuth(url, api_key)
+        return auth
+
+
+class LabelStudioAPI:
+    """Minimal authenticated access to Label Studio's REST API (writing predictions, listing tasks).
+
+    `request` adds the Authorization header and, for a personal access token, retries once with a fresh
+    access token after a 401. It returns the response whatever its status; the caller checks it.
+    """
+
+    def __init__(self, settings: Settings, timeout: tuple[float, float] = (5.0, 60.0)):
+        if not settings.label_studio_url:
+            raise LabelStudioError("LABEL_STUDIO_URL is not set")
+        if not settings.label_studio_api_key:
+            raise LabelStudioError("LABEL_STUDIO_API_KEY is not set")
+        self.url = settings.label_studio_url.rstrip("/")
+        self.auth = shared_auth(self.url, settings.label_studio_api_key)
+        self._timeout = timeout
+        self._local = threading.local()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """`path` is relative to LABEL_STUDIO_URL (e.g. "/api/predictions/"); kwargs go to requests."""
+        kwargs.setdefault("timeout", self._timeout)
+        extra_headers = kwargs.pop("headers", None) or {}
+        header = self.auth.header()
+        resp = self._send(method, path, {**extra_headers, **header}, kwargs)
+        if resp.status_code == 401 and self.auth.refreshable:
+            self.auth.invalidate(header)
+            resp = self._send(method, path, {**extra_headers, **self.auth.header()}, kwargs)
+        return resp
+
+    def _send(
+        self, method: str, path: str, headers: dict[str, str], kwargs: dict[str, Any]
+    ) -> requests.Response:
+        try:
+            return self._session().request(method, self.url + path, headers=headers, **kwargs)
+        except requests.RequestException as exc:
+            raise LabelStudioError(
+                f"cannot reach Label Studio at {self.url}{path}: {type(exc).__name__}"
+            ) from None
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session

@@ -1,0 +1,288 @@
+"""Read a Label Studio label config: which controls CaR can predict, with which labels and prompts.
+
+A *target* is one BrushLabels or PolygonLabels control over one Image whose value is a task-data
+variable (`value="$image"`). Everything else in the config is either a source of text (a Text tag with
+referring sentences, a TextArea for interactive prompts) or skipped with a reason that `/setup` and the
+logs can show.
+
+Attributes CaR reads from a config (all optional):
+- on a Label: `predicted_values="a,b"` (the prompt sent to CLIP instead of the value), `car_skip="true"`
+  (never predict this label, e.g. a catch-all "background" label);
+- on a control: `car_preset="refcoco"`, `car_background="sky,wall"`, `car_referring="expression"` (the Text
+  tag name or `$key` holding referring sentences; `car_referring="false"` turns the guess below off).
+
+Without `car_referring`, a control with exactly one static Label reads its sentences from the config's
+only Text tag (or TextArea with a `$value`) when there is exactly one: the referring-expression layout of
+label_config/referring.xml.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from label_studio_sdk.label_interface import LabelInterface
+
+from car_backend.settings import OUTPUTS, PRESETS
+
+KINDS = {"brushlabels": "brush", "polygonlabels": "polygon"}
+_FALSE = {"false", "no", "off", "0", "none"}
+
+
+class LabelConfigError(ValueError):
+    """The label config (or extra_params) cannot be used; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    value: str  # what goes into the region (the Label's alias when it has one, else its value)
+    prompt: str  # what CaR looks for: `predicted_values` when present, else the Label's value
+
+
+@dataclass(frozen=True)
+class Target:
+    """One predictable control over one Image."""
+
+    from_name: str
+    to_name: str
+    data_key: str
+    kind: str  # "brush" | "polygon"
+    labels: tuple[LabelSpec, ...]
+    dynamic_key: str | None = None
+    referring_key: str | None = None
+    preset: str | None = None
+    background: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    targets: tuple[Target, ...]
+    skipped: tuple[str, ...]
+    prompt_from_name: str | None
+    preset: str | None
+    background: tuple[str, ...] | None
+    output: str | None = None  # "brush" | "polygon" | "auto" from extra_params; None = not set
+
+
+def parse_label_config(xml: str, extra_params: dict | str | None = None) -> ProjectConfig:
+    """Find every predictable control in `xml`; raise LabelConfigError when there is none."""
+    params = _extra_params(extra_params)
+    if not isinstance(xml, str) or not xml.strip():
+        raise LabelConfigError("the label config is empty")
+    try:
+        interface = LabelInterface(xml)
+    except Exception as exc:  # the SDK raises lxml, pydantic and its own errors alike
+        raise LabelConfigError(f"the label config cannot be parsed: {exc}") from None
+
+    objects = {obj.name: obj for obj in interface.objects or ()}
+    controls = list(interface.controls or ())
+    text_keys = _text_sources(objects, controls)
+    targets: list[Target] = []
+    skipped: list[str] = []
+    prompt_from_name = None
+    for control in controls:
+        tag = control.tag.lower()
+        if tag == "textarea" and any(_is_image(objects.get(n)) for n in control.to_name):
+            prompt_from_name = prompt_from_name or control.name
+            continue
+        if tag not in KINDS:
+            skipped.append(f"{control.name}: {_why_not(control.tag)}")
+            continue
+        for to_name in control.to_name:
+            target = _target(control, to_name, objects.get(to_name), text_keys, skipped)
+            if target is not None:
+                targets.append(target)
+
+    if not targets:
+        reasons = "; ".join(skipped) or "the config has no control tags"
+        raise LabelConfigError(
+            "nothing to predict: CaR needs a BrushLabels or PolygonLabels control with labels over an "
+            f'<Image value="$key"> tag ({reasons})'
+        )
+    return ProjectConfig(
+        targets=tuple(targets),
+        skipped=tuple(skipped),
+        prompt_from_name=prompt_from_name,
+        preset=_preset(params.get("preset"), "extra_params preset"),
+        background=_words(params.get("background")),
+        output=_output(params.get("output")),
+    )
+
+
+def config_hash(xml: str, extra_params: dict | str | None = None) -> str:
+    """A short stable hash of the config and its extra_params, for caching parsed configs."""
+    try:
+        params = _extra_params(extra_params)
+    except LabelConfigError:
+        params = {"raw": str(extra_params)}
+    blob = json.dumps([xml, params], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def task_vocabulary(target: Target, task_data: dict, task_labels_key: str = "") -> tuple[LabelSpec, ...]:
+    """The labels to look for in one task: static, then dynamic, narrowed by the task's own label list."""
+    specs = list(target.labels)
+    if target.dynamic_key:
+        specs.extend(_dynamic_labels(task_data.get(target.dynamic_key)))
+    unique: dict[str, LabelSpec] = {}
+    for spec in specs:
+        unique.setdefault(spec.value, spec)
+    if task_labels_key and task_labels_key in task_data:
+        wanted = {w.casefold() for w in _words(task_data[task_labels_key]) or ()}
+        return tuple(spec for spec in unique.values() if spec.value.casefold() in wanted)
+    return tuple(unique.values())
+
+
+def task_sentences(target: Target, task_data: dict) -> list[str]:
+    """The referring sentences of a task (one per line or list item); empty when there are none."""
+    if not target.referring_key:
+        return []
+    raw = task_data.get(target.referring_key)
+    if isinstance(raw, str):
+        items: Iterable[Any] = raw.splitlines()
+    elif isinstance(raw, list | tuple):
+        items = raw
+    else:
+        return []
+    return [s.strip() for s in items if isinstance(s, str) and s.strip()]
+
+
+def _target(control, to_name: str, obj, text_keys: dict[str, str], skipped: list[str]) -> Target | None:
+    where = f"{control.name} -> {to_name}"
+    if obj is None:
+        skipped.append(f"{where}: toName names no object tag")
+        return None
+    if not _is_image(obj):
+        skipped.append(f"{where}: {control.tag} over a {obj.tag} tag; CaR segments Image tags only")
+        return None
+    if "valueList" in obj.attr or not obj.value_is_variable:
+        skipped.append(f'{where}: the Image needs value="$key" (valueList and fixed URLs are not supported)')
+        return None
+
+    labels = tuple(
+        LabelSpec(value=value, prompt=_prompt(label.attr, value))
+        for value, label in (control.labels_attrs or {}).items()
+        if str(label.attr.get("car_skip", "")).lower() not in ("true", "1", "yes")
+    )
+    raw_value = control.attr.get("value") or ""
+    dynamic_key = raw_value[1:] if raw_value.startswith("$") and len(raw_value) > 1 else None
+    if not labels and not dynamic_key:
+        skipped.append(f"{where}: {control.tag} has no Label to predict")
+        return None
+    return Target(
+        from_name=control.name,
+        to_name=to_name,
+        data_key=obj.value_name,
+        kind=KINDS[control.tag.lower()],
+        labels=labels,
+        dynamic_key=dynamic_key,
+        referring_key=_referring_key(control, labels, dynamic_key, text_keys),
+        preset=_preset(control.attr.get("car_preset"), f"{control.name} car_preset"),
+        background=_words(control.attr.get("car_background")),
+    )
+
+
+def _referring_key(control, labels, dynamic_key, text_keys: dict[str, str]) -> str | None:
+    explicit = control.attr.get("car_referring")
+    if explicit is not None:
+        explicit = explicit.strip()
+        if explicit.lower() in _FALSE:
+            return None
+        if explicit.startswith("$") and len(explicit) > 1:
+            return explicit[1:]
+        if explicit in text_keys:
+            return text_keys[explicit]
+        raise LabelConfigError(
+            f"{control.name}: car_referring={explicit!r} names no Text tag with a $value "
+            f"(known: {', '.join(text_keys) or 'none'}); use a tag name or $key"
+        )
+    if len(labels) == 1 and not dynamic_key and len(set(text_keys.values())) == 1:
+        return next(iter(text_keys.values()))
+    return None
+
+
+def _text_sources(objects: dict, controls: list) -> dict[str, str]:
+    """Tag name -> task-data key for Text tags and TextAreas whose value is a $variable."""
+    sources = {}
+    for tag in [*objects.values(), *controls]:
+        value = tag.attr.get("value") or ""
+        if tag.tag.lower() in ("text", "textarea") and value.startswith("$") and len(value) > 1:
+            sources[tag.attr.get("name") or value[1:]] = value[1:]
+    return sources
+
+
+def _is_image(obj) -> bool:
+    return obj is not None and obj.tag.lower() == "image"
+
+
+def _why_not(tag: str) -> str:
+    low = tag.lower()
+    if low in ("brush", "polygon"):
+        return f"{tag} has no labels; use {tag}Labels"
+    if low.endswith("labels"):
+        return f"{tag} is not predicted (CaR returns BrushLabels and PolygonLabels only)"
+    return f"{tag} is not a segmentation control"
+
+
+def _prompt(attrs: dict, fallback: str) -> str:
+    predicted = (attrs.get("predicted_values") or "").strip()
+    return predicted or attrs.get("value") or fallback
+
+
+def _dynamic_labels(raw: Any) -> list[LabelSpec]:
+    if not isinstance(raw, list):
+        return []
+    specs = []
+    for item in raw:
+        if isinstance(item, str) and item.strip():
+            specs.append(LabelSpec(value=item.strip(), prompt=item.strip()))
+        elif isinstance(item, dict) and isinstance(item.get("value"), str) and item["value"].strip():
+            value = str(item.get("alias") or item["value"]).strip()
+            specs.append(LabelSpec(value=value, prompt=_prompt(item, value)))
+    return specs
+
+
+def _words(raw: Any) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    items = raw.split(",") if isinstance(raw, str) else raw if isinstance(raw, list | tuple) else [raw]
+    words = tuple(str(w).strip() for w in items if str(w).strip())
+    return words or None
+
+
+def _preset(raw: Any, where: str) -> str | None:
+    if raw is None or str(raw).strip() == "":
+        return None
+    preset = str(raw).strip().lower()
+    if preset not in PRESETS:
+        raise LabelConfigError(f"{where}={raw!r} is not a preset; use one of: {', '.join(PRESETS)}")
+    return preset
+
+
+def _output(raw: Any) -> str | None:
+    if raw is None or str(raw).strip() == "":
+        return None
+    output = str(raw).strip().lower()
+    if output not in OUTPUTS:
+        raise LabelConfigError(
+            f"extra_params output={raw!r} is not allowed; use one of: {', '.join(OUTPUTS)}"
+        )
+    return output
+
+
+def _extra_params(raw: dict | str | None) -> dict:
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise LabelConfigError(f"extra_params is not valid JSON: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise LabelConfigError(f"extra_params must be a JSON object, got {type(raw).__name__}")
+    return raw
