@@ -30,6 +30,7 @@ from car_backend.settings import OUTPUTS, PRESETS
 
 KINDS = {"brushlabels": "brush", "polygonlabels": "polygon"}
 _FALSE = {"false", "no", "off", "0", "none"}
+_SMART_TAGS = ("keypointlabels", "rectanglelabels")
 
 
 class LabelConfigError(ValueError):
@@ -65,6 +66,7 @@ class ProjectConfig:
     preset: str | None
     background: tuple[str, ...] | None
     output: str | None = None  # "brush" | "polygon" | "auto" from extra_params; None = not set
+    interactive_controls: tuple[str, ...] = ()  # smart KeyPointLabels/RectangleLabels: prompts, not targets
 
 
 def parse_label_config(xml: str, extra_params: dict | str | None = None) -> ProjectConfig:
@@ -83,10 +85,15 @@ def parse_label_config(xml: str, extra_params: dict | str | None = None) -> Proj
     targets: list[Target] = []
     skipped: list[str] = []
     prompt_from_name = None
+    interactive: list[str] = []
     for control in controls:
         tag = control.tag.lower()
-        if tag == "textarea" and any(_is_image(objects.get(n)) for n in control.to_name):
+        over_image = any(_is_image(objects.get(n)) for n in control.to_name)
+        if tag == "textarea" and over_image:
             prompt_from_name = prompt_from_name or control.name
+            continue
+        if tag in _SMART_TAGS and over_image and _is_smart(control):
+            interactive.append(control.name)
             continue
         if tag not in KINDS:
             skipped.append(f"{control.name}: {_why_not(control.tag)}")
@@ -109,6 +116,7 @@ def parse_label_config(xml: str, extra_params: dict | str | None = None) -> Proj
         preset=_preset(params.get("preset"), "extra_params preset"),
         background=_words(params.get("background")),
         output=_output(params.get("output")),
+        interactive_controls=tuple(interactive),
     )
 
 
@@ -212,6 +220,13 @@ def _text_sources(objects: dict, controls: list) -> dict[str, str]:
         if tag.tag.lower() in ("text", "textarea") and value.startswith("$") and len(value) > 1:
             sources[tag.attr.get("name") or value[1:]] = value[1:]
     return sources
+
+
+def _is_smart(control) -> bool:
+    """Smart tools send the annotator's clicks and boxes to the backend as interactive prompts."""
+    if str(control.attr.get("smart", "")).lower() == "true":
+        return True
+    return any(str(label.attr.get("smart", "")).lower() == "true" for label in (control.labels_attrs or {}).values())
 
 
 def _is_image(obj) -> bool:

@@ -1,0 +1,86 @@
+import numpy as np
+
+from car_backend.labelstudio.config import LabelSpec
+from car_backend.labelstudio.interactive import Point, label_named_by, narrow_mask, parse_context
+
+
+def keypoint(x, y, positive=True, label="person"):
+    region = {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": 200,
+              "original_height": 100, "value": {"x": x, "y": y, "width": 1, "keypointlabels": [label]}}
+    if positive is not None:
+        region["is_positive"] = positive
+    return region
+
+
+def test_context_with_text_keypoints_and_rectangles():
+    context = {"result": [
+        {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": ["  the man in red  ", ""]}},
+        keypoint(10, 20),
+        keypoint(50, 60, positive=False),
+        keypoint(70, 80, positive=None),  # no is_positive key: a plain keypoint counts as positive
+        {"type": "rectanglelabels", "value": {"x": 5, "y": 5, "width": 50, "height": 40, "rectanglelabels": ["car"]}},
+        {"type": "keypointlabels", "value": {"x": "bad"}},  # malformed: ignored
+        "not a region",
+    ]}
+    request = parse_context(context)
+    assert request.texts == ("the man in red",)
+    assert request.label == "person"
+    assert request.points == (Point(10, 20, True, "person"), Point(50, 60, False, "person"),
+                              Point(70, 80, True, "person"))
+    assert request.boxes == ((5.0, 5.0, 50.0, 40.0),)
+
+
+def test_no_usable_context_means_batch_prediction():
+    assert parse_context(None) is None
+    assert parse_context({}) is None
+    assert parse_context({"result": []}) is None
+    assert parse_context({"result": [{"type": "textarea", "value": {"text": ["   "]}}]}) is None
+
+
+def test_text_naming_a_label_by_value_prompt_or_synonym():
+    labels = (LabelSpec("car", "car"), LabelSpec("person", "person with clothes,people,human"))
+    assert label_named_by("Car", labels) == labels[0]
+    assert label_named_by("people", labels) == labels[1]
+    assert label_named_by("person with clothes,people,human", labels) == labels[1]
+    assert label_named_by("the man in red", labels) is None
+
+
+def two_blobs():
+    mask = np.zeros((100, 200), bool)
+    mask[10:30, 10:50] = True  # left blob: x 5%..25%, y 10%..30%
+    mask[60:90, 120:180] = True  # right blob: x 60%..90%, y 60%..90%
+    return mask
+
+
+def test_positive_point_keeps_only_its_connected_part():
+    out = narrow_mask(two_blobs(), [Point(15, 20, True)])
+    assert out[20, 30] and not out[75, 150]
+    assert out.sum() == 20 * 40
+
+
+def test_negative_point_removes_its_part():
+    out = narrow_mask(two_blobs(), [Point(75, 75, False)])
+    assert out[20, 30] and not out[75, 150]
+    both = narrow_mask(two_blobs(), [Point(15, 20, True), Point(16, 21, False)])
+    assert not both.any()  # the only positive part also holds a negative point
+
+
+def test_points_outside_the_mask_and_boxes():
+    assert narrow_mask(two_blobs(), [Point(99, 1, True)]).sum() == 0  # positive point on background: nothing
+    boxed = narrow_mask(two_blobs(), [], boxes=[(55, 55, 40, 40)])
+    assert boxed.sum() == 30 * 60 and boxed[75, 150]
+
+
+def test_interactive_config_reads_smart_keypoints_as_prompts_not_targets():
+    from pathlib import Path
+
+    from car_backend.labelstudio.config import parse_label_config
+
+    xml = (Path(__file__).resolve().parents[2] / "label_config" / "interactive.xml").read_text()
+    config = parse_label_config(xml)
+    assert [t.from_name for t in config.targets] == ["tag"]
+    assert config.prompt_from_name == "prompt"
+    assert config.interactive_controls == ("points",)
+    assert config.skipped == ()
+    plain = xml.replace('smart="true"', "")
+    assert "points: KeyPointLabels is not predicted" in "\n".join(parse_label_config(plain).skipped)
