@@ -93,6 +93,25 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run("car_backend.bench", "main"))
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="measure mIoU on a standard dataset and compare with the paper's figures",
+        description="Run CaR with the dataset's preset and the paper's class names over a standard dataset layout "
+        "(VOC2012, COCO-Object, Pascal Context, RefCOCO) and print mIoU (and oIoU for referring), per-class IoU, "
+        "images/s and the paper's number beside ours. Per-image results are cached on disk, so an interrupted "
+        "run resumes.",
+    )
+    p.add_argument("--dataset", required=True, choices=("voc", "coco-object", "context", "refcoco"))
+    p.add_argument("--root", required=True, help="dataset folder (or the folder holding VOCdevkit/)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--preset", choices=PRESETS, help="override the dataset's preset")
+    p.add_argument("--split", help="dataset split (default: the paper's: val, or val for RefCOCO's UNC split)")
+    p.add_argument("--cache", help="folder for per-image results (default: <root>/.car-eval-cache)")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.set_defaults(handler=_run("car_backend.evaluation.cli", "main"))
+
+
 def _run(module: str, function: str) -> Callable[[argparse.Namespace, Settings], int]:
     def handler(args: argparse.Namespace, settings: Settings) -> int:
         import importlib
@@ -116,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"car-backend {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_serve, _add_worker, _add_segment, _add_prelabel, _add_bench):
+    for add in (_add_serve, _add_worker, _add_segment, _add_prelabel, _add_bench, _add_eval):
         add(sub)
     return parser
 

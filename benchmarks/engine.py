@@ -1,0 +1,152 @@
+"""Engine benchmark: the fast CaR engine against the literal official-order implementation, same run.
+
+    python benchmarks/engine.py [--quick] [--device cpu|cuda] [--precision auto|fp32|fp16|bf16]
+                                [--classifier ViT-B-16|ViT-L-14] [--queries 5,10,20] [--images 3]
+
+Both models have random weights (no network here), with sharpened attention (see tests/engine/support.py).
+For each query count: the fast engine segments one warm-up image (its first call: cold text cache), then
+`--images` fresh images (trunk included, text cache warm: the steady state of a worker); the literal
+implementation segments the first measured image once. Prints per-stage medians, peak memory, the
+speed-up and parity figures; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from car_backend.engine import ClipModel, Segmenter, get_preset  # noqa: E402
+from car_backend.settings import Settings  # noqa: E402
+from tests.engine.reference import LiteralCaR  # noqa: E402
+from tests.engine.support import random_clip, scene  # noqa: E402
+
+log = logging.getLogger("benchmarks.engine")
+
+VOCABULARY = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+)
+STAGES = ("trunk", "text", "cam", "refine", "prompts", "classify", "crf", "total")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small images, 5 and 20 queries, one image (a few minutes)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    p.add_argument("--proposal", default="ViT-B-16", help="open_clip name of the proposal CLIP")
+    p.add_argument("--classifier", default="ViT-B-16",
+                   help="open_clip name of the classifier CLIP (the official one is ViT-L-14; B-16 keeps the "
+                        "CPU literal run to minutes)")
+    p.add_argument("--queries", default="5,10,20", help="comma-separated query counts")
+    p.add_argument("--images", type=int, default=3, help="measured images per query count")
+    p.add_argument("--size", default="512x384", help="WxH of the generated images")
+    p.add_argument("--preset", default="coco")
+    p.add_argument("--no-literal", action="store_true", help="skip the literal implementation")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.queries, args.images, args.size = "5,20", 1, "320x240"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    counts = [int(q) for q in args.queries.split(",")]
+    device = torch.device(args.device)
+    dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32, "fp32": torch.float32,
+             "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
+    preset = get_preset(args.preset)
+    proposal, proposal_tokenizer = random_clip(args.proposal, seed=1)
+    classifier, classifier_tokenizer = random_clip(args.classifier, seed=2)
+    proposal, classifier = proposal.to(device, dtype), classifier.to(device, dtype)
+    if args.classifier != "ViT-L-14":
+        print(f"note: classifier {args.classifier} (the official CaR classifier is ViT-L-14; pass "
+              "--classifier ViT-L-14 to use it)")
+    print(f"device {device} {dtype} ({torch.get_num_threads()} threads), proposal {args.proposal}, "
+          f"classifier {args.classifier}, "
+          f"images {width}x{height}, preset {preset.name}, random weights")
+    proposal_clip = ClipModel(proposal, proposal_tokenizer, name=f"{args.proposal}:random")
+    classifier_clip = ClipModel(classifier, classifier_tokenizer, name=f"{args.classifier}:random")
+    literal = None if args.no_literal else LiteralCaR(proposal, proposal_tokenizer, classifier,
+                                                      classifier_tokenizer, preset)
+    images = [scene(seed, height, width) for seed in range(args.images + 1)]
+    report: dict = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+                    "proposal": args.proposal,
+                    "classifier": args.classifier, "image_size": [width, height], "preset": preset.name,
+                    "queries": {}}
+    parity = {"kept_equal": True, "steps_equal": True, "max_score_diff": 0.0, "min_mask_agreement": 1.0}
+    for count in counts:
+        queries = list(VOCABULARY[:count])
+        segmenter = Segmenter(Settings(device=args.device), proposal_model=proposal_clip,
+                              classifier_model=classifier_clip)
+        start = time.perf_counter()
+        segmenter.segment(images[0], queries, preset=preset)
+        cold = time.perf_counter() - start
+        runs = [segmenter.segment(image, queries, preset=preset) for image in images[1:]]
+        medians = {s: statistics.median(r.timings.get(s, 0.0) for r in runs) for s in STAGES}
+        entry = {"fast_first_call_s": round(cold, 3), "fast_median_s": round(medians["total"], 3),
+                 "stage_medians_s": {s: round(v, 4) for s, v in medians.items()},
+                 "steps": [r.steps for r in runs], "kept": [len(r.kept) for r in runs]}
+        if literal is not None:
+            start = time.perf_counter()
+            reference = literal.segment(images[1], queries)
+            entry["literal_s"] = round(time.perf_counter() - start, 3)
+            entry["speedup"] = round(entry["literal_s"] / medians["total"], 2)
+            entry["speedup_first_call"] = round(entry["literal_s"] / cold, 2)
+            fast = runs[0]
+            entry["parity"] = {
+                "kept_equal": fast.kept == reference.kept,
+                "steps_equal": fast.steps == reference.steps,
+                "max_score_diff": float(np.abs(fast.scores - reference.scores).max()),
+                "mask_agreement": float((fast.masks == reference.masks).mean()),
+            }
+            parity["kept_equal"] &= entry["parity"]["kept_equal"]
+            parity["steps_equal"] &= entry["parity"]["steps_equal"]
+            parity["max_score_diff"] = max(parity["max_score_diff"], entry["parity"]["max_score_diff"])
+            parity["min_mask_agreement"] = min(parity["min_mask_agreement"], entry["parity"]["mask_agreement"])
+        report["queries"][str(count)] = entry
+        print_entry(count, entry)
+    for count in counts:
+        report[f"speedup_at_{count}_queries"] = report["queries"][str(count)].get("speedup")
+    report.setdefault("speedup_at_20_queries", None)
+    report["parity"] = parity if literal is not None else None
+    report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if device.type == "cuda":
+        report["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    print(f"peak memory: {report['peak_rss_mb']} MB RSS"
+          + (f", {report['cuda_peak_mb']} MB CUDA" if "cuda_peak_mb" in report else ""))
+    print(json.dumps(report))
+    return 0
+
+
+def print_entry(count: int, entry: dict) -> None:
+    stages = "  ".join(f"{s} {v * 1000:.0f}" for s, v in entry["stage_medians_s"].items())
+    print(f"{count:>3} queries: fast median {entry['fast_median_s'] * 1000:.0f} ms "
+          f"(first call {entry['fast_first_call_s'] * 1000:.0f} ms), steps {entry['steps']}, kept {entry['kept']}")
+    print(f"    stage medians (ms): {stages}")
+    if "literal_s" in entry:
+        p = entry["parity"]
+        print(f"    literal {entry['literal_s']:.1f} s -> speed-up x{entry['speedup']} "
+              f"(x{entry['speedup_first_call']} against the fast first call); parity: kept {p['kept_equal']}, "
+              f"steps {p['steps_equal']}, max score diff {p['max_score_diff']:.2e}, "
+              f"mask agreement {p['mask_agreement']:.4f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Service benchmark: tasks through /predict and through `prelabel --project`, with 1, 2 and 4 workers.
+
+Everything is real except Label Studio, which is the fake API of tests/service/fake_ls.py (it records each
+prediction written into it and serves the images): Redis (REDIS_URL, else 127.0.0.1:6379 database 12, else a
+private redis-server), `car-backend serve` (gunicorn) and `car-backend worker` processes running the tiny
+random CLIP on CPU.
+
+Per run it prints throughput, p50/p95 latency (request start to the task's delivery, whether returned by
+/predict or written through the API later), and the tasks lost (never delivered) or duplicated (delivered
+more than once). It also measures the queue's own overhead: a no-op job, enqueue to finished.
+The last line is one JSON object with keys `lost` and `duplicated` (totals) and the per-run figures.
+
+    python benchmarks/service.py [--tasks 200] [--workers 1,2,4] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+from redis import Redis  # noqa: E402
+from rq import Queue  # noqa: E402
+from rq.job import Job  # noqa: E402
+
+from tests.conftest import free_port, settings_env, start_redis_server, start_worker, tiny_settings  # noqa: E402
+from tests.service.fake_ls import FakeLabelStudio  # noqa: E402
+
+LABEL_CONFIG = (ROOT / "label_config" / "brush.xml").read_text()
+PREDICT_WAIT_S = 60.0
+DRAIN_TIMEOUT_S = 900.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def redis_url() -> tuple[str, subprocess.Popen | None]:
+    if os.environ.get("REDIS_URL"):
+        return os.environ["REDIS_URL"], None
+    with socket.socket() as sock:
+        sock.settimeout(0.3)
+        if sock.connect_ex(("127.0.0.1", 6379)) == 0:
+            return "redis://127.0.0.1:6379/12", None
+    port = free_port()
+    return f"redis://127.0.0.1:{port}/0", start_redis_server(port)
+
+
+class Bench:
+    def __init__(self, url: str, fake: FakeLabelStudio, log_dir: Path):
+        self.url = url
+        self.fake = fake
+        self.log_dir = log_dir
+        self.redis = Redis.from_url(url)
+
+    def settings(self, **overrides):
+        values = {"redis_url": self.url, "label_studio_url": self.fake.url, "label_studio_api_key": self.fake.api_key,
+                  "predict_wait": PREDICT_WAIT_S, "log_level": "WARNING"}
+        values.update(overrides)
+        return tiny_settings(**values)
+
+    def workers(self, settings, count: int) -> list:
+        return [start_worker(settings, self.log_dir) for _ in range(count)]
+
+    def warm_up(self, server: str, workers: int, tag: str) -> None:
+        """Each worker loads the models on its first job; keep that out of the measured runs."""
+        tasks = [{"id": 10_000_000 + 1000 * workers + i, "data": {"image": f"{self.fake.url}/img/warm-{tag}-{i}.png"}}
+                 for i in range(3 * workers)]
+        body = requests.post(f"{server}/predict", json={"tasks": tasks, "label_config": LABEL_CONFIG},
+                             timeout=600).json()
+        answered = {t["id"]: 0.0 for t, e in zip(tasks, body["results"], strict=True) if "result" in e}
+        self.drain([t["id"] for t in tasks], answered, time.monotonic())
+
+    def drain(self, task_ids: list[int], answered: dict[int, float], started: float) -> dict[int, list[float]]:
+        """Wait until every task got a delivery (or time runs out); delivery times per task, in seconds."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if all(t in answered or self.fake.predictions_for(t) for t in task_ids):
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)  # let a would-be duplicate arrive before counting
+        wall_offset = time.time() - time.monotonic()
+        deliveries = {}
+        for t in task_ids:
+            times = [answered[t] - started] if t in answered else []
+            times += [p["at"] - wall_offset - started for p in self.fake.predictions_for(t)]
+            deliveries[t] = times
+        return deliveries
+
+    def predict_run(self, tasks: int, workers: int) -> dict:
+        settings = self.settings(queue=f"bench-predict-{workers}")
+        pool = self.workers(settings, workers)
+        port = free_port()
+        env = settings_env(self.settings(queue=settings.queue, port=port, host="127.0.0.1"))
+        server = subprocess.Popen([sys.executable, "-m", "car_backend.cli", "serve"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_http(f"{base}/health")
+            self.warm_up(base, workers, f"p{workers}")
+            ids = list(range(workers * 100_000, workers * 100_000 + tasks))
+            batch = [{"id": t, "data": {"image": f"{self.fake.url}/img/predict-{workers}-{t}.png"}} for t in ids]
+            started = time.monotonic()
+            body = requests.post(f"{base}/predict", json={"tasks": batch, "label_config": LABEL_CONFIG},
+                                 timeout=PREDICT_WAIT_S + 60).json()
+            answered_at = time.monotonic()
+            answered = {t: answered_at for t, e in zip(ids, body["results"], strict=True) if "result" in e}
+            return self.summarize("predict", workers, ids, self.drain(ids, answered, started),
+                                  {"answered_by_predict": len(answered)})
+        finally:
+            server.terminate()
+            server.wait(60)
+            for worker in pool:
+                worker.stop()
+
+    def prelabel_run(self, tasks: int, workers: int) -> dict:
+        settings = self.settings(queue=f"bench-prelabel-{workers}")
+        pool = self.workers(settings, workers)
+        try:
+            project = 900 + workers
+            ids = list(range(project * 100_000, project * 100_000 + tasks))
+            self.fake.add_project(project, LABEL_CONFIG, [
+                {"id": t, "data": {"image": f"{self.fake.url}/img/prelabel-{workers}-{t}.png"}} for t in ids])
+            warm = [{"id": 20_000_000 + workers * 100 + i,
+                     "data": {"image": f"{self.fake.url}/img/warm-l{workers}-{i}.png"}} for i in range(3 * workers)]
+            self.fake.add_project(project + 1000, LABEL_CONFIG, warm)
+            command = [sys.executable, "-m", "car_backend.cli", "prelabel", "--project"]
+            subprocess.run(command + [str(project + 1000)], env=settings_env(settings), capture_output=True,
+                           timeout=DRAIN_TIMEOUT_S)
+            started = time.monotonic()
+            done = subprocess.run(command + [str(project)], env=settings_env(settings), capture_output=True,
+                                  text=True, timeout=DRAIN_TIMEOUT_S)
+            if done.returncode != 0:
+                print(done.stdout, done.stderr, file=sys.stderr)
+            return self.summarize("prelabel", workers, ids, self.drain(ids, {}, started), {})
+        finally:
+            for worker in pool:
+                worker.stop()
+
+    def queue_overhead(self, workers: int, jobs: int) -> dict:
+        """Enqueue-to-finished time of a job that does nothing, one at a time, per queue."""
+        settings = self.settings(queue=f"bench-noop-{workers}")
+        pool = self.workers(settings, workers)
+        try:
+            out = {}
+            for name in (f"{settings.queue}-interactive", settings.queue):
+                queue = Queue(name, connection=self.redis)
+                times = []
+                for _ in range(jobs):
+                    started = time.monotonic()
+                    job = queue.enqueue("builtins.len", [], result_ttl=60)
+                    while Job.fetch(job.id, connection=self.redis).get_status() != "finished":
+                        time.sleep(0.001)
+                    times.append(time.monotonic() - started)
+                out["interactive" if name.endswith("-interactive") else "batch"] = {
+                    "p50_ms": round(1000 * statistics.median(times), 2),
+                    "p95_ms": round(1000 * percentile(times, 0.95), 2)}
+            return out
+        finally:
+            for worker in pool:
+                worker.stop()
+
+    @staticmethod
+    def summarize(mode: str, workers: int, ids: list[int], deliveries: dict[int, list[float]], extra: dict) -> dict:
+        firsts = [min(times) for times in deliveries.values() if times]
+        lost = sum(1 for times in deliveries.values() if not times)
+        duplicated = sum(1 for times in deliveries.values() if len(times) > 1)
+        span = max(firsts) if firsts else float("nan")
+        row = {"mode": mode, "workers": workers, "tasks": len(ids), "seconds": round(span, 2),
+               "throughput": round(len(firsts) / span, 2) if firsts else 0.0,
+               "p50_s": round(percentile(firsts, 0.5), 2), "p95_s": round(percentile(firsts, 0.95), 2),
+               "lost": lost, "duplicated": duplicated, **extra}
+        print(f"{mode:>8} workers={workers}  {row['throughput']:6.2f} tasks/s  p50 {row['p50_s']:6.2f} s  "
+              f"p95 {row['p95_s']:6.2f} s  lost {lost}  duplicated {duplicated}  {extra or ''}", flush=True)
+        return row
+
+
+def _wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=200, help="tasks per run (default 200)")
+    parser.add_argument("--workers", default="1,2,4", help="worker counts to measure (default 1,2,4)")
+    parser.add_argument("--noop-jobs", type=int, default=50, help="no-op jobs for the queue overhead")
+    parser.add_argument("--quick", action="store_true", help="40 tasks, 1 and 2 workers, 20 no-op jobs")
+    args = parser.parse_args()
+    tasks, counts, noop = args.tasks, [int(w) for w in args.workers.split(",")], args.noop_jobs
+    if args.quick:
+        tasks, counts, noop = 40, [1, 2], 20
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the fake Label Studio's request log
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the workers and servers started here stop too
+    url, private = redis_url()
+    fake = FakeLabelStudio().start()
+    redis = Redis.from_url(url)
+    redis.flushdb()
+    runs, overhead = [], {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="car-bench-") as log_dir:
+            bench = Bench(url, fake, Path(log_dir))
+            print(f"service benchmark: {tasks} tasks, workers {counts}, Redis {url}", flush=True)
+            overhead = bench.queue_overhead(1, noop)
+            print(f"queue overhead (no-op job, enqueue to finished, 1 worker): {overhead}", flush=True)
+            for workers in counts:
+                runs.append(bench.predict_run(tasks, workers))
+                runs.append(bench.prelabel_run(tasks, workers))
+    finally:
+        redis.flushdb()
+        fake.stop()
+        if private is not None:
+            private.terminate()
+    summary = {"benchmark": "service", "tasks": tasks, "workers": counts,
+               "lost": sum(r["lost"] for r in runs), "duplicated": sum(r["duplicated"] for r in runs),
+               "queue_overhead": overhead, "runs": runs}
+    print(json.dumps(summary))
+    return 0 if summary["lost"] == 0 and summary["duplicated"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""After the recurrence: dense CRF, optional SAM refinement, label-map assembly, referring merge (spec 4)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# deeplab-pytorch / CLIP-ES values used by the official code.
+CRF_ITERATIONS = 10
+CRF_GAUSSIAN = {"sxy": 1, "compat": 3}
+CRF_BILATERAL = {"sxy": 67, "srgb": 3, "compat": 4}
+UNARY_CLIP = 1e-5
+
+# The official segment-anything automatic mask generator settings.
+SAM_GENERATOR_SETTINGS = {
+    "points_per_side": 64,
+    "pred_iou_thresh": 0.88,
+    "stability_score_thresh": 0.95,
+    "box_nms_thresh": 0.7,
+    "crop_n_layers": 0,
+}
+
+REFERRING_MIN_AREA = 0.05
+
+
+def dense_crf(rgb: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Arg-max labels (H, W) of a fully connected CRF over (K, H, W) label probabilities.
+
+    Fix of the official code: the bilateral term sees the plain RGB uint8 image. The official code passes a
+    BGR, mean-subtracted float image cast to uint8, whose negative values wrap around.
+    """
+    from pydensecrf import densecrf
+
+    labels, height, width = probabilities.shape
+    unary = -np.log(np.clip(probabilities, UNARY_CLIP, 1.0)).reshape(labels, -1).astype(np.float32)
+    crf = densecrf.DenseCRF2D(width, height, labels)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary))
+    crf.addPairwiseGaussian(**CRF_GAUSSIAN)
+    crf.addPairwiseBilateral(rgbim=np.ascontiguousarray(rgb, dtype=np.uint8), **CRF_BILATERAL)
+    q = np.asarray(crf.inference(CRF_ITERATIONS)).reshape(labels, height, width)
+    return q.argmax(axis=0)
+
+
+def crf_masks(rgb: np.ndarray, proposals: np.ndarray, separate: bool) -> np.ndarray:
+    """Binary masks (K, H, W) from soft proposals (K, H, W), background = 1 - max proposal.
+
+    Semantic mode: one joint CRF, so the masks are disjoint. Referring mode (`separate`): one 2-label CRF per
+    proposal.
+    """
+    if separate:
+        return np.stack([dense_crf(rgb, np.stack([1.0 - p, p])) == 1 for p in proposals])
+    background = 1.0 - proposals.max(axis=0, keepdims=True)
+    labels = dense_crf(rgb, np.concatenate([background, proposals]))
+    return labels[None] == np.arange(1, len(proposals) + 1)[:, None, None]
+
+
+def assemble_label_map(masks: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(H, W) int32: 0 for background, i + 1 where query i's mask is; the higher score wins overlaps."""
+    label_map = np.zeros(masks.shape[1:], dtype=np.int32)
+    for index in np.argsort(scores, kind="stable"):
+        if scores[index] > 0:
+            label_map[masks[index]] = index + 1
+    return label_map
+
+
+def merge_referring(masks: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """One object mask from per-sentence masks: score-weighted mean >= 0.5, else (area <= 5%) their union."""
+    weights = scores / scores.sum()
+    merged = np.tensordot(weights, masks.astype(np.float32), axes=1) >= 0.5
+    if merged.mean() <= REFERRING_MIN_AREA:
+        merged = masks[scores > 0].any(axis=0)
+    return merged
+
+
+def match_sam_masks(
+    mask: np.ndarray, sam_masks: list[np.ndarray], iom_threshold: float, min_pred_threshold: float,
+    iou_threshold: float,
+) -> np.ndarray:
+    """Refine one CaR mask with SAM masks (spec section 4).
+
+    Keep the SAM masks whose IoM with `mask` exceeds `iom_threshold` (the best one if none does); their
+    union replaces `mask` when its IoU with `mask` exceeds `iou_threshold`.
+    """
+    area = mask.sum()
+    if area == 0 or not sam_masks:
+        return mask
+    ioms = []
+    for sam in sam_masks:
+        overlap = np.logical_and(mask, sam).sum()
+        iom_pred = overlap / area
+        iom_sam = overlap / max(sam.sum(), 1) if iom_pred >= min_pred_threshold else 0.0
+        ioms.append(max(iom_pred, iom_sam))
+    keep = [s for s, iom in zip(sam_masks, ioms, strict=True) if iom > iom_threshold] or [sam_masks[int(np.argmax(ioms))]]
+    union = np.logical_or.reduce(keep)
+    iou = np.logical_and(union, mask).sum() / np.logical_or(union, mask).sum()
+    return union if iou > iou_threshold else mask
+
+
+class SamRefiner:
+    """segment-anything's automatic mask generator, loaded on first use, matched against CaR's masks."""
+
+    def __init__(self, checkpoint: str, model_type: str, device: str,
+                 generate: Callable[[np.ndarray], list[np.ndarray]] | None = None):
+        self.checkpoint = checkpoint
+        self.model_type = model_type
+        self.device = device
+        self._generate = generate
+
+    def sam_masks(self, rgb: np.ndarray) -> list[np.ndarray]:
+        if self._generate is None:
+            self._generate = self._load()
+        return self._generate(rgb)
+
+    def refine(self, rgb: np.ndarray, masks: np.ndarray, iom_threshold: float, min_pred_threshold: float,
+               iou_threshold: float) -> np.ndarray:
+        candidates = self.sam_masks(rgb)
+        return np.stack([
+            match_sam_masks(m, candidates, iom_threshold, min_pred_threshold, iou_threshold) for m in masks
+        ])
+
+    def _load(self) -> Callable[[np.ndarray], list[np.ndarray]]:
+        try:
+            from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
+        except ImportError as exc:
+            raise RuntimeError(
+                "CAR_SAM_CHECKPOINT is set but segment-anything is not installed; "
+                "pip install 'car-backend[sam]' or unset CAR_SAM_CHECKPOINT"
+            ) from exc
+        if not os.path.isfile(self.checkpoint):
+            raise FileNotFoundError(f"CAR_SAM_CHECKPOINT={self.checkpoint}: no such file")
+        if self.model_type not in sam_model_registry:
+            raise ValueError(f"CAR_SAM_MODEL_TYPE={self.model_type!r}: use one of {', '.join(sam_model_registry)}")
+        log.info("loading SAM %s from %s", self.model_type, self.checkpoint)
+        sam = sam_model_registry[self.model_type](checkpoint=self.checkpoint).to(self.device)
+        generator = SamAutomaticMaskGenerator(sam, **SAM_GENERATOR_SETTINGS)
+        return lambda rgb: [m["segmentation"] for m in generator.generate(rgb)]

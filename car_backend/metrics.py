@@ -1,0 +1,86 @@
+"""Prometheus metrics for /metrics.
+
+The HTTP process counts what it sees (requests, cache hits, entries, deliveries); what happens in worker
+processes (job outcomes and durations, API deliveries) is counted in Redis (`car:stats`) and read at
+scrape time, together with queue depths and live workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from redis import RedisError
+
+from car_backend.store import DURATION_BUCKETS
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("car_http_requests", "HTTP requests served.", ["endpoint", "status"], registry=r)
+        self.request_seconds = Histogram("car_http_request_seconds", "HTTP request durations.", ["endpoint"],
+                                         registry=r)
+        self.predict_seconds = Histogram(
+            "car_predict_seconds", "Time /predict spent on one call, waiting for jobs included.",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 90), registry=r)
+        self.entries = Counter("car_predict_entries", "/predict entries by kind (result, empty, pending).",
+                               ["kind"], registry=r)
+        self.cache = Counter("car_result_cache", "Result-cache lookups by /predict.", ["outcome"], registry=r)
+        self.jobs = Counter("car_jobs_submitted", "Jobs /predict asked for: enqueued or joined an existing one.",
+                            ["outcome"], registry=r)
+        self.deliveries = Counter("car_predict_deliveries", "Predictions returned by /predict.", registry=r)
+        self.redis_errors = Counter("car_redis_errors", "Requests that found Redis unavailable.", registry=r)
+
+    def watch(self, snapshot: Callable[[], dict]) -> None:
+        """Add the Redis-side figures; `snapshot()` returns {"depth", "workers", "stats"} or raises RedisError."""
+        self.registry.register(_RedisCollector(snapshot))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _RedisCollector:
+    def __init__(self, snapshot: Callable[[], dict]):
+        self._snapshot = snapshot
+
+    def describe(self) -> list:
+        return []  # no fixed description: the families depend on what Redis holds
+
+    def collect(self) -> Iterator:
+        up = GaugeMetricFamily("car_redis_up", "1 when the job queue's Redis answers.")
+        try:
+            snap = self._snapshot()
+        except RedisError as exc:
+            log.warning("/metrics: Redis is unavailable (%s)", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        depth = GaugeMetricFamily("car_queue_depth", "Jobs waiting, per queue.", labels=["queue"])
+        for queue in ("interactive", "batch"):
+            depth.add_metric([queue], snap["depth"][queue])
+        yield depth
+        yield GaugeMetricFamily("car_jobs_running", "Jobs being executed.", value=snap["depth"]["started"])
+        yield GaugeMetricFamily("car_jobs_failed_registry", "Jobs in RQ's failed registries.",
+                                value=snap["depth"]["failed"])
+        yield GaugeMetricFamily("car_workers", "Workers with a recent heartbeat.", value=snap["workers"])
+        stats = snap["stats"]
+        outcomes = CounterMetricFamily("car_jobs", "Job attempts by outcome (worker side): ok, failed "
+                                       "(permanent, e.g. undecodable image), error (transient, retried).",
+                                       labels=["outcome"])
+        for outcome in ("ok", "failed", "error"):
+            outcomes.add_metric([outcome], stats.get(f"jobs:{outcome}", 0.0))
+        yield outcomes
+        yield CounterMetricFamily("car_api_deliveries", "Predictions written into Label Studio by workers.",
+                                  value=stats.get("deliveries:api", 0.0))
+        buckets = [(str(b), stats.get(f"seconds:le:{b}", 0.0)) for b in DURATION_BUCKETS]
+        buckets.append(("+Inf", stats.get("seconds:count", 0.0)))
+        yield HistogramMetricFamily("car_job_seconds", "Job durations (fetch + segmentation), worker side.",
+                                    buckets=buckets, sum_value=stats.get("seconds:sum", 0.0))

@@ -1,0 +1,227 @@
+"""`car-backend prelabel`: pre-label a whole Label Studio project, or an image folder offline.
+
+--project ID: the tasks lacking a prediction for the current model_version are registered as late
+deliveries and their jobs enqueued on the batch queue; workers write each prediction through the API as
+its job finishes (this process writes those whose results were already cached). Every write goes
+through the task's delivery claim, so a task is written once even while /predict serves the same project,
+and running again resumes: tasks that got their prediction are no longer listed.
+
+--images DIR: segments every image in this process (no Redis) and writes a Label Studio import file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+from tqdm import tqdm
+
+from car_backend.jobs import JobResult, compute, deliver, task_entry
+from car_backend.labelstudio.config import LabelConfigError, parse_label_config
+from car_backend.labelstudio.media import MediaError, MediaFetcher
+from car_backend.lsapi import LabelStudioAPIError, LabelStudioClient, configured, prediction_versions
+from car_backend.predictor import TERMINAL, plan_task
+from car_backend.projects import Project, Projects, model_version
+from car_backend.settings import Settings
+from car_backend.store import LateRecord
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+POLL_S = 0.5
+NO_WORKER_WARNING_S = 30.0
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    if args.project is not None:
+        return prelabel_project(args.project, settings)
+    if not args.labels or not args.out:
+        print("car-backend prelabel --images needs --labels and --out", file=sys.stderr)
+        return 2
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    return prelabel_images(Path(args.images), labels, Path(args.out), args.format, settings)
+
+
+# -- a Label Studio project -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Progress:
+    delivered: int = 0  # a prediction is in Label Studio (written by anyone: workers, here, /predict)
+    empty: int = 0  # of those, empty predictions for permanent failures (undecodable image, ...)
+    failed: int = 0  # jobs that failed after their retries: not written, the next run tries again
+
+    @property
+    def finished(self) -> int:
+        return self.delivered + self.failed
+
+
+def prelabel_project(project_id: int, settings: Settings) -> int:
+    if not configured(settings):
+        print("car-backend prelabel --project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
+        return 2
+    from car_backend.service import Backend
+
+    started = time.monotonic()
+    client = LabelStudioClient(settings)
+    try:
+        label_config = client.project(project_id)["label_config"]
+        ml_backends = client.ml_backends(project_id)
+        extra_params = ml_backends[0].get("extra_params") if ml_backends else None
+        backend = Backend(settings)
+    except (LabelStudioAPIError, KeyError) as exc:
+        print(f"car-backend prelabel: cannot read project {project_id}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        project = Projects(settings, backend.store).setup(project_id, label_config, extra_params)
+        tasks = list(client.tasks(project_id))
+        todo = [t for t in tasks if project.version not in prediction_versions(t)]
+        log.info("project %s: %d tasks, %d without a %s prediction", project_id, len(tasks), len(todo),
+                 project.version)
+        progress = ProjectRun(todo, project, settings, backend, client).run()
+    except LabelConfigError as exc:
+        print(f"car-backend prelabel: project {project_id}'s label config: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if "backend" in locals():
+            backend.close()
+    print(f"project {project_id}: {len(tasks)} tasks, {len(tasks) - len(todo)} already had {project.version}; "
+          f"wrote {progress.delivered} predictions ({progress.empty} empty: permanent failures), "
+          f"{progress.failed} failed (run again to retry them), in {time.monotonic() - started:.1f} s")
+    return 0 if progress.failed == 0 else 1
+
+
+class ProjectRun:
+    """The tasks of one `prelabel --project` run, followed until each is written or has failed."""
+
+    def __init__(self, tasks: list[dict], project: Project, settings: Settings, backend, client: LabelStudioClient):
+        self.version = project.version
+        self.backend = backend
+        self.store, self.queue, self.client = backend.store, backend.queue, client
+        self.owner = f"prelabel:{socket.gethostname()}:{os.getpid()}"
+        self.plans = [plan_task(task, project, settings) for task in tasks if isinstance(task.get("id"), int)]
+        self.open = {p.task_id: p for p in self.plans if p.failure is None}
+        self.records = {tid: LateRecord(tid, self.version, tuple(p.keys)) for tid, p in self.open.items()}
+        self.specs = {spec.key: spec for p in self.open.values() for spec in p.specs}
+        self.jobs: dict[str, str] = {}  # key -> RQ job id
+        self.progress = Progress()
+
+    def run(self) -> Progress:
+        # Tasks with nothing to compute (no image, no labels) get their empty prediction right away.
+        for plan in self.plans:
+            if plan.failure is not None:
+                record = LateRecord(plan.task_id, self.version, ())
+                deliver(self.store, self.client, record, [JobResult(ok=False, regions=[], error=plan.failure)],
+                        self.owner)
+                self.progress.delivered += 1
+                self.progress.empty += 1
+        self.store.add_late(self.records.values())
+        bar = tqdm(total=len(self.plans), initial=self.progress.finished, unit="task", desc="prelabel",
+                   file=sys.stderr)
+        heard_from_workers = time.monotonic()
+        try:
+            while self.open:
+                self._look()
+                bar.n = self.progress.finished
+                bar.set_postfix(done=self.progress.delivered, failed=self.progress.failed, remaining=len(self.open))
+                if not self.open:
+                    break
+                if self.backend.snapshot()["workers"] > 0:
+                    heard_from_workers = time.monotonic()
+                elif time.monotonic() - heard_from_workers > NO_WORKER_WARNING_S:
+                    tqdm.write("no live worker is serving the queue: start `car-backend worker`", file=sys.stderr)
+                    heard_from_workers = time.monotonic()
+                time.sleep(POLL_S)
+        finally:
+            bar.close()
+        return self.progress
+
+    def _look(self) -> None:
+        """Count what got written, write what is ready, submit what is missing, give up on dead jobs."""
+        task_ids = list(self.open)
+        for task_id, claimed in zip(task_ids, self.store.claimed(task_ids, self.version), strict=True):
+            plan = self.open[task_id]
+            results = self.store.results(plan.keys)
+            finished = all(r is not None for r in results)
+            if claimed:
+                self.progress.delivered += 1
+                self.progress.empty += finished and not any(r.ok for r in results)
+                del self.open[task_id]
+            elif finished:
+                # Cached before this run, or its job ended before the late record was there: write it here.
+                deliver(self.store, self.client, self.records[task_id], results, self.owner)
+            else:
+                for key, result in zip(plan.keys, results, strict=True):
+                    if result is None and key not in self.jobs:
+                        self.jobs[key], _ = self.queue.submit(self.specs[key])
+        self._drop_failed()
+
+    def _drop_failed(self) -> None:
+        keys = list(self.jobs)
+        ended = [k for k, status in zip(keys, self.queue.statuses([self.jobs[k] for k in keys]), strict=True)
+                 if status is None or status in TERMINAL]
+        dead = {k for k, result in zip(ended, self.store.results(ended), strict=True) if result is None}
+        for task_id in [t for t, p in self.open.items() if dead.intersection(p.keys)]:
+            if self.store.claimed([task_id], self.version)[0]:
+                continue  # written meanwhile (a /predict computed it again); counted on the next look
+            reasons = "; ".join(self.queue.failure(self.jobs[k]) for k in self.open[task_id].keys if k in dead)
+            log.warning("task %s: its job failed: %s", task_id, reasons)
+            self.progress.failed += 1
+            self.store.remove_late(self.records[task_id])
+            del self.open[task_id]
+
+
+# -- an image folder ------------------------------------------------------------------------------------
+
+def import_config(labels: list[str], kind: str) -> str:
+    """The label config the import file is made for (printed, so the project can be created with it)."""
+    tag = "BrushLabels" if kind == "brush" else "PolygonLabels"
+    items = "\n".join(f"    <Label value={quoteattr(label)}/>" for label in labels)
+    return f'<View>\n  <Image name="image" value="$image"/>\n  <{tag} name="tag" toName="image">\n{items}\n' \
+           f"  </{tag}>\n</View>"
+
+
+def prelabel_images(folder: Path, labels: list[str], out: Path, kind: str, settings: Settings) -> int:
+    if not folder.is_dir():
+        print(f"car-backend prelabel: {folder} is not a folder", file=sys.stderr)
+        return 2
+    if not labels:
+        print("car-backend prelabel: --labels names no label", file=sys.stderr)
+        return 2
+    from car_backend.engine import Segmenter
+
+    settings = dataclasses.replace(settings, output=kind)  # --format decides the region type here
+    xml = import_config(labels, kind)
+    config = parse_label_config(xml)
+    project = Project(config=config, version=model_version(settings, config))
+    fetcher = MediaFetcher(settings, allow_local_files=True)
+    segmenter = Segmenter(settings)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    tasks, failed = [], 0
+    started = time.monotonic()
+    for path in tqdm(files, unit="image", desc="prelabel", file=sys.stderr):
+        task = {"data": {"image": str(path.resolve())}}
+        plan = plan_task(task, project, settings)
+        try:
+            results = [compute(spec, segmenter, fetcher) for spec in plan.specs]
+        except MediaError as exc:
+            results = [JobResult(ok=False, regions=[], error=str(exc))]
+        if plan.failure is None and all(r.ok for r in results):
+            task["predictions"] = [task_entry(results, project.version)]
+        else:
+            failed += 1
+            reason = plan.failure or "; ".join(r.error or "" for r in results if not r.ok)
+            log.warning("%s: no prediction (%s)", path.name, reason)
+        tasks.append(task)
+    out.write_text(json.dumps(tasks))
+    print(f"wrote {len(tasks)} tasks to {out} ({len(tasks) - failed} with predictions, {failed} without) "
+          f"in {time.monotonic() - started:.1f} s; model_version {project.version}")
+    print(f"import it into a project with this label config:\n{xml}")
+    return 0 if tasks else 1

@@ -1,0 +1,173 @@
+"""Everything car-backend keeps in Redis besides RQ's own keys.
+
+    car:result:<K>          JSON JobResult of job key K (TTL CAR_RESULT_TTL): the result cache
+    car:job:<K>             id of the RQ job computing K (dedup lock; the job deletes it when done)
+    car:late:<K>            set of LateRecords: tasks whose /predict gave up waiting on K, or that
+                            `prelabel` enqueued; whoever sees all of a record's keys finished delivers it
+    car:claim:<V>:<task>    who delivered this (task, model_version): SET NX decides between /predict
+                            answering with the result and a worker posting it through the API
+    car:project:<id>        JSON extra_params that /setup received for a project (/predict lacks them)
+    car:stats               hash of worker-side counters and job-duration histogram buckets
+
+A job key K already covers the model version, so nothing here has to be invalidated by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from redis import Redis
+
+PREFIX = "car"
+STATS_KEY = f"{PREFIX}:stats"
+# A delivered (task, version) is not delivered again for this long. It covers every overlap Label Studio can
+# produce (a /predict still in flight is cut at ML_TIMEOUT_PREDICT, 100 s by default) and lets a task come
+# back after that: Label Studio only asks again for a task that has no prediction of this version (deleted,
+# or the answer was lost), and then it should get one.
+CLAIM_TTL_S = 900
+PROJECT_TTL_S = 90 * 24 * 3600
+# Job-duration histogram bounds (seconds), shared by the worker that records and /metrics that reads.
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+_COMPARE_AND_DELETE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What one job produced for one image: the regions of every target, or why there are none."""
+
+    ok: bool
+    regions: list[dict]
+    score: float | None = None
+    error: str | None = None  # set when not ok; ok=False results are permanent failures
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> JobResult:
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class LateRecord:
+    """A task to deliver through the API once every job key of it has a result."""
+
+    task: int
+    version: str
+    keys: tuple[str, ...]
+
+    def to_json(self) -> str:
+        return json.dumps({"task": self.task, "version": self.version, "keys": list(self.keys)},
+                          sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> LateRecord:
+        data = json.loads(raw)
+        return cls(task=int(data["task"]), version=data["version"], keys=tuple(data["keys"]))
+
+
+class Store:
+    def __init__(self, redis: Redis, result_ttl: int, lock_ttl: int):
+        self.redis = redis
+        self.result_ttl = max(1, result_ttl)
+        self.lock_ttl = lock_ttl
+
+    # result cache
+    def results(self, keys: Sequence[str]) -> list[JobResult | None]:
+        if not keys:
+            return []
+        raw = self.redis.mget([f"{PREFIX}:result:{k}" for k in keys])
+        return [JobResult.from_json(r) if r is not None else None for r in raw]
+
+    def put_result(self, key: str, result: JobResult) -> None:
+        self.redis.set(f"{PREFIX}:result:{key}", result.to_json(), ex=self.result_ttl)
+
+    # dedup lock
+    @staticmethod
+    def job_lock_key(key: str) -> str:
+        return f"{PREFIX}:job:{key}"
+
+    def release_job_lock(self, key: str, job_id: str) -> None:
+        self.redis.eval(_COMPARE_AND_DELETE, 1, self.job_lock_key(key), job_id)
+
+    def job_ids(self, keys: Sequence[str]) -> list[str | None]:
+        if not keys:
+            return []
+        raw = self.redis.mget([self.job_lock_key(k) for k in keys])
+        return [r.decode() if r is not None else None for r in raw]
+
+    # late deliveries
+    def add_late(self, records: Iterable[LateRecord]) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for record in records:
+                for key in record.keys:
+                    pipe.sadd(f"{PREFIX}:late:{key}", record.to_json())
+                    pipe.expire(f"{PREFIX}:late:{key}", self.lock_ttl)
+            pipe.execute()
+
+    def late(self, key: str) -> list[LateRecord]:
+        return [LateRecord.from_json(r) for r in self.redis.smembers(f"{PREFIX}:late:{key}")]
+
+    def remove_late(self, record: LateRecord) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in record.keys:
+                pipe.srem(f"{PREFIX}:late:{key}", record.to_json())
+            pipe.execute()
+
+    # delivery claims
+    @staticmethod
+    def claim_key(task_id: int, version: str) -> str:
+        return f"{PREFIX}:claim:{hashlib.sha1(version.encode()).hexdigest()[:12]}:{task_id}"
+
+    def claim(self, task_ids: Sequence[int], version: str, owner: str) -> list[bool]:
+        """Try to become the one deliverer of each (task, version); True where this caller won."""
+        if not task_ids:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.set(self.claim_key(task_id, version), owner, nx=True, ex=CLAIM_TTL_S)
+            return [bool(won) for won in pipe.execute()]
+
+    def release_claim(self, task_id: int, version: str, owner: str) -> None:
+        """Give a claim back after the delivery failed, so a later request or retry can deliver."""
+        self.redis.eval(_COMPARE_AND_DELETE, 1, self.claim_key(task_id, version), owner)
+
+    def claimed(self, task_ids: Sequence[int], version: str) -> list[bool]:
+        if not task_ids:
+            return []
+        raw = self.redis.mget([self.claim_key(t, version) for t in task_ids])
+        return [r is not None for r in raw]
+
+    # per-project /setup parameters
+    def save_project_params(self, project: str, extra_params: Any) -> None:
+        self.redis.set(f"{PREFIX}:project:{project}", json.dumps(extra_params), ex=PROJECT_TTL_S)
+
+    def project_params(self, project: str) -> Any:
+        raw = self.redis.get(f"{PREFIX}:project:{project}")
+        return json.loads(raw) if raw is not None else None
+
+    # worker statistics (read by /metrics)
+    def record_job(self, outcome: str, seconds: float) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(STATS_KEY, f"jobs:{outcome}", 1)
+            pipe.hincrbyfloat(STATS_KEY, "seconds:sum", seconds)
+            pipe.hincrby(STATS_KEY, "seconds:count", 1)
+            for bound in DURATION_BUCKETS:
+                if seconds <= bound:
+                    pipe.hincrby(STATS_KEY, f"seconds:le:{bound}", 1)
+            pipe.execute()
+
+    def record_delivery(self, via: str, count: int = 1) -> None:
+        self.redis.hincrby(STATS_KEY, f"deliveries:{via}", count)
+
+    def stats(self) -> dict[str, float]:
+        return {k.decode(): float(v) for k, v in self.redis.hgetall(STATS_KEY).items()}

@@ -1,0 +1,149 @@
+"""car-backend serve connected to a real Label Studio 1.23.2: retrieve predictions, interactive prompts.
+
+Models are the tiny random-weight CLIP in tests/assets, so the masks mean nothing; what is checked is that
+Label Studio stores one prediction per task with our model_version whose regions decode at the image's size.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from label_studio_sdk.converter.brush import decode_rle
+from PIL import Image
+
+from tests.e2e.conftest import read_config
+from tests.e2e.label_studio import REPO, free_port, wait_for_http
+
+pytestmark = pytest.mark.e2e
+
+TINY = f"{REPO / 'tests' / 'assets' / 'tiny-clip.json'}:random"
+SIZES = [(64, 48), (40, 56), (72, 40)]
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio, tmp_path_factory):
+    """`car-backend serve` (inline worker, embedded Redis) with Label Studio's URL and token."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("backend") / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CAR_", "LABEL_STUDIO_", "REDIS_"))}
+    env.update(CAR_PROPOSAL_MODEL=TINY, CAR_CLASSIFIER_MODEL=TINY, CAR_DEVICE="cpu", CAR_PREDICT_WAIT="60",
+               LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.pat, LOG_LEVEL="INFO")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "car_backend.cli", "serve", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", process=proc, timeout=60)
+        yield url, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert label_studio.pat not in log.read_text(), "the access token reached the backend's log"
+
+
+def images(tmp_path: Path) -> list[Path]:
+    paths = []
+    for i, (w, h) in enumerate(SIZES):
+        image = Image.new("RGB", (w, h), (90, 140, 60))
+        image.paste((220, 30, 30), (w // 4, h // 4, w // 2, h // 2))
+        path = tmp_path / f"scene{i}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def connected_project(label_studio, backend_url: str, config: str, tmp_path: Path, **ml) -> tuple[int, list, int]:
+    client = label_studio.client
+    project = client.create_project(read_config(config), title=f"e2e {config}")
+    task_ids = client.upload_images(project["id"], images(tmp_path))
+    ml_backend = client.connect_ml_backend(project["id"], backend_url, title="car", **ml)
+    return project["id"], task_ids, ml_backend["id"]
+
+
+def setup_version(backend_url: str, config: str) -> str:
+    reply = requests.post(f"{backend_url}/setup", json={"project": "1.1", "schema": read_config(config)}, timeout=5)
+    reply.raise_for_status()
+    return reply.json()["model_version"]
+
+
+def size_of(client, project_id: int, task_id: int) -> tuple[int, int]:
+    """The uploaded image's size, from its file name (upload order and task order may differ).
+
+    Reads the task list: `GET /api/tasks/<id>` would make Label Studio ask for a prediction."""
+    (task,) = [t for t in client.tasks(project_id) if t["id"] == task_id]
+    name = task["data"]["image"]
+    return SIZES[int(name.rsplit("scene", 1)[1].split(".")[0])]
+
+
+def stored_predictions(client, task_ids, deadline_s=90.0) -> dict[int, list[dict]]:
+    """Predictions per task, waiting for late ones that the worker writes through the API."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        found = {t: client.predictions(t) for t in task_ids}
+        if all(found.values()) or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
+
+
+@pytest.mark.parametrize("config,kind", [("brush.xml", "brushlabels"), ("polygon.xml", "polygonlabels")])
+def test_retrieve_predictions_stores_one_prediction_per_task(label_studio, backend, tmp_path, config, kind):
+    backend_url, _ = backend
+    client = label_studio.client
+    project_id, task_ids, _ = connected_project(label_studio, backend_url, config, tmp_path)
+    version = setup_version(backend_url, config)
+
+    client.retrieve_predictions(project_id, task_ids)
+    found = stored_predictions(client, task_ids)
+
+    labels = {"person", "car", "dog", "cat", "tree"}
+    for task_id in task_ids:
+        w, h = size_of(client, project_id, task_id)
+        predictions = found[task_id]
+        assert len(predictions) == 1, f"task {task_id}: {predictions}"
+        prediction = predictions[0]
+        assert prediction["model_version"] == version
+        assert isinstance(prediction["score"], float)
+        assert prediction["result"], "CaR always keeps at least one label"
+        for region in prediction["result"]:
+            assert region["type"] == kind and region["from_name"] == "tag" and region["to_name"] == "image"
+            assert set(region["value"][kind]) <= labels
+            if kind == "brushlabels":
+                assert (region["original_width"], region["original_height"]) == (w, h)
+                mask = decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3]
+                assert mask.any() and set(np.unique(mask)) <= {0, 255}
+            else:
+                points = np.array(region["value"]["points"])
+                assert points.shape[0] >= 3 and points.min() >= 0 and points.max() <= 100
+
+    # A second retrieve asks for nothing new and stores no duplicates.
+    client.retrieve_predictions(project_id, task_ids)
+    assert all(len(client.predictions(t)) == 1 for t in task_ids)
+
+
+def test_interactive_text_prompt_returns_one_region(label_studio, backend, tmp_path):
+    backend_url, _ = backend
+    client = label_studio.client
+    project_id, task_ids, ml_id = connected_project(label_studio, backend_url, "interactive.xml", tmp_path,
+                                                    is_interactive=True)
+    context = {"result": [{"id": "p1", "type": "textarea", "from_name": "prompt", "to_name": "image",
+                           "origin": "manual", "value": {"text": ["the red square"]}}]}
+    reply = client.interactive_annotating(ml_id, task_ids[0], context)
+    assert "errors" not in reply, reply
+    result = reply["data"]["result"]
+    assert len(result) == 1
+    region = result[0]
+    assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["person"]
+    w, h = size_of(client, project_id, task_ids[0])
+    mask = decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3]
+    assert mask.any()
+    assert client.predictions(task_ids[0]) == [], "interactive answers are suggestions, never stored"

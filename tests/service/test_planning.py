@@ -1,0 +1,117 @@
+"""From tasks to jobs: grouping targets per image, vocabularies, modes, region kinds, job keys, combining."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from car_backend.engine.result import Segmentation
+from car_backend.jobs import restrict, task_entry
+from car_backend.labelstudio.config import parse_label_config
+from car_backend.predictor import plan_task, typed_prompt
+from car_backend.projects import Project, model_version
+from car_backend.store import JobResult
+from tests.conftest import tiny_settings
+from tests.service.conftest import label_config
+
+
+def project(xml: str, settings, extra_params=None) -> Project:
+    config = parse_label_config(xml, extra_params)
+    return Project(config, model_version(settings, config))
+
+
+def test_two_controls_over_one_image_make_one_job_with_the_union_vocabulary():
+    settings = tiny_settings()
+    plan = plan_task({"id": 1, "data": {"image": "http://h/a.png"}}, project(label_config("brush_polygon"), settings),
+                     settings)
+    assert plan.failure is None and len(plan.specs) == 1
+    (run,) = plan.specs[0].runs
+    assert run.mode == "semantic"
+    assert run.queries == ("sky", "grass", "road", "person with clothes,people,human", "car", "bicycle")
+    assert [(o.target.from_name, o.kind, [label.value for label in o.labels]) for o in run.outputs] == [
+        ("stuff", "brush", ["sky", "grass", "road"]), ("objects", "polygon", ["person", "car", "bicycle"])]
+
+
+def test_referring_sentences_switch_to_referring_mode():
+    settings = tiny_settings()
+    proj = project(label_config("referring"), settings)
+    plan = plan_task({"id": 1, "data": {"image": "http://h/a.png", "expression": "the man\nin red"}}, proj, settings)
+    (run,) = plan.specs[0].runs
+    assert (run.mode, run.queries, run.preset) == ("referring", ("the man", "in red"), "refcoco")
+    assert [label.value for label in run.outputs[0].labels] == ["object"]
+    # Sentences typed into the TextArea (an interactive request) take their place.
+    context = {"result": [{"from_name": "prompt", "type": "textarea", "value": {"text": ["a dog"]}}]}
+    typed = plan_task({"id": 1, "data": {"image": "http://h/a.png", "expression": "the man"}}, proj, settings,
+                      typed_prompt(context, proj.config))
+    assert typed.specs[0].runs[0].queries == ("a dog",)
+    # No sentence in the task: the control's labels are looked for as classes.
+    plain = plan_task({"id": 1, "data": {"image": "http://h/a.png"}}, proj, settings)
+    assert plain.specs[0].runs[0].mode == "semantic"
+
+
+def test_task_vocabularies_dynamic_labels_and_task_label_lists():
+    xml = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image" value="$options">'
+           '<Label value="cat"/></BrushLabels></View>')
+    settings = tiny_settings(task_labels_key="wanted")
+    proj = project(xml, settings)
+    data = {"image": "http://h/a.png", "options": ["dog", {"value": "car", "predicted_values": "automobile"}]}
+    assert plan_task({"id": 1, "data": data}, proj, settings).specs[0].runs[0].queries == ("cat", "dog", "automobile")
+    narrowed = plan_task({"id": 1, "data": {**data, "wanted": "dog, car"}}, proj, settings)
+    assert narrowed.specs[0].runs[0].queries == ("dog", "automobile")
+    empty = plan_task({"id": 1, "data": {**data, "wanted": "zebra"}}, proj, settings)
+    assert empty.specs == [] and "no labels" in empty.failure
+
+
+@pytest.mark.parametrize("env_output, extra, expected", [
+    ("auto", None, "brush"), ("polygon", None, "polygon"), ("polygon", {"output": "brush"}, "brush"),
+    ("auto", {"output": "polygon"}, "polygon")])
+def test_region_kind_follows_car_output_and_extra_params(env_output, extra, expected):
+    settings = tiny_settings(output=env_output)
+    plan = plan_task({"id": 1, "data": {"image": "http://h/a.png"}}, project(label_config("brush"), settings, extra),
+                     settings)
+    assert plan.specs[0].runs[0].outputs[0].kind == expected
+
+
+def test_job_keys_share_images_not_versions_or_sites():
+    settings = tiny_settings(label_studio_url="http://ls-one:8080")
+    proj = project(label_config("brush"), settings)
+    key = plan_task({"id": 1, "data": {"image": "/data/upload/1/a.png"}}, proj, settings).keys[0]
+    assert plan_task({"id": 2, "data": {"image": "/data/upload/1/a.png"}}, proj, settings).keys == [key]
+    assert plan_task({"id": 1, "data": {"image": "/data/upload/1/b.png"}}, proj, settings).keys != [key]
+    other_site = dataclasses.replace(settings, label_studio_url="http://ls-two:8080")
+    assert plan_task({"id": 1, "data": {"image": "/data/upload/1/a.png"}}, proj, other_site).keys != [key]
+    voc = project(label_config("brush"), settings, {"preset": "voc"})
+    assert voc.version != proj.version
+    assert plan_task({"id": 1, "data": {"image": "/data/upload/1/a.png"}}, voc, settings).keys != [key]
+
+
+def test_tasks_without_an_image_fail_permanently():
+    settings = tiny_settings()
+    proj = project(label_config("brush"), settings)
+    assert "no image under 'image'" in plan_task({"id": 1, "data": {"image": ""}}, proj, settings).failure
+    assert "no data" in plan_task({"id": 1, "data": "x"}, proj, settings).failure
+
+
+def test_restrict_keeps_one_targets_part_of_a_union_segmentation():
+    label_map = np.array([[0, 1, 2, 3]], dtype=np.int32)  # union queries: a, b, c
+    seg = Segmentation(["a", "b", "c"], label_map, np.stack([label_map == k for k in (1, 2, 3)]),
+                       np.array([0.9, 0.0, 0.4], np.float32), steps=2)
+    own = restrict(seg, ["c", "a"])
+    assert own.queries == ["c", "a"]
+    assert own.label_map.tolist() == [[0, 2, 0, 1]]
+    assert own.scores.tolist() == pytest.approx([0.4, 0.9])
+    assert own.masks[0].tolist() == [[False, False, False, True]]
+    assert restrict(seg, ["a", "b", "c"]) is seg
+
+
+def test_task_entry_merges_images_and_reports_failures():
+    ok = JobResult(ok=True, regions=[{"id": "r1", "score": 0.5}], score=0.5)
+    other = JobResult(ok=True, regions=[{"id": "r2", "score": 0.9}], score=0.9)
+    bad = JobResult(ok=False, regions=[], error="cannot decode the image")
+    merged = task_entry([ok, other], "v1")
+    assert [r["id"] for r in merged["result"]] == ["r1", "r2"] and merged["score"] == pytest.approx(0.7)
+    assert task_entry([ok, bad], "v1")["result"] == [{"id": "r1", "score": 0.5}]
+    failed = task_entry([bad], "v1")
+    assert failed["result"] == [] and failed["model_version"] == "v1" and "decode" in failed["error"]

@@ -1,0 +1,82 @@
+"""Redis-side state on the real Redis: delivery claims, dedup of submissions, late records, worker stats."""
+
+from __future__ import annotations
+
+import threading
+
+from rq.job import Job
+
+from car_backend.jobqueue import JobQueue, make_store
+from car_backend.predictor import plan_task
+from car_backend.projects import Projects
+from car_backend.store import CLAIM_TTL_S, JobResult, LateRecord
+from tests.conftest import tiny_settings
+from tests.service.conftest import label_config
+
+
+def test_only_one_caller_wins_a_delivery_claim(redis, redis_url, task_ids):
+    store = make_store(redis, tiny_settings(redis_url=redis_url))
+    (task,) = task_ids(1)
+    wins = []
+
+    def contend(owner: str) -> None:
+        wins.append(store.claim([task], "v1", owner)[0])
+
+    threads = [threading.Thread(target=contend, args=(f"owner-{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wins.count(True) == 1
+    assert store.claim([task], "v2", "x") == [True]  # another model version is another delivery
+    assert 0 < redis.ttl(store.claim_key(task, "v1")) <= CLAIM_TTL_S
+    store.release_claim(task, "v1", "not-the-owner")
+    assert store.claimed([task], "v1") == [True]
+
+
+def test_released_claims_can_be_won_again(redis, redis_url, task_ids):
+    store = make_store(redis, tiny_settings(redis_url=redis_url))
+    (task,) = task_ids(1)
+    assert store.claim([task, task], "v1", "a") == [True, False]
+    store.release_claim(task, "v1", "a")
+    assert store.claim([task], "v1", "b") == [True]
+
+
+def test_submitting_a_key_twice_makes_one_job(redis, redis_url, task_ids):
+    settings = tiny_settings(redis_url=redis_url, queue=f"q-{task_ids(1)[0]}")
+    store = make_store(redis, settings)
+    queue = JobQueue(settings, redis, store)
+    project = Projects(settings, store).setup(None, label_config("brush"), None)
+    spec = plan_task({"id": 1, "data": {"image": "http://h/x.png"}}, project, settings).specs[0]
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(queue.submit(spec))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({job_id for job_id, _ in results}) == 1
+    assert [created for _, created in results].count(True) == 1
+    assert queue.batch.count == 1
+    # A job that failed for good no longer blocks its key: the next submission makes a new one.
+    job_id = results[0][0]
+    Job.fetch(job_id, connection=redis).set_status("failed")
+    new_id, created = queue.submit(spec)
+    assert created and new_id != job_id and queue.batch.count == 2
+
+
+def test_late_records_round_trip(redis, redis_url, task_ids):
+    store = make_store(redis, tiny_settings(redis_url=redis_url))
+    (task,) = task_ids(1)
+    record = LateRecord(task, "v1", ("k1", "k2"))
+    store.add_late([record])
+    assert store.late("k1") == [record] and store.late("k2") == [record]
+    store.remove_late(record)
+    assert store.late("k1") == [] and store.late("k2") == []
+
+
+def test_results_round_trip(redis, redis_url):
+    store = make_store(redis, tiny_settings(redis_url=redis_url, result_ttl=60))
+    result = JobResult(ok=False, regions=[], error="cannot decode", seconds=0.2)
+    store.put_result("some-key", result)
+    assert store.results(["some-key", "other"]) == [result, None]
+    assert 0 < redis.ttl("car:result:some-key") <= 60
