@@ -245,13 +245,17 @@ def _build(spec: ModelSpec, device: torch.device, dtype: torch.dtype, weights_di
         quick_gelu = bool(tag_cfg.get("quick_gelu", False))
         checkpoint = _fetch_pretrained(spec, architecture, tag_cfg, weights_dir, setting)
     try:
-        model = open_clip.create_model(
-            architecture,
-            pretrained=checkpoint,
-            precision=precision,
-            device=device,
-            force_quick_gelu=quick_gelu,
-        )
+        # Random weights are seeded so that every worker process builds the same model and a job's
+        # answer does not depend on which worker ran it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = open_clip.create_model(
+                architecture,
+                pretrained=checkpoint,
+                precision=precision,
+                device=device,
+                force_quick_gelu=quick_gelu,
+            )
     except Exception as exc:  # open_clip raises bare RuntimeErrors; keep the cause, name the setting
         raise ModelLoadError(f"{setting}={spec}: could not build the model: {exc}") from exc
     return ClipModel(model, open_clip.get_tokenizer(architecture), name=str(spec))

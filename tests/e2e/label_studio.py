@@ -315,7 +315,8 @@ class LabelStudioClient:
 
     def upload_images(self, project_id: int, paths: list[Path]) -> list[int]:
         """Upload image files, one task each (`/data/upload/<pid>/<hex>-<name>`); returns task ids."""
-        files = [("file", (Path(p).name, Path(p).read_bytes())) for p in paths]
+        # Label Studio reads one file per form field, so each file needs a field name of its own.
+        files = [(f"file{i}", (Path(p).name, Path(p).read_bytes())) for i, p in enumerate(paths)]
         out = self.api("POST", f"/api/projects/{project_id}/import?return_task_ids=true", files=files)
         return out["task_ids"]
 

@@ -39,7 +39,6 @@ class LiteralResult:
     masks: np.ndarray  # (Q, H, W) bool
     steps: int
     label_map: np.ndarray  # (H, W)
-    first_step_proposals: np.ndarray  # (Q, H, W) soft maps of step 1 (for tests of the no-recurrence ablation)
 
 
 class LiteralCaR:
@@ -68,12 +67,9 @@ class LiteralCaR:
         kept_last = 0
         steps = 0
         previous = None
-        first = None
         while True:
             steps += 1
             proposals = self.mask_proposals(image, cam_text, mode)
-            if first is None:
-                first = proposals
             prompted = [self.visual_prompt(rgb, p) for p in proposals]
             scores = np.diagonal(self.classify(prompted, prompt_lists))
             kept = [i for i, s in enumerate(scores) if s > self.preset.confidence_threshold]
@@ -108,7 +104,7 @@ class LiteralCaR:
                 if final_scores[i] > 0:
                     label_map[masks[i] > 0.5] = i + 1
         kept_names = [q for q, s in zip(queries, final_scores, strict=True) if s > 0]
-        return LiteralResult(kept_names, final_scores, masks, steps, label_map, first)
+        return LiteralResult(kept_names, final_scores, masks, steps, label_map)
 
     # -------------------------------------------------------------------------------------------- proposals
     def mask_proposals(self, image: Image.Image, texts: list[str], mode: str) -> np.ndarray:
