@@ -8,6 +8,8 @@ random CLIP on CPU.
 Per run it prints throughput, p50/p95 latency (request start to the task's delivery, whether returned by
 /predict or written through the API later), and the tasks lost (never delivered) or duplicated (delivered
 more than once). It also measures the queue's own overhead: a no-op job, enqueue to finished.
+Workers split the CPU cores (OMP_NUM_THREADS = cores / workers, unless OMP_NUM_THREADS is set), as CPU
+workers sharing a host must: each one taking every core makes them many times slower together.
 The last line is one JSON object with keys `lost` and `duplicated` (totals) and the per-run figures.
 
     python benchmarks/service.py [--tasks 200] [--workers 1,2,4] [--quick]
@@ -68,6 +70,7 @@ class Bench:
         self.fake = fake
         self.log_dir = log_dir
         self.redis = Redis.from_url(url)
+        self.threads_fixed = "OMP_NUM_THREADS" in os.environ
 
     def settings(self, **overrides):
         values = {"redis_url": self.url, "label_studio_url": self.fake.url, "label_studio_api_key": self.fake.api_key,
@@ -76,6 +79,10 @@ class Bench:
         return tiny_settings(**values)
 
     def workers(self, settings, count: int) -> list:
+        # CPU workers sharing a host must split its cores: torch's default (all cores each) oversubscribes
+        # them, and OpenMP's spinning makes that many times slower than running one worker.
+        if not self.threads_fixed:
+            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // count))
         return [start_worker(settings, self.log_dir) for _ in range(count)]
 
     def warm_up(self, server: str, workers: int, tag: str) -> None:
@@ -224,7 +231,9 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="car-bench-") as log_dir:
             bench = Bench(url, fake, Path(log_dir))
-            print(f"service benchmark: {tasks} tasks, workers {counts}, Redis {url}", flush=True)
+            threads = os.environ.get("OMP_NUM_THREADS", "cores / workers")
+            print(f"service benchmark: {tasks} tasks, workers {counts}, Redis {url}, torch threads per worker: "
+                  f"{threads}", flush=True)
             overhead = bench.queue_overhead(1, noop)
             print(f"queue overhead (no-op job, enqueue to finished, 1 worker): {overhead}", flush=True)
             for workers in counts:
@@ -235,7 +244,7 @@ def main() -> int:
         fake.stop()
         if private is not None:
             private.terminate()
-    summary = {"benchmark": "service", "tasks": tasks, "workers": counts,
+    summary = {"benchmark": "service", "tasks": tasks, "workers": counts, "cpus": os.cpu_count(),
                "lost": sum(r["lost"] for r in runs), "duplicated": sum(r["duplicated"] for r in runs),
                "queue_overhead": overhead, "runs": runs}
     print(json.dumps(summary))

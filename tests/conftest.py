@@ -98,6 +98,9 @@ def tiny_settings(**overrides) -> Settings:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes `Settings.from_env()` in a child process equal `settings`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}
+    # Several workers share the machine's cores in these tests: one torch thread each (torch's default,
+    # every core per process, oversubscribes them and slows everything down many times).
+    env.setdefault("OMP_NUM_THREADS", "1")
     for f in dataclasses.fields(Settings):
         value = getattr(settings, f.name)
         env[f.metadata["setting"].env] = ",".join(value) if isinstance(value, tuple) else str(value)
