@@ -22,6 +22,7 @@ from redis import RedisError
 from car_backend.jobqueue import JobQueue
 from car_backend.jobs import JobSpec, Run, TargetOutput, engine_fingerprint, task_entry
 from car_backend.labelstudio.config import ProjectConfig, Target, task_sentences, task_vocabulary
+from car_backend.labelstudio.interactive import label_named_by
 from car_backend.labelstudio.results import failed_entry, pending_entry
 from car_backend.lsapi import configured
 from car_backend.metrics import Metrics
@@ -47,12 +48,14 @@ class TaskPlan:
         return [spec.key for spec in self.specs]
 
 
-def region_kind(target: Target, config: ProjectConfig, settings: Settings) -> str:
-    """The project's `output` extra_param, else CAR_OUTPUT, else the control's own kind."""
+def output_targets(config: ProjectConfig, settings: Settings) -> tuple[Target, ...]:
+    """The controls to fill: the project's `output` extra_param, else CAR_OUTPUT, picks the controls of that
+    kind when the config has both; a control's region type is always its own, because Label Studio cannot
+    show a polygon in a BrushLabels control or a mask in a PolygonLabels one."""
     for choice in (config.output, settings.output):
         if choice and choice != "auto":
-            return choice
-    return target.kind
+            return tuple(t for t in config.targets if t.kind == choice) or config.targets
+    return config.targets
 
 
 def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str] | None = None) -> TaskPlan:
@@ -63,7 +66,7 @@ def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str
     if not isinstance(data, dict):
         return TaskPlan(task_id, failure="the task has no data object")
     by_image: dict[str, list[Target]] = {}
-    for target in config.targets:
+    for target in output_targets(config, settings):
         by_image.setdefault(target.data_key, []).append(target)
     plan = TaskPlan(task_id)
     problems = []
@@ -97,11 +100,15 @@ def _runs(targets: list[Target], data: dict, project: Project, settings: Setting
         labels = task_vocabulary(target, data, settings.task_labels_key)
         if not labels:
             continue
-        kind = region_kind(target, config, settings)
+        kind = target.kind
         preset = target.preset or config.preset
         background = target.background or config.background
         sentences = prompt or task_sentences(target, data)
-        if sentences:
+        named = label_named_by(prompt[0], labels) if prompt and len(prompt) == 1 else None
+        if named is not None:
+            # A typed label name asks for that label alone, in semantic mode.
+            semantic.setdefault((preset, background), []).append(TargetOutput(target, (named,), kind))
+        elif sentences:
             # Referring mode: the sentences describe one object, returned as the control's first label.
             runs.append(Run("referring", tuple(sentences), preset, background,
                             (TargetOutput(target, (labels[0],), kind),)))

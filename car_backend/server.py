@@ -27,7 +27,7 @@ from werkzeug.exceptions import HTTPException
 
 from car_backend.labelstudio.config import LabelConfigError
 from car_backend.metrics import Metrics
-from car_backend.predictor import Predictor, region_kind
+from car_backend.predictor import Predictor, output_targets
 from car_backend.projects import Projects, model_version
 from car_backend.service import Backend
 from car_backend.settings import Settings
@@ -113,11 +113,11 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
             "model_version": project.version,
             "targets": [{
                 "from_name": t.from_name, "to_name": t.to_name, "image": t.data_key,
-                "type": f"{region_kind(t, config, settings)}labels",
+                "type": f"{t.kind}labels",
                 "labels": [label.value for label in t.labels],
                 "dynamic_labels": t.dynamic_key, "referring": t.referring_key,
                 "preset": t.preset or config.preset or settings.preset,
-            } for t in config.targets],
+            } for t in output_targets(config, settings)],
             "skipped": list(config.skipped),
         })
 

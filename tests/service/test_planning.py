@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from car_backend.projects import Project, model_version
 from car_backend.store import JobResult
 from tests.conftest import tiny_settings
 from tests.service.conftest import label_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def project(xml: str, settings, extra_params=None) -> Project:
@@ -51,6 +54,21 @@ def test_referring_sentences_switch_to_referring_mode():
     assert plain.specs[0].runs[0].mode == "semantic"
 
 
+def test_a_typed_label_name_runs_semantic_mode_for_that_label_alone():
+    settings = tiny_settings()
+    proj = project((REPO / "label_config" / "interactive.xml").read_text(), settings)
+    data = {"image": "http://h/a.png"}
+
+    def typed(text):
+        context = {"result": [{"from_name": "prompt", "type": "textarea", "value": {"text": [text]}}]}
+        (run,) = plan_task({"id": 1, "data": data}, proj, settings, typed_prompt(context, proj.config)).specs[0].runs
+        return run.mode, run.queries, [label.value for label in run.outputs[0].labels]
+
+    assert typed("people") == ("semantic", ("person with clothes,people,human",), ["person"])
+    assert typed("Car") == ("semantic", ("car",), ["car"])
+    assert typed("the man in red") == ("referring", ("the man in red",), ["person"])
+
+
 def test_task_vocabularies_dynamic_labels_and_task_label_lists():
     xml = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image" value="$options">'
            '<Label value="cat"/></BrushLabels></View>')
@@ -65,13 +83,23 @@ def test_task_vocabularies_dynamic_labels_and_task_label_lists():
 
 
 @pytest.mark.parametrize("env_output, extra, expected", [
-    ("auto", None, "brush"), ("polygon", None, "polygon"), ("polygon", {"output": "brush"}, "brush"),
-    ("auto", {"output": "polygon"}, "polygon")])
-def test_region_kind_follows_car_output_and_extra_params(env_output, extra, expected):
+    ("auto", None, [("stuff", "brush"), ("objects", "polygon")]),
+    ("polygon", None, [("objects", "polygon")]),
+    ("polygon", {"output": "brush"}, [("stuff", "brush")]),
+    ("auto", {"output": "polygon"}, [("objects", "polygon")])])
+def test_output_setting_picks_controls_of_that_kind(env_output, extra, expected):
     settings = tiny_settings(output=env_output)
-    plan = plan_task({"id": 1, "data": {"image": "http://h/a.png"}}, project(label_config("brush"), settings, extra),
+    plan = plan_task({"id": 1, "data": {"image": "http://h/a.png"}},
+                     project(label_config("brush_polygon"), settings, extra), settings)
+    assert [(o.target.from_name, o.kind) for o in plan.specs[0].runs[0].outputs] == expected
+
+
+@pytest.mark.parametrize("output", ["brush", "polygon"])
+def test_output_setting_never_changes_a_controls_region_type(output):
+    settings = tiny_settings(output=output)
+    plan = plan_task({"id": 1, "data": {"image": "http://h/a.png"}}, project(label_config("brush"), settings),
                      settings)
-    assert plan.specs[0].runs[0].outputs[0].kind == expected
+    assert [(o.target.from_name, o.kind) for o in plan.specs[0].runs[0].outputs] == [("tag", "brush")]
 
 
 def test_job_keys_share_images_not_versions_or_sites():
