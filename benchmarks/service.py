@@ -1,9 +1,9 @@
 """Service benchmark: tasks through /predict and through `prelabel --project`, with 1, 2 and 4 workers.
 
 Everything is real except Label Studio, which is the fake API of tests/service/fake_ls.py (it records each
-prediction written into it and serves the images): Redis (REDIS_URL, else 127.0.0.1:6379 database 12, else a
-private redis-server), `car-backend serve` (gunicorn) and `car-backend worker` processes running the tiny
-random CLIP on CPU.
+prediction written into it and serves the images): Redis (REDIS_URL, else a database of its own on
+127.0.0.1:6379, else a private redis-server), `car-backend serve` (gunicorn) and `car-backend worker`
+processes running the tiny random CLIP on CPU.
 
 Per run it prints throughput, p50/p95 latency (request start to the task's delivery, whether returned by
 /predict or written through the API later), and the tasks lost (never delivered) or duplicated (delivered
@@ -18,6 +18,7 @@ The last line is one JSON object with keys `lost` and `duplicated` (totals) and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -38,7 +39,14 @@ from redis import Redis  # noqa: E402
 from rq import Queue  # noqa: E402
 from rq.job import Job  # noqa: E402
 
-from tests.conftest import free_port, settings_env, start_redis_server, start_worker, tiny_settings  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    claim_redis_db,
+    free_port,
+    settings_env,
+    start_redis_server,
+    start_worker,
+    tiny_settings,
+)
 from tests.service.fake_ls import FakeLabelStudio  # noqa: E402
 
 LABEL_CONFIG = (ROOT / "label_config" / "brush.xml").read_text()
@@ -53,15 +61,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def redis_url() -> tuple[str, subprocess.Popen | None]:
+def redis_url(stack: contextlib.ExitStack) -> str:
+    """REDIS_URL; else a database of our own on 127.0.0.1:6379; else a private redis-server."""
     if os.environ.get("REDIS_URL"):
-        return os.environ["REDIS_URL"], None
+        return os.environ["REDIS_URL"]
     with socket.socket() as sock:
         sock.settimeout(0.3)
-        if sock.connect_ex(("127.0.0.1", 6379)) == 0:
-            return "redis://127.0.0.1:6379/12", None
+        local = sock.connect_ex(("127.0.0.1", 6379)) == 0
+    if local:
+        return stack.enter_context(contextlib.contextmanager(claim_redis_db)())
     port = free_port()
-    return f"redis://127.0.0.1:{port}/0", start_redis_server(port)
+    server = start_redis_server(port)
+    stack.callback(server.terminate)
+    return f"redis://127.0.0.1:{port}/0"
 
 
 class Bench:
@@ -223,27 +235,21 @@ def main() -> int:
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the fake Label Studio's request log
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the workers and servers started here stop too
-    url, private = redis_url()
-    fake = FakeLabelStudio().start()
-    redis = Redis.from_url(url)
-    redis.flushdb()
     runs, overhead = [], {}
-    try:
-        with tempfile.TemporaryDirectory(prefix="car-bench-") as log_dir:
-            bench = Bench(url, fake, Path(log_dir))
-            threads = os.environ.get("OMP_NUM_THREADS", "cores / workers")
-            print(f"service benchmark: {tasks} tasks, workers {counts}, Redis {url}, torch threads per worker: "
-                  f"{threads}", flush=True)
-            overhead = bench.queue_overhead(1, noop)
-            print(f"queue overhead (no-op job, enqueue to finished, 1 worker): {overhead}", flush=True)
-            for workers in counts:
-                runs.append(bench.predict_run(tasks, workers))
-                runs.append(bench.prelabel_run(tasks, workers))
-    finally:
-        redis.flushdb()
-        fake.stop()
-        if private is not None:
-            private.terminate()
+    with contextlib.ExitStack() as stack:
+        url = redis_url(stack)
+        fake = FakeLabelStudio().start()
+        stack.callback(fake.stop)
+        log_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="car-bench-"))
+        bench = Bench(url, fake, Path(log_dir))
+        threads = os.environ.get("OMP_NUM_THREADS", "cores / workers")
+        print(f"service benchmark: {tasks} tasks, workers {counts}, Redis {url}, torch threads per worker: "
+              f"{threads}", flush=True)
+        overhead = bench.queue_overhead(1, noop)
+        print(f"queue overhead (no-op job, enqueue to finished, 1 worker): {overhead}", flush=True)
+        for workers in counts:
+            runs.append(bench.predict_run(tasks, workers))
+            runs.append(bench.prelabel_run(tasks, workers))
     summary = {"benchmark": "service", "tasks": tasks, "workers": counts, "cpus": os.cpu_count(),
                "lost": sum(r["lost"] for r in runs), "duplicated": sum(r["duplicated"] for r in runs),
                "queue_overhead": overhead, "runs": runs}

