@@ -32,7 +32,7 @@ from car_backend.labelstudio.media import MediaError, MediaFetcher
 from car_backend.labelstudio.results import failed_entry, prediction_entry, segmentation_to_regions
 from car_backend.lsapi import LabelStudioAPIError, LabelStudioClient, configured
 from car_backend.settings import Settings
-from car_backend.store import JobResult, LateRecord, Store
+from car_backend.store import JobResult, LateRecord, RedisTextCache, Store
 
 if TYPE_CHECKING:  # the engine package is imported only where jobs run
     from car_backend.engine.result import Segmentation
@@ -162,9 +162,15 @@ class WorkerContext:
     def segmenter(self) -> Any:
         with self._lock:
             if self._segmenter is None:
-                from car_backend.engine import Segmenter  # torch is imported only where jobs run
+                import torch  # imported only where jobs run
 
-                self._segmenter = Segmenter(self.settings)
+                from car_backend.engine import Segmenter
+
+                if self.settings.threads:
+                    torch.set_num_threads(self.settings.threads)
+                ttl = self.settings.text_cache_ttl
+                cache = RedisTextCache(self.store.redis, ttl) if ttl else None
+                self._segmenter = Segmenter(self.settings, text_cache=cache)
             return self._segmenter
 
 

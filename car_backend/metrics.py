@@ -78,6 +78,11 @@ class _RedisCollector:
         for outcome in ("ok", "failed", "error"):
             outcomes.add_metric([outcome], stats.get(f"jobs:{outcome}", 0.0))
         yield outcomes
+        text = CounterMetricFamily("car_text_cache", "Text-embedding lookups in the shared Redis cache (workers).",
+                                   labels=["outcome"])
+        for outcome in ("hit", "miss"):
+            text.add_metric([outcome], stats.get(f"text:{outcome}", 0.0))
+        yield text
         yield CounterMetricFamily("car_api_deliveries", "Predictions written into Label Studio by workers.",
                                   value=stats.get("deliveries:api", 0.0))
         buckets = [(str(b), stats.get(f"seconds:le:{b}", 0.0)) for b in DURATION_BUCKETS]

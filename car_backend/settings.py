@@ -107,6 +107,15 @@ class Settings:
     result_ttl: int = field(
         default=7 * 24 * 3600, metadata=_meta("CAR_RESULT_TTL", "Seconds finished results stay in the cache.")
     )
+    text_cache_ttl: int = field(
+        default=30 * 24 * 3600,
+        metadata=_meta("CAR_TEXT_CACHE_TTL", "Seconds text embeddings stay in Redis, shared by all workers (0 = off)."),
+    )
+    threads: int = field(
+        default=0,
+        metadata=_meta("CAR_THREADS", "torch CPU threads per worker (0 = torch's default: every core). Set "
+                       "cores / workers when several CPU workers share a host."),
+    )
     # Label Studio access
     label_studio_url: str = field(
         default="",
@@ -137,7 +146,8 @@ class Settings:
     host: str = field(default="0.0.0.0", metadata=_meta("HOST", "Address `car-backend serve` binds to."))
     port: int = field(default=9090, metadata=_meta("PORT", "Port `car-backend serve` listens on."))
     http_threads: int = field(
-        default=1, metadata=_meta("CAR_HTTP_THREADS", "gunicorn threads serving HTTP (models never load there).")
+        default=8,
+        metadata=_meta("CAR_HTTP_THREADS", "gunicorn threads serving HTTP (at least 4; models never load there)."),
     )
     log_level: str = field(default="INFO", metadata=_meta("LOG_LEVEL", "Logging level.", LOG_LEVELS))
 
@@ -165,7 +175,7 @@ class Settings:
         for name in ("max_steps", "job_timeout", "max_image_pixels", "max_download_bytes", "port", "http_threads"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be a positive number, got {getattr(self, name)!r}")
-        for name in ("predict_wait", "polygon_tolerance", "job_retries", "result_ttl"):
+        for name in ("predict_wait", "polygon_tolerance", "job_retries", "result_ttl", "text_cache_ttl", "threads"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_env(name)} must not be negative, got {getattr(self, name)!r}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):

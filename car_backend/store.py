@@ -8,6 +8,8 @@
                             answering with the result and a worker posting it through the API
     car:project:<id>        JSON extra_params that /setup received for a project (/predict lacks them)
     car:stats               hash of worker-side counters and job-duration histogram buckets
+    car:text:<M>:<T>        float32 bytes of the embedding of text T by model M (TTL CAR_TEXT_CACHE_TTL),
+                            shared by every worker so a vocabulary is encoded once per deployment
 
 A job key K already covers the model version, so nothing here has to be invalidated by hand.
 """
@@ -16,11 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from redis import Redis
+import numpy as np
+from redis import Redis, RedisError
+
+log = logging.getLogger(__name__)
 
 PREFIX = "car"
 STATS_KEY = f"{PREFIX}:stats"
@@ -171,3 +177,38 @@ class Store:
 
     def stats(self) -> dict[str, float]:
         return {k.decode(): float(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
+
+
+class RedisTextCache:
+    """The engine's SharedTextCache on Redis. A Redis error is a miss (or a dropped write), never a failure."""
+
+    def __init__(self, redis: Redis, ttl: int):
+        self.redis = redis
+        self.ttl = ttl
+
+    @staticmethod
+    def key(model: str, text: str) -> str:
+        digest = hashlib.sha1
+        return f"{PREFIX}:text:{digest(model.encode()).hexdigest()[:12]}:{digest(text.encode()).hexdigest()}"
+
+    def get_many(self, model: str, texts: Sequence[str]) -> list[np.ndarray | None]:
+        try:
+            raw = self.redis.mget([self.key(model, t) for t in texts])
+            hits = sum(r is not None for r in raw)
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hincrby(STATS_KEY, "text:hit", hits)
+                pipe.hincrby(STATS_KEY, "text:miss", len(texts) - hits)
+                pipe.execute()
+        except RedisError as exc:
+            log.warning("text-embedding cache unavailable (%s); encoding the texts here", exc)
+            return [None] * len(texts)
+        return [np.frombuffer(r, dtype=np.float32) if r is not None else None for r in raw]
+
+    def put_many(self, model: str, embeddings: dict[str, np.ndarray]) -> None:
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for text, vector in embeddings.items():
+                    pipe.set(self.key(model, text), np.asarray(vector, dtype=np.float32).tobytes(), ex=self.ttl)
+                pipe.execute()
+        except RedisError as exc:
+            log.warning("could not store text embeddings in Redis (%s)", exc)

@@ -2,23 +2,46 @@
 
     from car_backend.engine import Segmenter
     result = Segmenter(settings).segment(image, ["cat", "dog", "sofa"])
+
+Names are imported on first use, so `car_backend.engine.result` (plain numpy) can be used by the HTTP server
+without importing torch.
 """
 
-from car_backend.engine.models import ClipModel, ModelLoadError, ModelSpec, ModelSpecError, load_clip
-from car_backend.engine.presets import PRESETS, Preset, get_preset
-from car_backend.engine.result import Segmentation
-from car_backend.engine.segmenter import PreparedImage, Segmenter
+from __future__ import annotations
 
-__all__ = [
-    "PRESETS",
-    "ClipModel",
-    "ModelLoadError",
-    "ModelSpec",
-    "ModelSpecError",
-    "Preset",
-    "PreparedImage",
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ClipModel": "models",
+    "ModelLoadError": "models",
+    "ModelSpec": "models",
+    "ModelSpecError": "models",
+    "load_clip": "models",
+    "PRESETS": "presets",
+    "Preset": "presets",
+    "get_preset": "presets",
+    "Segmentation": "result",
+    "PreparedImage": "segmenter",
+    "Segmenter": "segmenter",
+}
+
+__all__ = [  # noqa: RUF022 (grouped as _EXPORTS)
+    "ClipModel", "ModelLoadError", "ModelSpec", "ModelSpecError", "load_clip",
+    "PRESETS", "Preset", "get_preset",
     "Segmentation",
-    "Segmenter",
-    "get_preset",
-    "load_clip",
+    "PreparedImage", "Segmenter",
 ]
+
+if TYPE_CHECKING:
+    from car_backend.engine.models import ClipModel, ModelLoadError, ModelSpec, ModelSpecError, load_clip
+    from car_backend.engine.presets import PRESETS, Preset, get_preset
+    from car_backend.engine.result import Segmentation
+    from car_backend.engine.segmenter import PreparedImage, Segmenter
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -22,8 +22,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlparse
 
+import numpy as np
 import open_clip
 import torch
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
@@ -42,6 +44,17 @@ class ModelSpecError(ValueError):
 
 class ModelLoadError(RuntimeError):
     """Weights could not be loaded; the message names what is missing and which setting supplies it."""
+
+
+class SharedTextCache(Protocol):
+    """Text embeddings shared between processes (the worker plugs in a Redis one); the engine never needs it.
+
+    Both methods may fail silently (return misses, drop writes): the model then encodes the texts itself.
+    """
+
+    def get_many(self, model: str, texts: Sequence[str]) -> list[np.ndarray | None]: ...
+
+    def put_many(self, model: str, embeddings: dict[str, np.ndarray]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,8 @@ class ClipModel:
     """A frozen open_clip CLIP in eval mode, with a thread-safe LRU cache of L2-normalised text embeddings.
 
     `encode_texts` replaces the text tower (tests use it to give a hand-built model a lookup table).
+    `shared_cache`, when set, is asked for the texts this process has not encoded yet, before the text tower
+    (only for models whose `name` identifies their weights: loaded from a spec, or named by the caller).
     """
 
     def __init__(
@@ -120,6 +135,12 @@ class ClipModel:
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self.shared_cache: SharedTextCache | None = None
+
+    @property
+    def identity(self) -> str:
+        """What a shared cache keys this model's embeddings by: its weights and precision."""
+        return f"{self.name}|{str(self.dtype).removeprefix('torch.')}"
 
     @property
     def visual(self) -> open_clip.transformer.VisionTransformer:
@@ -149,8 +170,20 @@ class ClipModel:
                 self._cache.move_to_end(text)
         missing = [t for t in distinct if t not in rows]
         if missing:
-            fresh = torch.cat([self._encode(missing[i:i + _TEXT_BATCH]) for i in range(0, len(missing), _TEXT_BATCH)])
-            rows.update(zip(missing, fresh, strict=True))
+            shared = self.shared_cache if self.name != "custom" else None
+            if shared is not None:
+                found = shared.get_many(self.identity, missing)
+                width = self.visual.output_dim
+                rows.update((t, torch.tensor(np.asarray(v, dtype=np.float32), device=self.device))
+                            for t, v in zip(missing, found, strict=True) if v is not None and np.shape(v) == (width,))
+            to_encode = [t for t in missing if t not in rows]
+            if to_encode:
+                fresh = torch.cat([self._encode(to_encode[i:i + _TEXT_BATCH])
+                                   for i in range(0, len(to_encode), _TEXT_BATCH)])
+                rows.update(zip(to_encode, fresh, strict=True))
+                if shared is not None:
+                    shared.put_many(self.identity, {t: row.cpu().numpy() for t, row in zip(to_encode, fresh,
+                                                                                        strict=True)})
             with self._lock:
                 self._cache.update((t, rows[t]) for t in missing)
                 while len(self._cache) > self._cache_size:

@@ -29,7 +29,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
 from car_backend.engine.classifier import MaskClassifier
-from car_backend.engine.models import ClipModel, load_clip, resolve_device
+from car_backend.engine.models import ClipModel, SharedTextCache, load_clip, resolve_device
 from car_backend.engine.postprocess import SamRefiner, assemble_label_map, crf_masks, merge_referring
 from car_backend.engine.presets import CAM_TEMPLATE, Preset, get_preset
 from car_backend.engine.proposals import ProposalGenerator, ProposalImage
@@ -86,13 +86,18 @@ class Segmenter:
         classifier_model: ClipModel | torch.nn.Module | None = None,
         sam_refiner: SamRefiner | None = None,
         max_side: int | None = MAX_SIDE,
+        text_cache: SharedTextCache | None = None,
     ):
-        """Models load from `settings` on first use unless given (ClipModel, or an open_clip CLIP)."""
+        """Models load from `settings` on first use unless given (ClipModel, or an open_clip CLIP).
+
+        `text_cache` is plugged into the models this segmenter loads (see ClipModel.shared_cache).
+        """
         self.settings = settings or Settings()
         self._proposal_clip = _as_clip(proposal_model)
         self._classifier_clip = _as_clip(classifier_model)
         self._sam = sam_refiner
         self.max_side = max_side
+        self._text_cache = text_cache
         self._generators: dict[int, ProposalGenerator] = {}
         self._classifiers: dict[int, MaskClassifier] = {}
         self._prepared: OrderedDict[tuple, PreparedImage] = OrderedDict()
@@ -113,7 +118,10 @@ class Segmenter:
 
     def _load(self, spec: str, setting: str) -> ClipModel:
         s = self.settings
-        return load_clip(spec, resolve_device(s.device), s.precision, s.weights_dir, setting=setting)
+        clip = load_clip(spec, resolve_device(s.device), s.precision, s.weights_dir, setting=setting)
+        if self._text_cache is not None:
+            clip.shared_cache = self._text_cache
+        return clip
 
     def _generator(self) -> ProposalGenerator:
         clip = self.proposal_clip

@@ -82,6 +82,28 @@ def test_tasks_sharing_an_image_share_a_job(shared_workers, service_settings, ma
     assert fake_ls.hits[f"img/{name}"] == 1
 
 
+def test_workers_share_text_embeddings_through_redis(service_settings, make_client, fake_ls, redis, spawn_worker,
+                                                     task_ids):
+    """A worker that never saw the vocabulary reads its embeddings from Redis instead of encoding them."""
+    settings = service_settings(queue=f"textcache-{task_ids(1)[0]}")
+    client = make_client(settings)
+
+    def text_stats() -> tuple[float, float]:
+        stats = {k.decode(): float(v) for k, v in redis.hgetall("car:stats").items()}
+        return stats.get("text:hit", 0.0), stats.get("text:miss", 0.0)
+
+    for task_id in task_ids(2):  # each image on a fresh worker process: no in-process cache to help
+        worker = spawn_worker(settings)
+        before = text_stats()
+        body = predict(client, [{"id": task_id, "data": {"image": f"{fake_ls.url}/img/text-{task_id}.png"}}])
+        assert "result" in body["results"][0]
+        worker.stop()
+    hits, misses = (after - start for after, start in zip(text_stats(), before, strict=True))
+    assert redis.keys("car:text:*")
+    assert hits > misses  # the templates of the whole vocabulary at least came from Redis
+    assert 'car_text_cache_total{outcome="hit"}' in client.get("/metrics").get_data(as_text=True)
+
+
 def test_two_controls_are_segmented_once_and_answered_in_both_forms(shared_workers, service_settings, make_client,
                                                                     fake_ls, redis, task_ids):
     (task_id,) = task_ids(1)

@@ -117,6 +117,24 @@ print('ok')
     assert out.stdout.strip().splitlines()[-1] == "ok"
 
 
+def test_the_http_process_never_imports_torch(redis_url):
+    """The server answers /setup and /health in milliseconds from its first second: torch stays out of it."""
+    code = f"""
+import sys
+from car_backend.server import create_app
+from car_backend.settings import Settings
+app = create_app(Settings(redis_url={redis_url!r}))
+client = app.test_client()
+assert client.get('/health').status_code == 200
+assert client.post('/setup', json={{'schema': open('label_config/polygon.xml').read()}}).status_code == 200
+app.extensions['car_backend'].close()
+print(sorted(m for m in ('torch', 'open_clip', 'cv2') if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "torch" not in out.stdout.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("data, status, fragment", [
     (b"not json", 400, "JSON object"),
     (b"[1, 2]", 400, "JSON object"),

@@ -80,3 +80,63 @@ def test_results_round_trip(redis, redis_url):
     store.put_result("some-key", result)
     assert store.results(["some-key", "other"]) == [result, None]
     assert 0 < redis.ttl("car:result:some-key") <= 60
+
+
+def _counting_clip(name: str, encoded: list[str]):
+    import open_clip
+    import torch
+
+    from car_backend.engine.models import ClipModel
+
+    def encode(texts):
+        encoded.extend(texts)
+        return torch.tensor([[float(len(t)), 1.0, float(t.count("a"))] for t in texts])
+
+    tiny = open_clip.CLIP(embed_dim=3, vision_cfg={"layers": 1, "width": 16, "patch_size": 16, "head_width": 16},
+                          text_cfg={"layers": 1, "width": 8, "heads": 1})
+    return ClipModel(tiny, name=name, encode_texts=encode)
+
+
+def test_text_embeddings_are_shared_between_processes_through_redis(redis):
+    import numpy as np
+    import torch
+
+    from car_backend.store import STATS_KEY, RedisTextCache
+
+    redis.delete(STATS_KEY)
+    cache = RedisTextCache(redis, ttl=60)
+    first_encoded: list[str] = []
+    second_encoded: list[str] = []
+    first = _counting_clip("shared-test:random", first_encoded)  # as two workers would each load it
+    second = _counting_clip("shared-test:random", second_encoded)
+    first.shared_cache = second.shared_cache = cache
+    a = first.embed_texts(["a cat", "a dog"])
+    b = second.embed_texts(["a dog", "a cat", "a bird"])
+    assert first_encoded == ["a cat", "a dog"]
+    assert second_encoded == ["a bird"]  # the other two came from Redis
+    assert torch.allclose(b[0], a[1]) and torch.allclose(b[1], a[0])
+    assert 0 < redis.ttl(cache.key(first.identity, "a cat")) <= 60
+    stats = {k.decode(): int(float(v)) for k, v in redis.hgetall(STATS_KEY).items()}
+    assert stats["text:hit"] == 2 and stats["text:miss"] == 3
+    # another model (or precision) never reads these rows; a wrong-width row is a miss, not a crash
+    other_encoded: list[str] = []
+    other = _counting_clip("other-model:random", other_encoded)
+    other.shared_cache = cache
+    other.embed_texts(["a cat"])
+    assert other_encoded == ["a cat"]
+    redis.set(cache.key(first.identity, "a fish"), np.ones(7, dtype=np.float32).tobytes())
+    first.embed_texts(["a fish"])
+    assert first_encoded[-1] == "a fish"
+
+
+def test_an_unreachable_text_cache_falls_back_to_encoding():
+    from redis import Redis
+
+    from car_backend.store import RedisTextCache
+
+    dead = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    encoded: list[str] = []
+    clip = _counting_clip("dead-cache:random", encoded)
+    clip.shared_cache = RedisTextCache(dead, ttl=60)
+    assert clip.embed_texts(["a cat", "a dog"]).shape == (2, 3)
+    assert encoded == ["a cat", "a dog"]
