@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from car_backend.labelstudio.config import LabelSpec, Target
+from car_backend.labelstudio.interactive import Focus
 from car_backend.labelstudio.media import MediaError, MediaFetcher
 from car_backend.labelstudio.results import failed_entry, prediction_entry, segmentation_to_regions
 from car_backend.lsapi import LabelStudioAPIError, LabelStudioClient, configured
@@ -70,6 +71,7 @@ class JobSpec:
     engine: str  # engine_fingerprint() of the settings that computed model_version
     polygon_tolerance: float
     score: str  # "confidence" | "uncertainty"
+    focus: Focus | None = None  # interactive keypoints/rectangles that narrow the returned masks
 
     @property
     def key(self) -> str:
@@ -107,6 +109,8 @@ def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher) -> JobResult:
         kept_scores.extend(float(s) for s in seg.scores if s > 0)
         for out in run.outputs:
             own = seg if run.mode == "referring" else restrict(seg, [label.prompt for label in out.labels])
+            if spec.focus is not None:
+                own = spec.focus.apply(own)
             regions.extend(segmentation_to_regions(own, out.target, list(out.labels), kind=out.kind,
                                                    polygon_tolerance=spec.polygon_tolerance))
     return JobResult(ok=True, regions=regions, score=task_score(kept_scores, spec.score),

@@ -21,8 +21,8 @@ from redis import RedisError
 
 from car_backend.jobqueue import JobQueue
 from car_backend.jobs import JobSpec, Run, TargetOutput, engine_fingerprint, task_entry
-from car_backend.labelstudio.config import ProjectConfig, Target, task_sentences, task_vocabulary
-from car_backend.labelstudio.interactive import label_named_by
+from car_backend.labelstudio.config import LabelSpec, ProjectConfig, Target, task_sentences, task_vocabulary
+from car_backend.labelstudio.interactive import InteractiveRequest, focus_of, label_named_by, parse_context
 from car_backend.labelstudio.results import failed_entry, pending_entry
 from car_backend.lsapi import configured
 from car_backend.metrics import Metrics
@@ -58,8 +58,13 @@ def output_targets(config: ProjectConfig, settings: Settings) -> tuple[Target, .
     return config.targets
 
 
-def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str] | None = None) -> TaskPlan:
-    """The jobs of one task: one per image, with every target over that image (`prompt`: typed sentences)."""
+def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str] | None = None,
+              request: InteractiveRequest | None = None) -> TaskPlan:
+    """The jobs of one task: one per image, with every target over that image.
+
+    Interactive calls give `prompt` (the sentences typed into the config's TextArea) and `request` (what the
+    annotator drew: the selected label, keypoints, rectangles).
+    """
     config = project.config
     task_id = task.get("id") if isinstance(task.get("id"), int) else None
     data = task.get("data")
@@ -75,7 +80,7 @@ def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str
         if not isinstance(ref, str) or not ref.strip():
             problems.append(f"the task data has no image under {data_key!r}")
             continue
-        runs = _runs(targets, data, project, settings, prompt)
+        runs = _runs(targets, data, project, settings, prompt, request)
         if not runs:
             problems.append(f"no labels to look for in {', '.join(t.from_name for t in targets)}")
             continue
@@ -83,7 +88,8 @@ def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str
         plan.specs.append(JobSpec(
             image=ref.strip(), site=settings.label_studio_url if relative else "", task_id=task_id,
             runs=tuple(runs), model_version=project.version, engine=engine_fingerprint(settings),
-            polygon_tolerance=settings.polygon_tolerance, score=settings.score))
+            polygon_tolerance=settings.polygon_tolerance, score=settings.score,
+            focus=focus_of(request, request.label if request else None)))
     if not plan.specs:
         plan.failure = "; ".join(problems) or "nothing to predict"
     elif problems:
@@ -92,8 +98,9 @@ def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str
 
 
 def _runs(targets: list[Target], data: dict, project: Project, settings: Settings,
-          prompt: list[str] | None) -> list[Run]:
+          prompt: list[str] | None, request: InteractiveRequest | None) -> list[Run]:
     config = project.config
+    pointed = request is not None and bool(request.points or request.boxes)
     semantic: dict[tuple, list[TargetOutput]] = {}
     runs = []
     for target in targets:
@@ -105,19 +112,33 @@ def _runs(targets: list[Target], data: dict, project: Project, settings: Setting
         background = target.background or config.background
         sentences = prompt or task_sentences(target, data)
         named = label_named_by(prompt[0], labels) if prompt and len(prompt) == 1 else None
+        selected = _selected(labels, request)
         if named is not None:
             # A typed label name asks for that label alone, in semantic mode.
             semantic.setdefault((preset, background), []).append(TargetOutput(target, (named,), kind))
         elif sentences:
-            # Referring mode: the sentences describe one object, returned as the control's first label.
+            # Referring mode: the sentences describe one object, returned with the label the annotator
+            # selected (the control's first label when none is).
             runs.append(Run("referring", tuple(sentences), preset, background,
-                            (TargetOutput(target, (labels[0],), kind),)))
+                            (TargetOutput(target, (selected or labels[0],), kind),)))
+        elif pointed:
+            # Keypoints or a rectangle alone ask for the selected label's mask, narrowed to what they pick.
+            semantic.setdefault((preset, background), []).append(
+                TargetOutput(target, (selected or labels[0],), kind))
         else:
             semantic.setdefault((preset, background), []).append(TargetOutput(target, labels, kind))
     for (preset, background), outputs in semantic.items():
         queries = tuple(dict.fromkeys(label.prompt for out in outputs for label in out.labels))
         runs.append(Run("semantic", queries, preset, background, tuple(outputs)))
     return runs
+
+
+def _selected(labels: list[LabelSpec], request: InteractiveRequest | None) -> LabelSpec | None:
+    """The target's label that the annotator's drawn regions carry, if any."""
+    if request is None or request.label is None:
+        return None
+    return next((spec for spec in labels if spec.value == request.label), None) or label_named_by(request.label,
+                                                                                                 labels)
 
 
 def typed_prompt(context: Any, config: ProjectConfig) -> list[str] | None:
@@ -147,7 +168,8 @@ class Predictor:
         version = project.version
         interactive = isinstance(context, dict) and bool(context)
         prompt = typed_prompt(context, project.config) if interactive else None
-        plans = [self._plan(task, project, prompt) for task in tasks]
+        request = parse_context(context) if interactive else None
+        plans = [self._plan(task, project, prompt, request) for task in tasks]
         results: dict[str, JobResult] = {}
         errors: dict[str, str] = {}
         try:
@@ -163,9 +185,10 @@ class Predictor:
         self.metrics.predict_seconds.observe(time.monotonic() - started)
         return entries
 
-    def _plan(self, task: dict, project: Project, prompt: list[str] | None) -> TaskPlan:
+    def _plan(self, task: dict, project: Project, prompt: list[str] | None,
+              request: InteractiveRequest | None) -> TaskPlan:
         try:
-            return plan_task(task, project, self.settings, prompt)
+            return plan_task(task, project, self.settings, prompt, request)
         except Exception as exc:  # one odd task must not fail the batch
             log.exception("task %s: cannot plan its jobs", task.get("id"))
             return TaskPlan(task.get("id") if isinstance(task.get("id"), int) else None,

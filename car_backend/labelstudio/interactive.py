@@ -9,11 +9,12 @@ into pixels only against the image actually segmented.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
 
+from car_backend.engine.result import Segmentation
 from car_backend.labelstudio.config import LabelSpec
 
 _LABEL_KEYS = ("keypointlabels", "rectanglelabels", "brushlabels", "polygonlabels", "labels")
@@ -37,6 +38,32 @@ class InteractiveRequest:
     @property
     def empty(self) -> bool:
         return not (self.texts or self.points or self.boxes)
+
+
+@dataclass(frozen=True)
+class Focus:
+    """Where the annotator pointed: keypoints and rectangles that narrow a segmentation (see narrow_mask)."""
+
+    points: tuple[Point, ...] = ()
+    boxes: tuple[tuple[float, float, float, float], ...] = ()
+
+    def apply(self, seg: Segmentation) -> Segmentation:
+        """`seg` with every label's mask (the object's, in referring mode) narrowed to the pointed parts."""
+        if seg.mode == "referring":
+            return replace(seg, label_map=narrow_mask(seg.label_map == 1, self.points, self.boxes).astype(np.int32))
+        label_map = np.zeros_like(seg.label_map)
+        for i in range(len(seg.queries)):
+            label_map[narrow_mask(seg.label_map == i + 1, self.points, self.boxes)] = i + 1
+        masks = seg.masks & (label_map[None] == np.arange(1, len(seg.queries) + 1)[:, None, None])
+        return replace(seg, label_map=label_map, masks=masks)
+
+
+def focus_of(request: InteractiveRequest | None, label: str | None) -> Focus | None:
+    """The keypoints (those drawn with `label` or with no label) and rectangles of a request, if any."""
+    if request is None:
+        return None
+    points = tuple(p for p in request.points if p.label is None or label is None or p.label == label)
+    return Focus(points, request.boxes) if points or request.boxes else None
 
 
 def parse_context(context: object) -> InteractiveRequest | None:

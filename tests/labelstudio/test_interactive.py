@@ -71,7 +71,7 @@ def test_points_outside_the_mask_and_boxes():
     assert boxed.sum() == 30 * 60 and boxed[75, 150]
 
 
-def test_interactive_config_reads_smart_keypoints_as_prompts_not_targets():
+def test_interactive_config_reads_smart_keypoints_and_rectangles_as_prompts_not_targets():
     from pathlib import Path
 
     from car_backend.labelstudio.config import parse_label_config
@@ -80,7 +80,26 @@ def test_interactive_config_reads_smart_keypoints_as_prompts_not_targets():
     config = parse_label_config(xml)
     assert [t.from_name for t in config.targets] == ["tag"]
     assert config.prompt_from_name == "prompt"
-    assert config.interactive_controls == ("points",)
+    assert config.interactive_controls == ("points", "box")
     assert config.skipped == ()
     plain = xml.replace('smart="true"', "")
     assert "points: KeyPointLabels is not predicted" in "\n".join(parse_label_config(plain).skipped)
+
+
+def test_focus_narrows_each_label_of_a_semantic_segmentation_and_the_referring_object():
+    from car_backend.engine.result import Segmentation
+    from car_backend.labelstudio.interactive import Focus
+
+    label_map = two_blobs().astype(np.int32)  # label 1 = both blobs
+    label_map[0:5, 0:5] = 2  # label 2: a corner square
+    masks = np.stack([label_map == 1, label_map == 2])
+    seg = Segmentation(queries=["person", "car"], label_map=label_map, masks=masks,
+                       scores=np.array([0.9, 0.8], np.float32), steps=1, mode="semantic")
+    narrowed = Focus(points=(Point(15, 20, True),)).apply(seg)
+    assert narrowed.label_map[20, 30] == 1 and narrowed.label_map[75, 150] == 0
+    assert not (narrowed.label_map == 2).any()  # the point is on no part of label 2: nothing of it is kept
+    assert (narrowed.masks[0] == (narrowed.label_map == 1)).all() and not narrowed.masks[1].any()
+    referring = Segmentation(queries=["the man"], label_map=two_blobs().astype(np.int32), masks=two_blobs()[None],
+                             scores=np.array([1.0], np.float32), steps=1, mode="referring")
+    boxed = Focus(boxes=((55, 55, 40, 40),)).apply(referring)
+    assert boxed.label_map.sum() == 30 * 60 and boxed.label_map[75, 150] == 1

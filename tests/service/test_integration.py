@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from rq.registry import FailedJobRegistry
@@ -23,6 +24,7 @@ from tests.service.conftest import label_config
 
 pytestmark = pytest.mark.integration
 
+REPO = Path(__file__).resolve().parents[2]
 BRUSH = label_config("brush")
 POLYGON_AND_BRUSH = label_config("brush_polygon")
 DELIVERY_TIMEOUT_S = 60.0
@@ -346,3 +348,43 @@ def test_serve_runs_gunicorn_with_the_embedded_worker(fake_ls, service_settings,
         server.send_signal(signal.SIGTERM)
         output = server.communicate(timeout=30)[0]
     assert server.returncode == 0, output
+
+
+def test_an_interactive_keypoint_returns_the_pointed_part_of_its_labels_mask(shared_workers, service_settings,
+                                                                           make_client, fake_ls, task_ids):
+    """Real workers, interactive config: a keypoint drawn with "car" answers with the connected part of the
+    car mask (as CaR finds it for "car" alone) under the point, labelled car."""
+    import numpy as np
+    from label_studio_sdk.converter.brush import decode_rle
+
+    from car_backend.labelstudio.interactive import Point, narrow_mask
+
+    xml = (REPO / "label_config" / "interactive.xml").read_text()
+    client = make_client(service_settings())
+
+    def ask(task, *regions):
+        body = client.post("/predict", json={"tasks": [task], "label_config": xml, "project": "7.1",
+                                             "params": {"context": {"result": list(regions)}}}).get_json()
+        return body["results"][0]["result"]
+
+    def car_mask(regions):
+        mask = np.zeros((64, 96), bool)
+        for region in regions:
+            assert region["value"]["brushlabels"] == ["car"]
+            mask |= decode_rle(region["value"]["rle"]).reshape(64, 96, 4)[..., 3] > 0
+        return mask
+
+    checked = 0
+    for task_id in task_ids(4):
+        task = {"id": task_id, "data": {"image": f"{fake_ls.url}/img/kp-{task_id}.png"}}
+        full = car_mask(ask(task, {"type": "textarea", "from_name": "prompt", "value": {"text": ["car"]}}))
+        if not full.any():
+            continue  # random weights found no car here
+        y, x = (int(v) for v in np.argwhere(full)[len(np.argwhere(full)) // 2])
+        point = {"x": (x + 0.5) / 96 * 100, "y": (y + 0.5) / 64 * 100}
+        regions = ask(task, {"type": "keypointlabels", "from_name": "points", "is_positive": True,
+                             "value": {**point, "width": 1, "keypointlabels": ["car"]}})
+        expected = narrow_mask(full, [Point(point["x"], point["y"], True)])
+        assert expected.any() and (car_mask(regions) == expected).all()
+        checked += 1
+    assert checked, "no test image gave a car mask to point at"

@@ -69,6 +69,41 @@ def test_a_typed_label_name_runs_semantic_mode_for_that_label_alone():
     assert typed("the man in red") == ("referring", ("the man in red",), ["person"])
 
 
+def test_keypoints_and_selected_labels_in_interactive_plans():
+    from car_backend.labelstudio.interactive import Point, parse_context
+
+    settings = tiny_settings()
+    proj = project((REPO / "label_config" / "interactive.xml").read_text(), settings)
+    task = {"id": 1, "data": {"image": "http://h/a.png"}}
+
+    def keypoint(label, positive=True):
+        return {"type": "keypointlabels", "from_name": "points", "to_name": "image", "is_positive": positive,
+                "value": {"x": 30.0, "y": 40.0, "width": 1, "keypointlabels": [label]}}
+
+    def text(sentence):
+        return {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": [sentence]}}
+
+    def plan(*regions):
+        context = {"result": list(regions)}
+        (spec,) = plan_task(task, proj, settings, typed_prompt(context, proj.config), parse_context(context)).specs
+        (run,) = spec.runs
+        return spec, run.mode, run.queries, [label.value for label in run.outputs[0].labels]
+
+    # a keypoint alone: that label's mask alone, narrowed to the part under the point
+    spec, mode, queries, labels = plan(keypoint("car"))
+    assert (mode, queries, labels) == ("semantic", ("car",), ["car"])
+    assert spec.focus.points == (Point(30.0, 40.0, True, "car"),)
+    # a sentence and a keypoint: referring mode, answered with the keypoint's label and narrowed by it
+    spec, mode, queries, labels = plan(text("the one on the left"), keypoint("bottle", positive=False))
+    assert (mode, queries, labels) == ("referring", ("the one on the left",), ["bottle"])
+    assert spec.focus.points[0].positive is False
+    # a sentence alone: the first label, nothing to narrow
+    spec, mode, _, labels = plan(text("the one on the left"))
+    assert (mode, labels, spec.focus) == ("referring", ["person"], None)
+    # the focus is part of the job key: two clicks are two jobs
+    assert plan(keypoint("car"))[0].key != plan(keypoint("car", positive=False))[0].key
+
+
 def test_task_vocabularies_dynamic_labels_and_task_label_lists():
     xml = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image" value="$options">'
            '<Label value="cat"/></BrushLabels></View>')
