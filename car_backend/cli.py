@@ -93,6 +93,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run("car_backend.bench", "main"))
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="print a project's agreement with annotators' corrections and its calibrated thresholds",
+        description="Per model_version, how the predictions compare with the annotations submitted on them (IoU "
+        "per label, labels missed, labels added), and the project's calibration: the thresholds before and "
+        "after, and the agreement they give on the corrected tasks. Reads the backend's Redis (REDIS_URL).",
+    )
+    p.add_argument("--project", required=True, help="Label Studio project id")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.set_defaults(handler=_run("car_backend.report", "main"))
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
@@ -135,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"car-backend {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_serve, _add_worker, _add_segment, _add_prelabel, _add_bench, _add_eval):
+    for add in (_add_serve, _add_worker, _add_segment, _add_prelabel, _add_bench, _add_eval, _add_report):
         add(sub)
     return parser
 

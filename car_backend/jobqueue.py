@@ -17,6 +17,7 @@ import signal
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,6 +177,14 @@ class JobQueue:
                     return job_id, True
                 except WatchError:
                     continue
+
+    def submit_call(self, func: Callable, args: tuple, description: str, timeout: int | None = None) -> str:
+        """Queue a plain function on the batch queue (review and calibration jobs); its RQ job id."""
+        job = self.batch.enqueue_call(
+            func, args=args, timeout=timeout or self.settings.job_timeout,
+            retry=Retry(max=self.settings.job_retries) if self.settings.job_retries else None,
+            result_ttl=RQ_RESULT_TTL, failure_ttl=FAILURE_TTL, description=description)
+        return job.id
 
     def statuses(self, job_ids: list[str]) -> list[str | None]:
         """RQ status of each job (None when the job is gone)."""

@@ -32,6 +32,7 @@ from car_backend.labelstudio.interactive import Focus
 from car_backend.labelstudio.media import MediaError, MediaFetcher
 from car_backend.labelstudio.results import failed_entry, prediction_entry, segmentation_to_regions
 from car_backend.lsapi import LabelStudioAPIError, LabelStudioClient, configured
+from car_backend.review import ReviewStore
 from car_backend.settings import Settings
 from car_backend.store import JobResult, LateRecord, RedisTextCache, Store
 
@@ -72,6 +73,7 @@ class JobSpec:
     polygon_tolerance: float
     score: str  # "confidence" | "uncertainty"
     focus: Focus | None = None  # interactive keypoints/rectangles that narrow the returned masks
+    thresholds: tuple[tuple[str, float], ...] = ()  # the project's calibrated preset values, if any
 
     @property
     def key(self) -> str:
@@ -104,7 +106,12 @@ def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher) -> JobResult:
     regions: list[dict] = []
     kept_scores: list[float] = []
     for run in spec.runs:
-        seg = segmenter.segment(image, list(run.queries), preset=run.preset, mode=run.mode,
+        preset: Any = run.preset
+        if spec.thresholds:
+            from car_backend.engine.presets import get_preset
+
+            preset = replace(get_preset(run.preset or segmenter.settings.preset), **dict(spec.thresholds))
+        seg = segmenter.segment(image, list(run.queries), preset=preset, mode=run.mode,
                                 background=list(run.background) if run.background else None)
         kept_scores.extend(float(s) for s in seg.scores if s > 0)
         for out in run.outputs:
@@ -159,6 +166,7 @@ class WorkerContext:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.fetcher = MediaFetcher(settings)
         self.ls = LabelStudioClient(settings) if configured(settings) else None
+        self.review = ReviewStore(store.redis, settings.result_ttl)
         self._segmenter: Any = None
         self._lock = threading.Lock()
 
@@ -178,6 +186,14 @@ class WorkerContext:
             return self._segmenter
 
 
+    @property
+    def queue(self) -> Any:
+        """The job queue, for jobs that queue follow-up jobs."""
+        from car_backend.jobqueue import JobQueue  # jobqueue imports this module
+
+        return JobQueue(self.settings, self.store.redis, self.store)
+
+
 _context: WorkerContext | None = None
 
 
@@ -187,15 +203,19 @@ def install(context: WorkerContext) -> None:
     _context = context
 
 
+def current_context() -> WorkerContext:
+    if _context is None:
+        raise RuntimeError("no worker context: car_backend.jobs.install() was not called in this process")
+    return _context
+
+
 class EngineMismatch(RuntimeError):
     """The worker's engine settings differ from those of the server that built the job."""
 
 
 def run_job(spec: JobSpec) -> dict:
     """The RQ entry point (see the module docstring)."""
-    if _context is None:
-        raise RuntimeError("no worker context: car_backend.jobs.install() was not called in this process")
-    ctx = _context
+    ctx = current_context()
     key = spec.key
     result = ctx.store.results([key])[0]
     if result is None:
@@ -238,11 +258,12 @@ def deliver_late(ctx: WorkerContext, key: str) -> int:
         results = ctx.store.results(record.keys)
         if any(r is None for r in results):
             continue  # the job finishing last delivers it
-        delivered += deliver(ctx.store, ctx.ls, record, results, owner=f"worker:{ctx.name}")
+        delivered += deliver(ctx.store, ctx.ls, record, results, owner=f"worker:{ctx.name}", review=ctx.review)
     return delivered
 
 
-def deliver(store: Store, ls: LabelStudioClient, record: LateRecord, results: list[JobResult], owner: str) -> int:
+def deliver(store: Store, ls: LabelStudioClient, record: LateRecord, results: list[JobResult], owner: str,
+            review: ReviewStore) -> int:
     """Post one task's prediction if this caller wins its claim; 1 when it was posted here.
 
     A transient API failure gives the claim back and raises (the job is retried and finds its result
@@ -261,6 +282,7 @@ def deliver(store: Store, ls: LabelStudioClient, record: LateRecord, results: li
         else:
             posted = 1
             store.record_delivery("api")
+            review.record_delivered([(record.task, record.version, record.keys)])
             log.info("wrote the prediction for task %s into Label Studio", record.task)
     store.remove_late(record)
     return posted

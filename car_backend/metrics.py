@@ -85,7 +85,42 @@ class _RedisCollector:
         yield text
         yield CounterMetricFamily("car_api_deliveries", "Predictions written into Label Studio by workers.",
                                   value=stats.get("deliveries:api", 0.0))
+        yield from _review_families(snap.get("review", []))
         buckets = [(str(b), stats.get(f"seconds:le:{b}", 0.0)) for b in DURATION_BUCKETS]
         buckets.append(("+Inf", stats.get("seconds:count", 0.0)))
         yield HistogramMetricFamily("car_job_seconds", "Job durations (fetch + segmentation), worker side.",
                                     buckets=buckets, sum_value=stats.get("seconds:sum", 0.0))
+
+
+def _review_families(reports: list[dict]) -> Iterator:
+    """The active-learning figures of `car-backend report`, per project (car_backend.report)."""
+    tasks = GaugeMetricFamily("car_review_tasks", "Corrected tasks compared with our prediction, per model_version.",
+                              labels=["project", "model_version"])
+    agreement = GaugeMetricFamily("car_review_agreement", "Mean agreement (per-task mean label IoU) of our "
+                                  "predictions with the annotations submitted on them.",
+                                  labels=["project", "model_version"])
+    label_iou = GaugeMetricFamily("car_review_label_iou", "IoU of one label's predicted and annotated masks, "
+                                  "summed over corrected tasks.", labels=["project", "model_version", "label"])
+    threshold = GaugeMetricFamily("car_calibration_threshold", "A project's calibrated threshold.",
+                                  labels=["project", "threshold", "stage"])
+    calibrated = GaugeMetricFamily("car_calibration_agreement", "Agreement on the corrected tasks with the "
+                                   "thresholds before and after calibration.", labels=["project", "stage"])
+    generation = GaugeMetricFamily("car_calibration_generation", "Calibrations that changed a project's "
+                                   "thresholds (its model_version ends in -cal<generation>).", labels=["project"])
+    for report in reports:
+        project = report["project"]
+        for entry in report["versions"]:
+            version = entry["model_version"]
+            tasks.add_metric([project, version], entry["tasks"])
+            agreement.add_metric([project, version], entry["mean_agreement"])
+            for row in entry["labels"]:
+                label_iou.add_metric([project, version, row["label"]], row["iou"])
+        calibration = report["calibration"]
+        if calibration is not None:
+            for name, value in calibration["thresholds"].items():
+                threshold.add_metric([project, name, "after"], value)
+                threshold.add_metric([project, name, "before"], calibration["previous"].get(name, value))
+            calibrated.add_metric([project, "before"], calibration["before"])
+            calibrated.add_metric([project, "after"], calibration["after"])
+            generation.add_metric([project], calibration["generation"])
+    yield from (tasks, agreement, label_iou, threshold, calibrated, generation)

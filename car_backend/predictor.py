@@ -27,6 +27,7 @@ from car_backend.labelstudio.results import failed_entry, pending_entry
 from car_backend.lsapi import configured
 from car_backend.metrics import Metrics
 from car_backend.projects import Project
+from car_backend.review import ReviewStore
 from car_backend.settings import Settings
 from car_backend.store import JobResult, LateRecord, Store
 
@@ -89,7 +90,7 @@ def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str
             image=ref.strip(), site=settings.label_studio_url if relative else "", task_id=task_id,
             runs=tuple(runs), model_version=project.version, engine=engine_fingerprint(settings),
             polygon_tolerance=settings.polygon_tolerance, score=settings.score,
-            focus=focus_of(request, request.label if request else None)))
+            focus=focus_of(request, request.label if request else None), thresholds=project.thresholds))
     if not plan.specs:
         plan.failure = "; ".join(problems) or "nothing to predict"
     elif problems:
@@ -162,6 +163,7 @@ class Predictor:
         self.metrics = metrics
         self.owner = owner  # written into the claims this process wins
         self.can_post_late = configured(settings)
+        self.review = ReviewStore(store.redis, settings.result_ttl)
 
     def predict(self, tasks: list[dict], project: Project, context: Any = None) -> list[dict]:
         started = time.monotonic()
@@ -253,9 +255,11 @@ class Predictor:
                 entries.append(failed_entry(version, plan.failure))
             else:
                 entries.append(task_entry([results[k] for k in plan.keys], version))
-        delivered = sum(1 for e in entries if "result" in e)
+        delivered = [(p.task_id, version, p.keys) for p, e in zip(plans, entries, strict=True)
+                     if stored and p.task_id is not None and p.specs and e.get("result") is not None]
+        self.review.record_delivered(delivered)
         if delivered:
-            self.metrics.deliveries.inc(delivered)
+            self.metrics.deliveries.inc(len(delivered))
         return entries
 
     def _register_late(self, plans: list[TaskPlan], version: str, results: dict[str, JobResult]) -> None:

@@ -30,6 +30,7 @@ from car_backend.labelstudio.media import MediaError, MediaFetcher
 from car_backend.lsapi import LabelStudioAPIError, LabelStudioClient, configured, prediction_versions
 from car_backend.predictor import TERMINAL, plan_task
 from car_backend.projects import Project, Projects, model_version
+from car_backend.review import ReviewStore
 from car_backend.settings import Settings
 from car_backend.store import LateRecord
 
@@ -106,6 +107,7 @@ class ProjectRun:
         self.backend = backend
         self.store, self.queue, self.client = backend.store, backend.queue, client
         self.owner = f"prelabel:{socket.gethostname()}:{os.getpid()}"
+        self.review = ReviewStore(self.store.redis, settings.result_ttl)
         self.plans = [plan_task(task, project, settings) for task in tasks if isinstance(task.get("id"), int)]
         self.open = {p.task_id: p for p in self.plans if p.failure is None}
         self.records = {tid: LateRecord(tid, self.version, tuple(p.keys)) for tid, p in self.open.items()}
@@ -119,7 +121,7 @@ class ProjectRun:
             if plan.failure is not None:
                 record = LateRecord(plan.task_id, self.version, ())
                 deliver(self.store, self.client, record, [JobResult(ok=False, regions=[], error=plan.failure)],
-                        self.owner)
+                        self.owner, self.review)
                 self.progress.delivered += 1
                 self.progress.empty += 1
         self.store.add_late(self.records.values())
@@ -156,7 +158,7 @@ class ProjectRun:
                 del self.open[task_id]
             elif finished:
                 # Cached before this run, or its job ended before the late record was there: write it here.
-                deliver(self.store, self.client, self.records[task_id], results, self.owner)
+                deliver(self.store, self.client, self.records[task_id], results, self.owner, self.review)
             else:
                 for key, result in zip(plan.keys, results, strict=True):
                     if result is None and key not in self.jobs:

@@ -3,7 +3,7 @@
     GET  /, /health  {"status": "UP"|"DEGRADED", "model_version", "mode", "redis", "queue", "workers"}
     POST /setup      {"model_version", "targets": [...], "skipped": [...]}      (parses the config only)
     POST /predict    {"results": [one entry per task, in order], "model_version"}
-    POST /webhook    {"status": "ignored"}                                       (CaR does not train)
+    POST /webhook    {"status": "queued"|"ignored", ...}  annotation events queue a review (car_backend.feedback)
     GET  /versions   {"versions": [...]}
     GET  /metrics    Prometheus text
 
@@ -25,6 +25,7 @@ from flask import Flask, Response, g, jsonify, request
 from redis import RedisError
 from werkzeug.exceptions import HTTPException
 
+from car_backend.feedback import REVIEWED_ACTIONS, annotation_event, review_annotation
 from car_backend.labelstudio.config import LabelConfigError
 from car_backend.metrics import Metrics
 from car_backend.predictor import Predictor, output_targets
@@ -76,6 +77,11 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
     @app.errorhandler(LabelConfigError)
     def bad_config(exc: LabelConfigError) -> Response:
         return _json({"error": f"label config: {exc}"}, 400)
+
+    @app.errorhandler(RedisError)
+    def redis_down(exc: RedisError) -> Response:
+        log.error("%s %s: Redis is unavailable (%s)", request.method, request.path, exc)
+        return _json({"error": f"the job queue's Redis is unavailable ({exc}); try again later"}, 503)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -145,10 +151,24 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
         body = request.get_json(force=True, silent=True)
         if body is None:
             raise RequestError("the body is not JSON")
-        action = body.get("action") if isinstance(body, dict) else None
-        log.debug("/webhook: %s (ignored)", action)
-        return _json({"status": "ignored", "action": action,
-                      "detail": "CaR needs no training; events are acknowledged and ignored"})
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        action = body.get("action")
+        if action not in REVIEWED_ACTIONS:
+            log.debug("/webhook: %s (ignored)", action)
+            return _json({"status": "ignored", "action": action,
+                          "detail": "CaR needs no training; only annotation events are used (to calibrate)"})
+        try:
+            event = annotation_event(body, projects, settings)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from exc
+        except LabelConfigError as exc:
+            raise RequestError(f"the project's label config cannot be used: {exc}") from exc
+        if isinstance(event, str):
+            return _json({"status": "ignored", "action": action, "detail": event})
+        job = backend.queue.submit_call(review_annotation, (event,),
+                                        description=f"review task {event.task} of project {event.project}")
+        return _json({"status": "queued", "action": action, "job": job})
 
     @app.get("/versions")
     def versions() -> Response:

@@ -13,6 +13,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from car_backend.jobqueue import JobQueue, connect, make_store
+from car_backend.report import project_report
+from car_backend.review import ReviewStore
 from car_backend.settings import Settings
 from car_backend.worker import WORKER_TTL_S, EmbeddedWorkerThread
 
@@ -31,6 +33,7 @@ class Backend:
         self.queue = JobQueue(settings, self.redis, self.store)
         self._probe_store = make_store(self.probe, settings)
         self._probe_queue = JobQueue(settings, self.probe, self._probe_store)
+        self._probe_review = ReviewStore(self.probe, settings.result_ttl)
         self._embedded = EmbeddedWorkerThread(settings, self.connection).start() \
             if self.connection.embedded is not None else None
 
@@ -44,6 +47,7 @@ class Backend:
             "depth": self._probe_queue.depth(),
             "workers": self._probe_queue.live_workers(max_silence_s=WORKER_TTL_S + 5),
             "stats": self._probe_store.stats(),
+            "review": [project_report(self._probe_review, p) for p in self._probe_review.projects()],
         }
 
     def close(self) -> None:

@@ -88,6 +88,12 @@ class Settings:
         default="confidence",
         metadata=_meta("CAR_SCORE", "Task-level prediction score used to order review.", SCORES),
     )
+    calibrate_after: int = field(
+        default=20,
+        metadata=_meta("CAR_CALIBRATE_AFTER", "Corrected tasks (annotations submitted on our predictions) after "
+                       "which a project's thresholds are re-chosen, and again after each further as many "
+                       "(0 = never)."),
+    )
     task_labels_key: str = field(
         default="",
         metadata=_meta("CAR_TASK_LABELS_KEY", "Task-data key listing the labels to look for in that task (optional)."),
@@ -175,7 +181,8 @@ class Settings:
         for name in ("max_steps", "job_timeout", "max_image_pixels", "max_download_bytes", "port", "http_threads"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be a positive number, got {getattr(self, name)!r}")
-        for name in ("predict_wait", "polygon_tolerance", "job_retries", "result_ttl", "text_cache_ttl", "threads"):
+        for name in ("predict_wait", "polygon_tolerance", "job_retries", "result_ttl", "text_cache_ttl", "threads",
+                     "calibrate_after"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_env(name)} must not be negative, got {getattr(self, name)!r}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):

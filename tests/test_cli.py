@@ -5,7 +5,7 @@ import pytest
 
 from car_backend.cli import build_parser, main
 
-COMMANDS = ["serve", "worker", "segment", "prelabel", "bench"]
+COMMANDS = ["serve", "worker", "segment", "prelabel", "bench", "eval", "report"]
 
 
 def run_cli(*args, env=None):
@@ -41,3 +41,11 @@ def test_missing_arguments_exit_non_zero():
     out = run_cli("segment")
     assert out.returncode != 0
     assert "--labels" in out.stderr
+
+
+def test_report_needs_the_backends_redis():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    out = run_cli("report", "--project", "3", env=env)
+    assert out.returncode == 2 and "REDIS_URL" in out.stderr

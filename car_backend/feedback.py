@@ -1,0 +1,202 @@
+"""The active-learning jobs: learn from annotators' corrections without training anything.
+
+`review_annotation` (queued by /webhook for ANNOTATION_CREATED/UPDATED) compares a submitted annotation with
+the prediction this backend delivered for the task: IoU per label, labels missed, labels added wrongly. It
+keeps the annotation's masks, and once a project has CAR_CALIBRATE_AFTER corrected tasks (and again after
+each further CAR_CALIBRATE_AFTER) it queues `calibrate_project`.
+
+`calibrate_project` re-chooses the project's keep, mask and box thresholds (theta, eta, lambda) by bounded
+coordinate ascent on the mean agreement with the corrected tasks. Each image is fetched and its CLIP trunk
+computed once for the whole search, text embeddings come from the caches, and the engine reuses the first
+recurrent step across keep-threshold values; only the per-query part of CaR runs per candidate. Better
+thresholds get a new calibration generation, which changes the project's model_version, so Label Studio
+sees that its predictions changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from car_backend.agreement import ProjectAgreement, compare, label_masks, search, shrink
+from car_backend.jobs import JobSpec, current_context, restrict
+from car_backend.labelstudio.media import MediaError
+from car_backend.review import THRESHOLD_BOUNDS, Calibration, Correction
+
+log = logging.getLogger(__name__)
+
+MAX_CALIBRATION_TASKS = 30  # the most recent corrected tasks a calibration uses (their trunks stay in memory)
+CALIBRATION_LOCK_S = 3600
+
+
+@dataclass(frozen=True)
+class AnnotationEvent:
+    project: str
+    task: int
+    result: list[dict]  # the annotation's regions
+    specs: tuple[JobSpec, ...]  # how this backend predicts the task now
+
+
+REVIEWED_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+
+
+def annotation_event(body: dict, projects: Any, settings: Any) -> AnnotationEvent | str:
+    """The review job's input from a webhook payload, or why there is nothing to review.
+
+    Raises ValueError for a payload that is not a Label Studio annotation event, and RedisError (from
+    reading the project's state) when Redis is down.
+    """
+    from car_backend.predictor import plan_task  # the predictor imports the queue, which imports jobs
+
+    annotation, task, project = (body.get(k) for k in ("annotation", "task", "project"))
+    if not isinstance(annotation, dict) or not isinstance(annotation.get("result"), list):
+        raise ValueError("an annotation event needs an 'annotation' object with a 'result' list")
+    if annotation.get("was_cancelled"):
+        return "the annotation was skipped (cancelled)"
+    if not isinstance(task, dict) or not isinstance(task.get("id"), int) or not isinstance(task.get("data"), dict):
+        raise ValueError("an annotation event needs a 'task' object with an integer 'id' and a 'data' object")
+    if not isinstance(project, dict) or project.get("id") is None:
+        raise ValueError("an annotation event needs a 'project' object with an 'id'")
+    label_config = project.get("label_config")
+    if not isinstance(label_config, str) or not label_config.strip():
+        return "the event carries no label config"
+    parsed = projects.for_predict(project["id"], label_config)
+    plan = plan_task(task, parsed, settings)
+    return AnnotationEvent(project=str(project["id"]), task=task["id"], result=annotation["result"],
+                           specs=tuple(plan.specs))
+
+
+def review_annotation(event: AnnotationEvent) -> dict:
+    """The RQ job for one submitted annotation (see the module docstring)."""
+    ctx = current_context()
+    annotated = _annotation_masks(event.result)
+    outcome: dict[str, Any] = {"task": event.task, "compared": False}
+    delivered = ctx.review.delivered(event.task)
+    if delivered is not None:
+        results = ctx.store.results(list(delivered.keys))
+        if all(r is not None and r.ok for r in results):
+            regions = [region for r in results for region in r.regions]
+            size = next(iter(annotated.values())).shape if annotated else None
+            predicted = shrink(label_masks(regions, size) if (regions or size) else {})
+            agreement = compare(predicted, annotated)
+            ctx.review.put_agreement(event.project, event.task, delivered.version, agreement)
+            outcome.update(compared=True, version=delivered.version, score=round(agreement.score, 4),
+                           missed=list(agreement.missed), added=list(agreement.added))
+    if event.specs and (annotated or delivered is not None):
+        count = ctx.review.put_correction(event.project, Correction(event.task, event.specs, annotated))
+        outcome["corrected_tasks"] = count
+        outcome["calibration_queued"] = _maybe_queue_calibration(ctx, event.project, count)
+    return outcome
+
+
+def _annotation_masks(regions: list[dict]) -> dict[str, np.ndarray]:
+    try:
+        return shrink(label_masks(regions))
+    except ValueError:  # no brush or polygon region: the annotator found nothing to label
+        return {}
+
+
+def _maybe_queue_calibration(ctx: Any, project: str, corrected: int) -> bool:
+    every = ctx.settings.calibrate_after
+    if not every:
+        return False
+    current = ctx.review.calibration(project)
+    if corrected < (current.tasks if current else 0) + every:
+        return False
+    if not ctx.review.try_lock_calibration(project, ctx.name, CALIBRATION_LOCK_S):
+        return False  # one is queued or running; it will see these corrections too
+    ctx.queue.submit_call(calibrate_project, (project,), description=f"calibrate project {project}",
+                          timeout=max(ctx.settings.job_timeout, CALIBRATION_LOCK_S))
+    log.info("project %s has %d corrected tasks: calibration queued", project, corrected)
+    return True
+
+
+def calibrate_project(project: str) -> dict:
+    """The RQ job that re-chooses a project's thresholds (see the module docstring)."""
+    ctx = current_context()
+    try:
+        return _calibrate(ctx, project)
+    finally:
+        ctx.review.unlock_calibration(project)
+
+
+def _calibrate(ctx: Any, project: str) -> dict:
+    started = time.monotonic()
+    corrections = ctx.review.corrections(project)[-MAX_CALIBRATION_TASKS:]
+    segmenter = ctx.segmenter
+    items = []
+    for correction in corrections:
+        try:
+            prepared = [(spec, segmenter.prepare(ctx.fetcher.fetch(spec.image, spec.task_id)))
+                        for spec in correction.specs]
+        except MediaError as exc:
+            log.warning("calibration of project %s skips task %s: %s", project, correction.task, exc)
+            continue
+        items.append((correction, prepared))
+    if not items:
+        return {"project": project, "calibrated": False, "reason": "no corrected task could be read"}
+    current = ctx.review.calibration(project)
+    base = _base_preset(ctx, items[0][1][0][0])
+    start = dict(current.thresholds) if current else {b.name: getattr(base, b.name) for b in THRESHOLD_BOUNDS}
+
+    def agreement(thresholds: dict[str, float]) -> ProjectAgreement:
+        total = ProjectAgreement()
+        for correction, prepared in items:
+            predicted: dict[str, np.ndarray] = {}
+            for spec, image in prepared:
+                for label, mask in _predicted_masks(ctx, spec, image, thresholds).items():
+                    predicted[label] = predicted[label] | mask if label in predicted else mask
+            total.add(compare(shrink(predicted), correction.masks))
+        return total
+
+    found = search(lambda t: agreement(t).mean_score or 0.0, THRESHOLD_BOUNDS, start)
+    before, after = agreement(start), agreement(found.best)
+    improved = found.score > found.start_score + 1e-9
+    generation = (current.generation if current else 0) + (1 if improved else 0)
+    calibration = Calibration(
+        generation=generation,
+        thresholds=found.best if improved else start,
+        previous=start,
+        tasks=len(corrections),
+        before=round(found.start_score, 6),
+        after=round(found.score if improved else found.start_score, 6),
+        labels_before={row["label"]: round(row["iou"], 6) for row in before.summary()},
+        labels_after={row["label"]: round(row["iou"], 6) for row in (after if improved else before).summary()},
+        evaluations=found.evaluations,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    if generation or current is not None:
+        ctx.review.put_calibration(project, calibration)
+    log.info("project %s calibrated on %d tasks: agreement %.3f -> %.3f, thresholds %s (generation %d)",
+             project, len(items), calibration.before, calibration.after, calibration.thresholds, generation)
+    return {"project": project, "calibrated": improved, **calibration.__dict__}
+
+
+def _base_preset(ctx: Any, spec: JobSpec):
+    from car_backend.engine.presets import get_preset
+
+    return get_preset(spec.runs[0].preset or ctx.settings.preset)
+
+
+def _predicted_masks(ctx: Any, spec: JobSpec, prepared: Any, thresholds: dict[str, float]) -> dict[str, np.ndarray]:
+    """Label name -> mask of what the engine predicts for one prepared image with these thresholds."""
+    from car_backend.engine.presets import get_preset
+
+    masks: dict[str, np.ndarray] = {}
+    for run in spec.runs:
+        preset = replace(get_preset(run.preset or ctx.settings.preset), **thresholds)
+        seg = ctx.segmenter.segment(prepared, list(run.queries), preset=preset, mode=run.mode,
+                                    background=list(run.background) if run.background else None)
+        for out in run.outputs:
+            if run.mode == "referring":
+                masks[out.labels[0].value] = seg.label_map == 1
+                continue
+            own = restrict(seg, [label.prompt for label in out.labels])
+            for i, label in enumerate(out.labels):
+                mask = own.label_map == i + 1
+                masks[label.value] = masks[label.value] | mask if label.value in masks else mask
+    return {label: mask for label, mask in masks.items() if mask.any()}

@@ -1,0 +1,160 @@
+"""The active-learning loop's state in Redis: what we delivered, what annotators corrected, calibrations.
+
+    car:delivered:<task>              JSON {version, keys}: the prediction this backend delivered for a task
+                                      (by /predict or through the API), so a later annotation can be compared
+                                      with it (TTL CAR_RESULT_TTL, like the results it points at)
+    car:review:<p>:agreement          hash task -> JSON {version, fields}: each corrected task's agreement with
+                                      our prediction (agreement.ProjectAgreement fields of that one task); an
+                                      updated annotation replaces its task's entry, so nothing counts twice
+    car:review:<p>:corrections        hash task -> pickled Correction: what calibration re-runs the engine on
+    car:review:<p>:calibration        JSON Calibration: the project's current thresholds
+    car:review:<p>:calibrating        lock: a calibration job is queued or running
+
+All keys of a project expire PROJECT_TTL_S after their last write.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from redis import Redis
+
+from car_backend.agreement import Bounds, ProjectAgreement, TaskAgreement
+from car_backend.store import PREFIX, PROJECT_TTL_S
+
+if TYPE_CHECKING:
+    from car_backend.jobs import JobSpec
+
+# The thresholds calibration may move, and how far: the paper's per-dataset values all lie inside.
+THRESHOLD_BOUNDS = (
+    Bounds("confidence_threshold", 0.1, 0.9, 9),  # keep threshold theta
+    Bounds("mask_threshold", 0.2, 0.8, 7),  # eta, binarises proposals for the visual prompts
+    Bounds("clipes_threshold", 0.2, 0.7, 6),  # lambda, the CLIP-ES box threshold on the raw CAM
+)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    version: str
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Correction:
+    """One corrected task: the jobs that predict it and the annotation's masks (shrunk, per label)."""
+
+    task: int
+    specs: tuple[JobSpec, ...]
+    masks: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Thresholds chosen for a project, with the agreement they gave on its corrected tasks."""
+
+    generation: int  # 1 for the first calibration of a project; part of the model_version
+    thresholds: dict[str, float]
+    previous: dict[str, float]  # the thresholds in use before (the preset's, for a first calibration)
+    tasks: int  # corrected tasks it was chosen on
+    before: float  # mean agreement with the thresholds in use before
+    after: float  # mean agreement with the chosen ones
+    labels_before: dict[str, float] = field(default_factory=dict)  # per-label IoU
+    labels_after: dict[str, float] = field(default_factory=dict)
+    evaluations: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Calibration:
+        return cls(**json.loads(raw))
+
+
+class ReviewStore:
+    def __init__(self, redis: Redis, delivered_ttl: int):
+        self.redis = redis
+        self.delivered_ttl = max(1, delivered_ttl)
+
+    @staticmethod
+    def _key(project: str, what: str) -> str:
+        return f"{PREFIX}:review:{project}:{what}"
+
+    # deliveries
+    def record_delivered(self, deliveries: Sequence[tuple[int, str, Sequence[str]]]) -> None:
+        """Remember (task, version, job keys) of predictions just delivered."""
+        if not deliveries:
+            return
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task, version, keys in deliveries:
+                pipe.set(f"{PREFIX}:delivered:{task}", json.dumps({"version": version, "keys": list(keys)}),
+                         ex=self.delivered_ttl)
+            pipe.execute()
+
+    def delivered(self, task: int) -> Delivered | None:
+        raw = self.redis.get(f"{PREFIX}:delivered:{task}")
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return Delivered(data["version"], tuple(data["keys"]))
+
+    # agreement of corrected tasks with our predictions
+    def put_agreement(self, project: str, task: int, version: str, agreement: TaskAgreement) -> None:
+        single = ProjectAgreement()
+        single.add(agreement)
+        key = self._key(project, "agreement")
+        self.redis.hset(key, str(task), json.dumps({"version": version, "fields": single.to_fields()}))
+        self.redis.expire(key, PROJECT_TTL_S)
+
+    def agreement(self, project: str) -> dict[str, ProjectAgreement]:
+        """Per model_version: the sum over the project's corrected tasks predicted with that version."""
+        totals: dict[str, dict[str, float]] = {}
+        for raw in self.redis.hvals(self._key(project, "agreement")):
+            entry = json.loads(raw)
+            fields = totals.setdefault(entry["version"], {})
+            for name, value in entry["fields"].items():
+                fields[name] = fields.get(name, 0.0) + value
+        return {version: ProjectAgreement.from_fields(fields) for version, fields in totals.items()}
+
+    # corrections (calibration's input)
+    def put_correction(self, project: str, correction: Correction) -> int:
+        """Store a corrected task; the number of corrected tasks the project now has."""
+        key = self._key(project, "corrections")
+        with self.redis.pipeline() as pipe:
+            pipe.hset(key, str(correction.task), zlib.compress(pickle.dumps(correction)))
+            pipe.expire(key, PROJECT_TTL_S)
+            pipe.hlen(key)
+            return int(pipe.execute()[-1])
+
+    def corrections(self, project: str) -> list[Correction]:
+        raw = self.redis.hvals(self._key(project, "corrections"))
+        return sorted((pickle.loads(zlib.decompress(r)) for r in raw), key=lambda c: c.task)
+
+    # calibrations
+    def calibration(self, project: str) -> Calibration | None:
+        raw = self.redis.get(self._key(project, "calibration"))
+        return Calibration.from_json(raw) if raw is not None else None
+
+    def put_calibration(self, project: str, calibration: Calibration) -> None:
+        self.redis.set(self._key(project, "calibration"), calibration.to_json(), ex=PROJECT_TTL_S)
+
+    def try_lock_calibration(self, project: str, owner: str, ttl: int) -> bool:
+        return bool(self.redis.set(self._key(project, "calibrating"), owner, nx=True, ex=ttl))
+
+    def unlock_calibration(self, project: str) -> None:
+        self.redis.delete(self._key(project, "calibrating"))
+
+    def projects(self) -> list[str]:
+        """Projects with review state (for /metrics)."""
+        found = set()
+        for key in self.redis.scan_iter(match=f"{PREFIX}:review:*:agreement", count=500):
+            found.add(key.decode().split(":")[2])
+        for key in self.redis.scan_iter(match=f"{PREFIX}:review:*:calibration", count=500):
+            found.add(key.decode().split(":")[2])
+        return sorted(found)
