@@ -7,12 +7,15 @@ processes running the tiny random CLIP on CPU.
 
 Per run it prints throughput, p50/p95 latency (request start to the task's delivery, whether returned by
 /predict or written through the API later), and the tasks lost (never delivered) or duplicated (delivered
-more than once). It also measures the queue's own overhead: a no-op job, enqueue to finished.
+more than once). It also measures the queue's own overhead: a no-op job, enqueue to finished, and the
+latency a person sees while a pre-label runs: interactive /predict calls (one task, a prompt typed into the
+TextArea) spread over a `prelabel --project` of the same size, POST to answer, with the pre-label's
+throughput meanwhile (`interactive_under_batch_p50_ms` / `_p95_ms`, mode `prelabel+interactive`).
 Workers split the CPU cores (OMP_NUM_THREADS = cores / workers, unless OMP_NUM_THREADS is set), as CPU
 workers sharing a host must: each one taking every core makes them many times slower together.
 The last line is one JSON object with keys `lost` and `duplicated` (totals) and the per-run figures.
 
-    python benchmarks/service.py [--tasks 200] [--workers 1,2,4] [--quick]
+    python benchmarks/service.py [--tasks 200] [--workers 1,2,4] [--interactive 20] [--quick]
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ from tests.conftest import (  # noqa: E402
 from tests.service.fake_ls import FakeLabelStudio  # noqa: E402
 
 LABEL_CONFIG = (ROOT / "label_config" / "brush.xml").read_text()
+INTERACTIVE_CONFIG = (ROOT / "label_config" / "interactive.xml").read_text()
 PREDICT_WAIT_S = 60.0
 DRAIN_TIMEOUT_S = 900.0
+PRELABEL = [sys.executable, "-m", "car_backend.cli", "prelabel", "--project"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -97,9 +102,9 @@ class Bench:
             os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // count))
         return [start_worker(settings, self.log_dir) for _ in range(count)]
 
-    def warm_up(self, server: str, workers: int, tag: str) -> None:
+    def warm_up(self, server: str, workers: int, tag: str, first_id: int) -> None:
         """Each worker loads the models on its first job; keep that out of the measured runs."""
-        tasks = [{"id": 10_000_000 + 1000 * workers + i, "data": {"image": f"{self.fake.url}/img/warm-{tag}-{i}.png"}}
+        tasks = [{"id": first_id + i, "data": {"image": f"{self.fake.url}/img/warm-{tag}-{i}.png"}}
                  for i in range(3 * workers)]
         body = requests.post(f"{server}/predict", json={"tasks": tasks, "label_config": LABEL_CONFIG},
                              timeout=600).json()
@@ -122,17 +127,28 @@ class Bench:
             deliveries[t] = times
         return deliveries
 
-    def predict_run(self, tasks: int, workers: int) -> dict:
-        settings = self.settings(queue=f"bench-predict-{workers}")
+    @contextlib.contextmanager
+    def service(self, queue: str, workers: int):
+        """`workers` workers and a `car-backend serve` on `queue`; yields (worker settings, server URL)."""
+        settings = self.settings(queue=queue)
         pool = self.workers(settings, workers)
         port = free_port()
-        env = settings_env(self.settings(queue=settings.queue, port=port, host="127.0.0.1"))
+        env = settings_env(self.settings(queue=queue, port=port, host="127.0.0.1"))
         server = subprocess.Popen([sys.executable, "-m", "car_backend.cli", "serve"], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
         try:
             _wait_http(f"{base}/health")
-            self.warm_up(base, workers, f"p{workers}")
+            yield settings, base
+        finally:
+            server.terminate()
+            server.wait(60)
+            for worker in pool:
+                worker.stop()
+
+    def predict_run(self, tasks: int, workers: int) -> dict:
+        with self.service(f"bench-predict-{workers}", workers) as (_, base):
+            self.warm_up(base, workers, f"p{workers}", 10_000_000 + 1000 * workers)
             ids = list(range(workers * 100_000, workers * 100_000 + tasks))
             batch = [{"id": t, "data": {"image": f"{self.fake.url}/img/predict-{workers}-{t}.png"}} for t in ids]
             started = time.monotonic()
@@ -142,28 +158,20 @@ class Bench:
             answered = {t: answered_at for t, e in zip(ids, body["results"], strict=True) if "result" in e}
             return self.summarize("predict", workers, ids, self.drain(ids, answered, started),
                                   {"answered_by_predict": len(answered)})
-        finally:
-            server.terminate()
-            server.wait(60)
-            for worker in pool:
-                worker.stop()
 
     def prelabel_run(self, tasks: int, workers: int) -> dict:
         settings = self.settings(queue=f"bench-prelabel-{workers}")
         pool = self.workers(settings, workers)
         try:
             project = 900 + workers
-            ids = list(range(project * 100_000, project * 100_000 + tasks))
-            self.fake.add_project(project, LABEL_CONFIG, [
-                {"id": t, "data": {"image": f"{self.fake.url}/img/prelabel-{workers}-{t}.png"}} for t in ids])
+            ids = self.add_project(project, tasks, f"prelabel-{workers}")
             warm = [{"id": 20_000_000 + workers * 100 + i,
                      "data": {"image": f"{self.fake.url}/img/warm-l{workers}-{i}.png"}} for i in range(3 * workers)]
             self.fake.add_project(project + 1000, LABEL_CONFIG, warm)
-            command = [sys.executable, "-m", "car_backend.cli", "prelabel", "--project"]
-            subprocess.run(command + [str(project + 1000)], env=settings_env(settings), capture_output=True,
+            subprocess.run(PRELABEL + [str(project + 1000)], env=settings_env(settings), capture_output=True,
                            timeout=DRAIN_TIMEOUT_S)
             started = time.monotonic()
-            done = subprocess.run(command + [str(project)], env=settings_env(settings), capture_output=True,
+            done = subprocess.run(PRELABEL + [str(project)], env=settings_env(settings), capture_output=True,
                                   text=True, timeout=DRAIN_TIMEOUT_S)
             if done.returncode != 0:
                 print(done.stdout, done.stderr, file=sys.stderr)
@@ -171,6 +179,73 @@ class Bench:
         finally:
             for worker in pool:
                 worker.stop()
+
+    def add_project(self, project: int, tasks: int, tag: str) -> list[int]:
+        """A project of `tasks` tasks with images of their own in the fake Label Studio; their ids."""
+        ids = list(range(project * 100_000, project * 100_000 + tasks))
+        self.fake.add_project(project, LABEL_CONFIG, [
+            {"id": t, "data": {"image": f"{self.fake.url}/img/{tag}-{t}.png"}} for t in ids])
+        return ids
+
+    def interactive_run(self, tasks: int, workers: int, calls: int, expected_s: float) -> dict:
+        """`calls` interactive /predict calls spread over a pre-label of `tasks` tasks (expected to take about
+        `expected_s` seconds): POST-to-answer latency, and the pre-label's throughput and deliveries."""
+        with self.service(f"bench-mixed-{workers}", workers) as (settings, base):
+            self.warm_up(base, workers, f"m{workers}", 30_000_000 + 1000 * workers)
+            project = 800 + workers
+            ids = self.add_project(project, tasks, f"mixed-{workers}")
+            first_id = 40_000_000 + 1000 * workers  # interactive tasks: an image of their own each
+
+            def ask(i: int, text: str) -> tuple[float, bool]:
+                return self.ask_interactive(base, first_id + i, f"mixed-{workers}", text)
+
+            ask(calls, "the car")  # the first referring-mode job of the run, out of the figures
+            started = time.monotonic()
+            prelabel = subprocess.Popen(PRELABEL + [str(project)], env=settings_env(settings),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                batch_key = f"rq:queue:{settings.queue}"
+                while self.redis.llen(batch_key) == 0 and prelabel.poll() is None:
+                    time.sleep(0.01)  # until the pre-label's jobs wait in the batch queue
+                first = time.monotonic()
+                gap = max(0.05, 0.8 * max(0.0, expected_s - (first - started)) / calls)
+                latencies, overlapped, unanswered = [], 0, 0
+                for i in range(calls):
+                    time.sleep(max(0.0, first + i * gap - time.monotonic()))
+                    seconds, answered = ask(i, f"the object number {i}")
+                    latencies.append(seconds)
+                    unanswered += not answered
+                    overlapped += prelabel.poll() is None and self.redis.llen(batch_key) > 0
+                out, err = prelabel.communicate(timeout=DRAIN_TIMEOUT_S)
+            finally:
+                if prelabel.poll() is None:
+                    prelabel.kill()
+                    prelabel.wait(10)
+            if prelabel.returncode != 0:
+                print(out, err, file=sys.stderr)
+            extra = {"interactive_calls": calls, "interactive_during_batch": overlapped,
+                     "interactive_unanswered": unanswered,
+                     "interactive_under_batch_p50_ms": round(1000 * percentile(latencies, 0.5), 1),
+                     "interactive_under_batch_p95_ms": round(1000 * percentile(latencies, 0.95), 1)}
+            row = self.summarize("prelabel+interactive", workers, ids, self.drain(ids, {}, started), extra)
+            print(f"{'':>8} interactive /predict under a {tasks}-task pre-label, workers={workers}: "
+                  f"p50 {extra['interactive_under_batch_p50_ms']:.0f} ms  "
+                  f"p95 {extra['interactive_under_batch_p95_ms']:.0f} ms  ({overlapped} of {calls} answered while "
+                  f"batch jobs waited, {unanswered} unanswered); batch throughput {row['throughput']:.2f} tasks/s",
+                  flush=True)
+            return row
+
+    def ask_interactive(self, server: str, task_id: int, tag: str, text: str) -> tuple[float, bool]:
+        """One interactive /predict (a sentence typed into the TextArea): seconds to the answer, and whether
+        it carried a prediction."""
+        task = {"id": task_id, "data": {"image": f"{self.fake.url}/img/interactive-{tag}-{task_id}.png"}}
+        context = {"result": [{"from_name": "prompt", "to_name": "image", "type": "textarea",
+                               "value": {"text": [text]}}]}
+        started = time.monotonic()
+        body = requests.post(f"{server}/predict", json={"tasks": [task], "label_config": INTERACTIVE_CONFIG,
+                                                        "params": {"context": context}},
+                             timeout=PREDICT_WAIT_S + 60).json()
+        return time.monotonic() - started, "result" in body["results"][0]
 
     def queue_overhead(self, workers: int, jobs: int) -> dict:
         """Enqueue-to-finished time of a job that does nothing, one at a time, per queue."""
@@ -227,9 +302,12 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=200, help="tasks per run (default 200)")
     parser.add_argument("--workers", default="1,2,4", help="worker counts to measure (default 1,2,4)")
     parser.add_argument("--noop-jobs", type=int, default=50, help="no-op jobs for the queue overhead")
+    parser.add_argument("--interactive", type=int, default=20,
+                        help="interactive /predict calls during the pre-label of the mixed run (default 20)")
     parser.add_argument("--quick", action="store_true", help="40 tasks, 1 and 2 workers, 20 no-op jobs")
     args = parser.parse_args()
     tasks, counts, noop = args.tasks, [int(w) for w in args.workers.split(",")], args.noop_jobs
+    calls = max(1, args.interactive)
     if args.quick:
         tasks, counts, noop = 40, [1, 2], 20
 
@@ -250,9 +328,16 @@ def main() -> int:
         for workers in counts:
             runs.append(bench.predict_run(tasks, workers))
             runs.append(bench.prelabel_run(tasks, workers))
+            runs.append(bench.interactive_run(tasks, workers, calls, expected_s=runs[-1]["seconds"]))
+    mixed = [r for r in runs if r["mode"] == "prelabel+interactive"]
     summary = {"benchmark": "service", "tasks": tasks, "workers": counts, "cpus": os.cpu_count(),
                "lost": sum(r["lost"] for r in runs), "duplicated": sum(r["duplicated"] for r in runs),
-               "queue_overhead": overhead, "runs": runs}
+               "queue_overhead": overhead,
+               "interactive_under_batch": [
+                   {"workers": r["workers"], "interactive_under_batch_p50_ms": r["interactive_under_batch_p50_ms"],
+                    "interactive_under_batch_p95_ms": r["interactive_under_batch_p95_ms"],
+                    "batch_throughput": r["throughput"]} for r in mixed],
+               "runs": runs}
     print(json.dumps(summary))
     return 0 if summary["lost"] == 0 and summary["duplicated"] == 0 else 1
 

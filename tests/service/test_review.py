@@ -8,51 +8,23 @@ model_version whose predictions agree better with held-out corrected tasks than 
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import json
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from car_backend.agreement import compare, label_masks
-from car_backend.engine import Segmenter, get_preset
-from car_backend.labelstudio.config import parse_label_config
-from car_backend.labelstudio.results import segmentation_to_regions
 from car_backend.review import ReviewStore
-from tests.conftest import settings_env, tiny_settings
+from tests.conftest import settings_env
+from tests.review_support import annotated_regions, mean_agreement, review_image
 from tests.service.conftest import label_config
-from tests.service.fake_ls import image_bytes
 
 pytestmark = pytest.mark.integration
 
 BRUSH = label_config("brush")
-WANTED = {"confidence_threshold": 0.1}  # the annotators' taste, unknown to the backend
 TRAINING, HELD_OUT = 4, 4
 CALIBRATION_TIMEOUT_S = 180.0
-
-
-def annotated_regions(names: list[str]) -> list[list[dict]]:
-    """What the annotators submit for each image: CaR's output with the WANTED thresholds."""
-    config = parse_label_config(BRUSH)
-    (target,) = config.targets
-    segmenter = Segmenter(tiny_settings())
-    preset = dataclasses.replace(get_preset("coco"), **WANTED)
-    out = []
-    for name in names:
-        image = np.array(Image.open(io.BytesIO(image_bytes(name))).convert("RGB"))
-        seg = segmenter.segment(image, [label.prompt for label in target.labels], preset=preset)
-        out.append(segmentation_to_regions(seg, target, list(target.labels), kind="brush"))
-    return out
-
-
-def agreement(predicted: list[dict], annotated: list[dict]) -> float:
-    size = (64, 96)
-    return compare(label_masks(predicted, size), label_masks(annotated, size)).score
 
 
 def test_corrections_are_compared_and_calibrate_a_new_model_version(service_settings, make_client, fake_ls, redis,
@@ -62,9 +34,8 @@ def test_corrections_are_compared_and_calibrate_a_new_model_version(service_sett
     settings = service_settings(calibrate_after=TRAINING, predict_wait=60.0, queue=f"review-{project}")
     spawn_worker(settings)
     client = make_client(settings)
-    names = [f"review-{i}.png" for i in range(len(ids))]
-    tasks = [{"id": t, "data": {"image": f"{fake_ls.url}/img/{n}"}} for t, n in zip(ids, names, strict=True)]
-    wanted = annotated_regions(names)
+    tasks = [{"id": t, "data": {"image": f"{fake_ls.url}/img/review-{i}.png"}} for i, t in enumerate(ids)]
+    wanted = annotated_regions(BRUSH, [review_image(i) for i in range(len(ids))])
 
     first_version = client.post("/setup", json={"project": f"{project}.1", "schema": BRUSH}).get_json()[
         "model_version"]
@@ -88,8 +59,7 @@ def test_corrections_are_compared_and_calibrate_a_new_model_version(service_sett
     # the comparison of the corrected tasks with what we had delivered
     stats = review.agreement(project)
     assert list(stats) == [first_version] and stats[first_version].tasks == TRAINING
-    expected = np.mean([agreement(e["result"], w) for e, w in zip(first[:TRAINING], wanted[:TRAINING],
-                                                                  strict=True)])
+    expected = mean_agreement([e["result"] for e in first[:TRAINING]], wanted[:TRAINING])
     assert stats[first_version].mean_score == pytest.approx(expected, abs=0.02)  # masks compared at <=256 px
 
     # the calibration found better thresholds, and they make a new model version
@@ -103,8 +73,8 @@ def test_corrections_are_compared_and_calibrate_a_new_model_version(service_sett
     second = fresh.post("/predict", json={"tasks": tasks[TRAINING:], "label_config": BRUSH,
                                           "project": f"{project}.1"}).get_json()["results"]
     assert all(entry["model_version"] == new_version for entry in second)
-    before = np.mean([agreement(e["result"], w) for e, w in zip(first[TRAINING:], wanted[TRAINING:], strict=True)])
-    after = np.mean([agreement(e["result"], w) for e, w in zip(second, wanted[TRAINING:], strict=True)])
+    before = mean_agreement([e["result"] for e in first[TRAINING:]], wanted[TRAINING:])
+    after = mean_agreement([e["result"] for e in second], wanted[TRAINING:])
     assert after > before
 
     # the report and /metrics show the same figures
