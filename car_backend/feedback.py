@@ -169,8 +169,8 @@ def _calibrate(ctx: Any, project: str) -> dict:
         evaluations=found.evaluations,
         seconds=round(time.monotonic() - started, 3),
     )
-    if generation or current is not None:
-        ctx.review.put_calibration(project, calibration)
+    # Stored even when nothing improved (generation 0 changes no version): the next try waits for more tasks.
+    ctx.review.put_calibration(project, calibration)
     log.info("project %s calibrated on %d tasks: agreement %.3f -> %.3f, thresholds %s (generation %d)",
              project, len(items), calibration.before, calibration.after, calibration.thresholds, generation)
     return {"project": project, "calibrated": improved, **calibration.__dict__}

@@ -105,6 +105,7 @@ def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher) -> JobResult:
         return JobResult(ok=False, regions=[], error=str(exc), seconds=time.monotonic() - started)
     regions: list[dict] = []
     kept_scores: list[float] = []
+    margins: list[float] = []
     for run in spec.runs:
         preset: Any = run.preset
         if spec.thresholds:
@@ -114,13 +115,15 @@ def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher) -> JobResult:
         seg = segmenter.segment(image, list(run.queries), preset=preset, mode=run.mode,
                                 background=list(run.background) if run.background else None)
         kept_scores.extend(float(s) for s in seg.scores if s > 0)
+        if seg.margin is not None:
+            margins.append(float(seg.margin))
         for out in run.outputs:
             own = seg if run.mode == "referring" else restrict(seg, [label.prompt for label in out.labels])
             if spec.focus is not None:
                 own = spec.focus.apply(own)
             regions.extend(segmentation_to_regions(own, out.target, list(out.labels), kind=out.kind,
                                                    polygon_tolerance=spec.polygon_tolerance))
-    return JobResult(ok=True, regions=regions, score=task_score(kept_scores, spec.score),
+    return JobResult(ok=True, regions=regions, score=task_score(kept_scores, spec.score, margins),
                      seconds=time.monotonic() - started)
 
 
@@ -139,12 +142,20 @@ def restrict(seg: Segmentation, prompts: list[str]) -> Segmentation:
                    scores=seg.scores[picked])
 
 
-def task_score(kept: list[float], mode: str) -> float | None:
-    """The prediction-level score Label Studio sorts tasks by: mean kept-label confidence, or its complement."""
+def task_score(kept: list[float], mode: str, margins: list[float] = ()) -> float | None:
+    """The prediction-level score Label Studio sorts tasks by.
+
+    confidence: the mean kept-label classifier score. uncertainty: 1 - confidence x margin, where margin is
+    the CRF's mean per-pixel gap between its two most probable labels: a prediction is likely to be changed
+    when the classifier hesitated over which labels are there or the CRF over where their borders run.
+    """
     if not kept:
         return None
     confidence = float(np.mean(kept))
-    return round(1.0 - confidence if mode == "uncertainty" else confidence, 6)
+    if mode != "uncertainty":
+        return round(confidence, 6)
+    margin = float(np.mean(margins)) if len(margins) else 1.0
+    return round(1.0 - confidence * margin, 6)
 
 
 def task_entry(results: list[JobResult], version: str) -> dict:

@@ -195,8 +195,18 @@ class ClipModel:
         if self._encode_texts is not None:
             features = self._encode_texts(texts)
         else:
+            # Texts are encoded in groups of equal token length, each cut at its own end-of-text token: a
+            # text's embedding must not depend on the texts it happens to be batched with (rounding differs
+            # with the sequence length), or results would depend on what a worker encoded before.
             tokens = self.tokenizer(texts).to(self.device)
-            features = _encode_text_truncated(self.model, tokens)
+            lengths = tokens.argmax(dim=-1)
+            features = None
+            for length in lengths.unique().tolist():
+                rows = (lengths == length).nonzero().squeeze(1)
+                encoded = _encode_text_truncated(self.model, tokens[rows])
+                if features is None:
+                    features = encoded.new_empty((len(texts), encoded.shape[1]))
+                features[rows] = encoded
         return torch.nn.functional.normalize(features.float(), dim=-1).to(self.device)
 
 

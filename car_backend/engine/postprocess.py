@@ -28,8 +28,8 @@ SAM_GENERATOR_SETTINGS = {
 REFERRING_MIN_AREA = 0.05
 
 
-def dense_crf(rgb: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """Arg-max labels (H, W) of a fully connected CRF over (K, H, W) label probabilities.
+def crf_marginals(rgb: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Marginals (K, H, W) of a fully connected CRF over (K, H, W) label probabilities.
 
     Fix of the official code: the bilateral term sees the plain RGB uint8 image. The official code passes a
     BGR, mean-subtracted float image cast to uint8, whose negative values wrap around.
@@ -42,8 +42,18 @@ def dense_crf(rgb: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
     crf.setUnaryEnergy(np.ascontiguousarray(unary))
     crf.addPairwiseGaussian(**CRF_GAUSSIAN)
     crf.addPairwiseBilateral(rgbim=np.ascontiguousarray(rgb, dtype=np.uint8), **CRF_BILATERAL)
-    q = np.asarray(crf.inference(CRF_ITERATIONS)).reshape(labels, height, width)
-    return q.argmax(axis=0)
+    return np.asarray(crf.inference(CRF_ITERATIONS)).reshape(labels, height, width)
+
+
+def dense_crf(rgb: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Arg-max labels (H, W) of the CRF marginals (see crf_marginals)."""
+    return crf_marginals(rgb, probabilities).argmax(axis=0)
+
+
+def top_two_margin(marginals: np.ndarray) -> np.ndarray:
+    """(H, W) top-1 minus top-2 probability of (K >= 2, H, W) marginals: 1 = certain, 0 = tie."""
+    top_two = np.partition(marginals, -2, axis=0)[-2:]
+    return top_two[1] - top_two[0]
 
 
 def crf_masks(rgb: np.ndarray, proposals: np.ndarray, separate: bool) -> np.ndarray:
@@ -52,11 +62,20 @@ def crf_masks(rgb: np.ndarray, proposals: np.ndarray, separate: bool) -> np.ndar
     Semantic mode: one joint CRF, so the masks are disjoint. Referring mode (`separate`): one 2-label CRF per
     proposal.
     """
+    return crf_masks_with_margin(rgb, proposals, separate)[0]
+
+
+def crf_masks_with_margin(rgb: np.ndarray, proposals: np.ndarray, separate: bool
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """crf_masks' masks and the CRF's per-pixel top_two_margin (H, W); `separate`: the mean over proposals."""
     if separate:
-        return np.stack([dense_crf(rgb, np.stack([1.0 - p, p])) == 1 for p in proposals])
+        marginals = (crf_marginals(rgb, np.stack([1.0 - p, p])) for p in proposals)
+        decided = [(q.argmax(axis=0) == 1, top_two_margin(q)) for q in marginals]
+        return np.stack([mask for mask, _ in decided]), np.mean([margin for _, margin in decided], axis=0)
     background = 1.0 - proposals.max(axis=0, keepdims=True)
-    labels = dense_crf(rgb, np.concatenate([background, proposals]))
-    return labels[None] == np.arange(1, len(proposals) + 1)[:, None, None]
+    marginals = crf_marginals(rgb, np.concatenate([background, proposals]))
+    labels = marginals.argmax(axis=0)
+    return labels[None] == np.arange(1, len(proposals) + 1)[:, None, None], top_two_margin(marginals)
 
 
 def assemble_label_map(masks: np.ndarray, scores: np.ndarray) -> np.ndarray:

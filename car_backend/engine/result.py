@@ -23,6 +23,9 @@ class Segmentation:
     steps: int
     mode: str = "semantic"  # "semantic" | "referring"
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    # Mean over pixels of the CRF's top-1 minus top-2 marginal probability (1 = certain, 0 = tie), before any
+    # SAM refinement; referring mode: the mean over the sentences' CRFs. None when not computed.
+    margin: float | None = None
 
     @property
     def kept(self) -> list[str]:

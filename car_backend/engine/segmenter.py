@@ -9,6 +9,10 @@ Deviation from the official code: images whose longer side exceeds `max_side` (d
 processed at that size and the results resized back (nearest). The proposal CLIP runs at native
 resolution, and its attention maps grow with the square of the pixel count: a 12-megapixel photo would need
 ~100 GB for them.
+
+The recurrence's first step does not depend on theta (preset.confidence_threshold): it is cached on the
+prepared image (a few query sets and settings per image), so that re-running with many theta values, as
+threshold calibration does, computes it once.
 """
 
 from __future__ import annotations
@@ -30,7 +34,12 @@ from PIL import Image
 
 from car_backend.engine.classifier import MaskClassifier
 from car_backend.engine.models import ClipModel, SharedTextCache, load_clip, resolve_device
-from car_backend.engine.postprocess import SamRefiner, assemble_label_map, crf_masks, merge_referring
+from car_backend.engine.postprocess import (
+    SamRefiner,
+    assemble_label_map,
+    crf_masks_with_margin,
+    merge_referring,
+)
 from car_backend.engine.presets import CAM_TEMPLATE, Preset, get_preset
 from car_backend.engine.proposals import ProposalGenerator, ProposalImage
 from car_backend.engine.result import Segmentation
@@ -41,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("semantic", "referring")
 PREPARED_CACHE_SIZE = 4
+FIRST_STEP_CACHE_SIZE = 8  # per prepared image
 MAX_SIDE = 1024
 
 
@@ -55,6 +65,8 @@ class PreparedImage:
     trunk_seconds: float
     original_size: tuple[int, int]  # (H, W) of the image as given
     backgrounds: dict[tuple[str, ...], torch.Tensor | None] = field(default_factory=dict)
+    # step-1 (proposals, read-only scores) keyed by all they depend on; see Segmenter._first_step
+    first_steps: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray]] = field(default_factory=OrderedDict)
 
     def background(self, prompts: tuple[str, ...]) -> torch.Tensor | None:
         """The outside-the-mask image for this prompt set, computed once per image."""
@@ -209,15 +221,13 @@ class Segmenter:
         live = list(range(len(queries)))
         kept_before = 0  # the official loop stops when a step keeps as many queries as the step before
         while True:
-            # Step 1 prompts the CAM with the raw query, later steps with "a clean origami {q}." (spec 1).
-            cam_texts = [queries[i] if not steps else CAM_TEMPLATE.format(queries[i]) for i in live]
-            with timer("text"):
-                foreground = generator.clip.embed_texts(cam_texts)
-            with timer("cam"):
-                cams = generator.cams(prepared.proposal, foreground, background_texts, referring)
-            with timer("refine"):
-                proposals = generator.refine(prepared.proposal, cams, preset.clipes_threshold)
-            scores = self._scores(prepared, classifier, proposals, class_texts[:, live], preset, timer)
+            if steps:
+                cam_texts = [CAM_TEMPLATE.format(queries[i]) for i in live]
+                proposals, scores = self._step(prepared, cam_texts, background_texts, class_texts[:, live],
+                                               classifier, preset, referring, timer)
+            else:
+                proposals, scores = self._first_step(prepared, queries, background, background_texts,
+                                                     class_texts, classifier, preset, referring, timer)
             kept = [i for i, s in enumerate(scores) if s > preset.confidence_threshold] or [int(np.argmax(scores))]
             record = StepRecord(live=live, scores=scores, kept=kept, proposals=proposals,
                                 empty=float(proposals.max()) == 0)
@@ -234,6 +244,44 @@ class Segmenter:
                 return steps
             kept_before = len(kept)
             live = [live[i] for i in kept]
+
+    def _first_step(self, prepared: PreparedImage, queries: list[str], background: tuple[str, ...],
+                    background_texts: torch.Tensor, class_texts: torch.Tensor, classifier: MaskClassifier,
+                    preset: Preset, referring: bool, timer: StageTimer) -> tuple[torch.Tensor, np.ndarray]:
+        """Step 1: every query, CAMs prompted with the raw query texts (spec 1); cached on `prepared`.
+
+        The key holds everything `_step` reads here besides the prepared image: the models (by identity),
+        the texts and the thresholds and prompts, but not theta. The cached tensors are never modified:
+        `_recur` only drops its StepRecord's reference, and scores are read-only.
+        """
+        key = (tuple(queries), referring, background, preset.templates, preset.clipes_threshold, preset.mask_threshold,
+               preset.visual_prompts, self.proposal_clip, classifier.clip)
+        with self._lock:
+            cached = prepared.first_steps.get(key)
+            if cached is not None:
+                prepared.first_steps.move_to_end(key)
+                return cached
+        proposals, scores = self._step(prepared, queries, background_texts, class_texts, classifier, preset,
+                                       referring, timer)
+        scores.flags.writeable = False
+        with self._lock:
+            prepared.first_steps[key] = (proposals, scores)
+            while len(prepared.first_steps) > FIRST_STEP_CACHE_SIZE:
+                prepared.first_steps.popitem(last=False)
+        return proposals, scores
+
+    def _step(self, prepared: PreparedImage, cam_texts: list[str], background_texts: torch.Tensor,
+              class_texts: torch.Tensor, classifier: MaskClassifier, preset: Preset, referring: bool,
+              timer: StageTimer) -> tuple[torch.Tensor, np.ndarray]:
+        """Proposals (Q, H, W) and classifier scores (Q,) for the live queries' CAM texts and class texts."""
+        generator = self._generator()
+        with timer("text"):
+            foreground = generator.clip.embed_texts(cam_texts)
+        with timer("cam"):
+            cams = generator.cams(prepared.proposal, foreground, background_texts, referring)
+        with timer("refine"):
+            proposals = generator.refine(prepared.proposal, cams, preset.clipes_threshold)
+        return proposals, self._scores(prepared, classifier, proposals, class_texts, preset, timer)
 
     def _scores(self, prepared: PreparedImage, classifier: MaskClassifier, proposals: torch.Tensor,
                 texts: torch.Tensor, preset: Preset, timer: StageTimer) -> np.ndarray:
@@ -261,7 +309,8 @@ class Segmenter:
             proposals = earlier.proposals[[earlier.live.index(i) for i in survivors]]
         height, width = prepared.rgb.shape[:2]
         with timer("crf"):
-            refined = crf_masks(prepared.rgb, proposals.float().cpu().numpy(), separate=mode == "referring")
+            refined, margin = crf_masks_with_margin(prepared.rgb, proposals.float().cpu().numpy(),
+                                                    separate=mode == "referring")
         scores = np.zeros(len(queries), dtype=np.float32)
         scores[survivors] = last.scores[last.kept]
         masks = np.zeros((len(queries), height, width), dtype=bool)
@@ -279,7 +328,7 @@ class Segmenter:
         else:
             label_map = assemble_label_map(masks, scores)
         return Segmentation(queries=queries, label_map=label_map, masks=masks, scores=scores, steps=len(steps),
-                            mode=mode, timings=dict(timer.seconds))
+                            mode=mode, timings=dict(timer.seconds), margin=float(margin.mean(dtype=np.float64)))
 
 
 class StageTimer:

@@ -359,6 +359,10 @@ class LabelStudioClient:
     def predictions(self, task_id: int) -> list[dict]:
         return self.api("GET", f"/api/predictions/?task={task_id}")
 
+    def create_annotation(self, task_id: int, result: list[dict]) -> dict:
+        """Submit an annotation as an annotator would; Label Studio then sends ANNOTATION_CREATED webhooks."""
+        return self.api("POST", f"/api/tasks/{task_id}/annotations/", json={"result": result})
+
     def ml_backends(self, project_id: int) -> list[dict]:
         return self.api("GET", f"/api/ml?project={project_id}")
 

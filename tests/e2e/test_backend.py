@@ -25,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 TINY = f"{REPO / 'tests' / 'assets' / 'tiny-clip.json'}:random"
 SIZES = [(64, 48), (40, 56), (72, 40)]
+CALIBRATE_AFTER = 4
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def backend(label_studio, tmp_path_factory):
     log = tmp_path_factory.mktemp("backend") / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAR_", "LABEL_STUDIO_", "REDIS_"))}
     env.update(CAR_PROPOSAL_MODEL=TINY, CAR_CLASSIFIER_MODEL=TINY, CAR_DEVICE="cpu", CAR_PREDICT_WAIT="60",
-               LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.pat, LOG_LEVEL="INFO")
+               CAR_CALIBRATE_AFTER=str(CALIBRATE_AFTER), LABEL_STUDIO_URL=label_studio.url,
+               LABEL_STUDIO_API_KEY=label_studio.pat, LOG_LEVEL="INFO")
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "car_backend.cli", "serve", "--host", "127.0.0.1",
                                  "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
@@ -154,3 +156,72 @@ def test_interactive_text_prompt_returns_one_region(label_studio, backend, tmp_p
     _, log = backend
     assert "car-interactive" in log.read_text(), "interactive prompts go to the high-priority queue"
     assert client.predictions(task_ids[0]) == [], "interactive answers are suggestions, never stored"
+
+
+def metric(backend_url: str, line_start: str) -> float | None:
+    """The value of the /metrics sample whose line starts with `line_start`, if present."""
+    text = requests.get(f"{backend_url}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_corrected_annotations_calibrate_a_better_model_version(label_studio, backend, tmp_path):
+    """Annotators correct predictions in Label Studio; past CAR_CALIBRATE_AFTER corrected tasks the backend has
+    a new model_version whose predictions agree better with held-out corrections than the first ones."""
+    from tests.review_support import annotated_regions, mean_agreement, review_image
+
+    backend_url, _ = backend
+    client = label_studio.client
+    config = read_config("brush.xml")
+    count = 2 * CALIBRATE_AFTER
+    paths = []
+    for i in range(count):
+        path = tmp_path / f"review-{i}.png"
+        path.write_bytes(review_image(i))
+        paths.append(path)
+    project = client.create_project(config, title="e2e active learning")
+    project_id = project["id"]
+    client.upload_images(project_id, paths)
+    client.connect_ml_backend(project_id, backend_url, title="car")
+    # task -> picture index, from the uploaded file names
+    index = {t["id"]: int(t["data"]["image"].rsplit("review-", 1)[1].split(".")[0]) for t in client.tasks(project_id)}
+    order = sorted(index, key=index.get)
+    training, held_out = order[:CALIBRATE_AFTER], order[CALIBRATE_AFTER:]
+    wanted = dict(zip(order, annotated_regions(config, [review_image(index[t]) for t in order]), strict=True))
+
+    client.retrieve_predictions(project_id, order)
+    first = stored_predictions(client, order)
+    first_version = first[order[0]][0]["model_version"]
+    assert all(len(p) == 1 and p[0]["model_version"] == first_version for p in first.values())
+
+    for task_id in training:  # Label Studio sends each to /webhook (ANNOTATION_CREATED)
+        client.create_annotation(task_id, wanted[task_id])
+
+    deadline = time.monotonic() + 180
+    generation = None
+    while time.monotonic() < deadline:
+        generation = metric(backend_url, f'car_calibration_generation{{project="{project_id}"}}')
+        if generation is not None:
+            break
+        time.sleep(1)
+    assert generation == 1.0, "no calibration after the corrected tasks"
+    compared = metric(backend_url, f'car_review_tasks{{model_version="{first_version}",project="{project_id}"}}')
+    assert compared == CALIBRATE_AFTER
+
+    # "Retrieve predictions" asks /setup for the version first: the calibrated one, so held-out tasks get new ones
+    client.retrieve_predictions(project_id, held_out)
+    second = {}
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        second = {t: [p for p in client.predictions(t) if p["model_version"] != first_version] for t in held_out}
+        if all(second.values()):
+            break
+        time.sleep(1)
+    assert all(len(p) == 1 for p in second.values()), second
+    new_version = second[held_out[0]][0]["model_version"]
+    assert new_version.endswith("-cal1") and new_version != first_version
+    before = mean_agreement([first[t][0]["result"] for t in held_out], [wanted[t] for t in held_out])
+    after = mean_agreement([second[t][0]["result"] for t in held_out], [wanted[t] for t in held_out])
+    assert after > before

@@ -31,7 +31,11 @@ class Case:
     mode: str = "semantic"
 
     def resolved_preset(self):
-        preset = dataclasses.replace(get_preset(self.preset), confidence_threshold=self.theta)
+        # eta is nudged off the preset's round value: refined proposals can hold pixels at exactly 0.5, and
+        # the two implementations round such a pixel to different sides of the threshold (a one-pixel mask
+        # difference that the random tiny classifier turns into a different score). Both agree on either side.
+        base = get_preset(self.preset)
+        preset = dataclasses.replace(base, confidence_threshold=self.theta, mask_threshold=base.mask_threshold + 1e-6)
         return dataclasses.replace(preset, visual_prompts=self.prompts) if self.prompts else preset
 
 

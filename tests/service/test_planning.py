@@ -178,3 +178,16 @@ def test_task_entry_merges_images_and_reports_failures():
     assert task_entry([ok, bad], "v1")["result"] == [{"id": "r1", "score": 0.5}]
     failed = task_entry([bad], "v1")
     assert failed["result"] == [] and failed["model_version"] == "v1" and "decode" in failed["error"]
+
+
+def test_task_scores_for_review_order():
+    from car_backend.jobs import task_score
+
+    assert task_score([], "confidence") is None and task_score([], "uncertainty") is None
+    assert task_score([0.9, 0.7], "confidence") == pytest.approx(0.8)
+    sure = task_score([0.9, 0.9], "uncertainty", margins=[0.99])
+    hesitant_classifier = task_score([0.5, 0.4], "uncertainty", margins=[0.99])
+    hesitant_borders = task_score([0.9, 0.9], "uncertainty", margins=[0.6])
+    assert 0.0 <= sure < hesitant_classifier <= 1.0
+    assert sure < hesitant_borders <= 1.0
+    assert task_score([0.8], "uncertainty") == pytest.approx(0.2)  # no CRF margin known: the classifier alone

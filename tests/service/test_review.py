@@ -8,13 +8,17 @@ model_version whose predictions agree better with held-out corrected tasks than 
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from car_backend.labelstudio.config import parse_label_config
 from car_backend.review import ReviewStore
 from tests.conftest import settings_env
 from tests.review_support import annotated_regions, mean_agreement, review_image
@@ -91,3 +95,72 @@ def test_corrections_are_compared_and_calibrate_a_new_model_version(service_sett
     metrics = fresh.get("/metrics").get_data(as_text=True)
     assert f'car_calibration_generation{{project="{project}"}} 1.0' in metrics
     assert f'car_review_tasks{{model_version="{first_version}",project="{project}"}} 4.0' in metrics
+
+
+@pytest.fixture
+def in_process_worker(service_settings, redis):
+    """run review jobs in this process (jobs.install), as the embedded worker thread does."""
+    from car_backend import jobs
+    from car_backend.jobqueue import make_store
+
+    def install(**overrides):
+        settings = service_settings(**overrides)
+        context = jobs.WorkerContext(settings, make_store(redis, settings), name="test")
+        jobs.install(context)
+        return context
+
+    yield install
+    jobs.install(None)
+
+
+def test_a_correction_without_our_prediction_is_kept_but_not_compared(in_process_worker, fake_ls, task_ids):
+    from car_backend.feedback import AnnotationEvent, review_annotation
+    from car_backend.predictor import plan_task
+    from car_backend.projects import Project, model_version
+
+    ctx = in_process_worker(calibrate_after=0)
+    (task_id,) = task_ids(1)
+    project = str(task_id)
+    config = parse_label_config(BRUSH)
+    task = {"id": task_id, "data": {"image": f"{fake_ls.url}/img/review-0.png"}}
+    spec = plan_task(task, Project(config, model_version(ctx.settings, config)), ctx.settings).specs[0]
+    (regions,) = annotated_regions(BRUSH, [review_image(0)])
+    outcome = review_annotation(AnnotationEvent(project, task_id, regions, (spec,)))
+    assert outcome["compared"] is False and outcome["corrected_tasks"] == 1
+    assert outcome["calibration_queued"] is False  # CAR_CALIBRATE_AFTER=0: never
+    assert ctx.review.agreement(project) == {}
+    (stored,) = ctx.review.corrections(project)
+    assert set(stored.masks) == {r["value"]["brushlabels"][0] for r in regions}
+
+
+def test_a_calibration_that_finds_nothing_better_keeps_the_version(in_process_worker, fake_ls, task_ids):
+    """Annotations equal to what the preset's thresholds give: the search cannot improve, no new version."""
+    from car_backend.agreement import label_masks, shrink
+    from car_backend.engine import Segmenter
+    from car_backend.feedback import calibrate_project
+    from car_backend.labelstudio.results import segmentation_to_regions
+    from car_backend.predictor import plan_task
+    from car_backend.projects import Project, Projects, model_version
+    from car_backend.review import Correction
+
+    ctx = in_process_worker()
+    ids = task_ids(3)
+    project = str(ids[0])
+    config = parse_label_config(BRUSH)
+    (target,) = config.targets
+    version = model_version(ctx.settings, config)
+    segmenter = Segmenter(ctx.settings)
+    for i, task_id in enumerate(ids):
+        task = {"id": task_id, "data": {"image": f"{fake_ls.url}/img/review-{i}.png"}}
+        spec = plan_task(task, Project(config, version), ctx.settings).specs[0]
+        image = np.array(Image.open(io.BytesIO(review_image(i))).convert("RGB"))
+        seg = segmenter.segment(image, [label.prompt for label in target.labels])
+        regions = segmentation_to_regions(seg, target, list(target.labels), kind="brush")
+        ctx.review.put_correction(project, Correction(task_id, (spec,), shrink(label_masks(regions, (64, 96)))))
+    result = calibrate_project(project)
+    calibration = ctx.review.calibration(project)
+    assert result["calibrated"] is False and calibration.generation == 0
+    assert calibration.thresholds == calibration.previous and calibration.after == calibration.before
+    assert calibration.tasks == 3
+    projects = Projects(ctx.settings, ctx.store)
+    assert projects.setup(f"{project}.1", BRUSH, None).version == version
