@@ -79,6 +79,10 @@ def _add_prelabel(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", help='vocabulary for --images, e.g. "cat,dog"')
     p.add_argument("--out", help="import file to write for --images (JSON)")
     p.add_argument("--format", choices=("brush", "polygon"), default="brush", help="region type for --images")
+    p.add_argument("--url-prefix", default="",
+                   help="for --images: write each image as PREFIX + its path under the folder (e.g. "
+                   "'/data/local-files/?d=dataset/' or 'https://bucket.example/dataset/') instead of its absolute "
+                   "path, so Label Studio can open it")
     p.set_defaults(handler=_run("car_backend.prelabel", "main"))
 
 

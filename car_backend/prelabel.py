@@ -48,7 +48,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         print("car-backend prelabel --images needs --labels and --out", file=sys.stderr)
         return 2
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-    return prelabel_images(Path(args.images), labels, Path(args.out), args.format, settings)
+    return prelabel_images(Path(args.images), labels, Path(args.out), args.format, settings, args.url_prefix)
 
 
 # -- a Label Studio project -----------------------------------------------------------------------------
@@ -190,7 +190,10 @@ def import_config(labels: list[str], kind: str) -> str:
            f"  </{tag}>\n</View>"
 
 
-def prelabel_images(folder: Path, labels: list[str], out: Path, kind: str, settings: Settings) -> int:
+def prelabel_images(folder: Path, labels: list[str], out: Path, kind: str, settings: Settings,
+                    url_prefix: str = "") -> int:
+    """Segment every image of `folder`; write tasks whose image is `url_prefix` + the file's path under the
+    folder (its absolute path without a prefix), with a prediction where the segmentation succeeded."""
     if not folder.is_dir():
         print(f"car-backend prelabel: {folder} is not a folder", file=sys.stderr)
         return 2
@@ -221,6 +224,8 @@ def prelabel_images(folder: Path, labels: list[str], out: Path, kind: str, setti
             failed += 1
             reason = plan.failure or "; ".join(r.error or "" for r in results if not r.ok)
             log.warning("%s: no prediction (%s)", path.name, reason)
+        if url_prefix:
+            task["data"]["image"] = url_prefix + path.relative_to(folder).as_posix()
         tasks.append(task)
     out.write_text(json.dumps(tasks))
     print(f"wrote {len(tasks)} tasks to {out} ({len(tasks) - failed} with predictions, {failed} without) "

@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 PREFIX = "car"
 STATS_KEY = f"{PREFIX}:stats"
 # A delivered (task, version) is not delivered again for this long. It covers every overlap Label Studio can
-# produce (a /predict still in flight is cut at ML_TIMEOUT_PREDICT, 100 s by default) and lets a task come
-# back after that: Label Studio only asks again for a task that has no prediction of this version (deleted,
-# or the answer was lost), and then it should get one.
-CLAIM_TTL_S = 900
+# produce (a /predict still in flight is cut at ML_TIMEOUT_PREDICT: 100 s by default, 300 s where deployments
+# raise it for slow models) and lets a task come back soon after: Label Studio only asks again for a task
+# that has no prediction of this version (deleted, or the answer was lost), and then it should get one.
+CLAIM_TTL_S = 300
 PROJECT_TTL_S = 90 * 24 * 3600
 # Job-duration histogram bounds (seconds), shared by the worker that records and /metrics that reads.
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)

@@ -299,6 +299,15 @@ def test_prelabel_images_writes_an_import_file_offline(tmp_path):
     for region in tasks[0]["predictions"][0]["result"]:
         assert region["type"] == "polygonlabels" and region["value"]["polygonlabels"][0] in ("sky", "grass")
     assert "PolygonLabels" in done.stdout
+    # with a URL prefix, tasks point where Label Studio can open the files
+    done = subprocess.run([sys.executable, "-m", "car_backend.cli", "prelabel", "--images", str(folder),
+                           "--labels", "sky", "--out", str(out), "--url-prefix", "/data/local-files/?d=set/"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    tasks = json.loads(out.read_text())
+    assert [t["data"]["image"] for t in tasks] == [f"/data/local-files/?d=set/{n}" for n in ("a.png", "b.png",
+                                                                                           "broken.jpg")]
+    assert [len(t.get("predictions", [])) for t in tasks] == [1, 1, 0]
 
 
 def test_embedded_mode_runs_jobs_in_process(service_settings, fake_ls, task_ids):
