@@ -115,15 +115,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="measure mIoU on a standard dataset and compare with the paper's figures",
         description="Run CaR with the dataset's preset and the paper's class names over a standard dataset layout "
-        "(VOC2012, COCO-Object, Pascal Context, RefCOCO) and print mIoU (and oIoU for referring), per-class IoU, "
+        "(VOC2012, COCO-Object, Pascal Context, RefCOCO, RefCOCO+, RefCOCOg) and print mIoU (and oIoU for referring), per-class IoU, "
         "images/s and the paper's number beside ours. Per-image results are cached on disk, so an interrupted "
         "run resumes.",
     )
-    p.add_argument("--dataset", required=True, choices=("voc", "coco-object", "context", "refcoco"))
+    p.add_argument("--dataset", required=True, choices=("voc", "coco-object", "context", "refcoco", "refcoco+",
+                                                              "refcocog"))
     p.add_argument("--root", required=True, help="dataset folder (or the folder holding VOCdevkit/)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--preset", choices=PRESETS, help="override the dataset's preset")
-    p.add_argument("--split", help="dataset split (default: the paper's: val, or val for RefCOCO's UNC split)")
+    p.add_argument("--split", help="dataset split (default: val)")
     p.add_argument("--cache", help="folder for per-image results (default: <root>/.car-eval-cache)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.set_defaults(handler=_run("car_backend.evaluation.cli", "main"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from car_backend.evaluation import classnames as names
@@ -75,7 +76,8 @@ def _context_passes() -> tuple[QueryPass, ...]:
 
 
 _TABLE1 = "CaR paper (CVPR 2024) Table 1, CaR w/o SAM"
-_TABLE7 = "CaR paper (CVPR 2024) Table 7, RefCOCO (UNC)"
+_TABLE7_PAPER = "CaR paper (CVPR 2024) Table 7"
+_TABLE7 = f"{_TABLE7_PAPER}, RefCOCO (UNC)"
 
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
@@ -103,6 +105,23 @@ BENCHMARKS: dict[str, Benchmark] = {
                 "val": PaperFigure(33.57, f"{_TABLE7}, val mIoU"),
                 "testA": PaperFigure(35.36, f"{_TABLE7}, testA mIoU"),
                 "testB": PaperFigure(30.51, f"{_TABLE7}, testB mIoU"),
+            },
+        ),
+        Benchmark(
+            name="refcoco+", title="RefCOCO+ (UNC split)", mode="referring", preset="refcoco+", default_split="val",
+            read=partial(read_refcoco, dataset="refcoco+", split_by="unc"),
+            paper={
+                "val": PaperFigure(34.22, f"{_TABLE7_PAPER}, RefCOCO+ (UNC) val mIoU"),
+                "testA": PaperFigure(36.03, f"{_TABLE7_PAPER}, RefCOCO+ (UNC) testA mIoU"),
+                "testB": PaperFigure(31.02, f"{_TABLE7_PAPER}, RefCOCO+ (UNC) testB mIoU"),
+            },
+        ),
+        Benchmark(
+            name="refcocog", title="RefCOCOg (UMD split)", mode="referring", preset="refcocog", default_split="val",
+            read=partial(read_refcoco, dataset="refcocog", split_by="umd"),
+            paper={
+                "val": PaperFigure(36.67, f"{_TABLE7_PAPER}, RefCOCOg val(U) mIoU"),
+                "test": PaperFigure(36.57, f"{_TABLE7_PAPER}, RefCOCOg test(U) mIoU"),
             },
         ),
     )

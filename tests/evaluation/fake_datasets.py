@@ -85,8 +85,9 @@ def rle_counts(mask: np.ndarray) -> list[int]:
     return np.diff(np.concatenate([[0], changes])).tolist()
 
 
-def make_refcoco(root: Path) -> tuple[Path, dict[str, tuple[tuple[str, ...], np.ndarray]]]:
-    """root/refcoco/{refs(unc).p, instances.json} + root/images/mscoco/images/train2014.
+def make_refcoco(root: Path, dataset: str = "refcoco", split_by: str = "unc"
+                 ) -> tuple[Path, dict[str, tuple[tuple[str, ...], np.ndarray]]]:
+    """root/<dataset>/{refs(<split_by>).p, instances.json} + root/images/mscoco/images/train2014.
 
     Returns the expected val samples: ref id -> (cleaned sentences, mask).
     """
@@ -118,9 +119,9 @@ def make_refcoco(root: Path) -> tuple[Path, dict[str, tuple[tuple[str, ...], np.
          "file_name": "COCO_train2014_000000000012_103.jpg",
          "sentences": [{"raw": "corner", "sent": "corner", "sent_id": 4, "tokens": []}]},
     ]
-    data = root / "refcoco"
+    data = root / dataset
     data.mkdir(parents=True)
-    with open(data / "refs(unc).p", "wb") as f:
+    with open(data / f"refs({split_by}).p", "wb") as f:
         pickle.dump(refs, f)
     (data / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                      "categories": [{"id": 1, "name": "x"}]}))

@@ -64,6 +64,18 @@ def test_referring_output(tmp_path, monkeypatch, capsys):
     assert json.loads(out[-1])["paper"]["source"].endswith("Table 7, RefCOCO (UNC), val mIoU")
 
 
+@pytest.mark.parametrize("dataset, split_by, figure", [("refcoco+", "unc", "RefCOCO+ (UNC) val mIoU"),
+                                                      ("refcocog", "umd", "RefCOCOg val(U) mIoU")])
+def test_refcoco_plus_and_g_read_their_own_files_and_figures(tmp_path, monkeypatch, capsys, dataset, split_by,
+                                                             figure):
+    make_refcoco(tmp_path, dataset=dataset, split_by=split_by)
+    monkeypatch.setattr(eval_cli, "_load_engine", lambda settings: OracleSegmenter())
+    assert cli.main(["eval", "--dataset", dataset, "--root", str(tmp_path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["paper"]["source"].endswith(figure)
+    assert (summary["dataset"], summary["preset"], summary["images"]) == (dataset, dataset, 2)
+
+
 def test_errors_exit_2(tmp_path, oracle, capsys):
     assert cli.main(["eval", "--dataset", "context", "--root", str(tmp_path)]) == 2
     assert "SegmentationContext" in capsys.readouterr().err
