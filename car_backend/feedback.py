@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from car_backend.agreement import ProjectAgreement, compare, label_masks, search, shrink
-from car_backend.jobs import JobSpec, current_context, restrict
+from car_backend.jobs import JobSpec, WorkerContext, current_context, restrict
 from car_backend.labelstudio.media import MediaError
 from car_backend.review import THRESHOLD_BOUNDS, Calibration, Correction
 
@@ -100,7 +100,7 @@ def _annotation_masks(regions: list[dict]) -> dict[str, np.ndarray]:
         return {}
 
 
-def _maybe_queue_calibration(ctx: Any, project: str, corrected: int) -> bool:
+def _maybe_queue_calibration(ctx: WorkerContext, project: str, corrected: int) -> bool:
     every = ctx.settings.calibrate_after
     if not every:
         return False
@@ -124,7 +124,7 @@ def calibrate_project(project: str) -> dict:
         ctx.review.unlock_calibration(project)
 
 
-def _calibrate(ctx: Any, project: str) -> dict:
+def _calibrate(ctx: WorkerContext, project: str) -> dict:
     started = time.monotonic()
     corrections = ctx.review.corrections(project)[-MAX_CALIBRATION_TASKS:]
     segmenter = ctx.segmenter
@@ -176,13 +176,13 @@ def _calibrate(ctx: Any, project: str) -> dict:
     return {"project": project, "calibrated": improved, **calibration.__dict__}
 
 
-def _base_preset(ctx: Any, spec: JobSpec):
+def _base_preset(ctx: WorkerContext, spec: JobSpec) -> Any:
     from car_backend.engine.presets import get_preset
 
     return get_preset(spec.runs[0].preset or ctx.settings.preset)
 
 
-def _predicted_masks(ctx: Any, spec: JobSpec, prepared: Any, thresholds: dict[str, float]) -> dict[str, np.ndarray]:
+def _predicted_masks(ctx: WorkerContext, spec: JobSpec, prepared: Any, thresholds: dict[str, float]) -> dict[str, np.ndarray]:
     """Label name -> mask of what the engine predicts for one prepared image with these thresholds."""
     from car_backend.engine.presets import get_preset
 
