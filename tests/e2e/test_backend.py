@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import requests
@@ -153,6 +154,18 @@ def test_interactive_text_prompt_returns_one_region(label_studio, backend, tmp_p
         assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["person"]
         assert (region["original_width"], region["original_height"]) == (w, h)
         assert decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3].any()
+    # A smart keypoint drawn with "car": at most the one connected part of the car mask under it, labelled car.
+    keypoint = {"result": [{"id": "k1", "type": "keypointlabels", "from_name": "points", "to_name": "image",
+                            "origin": "manual", "is_positive": True, "original_width": w, "original_height": h,
+                            "value": {"x": 37.5, "y": 37.5, "width": 1, "keypointlabels": ["car"]}}]}
+    reply = client.interactive_annotating(ml_id, task_ids[0], keypoint)
+    assert "errors" not in reply, reply
+    for region in reply["data"]["result"]:
+        assert region["value"]["brushlabels"] == ["car"]
+        mask = decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0
+        assert mask[int(0.375 * h), int(0.375 * w)], "the returned part holds the keypoint"
+        count, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+        assert count == 2, "one connected part (plus background)"
     _, log = backend
     assert "car-interactive" in log.read_text(), "interactive prompts go to the high-priority queue"
     assert client.predictions(task_ids[0]) == [], "interactive answers are suggestions, never stored"
