@@ -12,7 +12,9 @@ resolution, and its attention maps grow with the square of the pixel count: a 12
 
 The recurrence's first step does not depend on theta (preset.confidence_threshold): it is cached on the
 prepared image (a few query sets and settings per image), so that re-running with many theta values, as
-threshold calibration does, computes it once.
+threshold calibration does, computes it once. Its proposals (CAMs of the raw query texts, refined with
+lambda) do not depend on eta, the visual prompts, the templates or the classifier either: they are cached
+separately, so that a sweep of eta (or of those) recomputes only step 1's classifier scores.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 MODES = ("semantic", "referring")
 PREPARED_CACHE_SIZE = 4
 FIRST_STEP_CACHE_SIZE = 8  # per prepared image
+FIRST_PROPOSALS_CACHE_SIZE = 4  # per prepared image
 MAX_SIDE = 1024
 
 
@@ -67,6 +70,8 @@ class PreparedImage:
     backgrounds: dict[tuple[str, ...], torch.Tensor | None] = field(default_factory=dict)
     # step-1 (proposals, read-only scores) keyed by all they depend on; see Segmenter._first_step
     first_steps: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray]] = field(default_factory=OrderedDict)
+    # step-1 proposals keyed by all they depend on (a subset of the above); see Segmenter._first_proposals
+    first_proposals: OrderedDict[tuple, torch.Tensor] = field(default_factory=OrderedDict)
 
     def background(self, prompts: tuple[str, ...]) -> torch.Tensor | None:
         """The outside-the-mask image for this prompt set, computed once per image."""
@@ -250,9 +255,10 @@ class Segmenter:
                     preset: Preset, referring: bool, timer: StageTimer) -> tuple[torch.Tensor, np.ndarray]:
         """Step 1: every query, CAMs prompted with the raw query texts (spec 1); cached on `prepared`.
 
-        The key holds everything `_step` reads here besides the prepared image: the models (by identity),
-        the texts and the thresholds and prompts, but not theta. The cached tensors are never modified:
-        `_recur` only drops its StepRecord's reference, and scores are read-only.
+        The key holds everything step 1 reads besides the prepared image: the models (by identity), the
+        texts and the thresholds and prompts, but not theta. On a miss the proposals may still come from
+        `_first_proposals` (their own cache, not keyed by eta, prompts, templates or classifier). The cached
+        tensors are never modified: `_recur` only drops its StepRecord's reference, and scores are read-only.
         """
         key = (tuple(queries), referring, background, preset.templates, preset.clipes_threshold, preset.mask_threshold,
                preset.visual_prompts, self.proposal_clip, classifier.clip)
@@ -261,8 +267,9 @@ class Segmenter:
             if cached is not None:
                 prepared.first_steps.move_to_end(key)
                 return cached
-        proposals, scores = self._step(prepared, queries, background_texts, class_texts, classifier, preset,
-                                       referring, timer)
+        proposals = self._first_proposals(prepared, queries, background, background_texts, preset, referring,
+                                          timer)
+        scores = self._scores(prepared, classifier, proposals, class_texts, preset, timer)
         scores.flags.writeable = False
         with self._lock:
             prepared.first_steps[key] = (proposals, scores)
@@ -270,18 +277,45 @@ class Segmenter:
                 prepared.first_steps.popitem(last=False)
         return proposals, scores
 
+    def _first_proposals(self, prepared: PreparedImage, queries: list[str], background: tuple[str, ...],
+                         background_texts: torch.Tensor, preset: Preset, referring: bool,
+                         timer: StageTimer) -> torch.Tensor:
+        """Step 1's soft proposals (Q, H, W); cached on `prepared`, keyed by all they depend on.
+
+        That is the raw query texts, the mode, the background words, lambda and the proposal model (which
+        embeds the texts and makes the CAMs); not eta, the visual prompts, the templates nor the classifier,
+        which only the scores read. The cached tensor is shared, never modified.
+        """
+        key = (tuple(queries), referring, background, preset.clipes_threshold, self.proposal_clip)
+        with self._lock:
+            cached = prepared.first_proposals.get(key)
+            if cached is not None:
+                prepared.first_proposals.move_to_end(key)
+                return cached
+        proposals = self._proposals(prepared, queries, background_texts, preset, referring, timer)
+        with self._lock:
+            prepared.first_proposals[key] = proposals
+            while len(prepared.first_proposals) > FIRST_PROPOSALS_CACHE_SIZE:
+                prepared.first_proposals.popitem(last=False)
+        return proposals
+
     def _step(self, prepared: PreparedImage, cam_texts: list[str], background_texts: torch.Tensor,
               class_texts: torch.Tensor, classifier: MaskClassifier, preset: Preset, referring: bool,
               timer: StageTimer) -> tuple[torch.Tensor, np.ndarray]:
         """Proposals (Q, H, W) and classifier scores (Q,) for the live queries' CAM texts and class texts."""
+        proposals = self._proposals(prepared, cam_texts, background_texts, preset, referring, timer)
+        return proposals, self._scores(prepared, classifier, proposals, class_texts, preset, timer)
+
+    def _proposals(self, prepared: PreparedImage, cam_texts: list[str], background_texts: torch.Tensor,
+                   preset: Preset, referring: bool, timer: StageTimer) -> torch.Tensor:
+        """Soft proposals (Q, H, W): CAMs for the CAM texts against the background, refined with lambda."""
         generator = self._generator()
         with timer("text"):
             foreground = generator.clip.embed_texts(cam_texts)
         with timer("cam"):
             cams = generator.cams(prepared.proposal, foreground, background_texts, referring)
         with timer("refine"):
-            proposals = generator.refine(prepared.proposal, cams, preset.clipes_threshold)
-        return proposals, self._scores(prepared, classifier, proposals, class_texts, preset, timer)
+            return generator.refine(prepared.proposal, cams, preset.clipes_threshold)
 
     def _scores(self, prepared: PreparedImage, classifier: MaskClassifier, proposals: torch.Tensor,
                 texts: torch.Tensor, preset: Preset, timer: StageTimer) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""What the active-learning loop relies on: the CRF margin, and step 1 reused across theta sweeps."""
+"""What the active-learning loop relies on: the CRF margin, and step 1 reused across threshold sweeps."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from car_backend.engine import Segmenter, get_preset
 from car_backend.engine.postprocess import SamRefiner, crf_masks, crf_masks_with_margin, top_two_margin
-from car_backend.engine.segmenter import FIRST_STEP_CACHE_SIZE
+from car_backend.engine.segmenter import FIRST_PROPOSALS_CACHE_SIZE, FIRST_STEP_CACHE_SIZE
 from car_backend.settings import Settings
 from tests.engine.support import scene
 
@@ -17,6 +18,7 @@ QUERIES = ["cat", "dog", "car", "boat", "sofa"]
 SENTENCES = ["the cat on the left", "a red car", "the small boat", "a big cow"]
 LOW_THETA = dataclasses.replace(get_preset("coco"), confidence_threshold=0.04)
 THETAS = (0.0, 0.03, 0.04, 0.06, 0.1, 0.3)
+ETAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # the calibration grid (car_backend.review.THRESHOLD_BOUNDS)
 
 
 def make_segmenter(tiny_clips, **kwargs) -> Segmenter:
@@ -95,32 +97,92 @@ def test_theta_sweep_matches_fresh_segmenters(tiny_clips, queries, preset, mode,
     assert len(prepared.first_steps) == 1
 
 
+@pytest.mark.parametrize(("queries", "preset", "mode", "seed"), [
+    (QUERIES, LOW_THETA, "semantic", 1),
+    (SENTENCES, get_preset("refcoco+"), "referring", 6),
+])
+def test_eta_sweep_matches_fresh_segmenters(tiny_clips, queries, preset, mode, seed):
+    image = scene(seed, 96, 128)
+    segmenter = make_segmenter(tiny_clips)
+    prepared = segmenter.prepare(image)
+    step_one_scores = set()
+    for eta in ETAS:
+        swept_preset = dataclasses.replace(preset, mask_threshold=eta)
+        swept = segmenter.segment(prepared, queries, preset=swept_preset, mode=mode)
+        fresh = make_segmenter(tiny_clips).segment(image, queries, preset=swept_preset, mode=mode)
+        assert same_segmentation(swept, fresh), eta
+        _, scores = next(reversed(prepared.first_steps.values()))  # this call's, the most recently used
+        step_one_scores.add(scores.tobytes())
+    assert len(step_one_scores) >= 3  # eta does change step 1's scores
+    assert len(prepared.first_proposals) == 1 and len(prepared.first_steps) == len(ETAS)
+    (proposals,) = prepared.first_proposals.values()
+    assert all(cached is proposals for cached, _ in prepared.first_steps.values())
+
+
+class StepOneCounter:
+    """Per segment call: generator.cams calls, and whether step 1's scores were computed (a _scores call on
+    the cached step-1 proposals; later steps' proposals are never cached)."""
+
+    def __init__(self, segmenter: Segmenter, prepared, monkeypatch):
+        self.segmenter, self.prepared = segmenter, prepared
+        self.cams, self.scored = 0, False
+        generator = segmenter._generator()
+        cams, scores = generator.cams, segmenter._scores
+
+        def counted_cams(*args):
+            self.cams += 1
+            return cams(*args)
+
+        def counted_scores(prepared, classifier, proposals, *args):
+            self.scored |= any(proposals is cached for cached in prepared.first_proposals.values())
+            return scores(prepared, classifier, proposals, *args)
+
+        monkeypatch.setattr(generator, "cams", counted_cams)
+        monkeypatch.setattr(segmenter, "_scores", counted_scores)
+
+    def __call__(self, preset, **kwargs) -> tuple[int, bool, int]:
+        """(cams calls, step-1 scores computed, steps) of one segment call."""
+        self.cams, self.scored = 0, False
+        result = self.segmenter.segment(self.prepared, QUERIES, preset=preset, **kwargs)
+        return self.cams, self.scored, result.steps
+
+
 def test_step_one_runs_once_per_sweep_and_again_when_its_inputs_change(tiny_clips, monkeypatch):
     segmenter = make_segmenter(tiny_clips)
-    generator = segmenter._generator()
-    calls = []
-    original = generator.cams
-    monkeypatch.setattr(generator, "cams", lambda *args: calls.append(1) or original(*args))
     prepared = segmenter.prepare(scene(1, 96, 128))
+    counted = StepOneCounter(segmenter, prepared, monkeypatch)
 
-    def cam_calls(preset, **kwargs):
-        calls.clear()
-        result = segmenter.segment(prepared, QUERIES, preset=preset, **kwargs)
-        return len(calls), result.steps
+    cams, scored, steps = counted(LOW_THETA)
+    assert cams == steps and scored
+    for theta in THETAS:  # step 1 entirely reused
+        cams, scored, steps = counted(dataclasses.replace(LOW_THETA, confidence_threshold=theta))
+        assert cams == steps - 1 and not scored, theta
+    # Step 1's proposals reused, its scores recomputed.
+    for changed in ({"mask_threshold": 0.3}, {"visual_prompts": ("circle",)}, {"templates": None}):
+        cams, scored, steps = counted(dataclasses.replace(LOW_THETA, **changed))
+        assert cams == steps - 1 and scored, changed
+    # Step 1 recomputed.
+    cams, scored, steps = counted(dataclasses.replace(LOW_THETA, clipes_threshold=0.3))
+    assert cams == steps and scored
+    cams, scored, steps = counted(LOW_THETA, background=["sky"])
+    assert cams == steps and scored
+    cams, scored, steps = counted(LOW_THETA, mode="referring")
+    assert cams == steps and scored
 
-    computed, steps = cam_calls(LOW_THETA)
-    assert computed == steps
-    for theta in THETAS:
-        reused, steps = cam_calls(dataclasses.replace(LOW_THETA, confidence_threshold=theta))
-        assert reused == steps - 1, theta
-    for changed in ({"mask_threshold": 0.3}, {"clipes_threshold": 0.3}, {"visual_prompts": ("circle",)},
-                    {"templates": None}):
-        computed, steps = cam_calls(dataclasses.replace(LOW_THETA, **changed))
-        assert computed == steps, changed
-    computed, steps = cam_calls(LOW_THETA, background=["sky"])
-    assert computed == steps
-    computed, steps = cam_calls(LOW_THETA, mode="referring")
-    assert computed == steps
+
+def test_step_one_cams_run_once_per_eta_sweep_and_again_when_lambda_changes(tiny_clips, monkeypatch):
+    segmenter = make_segmenter(tiny_clips)
+    prepared = segmenter.prepare(scene(4, 96, 128))
+    counted = StepOneCounter(segmenter, prepared, monkeypatch)
+    for lam in (LOW_THETA.clipes_threshold, 0.3):
+        for index, eta in enumerate(ETAS):
+            cams, scored, steps = counted(dataclasses.replace(LOW_THETA, mask_threshold=eta, clipes_threshold=lam))
+            assert cams == (steps if index == 0 else steps - 1) and scored, (lam, eta)
+        assert len(ETAS) <= FIRST_STEP_CACHE_SIZE
+        for eta in ETAS:  # the whole step 1 is cached now
+            cams, scored, steps = counted(dataclasses.replace(LOW_THETA, mask_threshold=eta, clipes_threshold=lam))
+            assert cams == steps - 1 and not scored, (lam, eta)
+    assert len(prepared.first_proposals) == 2
 
 
 def test_first_step_cache_is_bounded_per_image(tiny_clips):
@@ -130,3 +192,19 @@ def test_first_step_cache_is_bounded_per_image(tiny_clips):
         segmenter.segment(prepared, QUERIES[:2], preset=dataclasses.replace(LOW_THETA, mask_threshold=0.1 * index))
     assert len(prepared.first_steps) == FIRST_STEP_CACHE_SIZE
     assert all(not scores.flags.writeable for _, scores in prepared.first_steps.values())
+
+
+def test_first_proposals_cache_is_bounded_and_never_modified(tiny_clips):
+    segmenter = make_segmenter(tiny_clips)
+    prepared = segmenter.prepare(scene(2, 48, 64))
+    segmenter.segment(prepared, QUERIES, preset=LOW_THETA)
+    (first,) = prepared.first_proposals.values()
+    before = first.clone()
+    for eta in ETAS:
+        for theta in (0.0, 0.1, 0.3):
+            preset = dataclasses.replace(LOW_THETA, mask_threshold=eta, confidence_threshold=theta)
+            segmenter.segment(prepared, QUERIES, preset=preset)
+    assert torch.equal(first, before)
+    for index in range(FIRST_PROPOSALS_CACHE_SIZE + 2):
+        segmenter.segment(prepared, QUERIES[:2], preset=dataclasses.replace(LOW_THETA, clipes_threshold=0.1 * index))
+    assert len(prepared.first_proposals) == FIRST_PROPOSALS_CACHE_SIZE
