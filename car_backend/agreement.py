@@ -50,8 +50,13 @@ def label_masks(regions: Iterable[dict], size: tuple[int, int] | None = None) ->
             points = np.asarray(region["value"]["points"], np.float64).reshape(-1, 2)
             mask = polygons_mask([points * [width / 100.0, height / 100.0]], height, width)
         for label in _labels(region):
-            masks[label] = masks[label] | mask if label in masks else mask
+            add_mask(masks, label, mask)
     return masks
+
+
+def add_mask(masks: dict[str, np.ndarray], label: str, mask: np.ndarray) -> None:
+    """OR `mask` into `masks[label]` (set it when the label has none yet)."""
+    masks[label] = masks[label] | mask if label in masks else mask
 
 
 def shrink(masks: Mapping[str, np.ndarray], max_side: int = SHRINK_MAX_SIDE) -> dict[str, np.ndarray]:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from car_backend.agreement import ProjectAgreement, compare, label_masks, search, shrink
-from car_backend.jobs import JobSpec, WorkerContext, current_context, restrict
+from car_backend.agreement import ProjectAgreement, add_mask, compare, label_masks, search, shrink
+from car_backend.jobs import JobSpec, WorkerContext, current_context, restrict, segment_run
 from car_backend.labelstudio.media import MediaError
 from car_backend.review import THRESHOLD_BOUNDS, Calibration, Correction
 
@@ -143,15 +143,20 @@ def _calibrate(ctx: WorkerContext, project: str) -> dict:
     base = _base_preset(ctx, items[0][1][0][0])
     start = dict(current.thresholds) if current else {b.name: getattr(base, b.name) for b in THRESHOLD_BOUNDS}
 
+    evaluated: dict[tuple, ProjectAgreement] = {}  # the search's runs, reused for the per-label figures
+
     def agreement(thresholds: dict[str, float]) -> ProjectAgreement:
-        total = ProjectAgreement()
-        for correction, prepared in items:
-            predicted: dict[str, np.ndarray] = {}
-            for spec, image in prepared:
-                for label, mask in _predicted_masks(ctx, spec, image, thresholds).items():
-                    predicted[label] = predicted[label] | mask if label in predicted else mask
-            total.add(compare(shrink(predicted), correction.masks))
-        return total
+        key = tuple(sorted(thresholds.items()))
+        if key not in evaluated:
+            total = ProjectAgreement()
+            for correction, prepared in items:
+                predicted: dict[str, np.ndarray] = {}
+                for spec, image in prepared:
+                    for label, mask in _predicted_masks(ctx, spec, image, thresholds).items():
+                        add_mask(predicted, label, mask)
+                total.add(compare(shrink(predicted), correction.masks))
+            evaluated[key] = total
+        return evaluated[key]
 
     found = search(lambda t: agreement(t).mean_score or 0.0, THRESHOLD_BOUNDS, start)
     before, after = agreement(start), agreement(found.best)
@@ -182,21 +187,17 @@ def _base_preset(ctx: WorkerContext, spec: JobSpec) -> Any:
     return get_preset(spec.runs[0].preset or ctx.settings.preset)
 
 
-def _predicted_masks(ctx: WorkerContext, spec: JobSpec, prepared: Any, thresholds: dict[str, float]) -> dict[str, np.ndarray]:
+def _predicted_masks(ctx: WorkerContext, spec: JobSpec, prepared: Any, thresholds: dict[str, float]
+                     ) -> dict[str, np.ndarray]:
     """Label name -> mask of what the engine predicts for one prepared image with these thresholds."""
-    from car_backend.engine.presets import get_preset
-
     masks: dict[str, np.ndarray] = {}
     for run in spec.runs:
-        preset = replace(get_preset(run.preset or ctx.settings.preset), **thresholds)
-        seg = ctx.segmenter.segment(prepared, list(run.queries), preset=preset, mode=run.mode,
-                                    background=list(run.background) if run.background else None)
+        seg = segment_run(ctx.segmenter, prepared, run, thresholds)
         for out in run.outputs:
             if run.mode == "referring":
                 masks[out.labels[0].value] = seg.label_map == 1
                 continue
             own = restrict(seg, [label.prompt for label in out.labels])
             for i, label in enumerate(out.labels):
-                mask = own.label_map == i + 1
-                masks[label.value] = masks[label.value] | mask if label.value in masks else mask
+                add_mask(masks, label.value, own.label_map == i + 1)
     return {label: mask for label, mask in masks.items() if mask.any()}

@@ -168,11 +168,8 @@ class JobQueue:
                     job_id = f"car-{key[:24]}-{uuid.uuid4().hex[:8]}"
                     pipe.multi()
                     pipe.set(lock, job_id, ex=self.store.lock_ttl)
-                    queue.enqueue_call(
-                        run_job, args=(spec,), job_id=job_id, timeout=self.settings.job_timeout,
-                        retry=Retry(max=self.settings.job_retries) if self.settings.job_retries else None,
-                        result_ttl=RQ_RESULT_TTL, failure_ttl=FAILURE_TTL, description=f"segment {key[:12]}",
-                        pipeline=pipe)
+                    queue.enqueue_call(run_job, args=(spec,), job_id=job_id, description=f"segment {key[:12]}",
+                                       pipeline=pipe, **self._job_options(self.settings.job_timeout))
                     pipe.execute()
                     return job_id, True
                 except WatchError:
@@ -180,11 +177,14 @@ class JobQueue:
 
     def submit_call(self, func: Callable, args: tuple, description: str, timeout: int | None = None) -> str:
         """Queue a plain function on the batch queue (review and calibration jobs); its RQ job id."""
-        job = self.batch.enqueue_call(
-            func, args=args, timeout=timeout or self.settings.job_timeout,
-            retry=Retry(max=self.settings.job_retries) if self.settings.job_retries else None,
-            result_ttl=RQ_RESULT_TTL, failure_ttl=FAILURE_TTL, description=description)
+        job = self.batch.enqueue_call(func, args=args, description=description,
+                                      **self._job_options(timeout or self.settings.job_timeout))
         return job.id
+
+    def _job_options(self, timeout: int) -> dict:
+        """RQ options every car job gets: its timeout, bounded retries, how long results and failures stay."""
+        return {"timeout": timeout, "result_ttl": RQ_RESULT_TTL, "failure_ttl": FAILURE_TTL,
+                "retry": Retry(max=self.settings.job_retries) if self.settings.job_retries else None}
 
     def statuses(self, job_ids: list[str]) -> list[str | None]:
         """RQ status of each job (None when the job is gone)."""

@@ -107,13 +107,7 @@ def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher) -> JobResult:
     kept_scores: list[float] = []
     margins: list[float] = []
     for run in spec.runs:
-        preset: Any = run.preset
-        if spec.thresholds:
-            from car_backend.engine.presets import get_preset
-
-            preset = replace(get_preset(run.preset or segmenter.settings.preset), **dict(spec.thresholds))
-        seg = segmenter.segment(image, list(run.queries), preset=preset, mode=run.mode,
-                                background=list(run.background) if run.background else None)
+        seg = segment_run(segmenter, image, run, dict(spec.thresholds))
         kept_scores.extend(float(s) for s in seg.scores if s > 0)
         if seg.margin is not None:
             margins.append(float(seg.margin))
@@ -125,6 +119,17 @@ def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher) -> JobResult:
                                                    polygon_tolerance=spec.polygon_tolerance))
     return JobResult(ok=True, regions=regions, score=task_score(kept_scores, spec.score, margins),
                      seconds=time.monotonic() - started)
+
+
+def segment_run(segmenter: Any, image: Any, run: Run, thresholds: dict[str, float]) -> Segmentation:
+    """The engine's answer for one run on an image (or a prepared image), `thresholds` overriding its preset."""
+    preset: Any = run.preset
+    if thresholds:
+        from car_backend.engine.presets import get_preset
+
+        preset = replace(get_preset(run.preset or segmenter.settings.preset), **thresholds)
+    return segmenter.segment(image, list(run.queries), preset=preset, mode=run.mode,
+                             background=list(run.background) if run.background else None)
 
 
 def restrict(seg: Segmentation, prompts: list[str]) -> Segmentation:

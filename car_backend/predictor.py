@@ -255,11 +255,11 @@ class Predictor:
                 entries.append(failed_entry(version, plan.failure))
             else:
                 entries.append(task_entry([results[k] for k in plan.keys], version))
-        delivered = [(p.task_id, version, p.keys) for p, e in zip(plans, entries, strict=True)
-                     if stored and p.task_id is not None and p.specs and e.get("result") is not None]
-        self.review.record_delivered(delivered)
+        delivered = sum(1 for e in entries if "result" in e)
         if delivered:
-            self.metrics.deliveries.inc(len(delivered))
+            self.metrics.deliveries.inc(delivered)
+        self.review.record_delivered([(p.task_id, version, p.keys) for p, e in zip(plans, entries, strict=True)
+                                      if stored and p.task_id is not None and p.specs and "result" in e])
         return entries
 
     def _register_late(self, plans: list[TaskPlan], version: str, results: dict[str, JobResult]) -> None:

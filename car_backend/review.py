@@ -9,6 +9,7 @@
     car:review:<p>:corrections        hash task -> pickled Correction: what calibration re-runs the engine on
     car:review:<p>:calibration        JSON Calibration: the project's current thresholds
     car:review:<p>:calibrating        lock: a calibration job is queued or running
+    car:review:projects               set of the projects with agreement figures or a calibration (/metrics)
 
 All keys of a project expire PROJECT_TTL_S after their last write.
 """
@@ -20,7 +21,7 @@ import pickle
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from redis import Redis
@@ -109,8 +110,11 @@ class ReviewStore:
         single = ProjectAgreement()
         single.add(agreement)
         key = self._key(project, "agreement")
-        self.redis.hset(key, str(task), json.dumps({"version": version, "fields": single.to_fields()}))
-        self.redis.expire(key, PROJECT_TTL_S)
+        with self.redis.pipeline() as pipe:
+            pipe.hset(key, str(task), json.dumps({"version": version, "fields": single.to_fields()}))
+            pipe.expire(key, PROJECT_TTL_S)
+            self._register(pipe, project)
+            pipe.execute()
 
     def agreement(self, project: str) -> dict[str, ProjectAgreement]:
         """Per model_version: the sum over the project's corrected tasks predicted with that version."""
@@ -142,7 +146,10 @@ class ReviewStore:
         return Calibration.from_json(raw) if raw is not None else None
 
     def put_calibration(self, project: str, calibration: Calibration) -> None:
-        self.redis.set(self._key(project, "calibration"), calibration.to_json(), ex=PROJECT_TTL_S)
+        with self.redis.pipeline() as pipe:
+            pipe.set(self._key(project, "calibration"), calibration.to_json(), ex=PROJECT_TTL_S)
+            self._register(pipe, project)
+            pipe.execute()
 
     def try_lock_calibration(self, project: str, owner: str, ttl: int) -> bool:
         return bool(self.redis.set(self._key(project, "calibrating"), owner, nx=True, ex=ttl))
@@ -151,10 +158,10 @@ class ReviewStore:
         self.redis.delete(self._key(project, "calibrating"))
 
     def projects(self) -> list[str]:
-        """Projects with review state (for /metrics)."""
-        found = set()
-        for key in self.redis.scan_iter(match=f"{PREFIX}:review:*:agreement", count=500):
-            found.add(key.decode().split(":")[2])
-        for key in self.redis.scan_iter(match=f"{PREFIX}:review:*:calibration", count=500):
-            found.add(key.decode().split(":")[2])
-        return sorted(found)
+        """Projects with review figures (for /metrics): one set read, not a scan of the keyspace."""
+        return sorted(p.decode() for p in self.redis.smembers(f"{PREFIX}:review:projects"))
+
+    @staticmethod
+    def _register(pipe: Any, project: str) -> None:
+        pipe.sadd(f"{PREFIX}:review:projects", project)
+        pipe.expire(f"{PREFIX}:review:projects", PROJECT_TTL_S)

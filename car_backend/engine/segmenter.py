@@ -24,9 +24,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -49,6 +50,8 @@ from car_backend.engine.visual_prompts import VISUAL_PROMPTS, prompt_background
 from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MODES = ("semantic", "referring")
 PREPARED_CACHE_SIZE = 4
@@ -262,20 +265,15 @@ class Segmenter:
         """
         key = (tuple(queries), referring, background, preset.templates, preset.clipes_threshold, preset.mask_threshold,
                preset.visual_prompts, self.proposal_clip, classifier.clip)
-        with self._lock:
-            cached = prepared.first_steps.get(key)
-            if cached is not None:
-                prepared.first_steps.move_to_end(key)
-                return cached
-        proposals = self._first_proposals(prepared, queries, background, background_texts, preset, referring,
-                                          timer)
-        scores = self._scores(prepared, classifier, proposals, class_texts, preset, timer)
-        scores.flags.writeable = False
-        with self._lock:
-            prepared.first_steps[key] = (proposals, scores)
-            while len(prepared.first_steps) > FIRST_STEP_CACHE_SIZE:
-                prepared.first_steps.popitem(last=False)
-        return proposals, scores
+
+        def compute() -> tuple[torch.Tensor, np.ndarray]:
+            proposals = self._first_proposals(prepared, queries, background, background_texts, preset, referring,
+                                              timer)
+            scores = self._scores(prepared, classifier, proposals, class_texts, preset, timer)
+            scores.flags.writeable = False
+            return proposals, scores
+
+        return self._memo(prepared.first_steps, key, FIRST_STEP_CACHE_SIZE, compute)
 
     def _first_proposals(self, prepared: PreparedImage, queries: list[str], background: tuple[str, ...],
                          background_texts: torch.Tensor, preset: Preset, referring: bool,
@@ -287,17 +285,21 @@ class Segmenter:
         which only the scores read. The cached tensor is shared, never modified.
         """
         key = (tuple(queries), referring, background, preset.clipes_threshold, self.proposal_clip)
+        return self._memo(prepared.first_proposals, key, FIRST_PROPOSALS_CACHE_SIZE,
+                          lambda: self._proposals(prepared, queries, background_texts, preset, referring, timer))
+
+    def _memo(self, cache: OrderedDict, key: tuple, size: int, compute: Callable[[], T]) -> T:
+        """cache[key], computed (outside the lock) on a miss; the cache keeps its `size` latest keys."""
         with self._lock:
-            cached = prepared.first_proposals.get(key)
-            if cached is not None:
-                prepared.first_proposals.move_to_end(key)
-                return cached
-        proposals = self._proposals(prepared, queries, background_texts, preset, referring, timer)
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
+        value = compute()
         with self._lock:
-            prepared.first_proposals[key] = proposals
-            while len(prepared.first_proposals) > FIRST_PROPOSALS_CACHE_SIZE:
-                prepared.first_proposals.popitem(last=False)
-        return proposals
+            cache[key] = value
+            while len(cache) > size:
+                cache.popitem(last=False)
+        return value
 
     def _step(self, prepared: PreparedImage, cam_texts: list[str], background_texts: torch.Tensor,
               class_texts: torch.Tensor, classifier: MaskClassifier, preset: Preset, referring: bool,
