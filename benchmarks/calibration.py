@@ -30,10 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from car_backend.engine import ClipModel, Segmenter, get_preset  # noqa: E402
-from car_backend.review import THRESHOLD_BOUNDS  # noqa: E402
-from car_backend.settings import Settings  # noqa: E402
-from tests.engine.support import random_clip, scene  # noqa: E402
+from car_backend.engine import ClipModel, EngineConfig, Segmenter, get_preset  # noqa: E402
+from car_backend.engine.synthetic import random_clip, scene  # noqa: E402
+from car_backend.review.store import THRESHOLD_BOUNDS  # noqa: E402
 
 VOCABULARY = ("person", "bicycle", "car", "motorcycle", "bus", "train", "truck", "boat", "bird", "cat",
               "dog", "horse", "sheep", "cow", "bench", "traffic light", "stop sign", "airplane", "elephant", "tree")
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
           f"random, {args.device}, torch threads {torch.get_num_threads()}")
 
     def segmenter() -> Segmenter:
-        return Segmenter(Settings(device=args.device), proposal_model=proposal_clip, classifier_model=classifier_clip)
+        return Segmenter(EngineConfig(device=args.device), proposal_model=proposal_clip, classifier_model=classifier_clip)
 
     segmenter().segment(images[0], queries, preset=base)  # warm the text cache (both paths share the models)
     figures: dict[str, dict] = {}

@@ -26,10 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from car_backend.engine import ClipModel, Segmenter, get_preset  # noqa: E402
-from car_backend.settings import Settings  # noqa: E402
-from tests.engine.reference import LiteralCaR  # noqa: E402
-from tests.engine.support import random_clip, scene  # noqa: E402
+from car_backend.engine import ClipModel, EngineConfig, Segmenter, get_preset  # noqa: E402
+from car_backend.engine.reference import LiteralCaR  # noqa: E402
+from car_backend.engine.synthetic import random_clip, scene  # noqa: E402
 
 log = logging.getLogger("benchmarks.engine")
 
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     # Fast runs for every query count first, so that their peak memory is measured before the literal's.
     fast_runs = {}
     for count in counts:
-        segmenter = Segmenter(Settings(device=args.device), proposal_model=proposal_clip,
+        segmenter = Segmenter(EngineConfig(device=args.device), proposal_model=proposal_clip,
                               classifier_model=classifier_clip)
         entry, fast_runs[count] = measure_fast(segmenter, images, list(VOCABULARY[:count]), preset)
         report["queries"][str(count)] = entry

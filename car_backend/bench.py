@@ -1,7 +1,7 @@
 """`car-backend bench engine|service`: run a benchmark script from the source checkout's `benchmarks/`.
 
-Benchmarks compare against the slow literal implementation kept in `tests/`, so they need a checkout,
-not just the installed package.
+Benchmarks are scripts of the source checkout (they are not installed with the package); they import only
+`car_backend`, never the tests.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", help="address to bind (default: HOST or 0.0.0.0)")
     p.add_argument("--port", type=int, help="port to listen on (default: PORT or 9090)")
-    p.set_defaults(handler=_run("car_backend.server", "main"))
+    p.set_defaults(handler=_run("car_backend.service.gunicorn", "main"))
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +45,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     p.add_argument("--name", help="worker name (default: host and process id)")
-    p.set_defaults(handler=_run("car_backend.worker", "main"))
+    p.set_defaults(handler=_run("car_backend.queue.worker", "main"))
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +62,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="write the label map as a PNG (pixel value = label index + 1, 0 = background)")
     p.add_argument("--overlay", help="write a colour overlay of the masks on the image as a PNG")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.set_defaults(handler=_run("car_backend.engine.cli", "segment_command"))
+    p.set_defaults(handler=_run("car_backend.engine.cli", "segment_command", engine_only=True))
 
 
 def _add_prelabel(sub: argparse._SubParsersAction) -> None:
@@ -83,7 +83,7 @@ def _add_prelabel(sub: argparse._SubParsersAction) -> None:
                    help="for --images: write each image as PREFIX + its path under the folder (e.g. "
                    "'/data/local-files/?d=dataset/' or 'https://bucket.example/dataset/') instead of its absolute "
                    "path, so Label Studio can open it")
-    p.set_defaults(handler=_run("car_backend.prelabel", "main"))
+    p.set_defaults(handler=_run("car_backend.service.prelabel", "main"))
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -107,7 +107,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--project", required=True, help="Label Studio project id")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.set_defaults(handler=_run("car_backend.report", "main"))
+    p.set_defaults(handler=_run("car_backend.review.report", "main"))
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -130,7 +130,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run("car_backend.evaluation.cli", "main"))
 
 
-def _run(module: str, function: str) -> Callable[[argparse.Namespace, Settings], int]:
+def _run(module: str, function: str, engine_only: bool = False) -> Callable[[argparse.Namespace, Settings], int]:
+    """A handler that imports `module` when it runs and calls `function(args, settings)`, or
+    `function(args, settings.engine_config())` for engine commands (the engine never sees Settings)."""
+
     def handler(args: argparse.Namespace, settings: Settings) -> int:
         import importlib
         import importlib.util
@@ -139,7 +142,7 @@ def _run(module: str, function: str) -> Callable[[argparse.Namespace, Settings],
             print(f"car-backend {args.command}: not implemented yet ({module} is not in this build)", file=sys.stderr)
             return 2
         target = getattr(importlib.import_module(module), function)
-        return int(target(args, settings) or 0)
+        return int(target(args, settings.engine_config() if engine_only else settings) or 0)
 
     return handler
 

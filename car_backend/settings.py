@@ -1,7 +1,14 @@
-"""One typed settings object, read from the environment and validated at start.
+"""One typed settings object, read from the environment and validated at start, and the config objects
+made from it.
 
-Every module takes its configuration from a `Settings` instance; nothing else reads `os.environ`
-for car-backend's own settings (Label Studio's SDK reads a few of its own variables, see media.py).
+Nothing else reads `os.environ` for car-backend's own settings (Label Studio's SDK reads a few of its own
+variables, see labelstudio/media.py). The layers take what they need:
+- the engine takes an `EngineConfig` (`Settings.engine_config()`), never `Settings`;
+- `labelstudio` takes any object with the Label Studio access fields (`labelstudio.access.Access`, which
+  `Settings` satisfies);
+- pipeline, queue, review and service take `Settings` itself.
+
+This module imports only the engine's config (floor 2 of the layers, see tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -12,15 +19,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from car_backend.engine.config import DEVICES, PRECISIONS, SAM_MODEL_TYPES, EngineConfig
+from car_backend.engine.errors import CarError
+from car_backend.engine.presets import PRESETS as _PRESETS
 
-class SettingsError(ValueError):
+
+class SettingsError(CarError, ValueError):
     """A setting has a value we cannot use; the message names the variable and the allowed values."""
 
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-OUTPUTS = ("brush", "polygon", "auto")
-PRESETS = ("voc", "coco", "context", "ade", "refcoco", "refcoco+", "refcocog")
+PRESETS = tuple(_PRESETS)
+OUTPUTS = ("brush", "polygon", "auto")  # "auto": whatever control the label config has
 SCORES = ("confidence", "uncertainty")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -69,7 +78,7 @@ class Settings:
     )
     sam_model_type: str = field(
         default="vit_h",
-        metadata=_meta("CAR_SAM_MODEL_TYPE", "segment-anything model type of the checkpoint.", ("vit_h", "vit_l", "vit_b")),
+        metadata=_meta("CAR_SAM_MODEL_TYPE", "segment-anything model type of the checkpoint.", SAM_MODEL_TYPES),
     )
     weights_dir: str = field(
         default="",
@@ -189,6 +198,18 @@ class Settings:
             raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
             raise SettingsError(f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}")
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's part of these settings."""
+        return EngineConfig(
+            proposal_model=self.proposal_model, classifier_model=self.classifier_model, device=self.device,
+            precision=self.precision, preset=self.preset, max_steps=self.max_steps,
+            sam_checkpoint=self.sam_checkpoint, sam_model_type=self.sam_model_type, weights_dir=self.weights_dir)
+
+    @property
+    def can_write_predictions(self) -> bool:
+        """Whether predictions can be written into Label Studio (URL and key are both set)."""
+        return bool(self.label_studio_url and self.label_studio_api_key)
 
     def redacted(self) -> dict[str, Any]:
         """All settings as a dict with secrets masked: the only form that may be logged."""

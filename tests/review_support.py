@@ -12,10 +12,11 @@ import io
 import numpy as np
 from PIL import Image
 
-from car_backend.agreement import compare, label_masks
 from car_backend.engine import Segmenter, get_preset
 from car_backend.labelstudio.config import parse_label_config
+from car_backend.labelstudio.regions import label_masks
 from car_backend.labelstudio.results import segmentation_to_regions
+from car_backend.review.agreement import compare
 from tests.conftest import tiny_settings
 from tests.service.fake_ls import image_bytes
 
@@ -31,7 +32,7 @@ def review_image(index: int) -> bytes:
 def annotated_regions(label_config: str, images: list[bytes]) -> list[list[dict]]:
     """What the annotators submit for each image: CaR's output (tiny random CLIP) with the WANTED thresholds."""
     (target,) = parse_label_config(label_config).targets
-    segmenter = Segmenter(tiny_settings())
+    segmenter = Segmenter(tiny_settings().engine_config())
     preset = dataclasses.replace(get_preset("coco"), **WANTED)
     out = []
     for data in images:

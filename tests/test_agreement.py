@@ -2,19 +2,18 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import mask2rle
 
-from car_backend.agreement import (
+from car_backend.engine.result import Segmentation
+from car_backend.labelstudio.config import LabelSpec, Target
+from car_backend.labelstudio.regions import label_masks, shrink
+from car_backend.labelstudio.results import segmentation_to_regions
+from car_backend.review.agreement import (
     Bounds,
     LabelAgreement,
     LabelTotals,
     ProjectAgreement,
     compare,
-    label_masks,
     search,
-    shrink,
 )
-from car_backend.engine.result import Segmentation
-from car_backend.labelstudio.config import LabelSpec, Target
-from car_backend.labelstudio.results import segmentation_to_regions
 
 H, W = 60, 90  # not square, and 100 / W is not a round number
 

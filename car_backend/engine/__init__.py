@@ -1,7 +1,10 @@
 """CaR (CLIP as RNN) segmentation engine: pure torch + numpy, no Label Studio, HTTP or queue code.
 
-    from car_backend.engine import Segmenter
-    result = Segmenter(settings).segment(image, ["cat", "dog", "sofa"])
+    from car_backend.engine import EngineConfig, Segmenter
+    result = Segmenter(EngineConfig(device="cpu")).segment(image, ["cat", "dog", "sofa"])
+
+Owns: the models, CaR's recurrence, presets, the result types, `EngineConfig` and the error vocabulary
+(errors) every layer shares. May import: nothing of car_backend outside this package (the bottom layer).
 
 Names are imported on first use, so `car_backend.engine.result` (plain numpy) can be used by the HTTP server
 without importing torch.
@@ -13,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "EngineConfig": "config",
     "ClipModel": "models",
     "ModelLoadError": "models",
     "ModelSpec": "models",
@@ -27,13 +31,14 @@ _EXPORTS = {
 }
 
 __all__ = [  # noqa: RUF022 (grouped as _EXPORTS)
-    "ClipModel", "ModelLoadError", "ModelSpec", "ModelSpecError", "load_clip",
+    "EngineConfig", "ClipModel", "ModelLoadError", "ModelSpec", "ModelSpecError", "load_clip",
     "PRESETS", "Preset", "get_preset",
     "Segmentation",
     "PreparedImage", "Segmenter",
 ]
 
 if TYPE_CHECKING:
+    from car_backend.engine.config import EngineConfig
     from car_backend.engine.models import ClipModel, ModelLoadError, ModelSpec, ModelSpecError, load_clip
     from car_backend.engine.presets import PRESETS, Preset, get_preset
     from car_backend.engine.result import Segmentation

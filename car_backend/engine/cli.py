@@ -11,17 +11,17 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from car_backend.engine.config import EngineConfig
 from car_backend.engine.models import ModelLoadError, ModelSpecError
 from car_backend.engine.result import Segmentation
 from car_backend.engine.segmenter import Segmenter
-from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
 OVERLAY_ALPHA = 0.5
 
 
-def segment_command(args: argparse.Namespace, settings: Settings) -> int:
+def segment_command(args: argparse.Namespace, config: EngineConfig) -> int:
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     if not labels:
         log.error("--labels is empty; give a comma-separated vocabulary")
@@ -34,7 +34,7 @@ def segment_command(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     mode = "referring" if args.referring else "semantic"
     try:
-        result = Segmenter(settings).segment(image, labels, preset=args.preset, mode=mode)
+        result = Segmenter(config).segment(image, labels, preset=args.preset, mode=mode)
     except (ModelLoadError, ModelSpecError) as exc:
         log.error("%s", exc)
         return 2
@@ -43,7 +43,7 @@ def segment_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.overlay:
         write_overlay(np.asarray(image), result, Path(args.overlay))
     if args.json:
-        print(json.dumps(summary(result, args.image, args.preset or settings.preset)))
+        print(json.dumps(summary(result, args.image, args.preset or config.preset)))
     else:
         print(table(result))
     return 0

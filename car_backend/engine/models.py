@@ -30,6 +30,8 @@ import open_clip
 import torch
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
+from car_backend.engine.errors import CarError
+
 log = logging.getLogger(__name__)
 
 RANDOM_WEIGHTS = "random"
@@ -38,11 +40,11 @@ _TEXT_BATCH = 256
 _NETWORK_PROBE_TIMEOUT_S = 3.0
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(CarError, ValueError):
     """A model spec string is malformed or names an unknown model."""
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(CarError, RuntimeError):
     """Weights could not be loaded; the message names what is missing and which setting supplies it."""
 
 

@@ -36,6 +36,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
 from car_backend.engine.classifier import MaskClassifier
+from car_backend.engine.config import EngineConfig
 from car_backend.engine.models import ClipModel, SharedTextCache, load_clip, resolve_device
 from car_backend.engine.postprocess import (
     SamRefiner,
@@ -47,7 +48,6 @@ from car_backend.engine.presets import CAM_TEMPLATE, Preset, get_preset
 from car_backend.engine.proposals import ProposalGenerator, ProposalImage
 from car_backend.engine.result import Segmentation
 from car_backend.engine.visual_prompts import VISUAL_PROMPTS, prompt_background
-from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,6 @@ MODES = ("semantic", "referring")
 PREPARED_CACHE_SIZE = 4
 FIRST_STEP_CACHE_SIZE = 8  # per prepared image
 FIRST_PROPOSALS_CACHE_SIZE = 4  # per prepared image
-MAX_SIDE = 1024
 
 
 @dataclass
@@ -100,23 +99,23 @@ class Segmenter:
 
     def __init__(
         self,
-        settings: Settings | None = None,
+        config: EngineConfig | None = None,
         *,
         proposal_model: ClipModel | torch.nn.Module | None = None,
         classifier_model: ClipModel | torch.nn.Module | None = None,
         sam_refiner: SamRefiner | None = None,
-        max_side: int | None = MAX_SIDE,
         text_cache: SharedTextCache | None = None,
     ):
-        """Models load from `settings` on first use unless given (ClipModel, or an open_clip CLIP).
+        """Models load from `config` on first use unless given (ClipModel, or an open_clip CLIP).
 
         `text_cache` is plugged into the models this segmenter loads (see ClipModel.shared_cache).
+        Raises nothing itself; loading (on first use) raises ModelSpecError or ModelLoadError.
         """
-        self.settings = settings or Settings()
+        self.config = config or EngineConfig()
         self._proposal_clip = _as_clip(proposal_model)
         self._classifier_clip = _as_clip(classifier_model)
         self._sam = sam_refiner
-        self.max_side = max_side
+        self.max_side = self.config.max_side
         self._text_cache = text_cache
         self._generators: dict[int, ProposalGenerator] = {}
         self._classifiers: dict[int, MaskClassifier] = {}
@@ -127,17 +126,17 @@ class Segmenter:
     @property
     def proposal_clip(self) -> ClipModel:
         if self._proposal_clip is None:
-            self._proposal_clip = self._load(self.settings.proposal_model, "CAR_PROPOSAL_MODEL")
+            self._proposal_clip = self._load(self.config.proposal_model, "CAR_PROPOSAL_MODEL")
         return self._proposal_clip
 
     @property
     def classifier_clip(self) -> ClipModel:
         if self._classifier_clip is None:
-            self._classifier_clip = self._load(self.settings.classifier_model, "CAR_CLASSIFIER_MODEL")
+            self._classifier_clip = self._load(self.config.classifier_model, "CAR_CLASSIFIER_MODEL")
         return self._classifier_clip
 
     def _load(self, spec: str, setting: str) -> ClipModel:
-        s = self.settings
+        s = self.config
         clip = load_clip(spec, resolve_device(s.device), s.precision, s.weights_dir, setting=setting)
         if self._text_cache is not None:
             clip.shared_cache = self._text_cache
@@ -155,8 +154,8 @@ class Segmenter:
 
     @property
     def sam(self) -> SamRefiner | None:
-        if self._sam is None and self.settings.sam_checkpoint:
-            s = self.settings
+        if self._sam is None and self.config.sam_checkpoint:
+            s = self.config
             self._sam = SamRefiner(s.sam_checkpoint, s.sam_model_type, str(resolve_device(s.device)))
         return self._sam
 
@@ -197,12 +196,12 @@ class Segmenter:
         mode: str = "semantic",
         background: Sequence[str] | None = None,
     ) -> Segmentation:
-        """Run CaR. `preset` None means settings.preset; `background` None means the preset's words."""
+        """Run CaR. `preset` None means config.preset; `background` None means the preset's words."""
         start = time.perf_counter()
         queries = _check_queries(queries)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        preset = preset if isinstance(preset, Preset) else get_preset(preset or self.settings.preset)
+        preset = preset if isinstance(preset, Preset) else get_preset(preset or self.config.preset)
         background = tuple(preset.background if background is None else background)
         timer = StageTimer(self.proposal_clip.device)
         prepared, fresh = (image, False) if isinstance(image, PreparedImage) else self._prepare(image)
@@ -248,7 +247,7 @@ class Segmenter:
                 fallback = record
             log.debug("step %d: %d live, kept %s", len(steps), len(live), [queries[live[i]] for i in kept])
             # Fix: the official loop has no cap; max_steps bounds a pathological vocabulary.
-            if len(kept) == kept_before or len(steps) >= self.settings.max_steps:
+            if len(kept) == kept_before or len(steps) >= self.config.max_steps:
                 return steps
             kept_before = len(kept)
             live = [live[i] for i in kept]

@@ -21,12 +21,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from car_backend import __version__
+from car_backend.engine.config import EngineConfig
 from car_backend.engine.presets import get_preset
-from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# The settings that change what the engine predicts (device and serving settings do not).
+# The engine config fields that change what the engine predicts (device and the weights folder do not).
 ENGINE_SETTINGS = ("proposal_model", "classifier_model", "precision", "max_steps", "sam_checkpoint", "sam_model_type")
 
 
@@ -36,9 +36,9 @@ class CachedPrediction:
     seconds: float
 
 
-def cache_identity(settings: Settings, dataset: str, preset: str, queries: object) -> dict:
+def cache_identity(config: EngineConfig, dataset: str, preset: str, queries: object) -> dict:
     """Everything a cached prediction depends on; the preset by its values, so retuning it starts afresh."""
-    identity = {name: getattr(settings, name) for name in ENGINE_SETTINGS}
+    identity = {name: getattr(config, name) for name in ENGINE_SETTINGS}
     identity.update(car_backend=__version__, dataset=dataset, preset=dataclasses.asdict(get_preset(preset)),
                     queries=queries)
     return identity

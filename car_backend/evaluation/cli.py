@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from car_backend.engine.config import EngineConfig
 from car_backend.evaluation.benchmarks import BENCHMARKS
 from car_backend.evaluation.cache import PredictionCache, cache_folder, cache_identity
 from car_backend.evaluation.datasets import DatasetError
@@ -29,7 +30,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     samples = samples[: args.limit] if args.limit is not None else samples
 
     queries = [[p.queries, p.label_ids, p.background] for p in benchmark.passes]
-    identity = cache_identity(settings, benchmark.name, preset, queries)
+    config = settings.engine_config()
+    identity = cache_identity(config, benchmark.name, preset, queries)
     base = Path(args.cache).expanduser() if args.cache else root / ".car-eval-cache"
     try:
         cache = PredictionCache(cache_folder(base, benchmark.name, identity), identity)
@@ -38,7 +40,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         report = evaluate(
-            benchmark, samples, lambda: _load_engine(settings), cache, split=split, preset=preset
+            benchmark, samples, lambda: _load_engine(config), cache, split=split, preset=preset
         )
     except EvaluationError as exc:
         return _fail(str(exc))
@@ -48,10 +50,10 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _load_engine(settings: Settings) -> SegmenterLike:
-    from car_backend.engine import Segmenter
+def _load_engine(config: EngineConfig) -> SegmenterLike:
+    from car_backend.engine import Segmenter  # torch is imported only when an evaluation runs
 
-    return Segmenter(settings)
+    return Segmenter(config)
 
 
 def _fail(message: str) -> int:

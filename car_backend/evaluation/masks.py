@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from car_backend.labelstudio.regions import polygons_mask
+
 
 def annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
     """The (height, width) bool mask of a COCO `segmentation` field: a list of polygons or one RLE."""
@@ -19,34 +21,6 @@ def annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
     if isinstance(segmentation, Sequence) and all(isinstance(p, Sequence) for p in segmentation):
         return polygons_mask(segmentation, height, width)
     raise ValueError(f"unsupported COCO segmentation of type {type(segmentation).__name__}")
-
-
-def polygons_mask(polygons: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
-    """Union of COCO polygons ([x1, y1, x2, y2, ...] each) as a bool mask.
-
-    COCO puts pixel (r, c) at [c, c+1) x [r, r+1); a pixel is inside when its centre is (even-odd rule,
-    half-open edges), which is what pycocotools' rasteriser approximates. cv2.fillPoly is not used because it
-    also fills every pixel the outline touches: about half a perimeter of extra pixels per object.
-    """
-    mask = np.zeros((height, width), bool)
-    centres_x = np.arange(width) + 0.5
-    for polygon in polygons:
-        points = np.asarray(polygon, np.float64).reshape(-1, 2)
-        if len(points) < 3:
-            continue
-        x0, y0 = points[:, 0], points[:, 1]
-        x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-        first = max(int(np.floor(y0.min() - 0.5)), 0)
-        last = min(int(np.ceil(y0.max() - 0.5)), height - 1)
-        for row in range(first, last + 1):
-            y = row + 0.5
-            crossing = (y0 <= y) != (y1 <= y)
-            if not crossing.any():
-                continue
-            e = crossing.nonzero()[0]
-            xs = np.sort(x0[e] + (y - y0[e]) * (x1[e] - x0[e]) / (y1[e] - y0[e]))
-            mask[row] |= np.searchsorted(xs, centres_x, side="right") % 2 == 1
-    return mask
 
 
 def rle_decode(rle: Mapping[str, Any]) -> np.ndarray:

@@ -26,15 +26,18 @@ from typing import Any
 
 from label_studio_sdk.label_interface import LabelInterface
 
-from car_backend.settings import OUTPUTS, PRESETS
+from car_backend.engine.errors import CarError
+from car_backend.engine.presets import PRESETS
 
 KINDS = {"brushlabels": "brush", "polygonlabels": "polygon"}
+OUTPUTS = ("brush", "polygon", "auto")  # a project's `output` extra_param; auto: every control
 _FALSE = {"false", "no", "off", "0", "none"}
 _SMART_TAGS = ("keypointlabels", "rectanglelabels")
 
 
-class LabelConfigError(ValueError):
+class LabelConfigError(CarError, ValueError):
     """The label config (or extra_params) cannot be used; the message says what is wrong."""
+
 
 
 @dataclass(frozen=True)

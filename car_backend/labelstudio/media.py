@@ -29,8 +29,9 @@ import numpy as np
 import requests
 from PIL import Image, ImageOps
 
-from car_backend.labelstudio.auth import LabelStudioError, shared_auth
-from car_backend.settings import Settings
+from car_backend.engine.errors import CarError
+from car_backend.labelstudio.access import Access
+from car_backend.labelstudio.client import LabelStudioError, shared_auth
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,13 @@ MAX_REDIRECTS = 5
 CHUNK = 64 * 1024
 
 
-class MediaError(Exception):
+class MediaError(CarError):
     """An image could not be fetched or decoded.
 
-    `permanent` is True when asking again cannot help (corrupt or undecodable bytes, too large, forbidden
-    host, not found) and False when it may (network error, timeout, 5xx, Label Studio refusing or missing
+    `retryable` is False when asking again cannot help (corrupt or undecodable bytes, too large, forbidden
+    host, not found) and True when it may (network error, timeout, 5xx, Label Studio refusing or missing
     credentials: fixing the configuration makes the retry succeed). The message never holds a token.
     """
-
-    def __init__(self, message: str, permanent: bool):
-        super().__init__(message)
-        self.permanent = permanent
 
 
 class MediaFetcher:
@@ -58,7 +55,7 @@ class MediaFetcher:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: Access,
         *,
         allow_local_files: bool = False,
         timeout: tuple[float, float] = (5.0, 30.0),
@@ -82,7 +79,7 @@ class MediaFetcher:
         """The image `ref` points at: RGB, EXIF orientation applied, within the size limits."""
         if not isinstance(ref, str) or not ref.strip():
             raise MediaError(
-                f"no image reference in the task (got {type(ref).__name__} {str(ref)[:80]!r})", True
+                f"no image reference in the task (got {type(ref).__name__} {str(ref)[:80]!r})", retryable=False
             )
         ref = ref.strip()
         started = time.monotonic()
@@ -109,40 +106,40 @@ class MediaFetcher:
             return self._download(self._ls_path_url(ref))
         if self.allow_local_files or Path(ref).is_absolute():
             return self._read_local(ref)
-        raise MediaError(f"cannot fetch {ref[:200]!r}: not a URL, a Label Studio path or a cloud URI", True)
+        raise MediaError(f"cannot fetch {ref[:200]!r}: not a URL, a Label Studio path or a cloud URI", retryable=False)
 
     def _ls_path_url(self, ref: str) -> str:
         if ref.startswith("upload/") or ref.startswith("/upload/"):
             ref = "/data/" + ref.lstrip("/")
         if not self._ls_url:
             raise MediaError(
-                f"{self._safe(ref)} is a Label Studio path: set LABEL_STUDIO_URL to fetch it", False
+                f"{self._safe(ref)} is a Label Studio path: set LABEL_STUDIO_URL to fetch it", retryable=True
             )
         return self._ls_url + ref
 
     def _presign_url(self, uri: str, task_id: int | None) -> str:
         if task_id is None:
             raise MediaError(
-                f"{self._safe(uri)}: cloud URIs are presigned per task, and no task id was given", True
+                f"{self._safe(uri)}: cloud URIs are presigned per task, and no task id was given", retryable=False
             )
         if not self._ls_url:
-            raise MediaError(f"{self._safe(uri)}: set LABEL_STUDIO_URL so Label Studio can presign it", False)
+            raise MediaError(f"{self._safe(uri)}: set LABEL_STUDIO_URL so Label Studio can presign it", retryable=True)
         fileuri = base64.urlsafe_b64encode(uri.encode()).decode()
         return f"{self._ls_url}/tasks/{int(task_id)}/presign/?fileuri={fileuri}"
 
     def _read_local(self, path: str) -> bytes:
         if not self.allow_local_files:
-            raise MediaError(f"{path[:200]!r}: local files are read only for offline pre-labeling", True)
+            raise MediaError(f"{path[:200]!r}: local files are read only for offline pre-labeling", retryable=False)
         file = Path(path).expanduser()
         try:
             size = file.stat().st_size
             if size > self.settings.max_download_bytes:
-                raise MediaError(self._too_big(path, size), True)
+                raise MediaError(self._too_big(path, size), retryable=False)
             return file.read_bytes()
         except FileNotFoundError:
-            raise MediaError(f"{path!r}: no such file", True) from None
+            raise MediaError(f"{path!r}: no such file", retryable=False) from None
         except (IsADirectoryError, PermissionError) as exc:
-            raise MediaError(f"{path!r}: cannot read ({type(exc).__name__})", True) from None
+            raise MediaError(f"{path!r}: cannot read ({type(exc).__name__})", retryable=False) from None
 
     def _download(self, url: str) -> bytes:
         deadline = time.monotonic() + self._total_timeout
@@ -150,13 +147,13 @@ class MediaFetcher:
         vouched = False  # the previous hop was Label Studio, which may redirect anywhere
         for _ in range(MAX_REDIRECTS + 1):
             if urlsplit(url).scheme.lower() not in ("http", "https"):
-                raise MediaError(f"{self._safe(url)}: only http(s) URLs are fetched", True)
+                raise MediaError(f"{self._safe(url)}: only http(s) URLs are fetched", retryable=False)
             is_ls = self._is_ls(url)
             if not (is_ls or vouched or self._host_allowed(url)):
                 raise MediaError(
                     f"{self._safe(url)}: host {urlsplit(url).netloc.split('@')[-1]!r} is not allowed; "
                     "add it to CAR_ALLOWED_HOSTS",
-                    True,
+                    retryable=False,
                 )
             send_auth = is_ls and trusted
             resp = self._get(url, send_auth)
@@ -172,7 +169,7 @@ class MediaFetcher:
                 return self._read(resp, url, deadline)
             finally:
                 resp.close()
-        raise MediaError(f"{self._safe(url)}: more than {MAX_REDIRECTS} redirects", True)
+        raise MediaError(f"{self._safe(url)}: more than {MAX_REDIRECTS} redirects", retryable=False)
 
     def _get(self, url: str, send_auth: bool) -> requests.Response:
         header: dict[str, str] = {}
@@ -186,7 +183,7 @@ class MediaFetcher:
                 resp = self._request(url, self._auth.header())
             return resp
         except LabelStudioError as exc:
-            raise MediaError(str(exc), False) from None
+            raise MediaError(str(exc), retryable=True) from None
 
     def _request(self, url: str, headers: dict[str, str]) -> requests.Response:
         try:
@@ -194,7 +191,7 @@ class MediaFetcher:
                 url, headers=headers, timeout=self._timeout, stream=True, allow_redirects=False
             )
         except requests.RequestException as exc:
-            raise MediaError(f"{self._safe(url)}: network error ({type(exc).__name__})", False) from None
+            raise MediaError(f"{self._safe(url)}: network error ({type(exc).__name__})", retryable=True) from None
 
     def _check_status(self, resp: requests.Response, url: str, from_ls: bool) -> None:
         code = resp.status_code
@@ -202,7 +199,7 @@ class MediaFetcher:
             content_type = resp.headers.get("content-type", "").lower()
             if content_type.startswith("text/html"):
                 hint = " (a login page? check LABEL_STUDIO_API_KEY)" if from_ls else ""
-                raise MediaError(f"{self._safe(url)}: got an HTML page, not an image{hint}", not from_ls)
+                raise MediaError(f"{self._safe(url)}: got an HTML page, not an image{hint}", retryable=from_ls)
             return
         where = f"{self._safe(url)}: HTTP {code}"
         if code in (401, 403) and self._is_ls(url):
@@ -211,29 +208,29 @@ class MediaFetcher:
                 if self._auth is None
                 else "Label Studio refused LABEL_STUDIO_API_KEY or its user may not read this file"
             )
-            raise MediaError(f"{where}; {hint}", False)
+            raise MediaError(f"{where}; {hint}", retryable=True)
         if code in (408, 425, 429) or code >= 500:
-            raise MediaError(f"{where} (temporary)", False)
-        raise MediaError(f"{where}{' (not found)' if code in (404, 410) else ''}", True)
+            raise MediaError(f"{where} (temporary)", retryable=True)
+        raise MediaError(f"{where}{' (not found)' if code in (404, 410) else ''}", retryable=False)
 
     def _read(self, resp: requests.Response, url: str, deadline: float) -> bytes:
         limit = self.settings.max_download_bytes
         declared = resp.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise MediaError(self._too_big(self._safe(url), int(declared)), True)
+            raise MediaError(self._too_big(self._safe(url), int(declared)), retryable=False)
         buf = bytearray()
         try:
             for chunk in resp.iter_content(CHUNK):
                 buf += chunk
                 if len(buf) > limit:
-                    raise MediaError(self._too_big(self._safe(url), None), True)
+                    raise MediaError(self._too_big(self._safe(url), None), retryable=False)
                 if time.monotonic() > deadline:
                     raise MediaError(
-                        f"{self._safe(url)}: download took longer than {self._total_timeout:.0f} s", False
+                        f"{self._safe(url)}: download took longer than {self._total_timeout:.0f} s", retryable=True
                     )
         except requests.RequestException as exc:
             raise MediaError(
-                f"{self._safe(url)}: network error while reading ({type(exc).__name__})", False
+                f"{self._safe(url)}: network error while reading ({type(exc).__name__})", retryable=True
             ) from None
         return bytes(buf)
 
@@ -279,7 +276,7 @@ class MediaFetcher:
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode image bytes into an RGB image with its EXIF orientation applied; raise MediaError otherwise."""
     if not data:
-        raise MediaError("the image is empty (0 bytes)", True)
+        raise MediaError("the image is empty (0 bytes)", retryable=False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
@@ -289,15 +286,15 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                 raise MediaError(
                     f"the image is {width}x{height} = {width * height} pixels, more than "
                     f"CAR_MAX_IMAGE_PIXELS={max_pixels}",
-                    True,
+                    retryable=False,
                 )
             image.load()
     except MediaError:
         raise
     except Image.DecompressionBombError as exc:
-        raise MediaError(f"the image is too large to decode safely: {exc}", True) from None
+        raise MediaError(f"the image is too large to decode safely: {exc}", retryable=False) from None
     except Exception as exc:  # Pillow raises many types for corrupt or unknown data
-        raise MediaError(f"cannot decode the image ({type(exc).__name__}: {str(exc)[:200]})", True) from None
+        raise MediaError(f"cannot decode the image ({type(exc).__name__}: {str(exc)[:200]})", retryable=False) from None
     try:
         image = ImageOps.exif_transpose(image)
     except Exception as exc:  # unreadable EXIF: show the pixels as stored, as browsers do

@@ -13,7 +13,7 @@ from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
 from car_backend.engine.result import Segmentation
-from car_backend.labelstudio.auth import LabelStudioAPI
+from car_backend.labelstudio.client import LabelStudioAPI
 from car_backend.labelstudio.config import parse_label_config, task_vocabulary
 from car_backend.labelstudio.media import MediaError, MediaFetcher
 from car_backend.labelstudio.results import prediction_entry, segmentation_to_regions
@@ -74,7 +74,7 @@ def test_media_fetcher_reads_an_uploaded_image_with_the_pat(label_studio, ls_set
 
     with pytest.raises(MediaError) as info:
         MediaFetcher(Settings(label_studio_url=label_studio.url)).fetch(ref, task_id=task_id)
-    assert info.value.permanent is False and "401" in str(info.value)
+    assert info.value.retryable is True and "401" in str(info.value)
 
     # the label config as Label Studio stores and sends it parses like our file
     (target,) = parse_label_config(project["label_config"]).targets

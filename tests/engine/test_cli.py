@@ -26,7 +26,7 @@ def image_path(tmp_path):
 
 def run(argv, settings, capsys):
     args = build_parser().parse_args(argv)
-    code = segment_command(args, settings)
+    code = segment_command(args, settings.engine_config())
     return code, capsys.readouterr()
 
 

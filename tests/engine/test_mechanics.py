@@ -13,10 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from car_backend.engine import Segmenter, get_preset
+from car_backend.engine import EngineConfig, Segmenter, get_preset
 from car_backend.engine.postprocess import assemble_label_map, crf_masks
 from car_backend.engine.presets import CAM_TEMPLATE
-from car_backend.settings import Settings
 from tests.engine.colour_model import CLASSIFIER_NEUTRAL, HUES, PROPOSAL_NEUTRAL, colour_clip, hue_rgb
 
 SEEDS = range(6)
@@ -56,7 +55,7 @@ def mean_iou(prediction: np.ndarray, truth: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def runs():
     proposal, classifier = colour_clip(PROPOSAL_NEUTRAL), colour_clip(CLASSIFIER_NEUTRAL)
-    segmenter = Segmenter(Settings(device="cpu"), proposal_model=proposal, classifier_model=classifier)
+    segmenter = Segmenter(EngineConfig(device="cpu"), proposal_model=proposal, classifier_model=classifier)
     generator = segmenter._generator()
     preset = get_preset("coco")
     background = proposal.embed_texts([CAM_TEMPLATE.format(w) for w in preset.background])

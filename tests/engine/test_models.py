@@ -11,6 +11,7 @@ import torch
 
 from car_backend.engine import (
     ClipModel,
+    EngineConfig,
     ModelLoadError,
     ModelSpec,
     ModelSpecError,
@@ -18,7 +19,6 @@ from car_backend.engine import (
     load_clip,
     models,
 )
-from car_backend.settings import Settings
 from tests.engine.support import TINY_CLIP_CONFIG
 
 
@@ -79,7 +79,7 @@ def test_offline_pretrained_tag_fails_fast_naming_file_and_settings(monkeypatch,
 
 def test_segmenter_loads_models_lazily_and_reports_load_errors(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    segmenter = Segmenter(Settings(proposal_model="ViT-B-16:openai", weights_dir=str(tmp_path), device="cpu"))
+    segmenter = Segmenter(EngineConfig(proposal_model="ViT-B-16:openai", weights_dir=str(tmp_path), device="cpu"))
     with pytest.raises(ModelLoadError, match="CAR_PROPOSAL_MODEL=ViT-B-16:openai"):
         segmenter.segment(torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(), ["cat"])
 

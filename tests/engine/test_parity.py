@@ -13,9 +13,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from car_backend.engine import ClipModel, Segmenter, get_preset
-from car_backend.settings import Settings
-from tests.engine.reference import LiteralCaR
+from car_backend.engine import ClipModel, EngineConfig, Segmenter, get_preset
+from car_backend.engine.reference import LiteralCaR
 from tests.engine.support import random_clip, scene
 
 WORDS = ["cat", "dog", "car", "tree person", "red apple", "boat", "sofa", "bird", "horse", "train", "bus", "cow"]
@@ -68,7 +67,7 @@ def compare(fast, literal) -> dict:
 @pytest.fixture(scope="module")
 def outcomes(tiny_models, tiny_clips):
     proposal, proposal_tokenizer, classifier, classifier_tokenizer = tiny_models
-    segmenter = Segmenter(Settings(device="cpu"), proposal_model=tiny_clips[0], classifier_model=tiny_clips[1])
+    segmenter = Segmenter(EngineConfig(device="cpu"), proposal_model=tiny_clips[0], classifier_model=tiny_clips[1])
     results = []
     for case in CASES:
         preset = case.resolved_preset()
@@ -111,7 +110,7 @@ def test_vit_b16_architecture_matches_literal(tiny_models):
     preset = dataclasses.replace(get_preset("coco"), confidence_threshold=0.12, background=("sky", "road", "wall"))
     queries = ["cat", "dog", "car", "boat", "sofa"]
     image = scene(11, 80, 112)
-    segmenter = Segmenter(Settings(device="cpu"), proposal_model=ClipModel(proposal, proposal_tokenizer),
+    segmenter = Segmenter(EngineConfig(device="cpu"), proposal_model=ClipModel(proposal, proposal_tokenizer),
                           classifier_model=ClipModel(classifier, classifier_tokenizer))
     fast = segmenter.segment(image, queries, preset=preset)
     literal = LiteralCaR(proposal, proposal_tokenizer, classifier, classifier_tokenizer, preset).segment(image, queries)

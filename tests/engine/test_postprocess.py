@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from car_backend.engine import Segmenter, get_preset
+from car_backend.engine import EngineConfig, Segmenter, get_preset
 from car_backend.engine.postprocess import (
     SamRefiner,
     assemble_label_map,
@@ -14,7 +14,6 @@ from car_backend.engine.postprocess import (
     match_sam_masks,
     merge_referring,
 )
-from car_backend.settings import Settings
 from tests.engine.support import scene
 
 
@@ -103,7 +102,7 @@ def test_sam_refiner_errors_name_the_setting(tmp_path):
 def test_segmenter_refines_final_masks_with_sam(tiny_clips):
     image = scene(3, 64, 80)
     preset = get_preset("coco")
-    plain = Segmenter(Settings(device="cpu"), proposal_model=tiny_clips[0], classifier_model=tiny_clips[1])
+    plain = Segmenter(EngineConfig(device="cpu"), proposal_model=tiny_clips[0], classifier_model=tiny_clips[1])
     before = plain.segment(image, ["cat", "dog"], preset=preset)
     kept = int(np.argmax(before.scores))
     assert before.masks[kept].any()
@@ -118,7 +117,7 @@ def test_segmenter_refines_final_masks_with_sam(tiny_clips):
         return [grown]
 
     refiner = SamRefiner("unused", "vit_b", "cpu", generate=generate)
-    segmenter = Segmenter(Settings(device="cpu"), proposal_model=tiny_clips[0], classifier_model=tiny_clips[1],
+    segmenter = Segmenter(EngineConfig(device="cpu"), proposal_model=tiny_clips[0], classifier_model=tiny_clips[1],
                           sam_refiner=refiner)
     result = segmenter.segment(image, ["cat", "dog"], preset=preset)
     assert seen == [image.shape] and "sam" in result.timings

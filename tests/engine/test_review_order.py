@@ -36,10 +36,9 @@ import cv2
 import numpy as np
 import pytest
 
-from car_backend.agreement import compare
-from car_backend.engine import Segmenter, get_preset
-from car_backend.jobs import task_score
-from car_backend.settings import Settings
+from car_backend.engine import EngineConfig, Segmenter, get_preset
+from car_backend.pipeline.compute import task_score
+from car_backend.review.agreement import compare
 from tests.engine.colour_model import CLASSIFIER_NEUTRAL, HUES, PROPOSAL_NEUTRAL, colour_clip, hue_rgb
 from tests.engine.test_mechanics import colour_scene
 
@@ -142,7 +141,7 @@ def half_errors(scores, errors) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def measured():
     """Per image: (case name, seed, error, uncertainty, 1 - confidence, 1 - margin, kept labels)."""
-    segmenter = Segmenter(Settings(device="cpu"), proposal_model=colour_clip(PROPOSAL_NEUTRAL),
+    segmenter = Segmenter(EngineConfig(device="cpu"), proposal_model=colour_clip(PROPOSAL_NEUTRAL),
                           classifier_model=colour_clip(CLASSIFIER_NEUTRAL))
     preset = get_preset("coco")
     rows = []

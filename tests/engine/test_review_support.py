@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from car_backend.engine import Segmenter, get_preset
+from car_backend.engine import EngineConfig, Segmenter, get_preset
 from car_backend.engine.postprocess import SamRefiner, crf_masks, crf_masks_with_margin, top_two_margin
 from car_backend.engine.segmenter import FIRST_PROPOSALS_CACHE_SIZE, FIRST_STEP_CACHE_SIZE
-from car_backend.settings import Settings
 from tests.engine.support import scene
 
 QUERIES = ["cat", "dog", "car", "boat", "sofa"]
@@ -22,7 +21,7 @@ ETAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # the calibration grid (car_backend.
 
 
 def make_segmenter(tiny_clips, **kwargs) -> Segmenter:
-    return Segmenter(Settings(device="cpu"), proposal_model=tiny_clips[0], classifier_model=tiny_clips[1], **kwargs)
+    return Segmenter(EngineConfig(device="cpu"), proposal_model=tiny_clips[0], classifier_model=tiny_clips[1], **kwargs)
 
 
 def two_region_proposals(high: float) -> tuple[np.ndarray, np.ndarray]:

@@ -10,9 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from car_backend.engine import PreparedImage, Segmenter, get_preset
+from car_backend.engine import EngineConfig, PreparedImage, Segmenter, get_preset
 from car_backend.engine.postprocess import crf_masks
-from car_backend.settings import Settings
 from tests.engine.support import scene
 
 QUERIES = ["cat", "dog", "car", "boat", "sofa"]
@@ -21,7 +20,7 @@ LOW_THETA = dataclasses.replace(get_preset("coco"), confidence_threshold=0.04)
 
 @pytest.fixture
 def segmenter(tiny_clips):
-    return Segmenter(Settings(device="cpu"), proposal_model=tiny_clips[0], classifier_model=tiny_clips[1])
+    return Segmenter(EngineConfig(device="cpu"), proposal_model=tiny_clips[0], classifier_model=tiny_clips[1])
 
 
 def test_result_contract(segmenter):
@@ -80,9 +79,9 @@ def test_one_query_always_survives_with_score_one_after_two_steps(segmenter):
 def test_max_steps_caps_the_recurrence(tiny_clips):
     image = scene(1, 96, 128)
     queries = ["dog", "car", "tree person", "red apple", "boat", "sofa"]  # takes 5 steps uncapped
-    uncapped = Segmenter(Settings(device="cpu"), proposal_model=tiny_clips[0], classifier_model=tiny_clips[1])
+    uncapped = Segmenter(EngineConfig(device="cpu"), proposal_model=tiny_clips[0], classifier_model=tiny_clips[1])
     assert uncapped.segment(image, queries, preset=LOW_THETA).steps == 5
-    capped = Segmenter(Settings(device="cpu", max_steps=2), proposal_model=tiny_clips[0],
+    capped = Segmenter(EngineConfig(device="cpu", max_steps=2), proposal_model=tiny_clips[0],
                        classifier_model=tiny_clips[1])
     result = capped.segment(image, queries, preset=LOW_THETA)
     assert result.steps == 2
@@ -129,19 +128,19 @@ def test_background_words_take_part_in_the_cam_softmax(segmenter):
 
 def test_large_images_are_processed_at_max_side_and_answered_at_full_size(tiny_clips):
     image = scene(9, 96, 128)
-    small = Segmenter(Settings(device="cpu"), proposal_model=tiny_clips[0], classifier_model=tiny_clips[1],
-                      max_side=64)
+    small = Segmenter(EngineConfig(device="cpu", max_side=64), proposal_model=tiny_clips[0],
+                      classifier_model=tiny_clips[1])
     result = small.segment(image, QUERIES, preset=LOW_THETA)
     assert result.label_map.shape == (96, 128) and result.masks.shape == (5, 96, 128)
     reduced = cv2.resize(image, (64, 48), interpolation=cv2.INTER_AREA)
-    direct = Segmenter(Settings(device="cpu"), proposal_model=tiny_clips[0], classifier_model=tiny_clips[1],
-                       max_side=None).segment(reduced, QUERIES, preset=LOW_THETA)
+    direct = Segmenter(EngineConfig(device="cpu", max_side=None), proposal_model=tiny_clips[0],
+                       classifier_model=tiny_clips[1]).segment(reduced, QUERIES, preset=LOW_THETA)
     assert direct.kept == result.kept
     assert np.array_equal(direct.label_map.repeat(2, axis=0).repeat(2, axis=1), result.label_map)
 
 
 def test_plain_open_clip_models_can_be_injected(tiny_models):
     proposal, _, classifier, _ = tiny_models
-    result = Segmenter(Settings(device="cpu"), proposal_model=proposal, classifier_model=classifier).segment(
+    result = Segmenter(EngineConfig(device="cpu"), proposal_model=proposal, classifier_model=classifier).segment(
         scene(10, 48, 64), QUERIES)
     assert result.kept

@@ -165,12 +165,12 @@ def test_refcoco_runs_referring_mode(tmp_path):
 
 
 def test_cache_folder_depends_on_engine_settings():
-    base = Settings(proposal_model="a:random", classifier_model="b:random", device="cpu")
+    base = Settings(proposal_model="a:random", classifier_model="b:random", device="cpu").engine_config()
     folder = cache_folder(Path("/"), "voc", cache_identity(base, "voc", "voc", ["q"]))
     assert folder.name.startswith("voc-")
-    same = Settings(proposal_model="a:random", classifier_model="b:random", device="cuda", port=1)
+    same = Settings(proposal_model="a:random", classifier_model="b:random", device="cuda", port=1).engine_config()
     assert cache_folder(Path("/"), "voc", cache_identity(same, "voc", "voc", ["q"])) == folder
-    other = Settings(proposal_model="a:random", classifier_model="c:random")
+    other = Settings(proposal_model="a:random", classifier_model="c:random").engine_config()
     assert cache_folder(Path("/"), "voc", cache_identity(other, "voc", "voc", ["q"])) != folder
     assert cache_folder(Path("/"), "voc", cache_identity(base, "voc", "coco", ["q"])) != folder
     assert cache_identity(base, "voc", "voc", ["q"])["preset"]["confidence_threshold"] == 0.6

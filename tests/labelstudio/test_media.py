@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from car_backend.labelstudio.auth import LabelStudioAPI, LabelStudioError, jwt_claims
+from car_backend.labelstudio.client import LabelStudioAPI, LabelStudioError, jwt_claims
 from car_backend.labelstudio.media import MediaError, MediaFetcher, decode_image
 from car_backend.settings import Settings
 from tests.labelstudio.fake_ls import PAT, FakeLabelStudio, Reply, query
@@ -123,7 +123,7 @@ def test_rejected_pat_is_a_transient_error_that_names_the_setting_not_the_token(
     ls.reject_pat = True
     caplog.set_level(logging.DEBUG)
     err = fetch_error(MediaFetcher(settings(ls)), UPLOAD)
-    assert err.permanent is False
+    assert err.retryable is True
     assert "LABEL_STUDIO_API_KEY" in str(err) and "401" in str(err)
     assert_no_secret(str(err), ls)
     assert_no_secret(caplog.text, ls)
@@ -131,10 +131,10 @@ def test_rejected_pat_is_a_transient_error_that_names_the_setting_not_the_token(
 
 def test_missing_key_or_url_is_a_transient_configuration_error(ls):
     err = fetch_error(MediaFetcher(settings(ls, key="")), UPLOAD)
-    assert err.permanent is False and "set LABEL_STUDIO_API_KEY" in str(err)
+    assert err.retryable is True and "set LABEL_STUDIO_API_KEY" in str(err)
     assert ls.seen_paths("/data/")[0].authorization is None
     err = fetch_error(MediaFetcher(settings(None)), UPLOAD)
-    assert err.permanent is False and "LABEL_STUDIO_URL" in str(err)
+    assert err.retryable is True and "LABEL_STUDIO_URL" in str(err)
 
 
 def test_local_files_path_keeps_its_query(ls):
@@ -144,7 +144,7 @@ def test_local_files_path_keeps_its_query(ls):
     assert MediaFetcher(settings(ls)).fetch(path).size == (5, 5)
     ls.routes[path] = Reply(404)
     err = fetch_error(MediaFetcher(settings(ls)), path)
-    assert err.permanent is True and "d=images/a%20b.png" in str(err) and "not found" in str(err)
+    assert err.retryable is False and "d=images/a%20b.png" in str(err) and "not found" in str(err)
 
 
 def test_label_studio_under_a_path_prefix():
@@ -175,7 +175,7 @@ def test_cloud_uri_is_presigned_by_label_studio_and_the_token_stays_home(ls):
 
 def test_cloud_uri_needs_a_task_id(ls):
     err = fetch_error(MediaFetcher(settings(ls)), "gs://bucket/a.jpg")
-    assert err.permanent is True and "task id" in str(err)
+    assert err.retryable is False and "task id" in str(err)
 
 
 # ---- other hosts ----
@@ -185,7 +185,7 @@ def test_foreign_hosts_need_to_be_allowed_and_never_get_the_key(ls):
     foreign = f"http://localhost:{ls.port}/img.png?token=abc"
     ls.routes["/img.png?token=abc"] = Reply(body=png(2, 2))
     err = fetch_error(MediaFetcher(settings(ls)), foreign)
-    assert err.permanent is True and "CAR_ALLOWED_HOSTS" in str(err) and "token=abc" not in str(err)
+    assert err.retryable is False and "CAR_ALLOWED_HOSTS" in str(err) and "token=abc" not in str(err)
     assert ls.seen_paths("/img.png") == []
     for allowed in ("localhost", f"localhost:{ls.port}", "*"):
         assert MediaFetcher(settings(ls, allowed_hosts=(allowed,))).fetch(foreign).size == (2, 2)
@@ -198,7 +198,7 @@ def test_allowed_host_cannot_redirect_to_a_forbidden_one_or_borrow_the_key(ls):
     ls.routes["/hop"] = Reply(302, headers={"Location": f"http://127.0.0.2:{ls.port}/x.png"})
     fetcher = MediaFetcher(settings(ls, allowed_hosts=("localhost",)))
     err = fetch_error(fetcher, f"http://localhost:{ls.port}/hop")
-    assert err.permanent is True and "127.0.0.2" in str(err)
+    assert err.retryable is False and "127.0.0.2" in str(err)
     ls.routes["/hop2"] = Reply(302, headers={"Location": ls.url + UPLOAD})  # to Label Studio: no key sent
     err = fetch_error(fetcher, f"http://localhost:{ls.port}/hop2")
     assert ls.seen_paths("/data/")[-1].authorization is None
@@ -207,19 +207,19 @@ def test_allowed_host_cannot_redirect_to_a_forbidden_one_or_borrow_the_key(ls):
 def test_too_many_redirects(ls):
     ls.routes["/loop"] = Reply(302, headers={"Location": "/loop"})
     err = fetch_error(MediaFetcher(settings(ls)), ls.url + "/loop")
-    assert err.permanent is True and "redirects" in str(err)
+    assert err.retryable is False and "redirects" in str(err)
 
 
 def test_local_paths_only_when_allowed(tmp_path):
     file = tmp_path / "a.png"
     file.write_bytes(png(6, 7))
     strict = MediaFetcher(settings(None))
-    assert fetch_error(strict, str(file)).permanent is True
-    assert fetch_error(strict, file.as_uri()).permanent is True
+    assert fetch_error(strict, str(file)).retryable is False
+    assert fetch_error(strict, file.as_uri()).retryable is False
     offline = MediaFetcher(settings(None), allow_local_files=True)
     assert offline.fetch(str(file)).size == (6, 7)
     assert offline.fetch(file.as_uri()).size == (6, 7)
-    assert fetch_error(offline, str(tmp_path / "missing.png")).permanent is True
+    assert fetch_error(offline, str(tmp_path / "missing.png")).retryable is False
     big = MediaFetcher(settings(None, max_download_bytes=10), allow_local_files=True)
     assert "CAR_MAX_DOWNLOAD_BYTES" in str(fetch_error(big, str(file)))
 
@@ -245,7 +245,7 @@ def test_failure_kinds(ls, reply, permanent, text, caplog):
     caplog.set_level(logging.DEBUG)
     ls.routes[UPLOAD] = reply
     err = fetch_error(MediaFetcher(settings(ls)), UPLOAD)
-    assert err.permanent is permanent and text in str(err)
+    assert err.retryable is not permanent and text in str(err)
     assert_no_secret(str(err) + caplog.text, ls)
 
 
@@ -253,11 +253,11 @@ def test_network_errors_and_timeouts_are_transient(ls):
     ls.routes["/slow.png"] = Reply(body=png(), delay=1.0)
     fetcher = MediaFetcher(settings(ls), timeout=(1.0, 0.2))
     err = fetch_error(fetcher, ls.url + "/slow.png")
-    assert err.permanent is False and "network error" in str(err)
+    assert err.retryable is True and "network error" in str(err)
     with FakeLabelStudio() as gone:
         url = gone.url
     err = fetch_error(MediaFetcher(Settings(label_studio_url=url)), url + UPLOAD)
-    assert err.permanent is False
+    assert err.retryable is True
 
 
 def test_download_size_limit_by_header_and_while_streaming(ls):
@@ -267,14 +267,14 @@ def test_download_size_limit_by_header_and_while_streaming(ls):
     fetcher = MediaFetcher(settings(ls, max_download_bytes=4000))
     for path in ("/big.png", "/big-chunked.png"):
         err = fetch_error(fetcher, ls.url + path)
-        assert err.permanent is True and "CAR_MAX_DOWNLOAD_BYTES=4000" in str(err)
+        assert err.retryable is False and "CAR_MAX_DOWNLOAD_BYTES=4000" in str(err)
 
 
 def test_pixel_limit(ls):
     ls.routes[UPLOAD] = Reply(body=png(100, 60))
     err = fetch_error(MediaFetcher(settings(ls, max_image_pixels=5000)), UPLOAD)
     assert (
-        err.permanent is True
+        err.retryable is False
         and "100x60 = 6000 pixels" in str(err)
         and "CAR_MAX_IMAGE_PIXELS=5000" in str(err)
     )

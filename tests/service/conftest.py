@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from car_backend.server import create_app
-from car_backend.service import Backend
+from car_backend.service.app import create_app
+from car_backend.service.backend import Backend
 from tests.conftest import tiny_settings
 from tests.service.fake_ls import FakeLabelStudio
 

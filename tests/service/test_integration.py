@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from rq.registry import FailedJobRegistry
 
-from car_backend.server import create_app
-from car_backend.service import Backend
+from car_backend.service.app import create_app
+from car_backend.service.backend import Backend
 from tests.conftest import settings_env, start_worker
 from tests.service.conftest import label_config
 

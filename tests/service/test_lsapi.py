@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from car_backend.lsapi import LabelStudioAPIError, LabelStudioClient, configured, prediction_versions
+from car_backend.labelstudio.client import (
+    LabelStudioAPIError,
+    LabelStudioClient,
+    prediction_versions,
+)
 from tests.conftest import tiny_settings
 
 
@@ -33,10 +37,10 @@ def test_a_refused_key_is_reported_without_the_key(fake_ls):
     client = LabelStudioClient(tiny_settings(label_studio_url=fake_ls.url, label_studio_api_key=key))
     with pytest.raises(LabelStudioAPIError) as caught:
         client.create_prediction(1, {"result": [], "model_version": "v1"})
-    assert caught.value.transient and key not in str(caught.value)
+    assert caught.value.retryable and key not in str(caught.value)
 
 
 def test_configured_needs_url_and_key():
-    assert not configured(tiny_settings(label_studio_url="http://ls"))
-    assert configured(tiny_settings(label_studio_url="http://ls", label_studio_api_key="k"))
+    assert not tiny_settings(label_studio_url="http://ls").can_write_predictions
+    assert tiny_settings(label_studio_url="http://ls", label_studio_api_key="k").can_write_predictions
     assert prediction_versions({"predictions_model_versions": "a, b"}) == {"a", "b"}

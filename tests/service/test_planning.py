@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from car_backend.engine.result import Segmentation
-from car_backend.jobs import restrict, task_entry
 from car_backend.labelstudio.config import parse_label_config
-from car_backend.predictor import plan_task, typed_prompt
-from car_backend.projects import Project, model_version
-from car_backend.store import JobResult
+from car_backend.pipeline.compute import restrict, task_entry
+from car_backend.pipeline.planning import plan_task, typed_prompt
+from car_backend.pipeline.spec import JobResult, Project
+from car_backend.pipeline.versions import model_version
 from tests.conftest import tiny_settings
 from tests.service.conftest import label_config
 
@@ -181,7 +181,7 @@ def test_task_entry_merges_images_and_reports_failures():
 
 
 def test_task_scores_for_review_order():
-    from car_backend.jobs import task_score
+    from car_backend.pipeline.compute import task_score
 
     assert task_score([], "confidence") is None and task_score([], "uncertainty") is None
     assert task_score([0.9, 0.7], "confidence") == pytest.approx(0.8)

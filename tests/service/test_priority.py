@@ -14,9 +14,9 @@ import uuid
 import pytest
 from rq.job import Job
 
-from car_backend.predictor import plan_task
-from car_backend.projects import Projects
-from car_backend.service import Backend
+from car_backend.pipeline.planning import plan_task
+from car_backend.service.backend import Backend
+from car_backend.service.projects import Projects
 from tests.service.conftest import label_config
 from tests.service.test_integration import DELIVERY_TIMEOUT_S, predict
 

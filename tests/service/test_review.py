@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from car_backend.labelstudio.config import parse_label_config
-from car_backend.review import ReviewStore
+from car_backend.review.store import ReviewStore
 from tests.conftest import settings_env
 from tests.review_support import annotated_regions, mean_agreement, review_image
 from tests.service.conftest import label_config
@@ -100,8 +100,8 @@ def test_corrections_are_compared_and_calibrate_a_new_model_version(service_sett
 @pytest.fixture
 def in_process_worker(service_settings, redis):
     """run review jobs in this process (jobs.install), as the embedded worker thread does."""
-    from car_backend import jobs
-    from car_backend.jobqueue import make_store
+    from car_backend.queue import jobs
+    from car_backend.queue.jobqueue import make_store
 
     def install(**overrides):
         settings = service_settings(**overrides)
@@ -114,9 +114,10 @@ def in_process_worker(service_settings, redis):
 
 
 def test_a_correction_without_our_prediction_is_kept_but_not_compared(in_process_worker, fake_ls, task_ids):
-    from car_backend.feedback import AnnotationEvent, review_annotation
-    from car_backend.predictor import plan_task
-    from car_backend.projects import Project, model_version
+    from car_backend.pipeline.planning import plan_task
+    from car_backend.pipeline.spec import Project
+    from car_backend.pipeline.versions import model_version
+    from car_backend.review.jobs import AnnotationEvent, review_annotation
 
     ctx = in_process_worker(calibrate_after=0)
     (task_id,) = task_ids(1)
@@ -135,13 +136,15 @@ def test_a_correction_without_our_prediction_is_kept_but_not_compared(in_process
 
 def test_a_calibration_that_finds_nothing_better_keeps_the_version(in_process_worker, fake_ls, task_ids):
     """Annotations equal to what the preset's thresholds give: the search cannot improve, no new version."""
-    from car_backend.agreement import label_masks, shrink
     from car_backend.engine import Segmenter
-    from car_backend.feedback import calibrate_project
+    from car_backend.labelstudio.regions import label_masks, shrink
     from car_backend.labelstudio.results import segmentation_to_regions
-    from car_backend.predictor import plan_task
-    from car_backend.projects import Project, Projects, model_version
-    from car_backend.review import Correction
+    from car_backend.pipeline.planning import plan_task
+    from car_backend.pipeline.spec import Project
+    from car_backend.pipeline.versions import model_version
+    from car_backend.review.jobs import calibrate_project
+    from car_backend.review.store import Correction
+    from car_backend.service.projects import Projects
 
     ctx = in_process_worker()
     ids = task_ids(3)
@@ -149,7 +152,7 @@ def test_a_calibration_that_finds_nothing_better_keeps_the_version(in_process_wo
     config = parse_label_config(BRUSH)
     (target,) = config.targets
     version = model_version(ctx.settings, config)
-    segmenter = Segmenter(ctx.settings)
+    segmenter = Segmenter(ctx.settings.engine_config())
     for i, task_id in enumerate(ids):
         task = {"id": task_id, "data": {"image": f"{fake_ls.url}/img/review-{i}.png"}}
         spec = plan_task(task, Project(config, version), ctx.settings).specs[0]

@@ -10,11 +10,10 @@ import time
 
 import pytest
 
-from car_backend.jobs import JobSpec
-from car_backend.predictor import plan_task
-from car_backend.projects import Projects
-from car_backend.service import Backend
-from car_backend.store import JobResult
+from car_backend.pipeline.planning import plan_task
+from car_backend.pipeline.spec import JobResult, JobSpec
+from car_backend.service.backend import Backend
+from car_backend.service.projects import Projects
 from tests.conftest import free_port, start_redis_server
 from tests.service.conftest import label_config
 
@@ -102,7 +101,7 @@ def refuse(*args, **kwargs):
 models.load_clip = refuse
 import car_backend.engine.segmenter as segmenter
 segmenter.load_clip = refuse
-from car_backend.server import create_app
+from car_backend.service.app import create_app
 from tests.conftest import tiny_settings
 app = create_app(tiny_settings(redis_url={redis_url!r}))
 client = app.test_client()
@@ -121,7 +120,7 @@ def test_the_http_process_never_imports_torch(redis_url):
     """The server answers /setup and /health in milliseconds from its first second: torch stays out of it."""
     code = f"""
 import sys
-from car_backend.server import create_app
+from car_backend.service.app import create_app
 from car_backend.settings import Settings
 app = create_app(Settings(redis_url={redis_url!r}))
 client = app.test_client()

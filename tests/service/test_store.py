@@ -6,10 +6,11 @@ import threading
 
 from rq.job import Job
 
-from car_backend.jobqueue import JobQueue, make_store
-from car_backend.predictor import plan_task
-from car_backend.projects import Projects
-from car_backend.store import CLAIM_TTL_S, JobResult, LateRecord
+from car_backend.pipeline.planning import plan_task
+from car_backend.pipeline.spec import JobResult
+from car_backend.queue.jobqueue import JobQueue, make_store
+from car_backend.queue.store import CLAIM_TTL_S, LateRecord
+from car_backend.service.projects import Projects
 from tests.conftest import tiny_settings
 from tests.service.conftest import label_config
 
@@ -101,7 +102,7 @@ def test_text_embeddings_are_shared_between_processes_through_redis(redis):
     import numpy as np
     import torch
 
-    from car_backend.store import STATS_KEY, RedisTextCache
+    from car_backend.queue.store import STATS_KEY, RedisTextCache
 
     redis.delete(STATS_KEY)
     cache = RedisTextCache(redis, ttl=60)
@@ -132,7 +133,7 @@ def test_text_embeddings_are_shared_between_processes_through_redis(redis):
 def test_an_unreachable_text_cache_falls_back_to_encoding():
     from redis import Redis
 
-    from car_backend.store import RedisTextCache
+    from car_backend.queue.store import RedisTextCache
 
     dead = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     encoded: list[str] = []

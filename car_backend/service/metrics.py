@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from redis import RedisError
 
-from car_backend.store import DURATION_BUCKETS
+from car_backend.queue.store import DURATION_BUCKETS
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class _RedisCollector:
 
 
 def _review_families(reports: list[dict]) -> Iterator:
-    """The active-learning figures of `car-backend report`, per project (car_backend.report)."""
+    """The active-learning figures of `car-backend report`, per project (car_backend.review.report)."""
     tasks = GaugeMetricFamily("car_review_tasks", "Corrected tasks compared with our prediction, per model_version.",
                               labels=["project", "model_version"])
     agreement = GaugeMetricFamily("car_review_agreement", "Mean agreement (per-task mean label IoU) of our "

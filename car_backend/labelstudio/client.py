@@ -1,4 +1,6 @@
-"""Authenticating to Label Studio with LABEL_STUDIO_API_KEY.
+"""Label Studio's REST API: authentication with LABEL_STUDIO_API_KEY, and the calls the service makes.
+
+Authenticating to Label Studio with LABEL_STUDIO_API_KEY.
 
 Label Studio 1.23 takes three kinds of key:
 - a personal access token (a JWT *refresh* token): exchanged at `POST /api/token/refresh/` for an access
@@ -10,7 +12,12 @@ Label Studio 1.23 takes three kinds of key:
 One `LabelStudioAuth` per (process, Label Studio, key) is shared by every caller (`shared_auth`), so a
 process does one exchange per access-token lifetime. Keys and tokens never reach a log line or an
 exception message.
+
+`LabelStudioAPI` is the authenticated transport (personal access token exchange, 401 renewal);
+`LabelStudioClient` knows the endpoints (write a prediction, read a project, list its tasks) and what their
+answers mean. Both raise CarError subclasses whose `retryable` says whether asking again may help.
 """
+
 
 from __future__ import annotations
 
@@ -22,11 +29,13 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import requests
 
-from car_backend.settings import Settings
+from car_backend.engine.errors import CarError
+from car_backend.labelstudio.access import Access
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +44,12 @@ EXPIRY_MARGIN_S = 30.0  # renew this long before the access token expires
 DEFAULT_ACCESS_LIFETIME_S = 300.0
 
 
-class LabelStudioError(Exception):
-    """Label Studio cannot be reached or refuses the key (or none is configured). Never holds a token."""
+class LabelStudioError(CarError):
+    """Label Studio cannot be reached or refuses the key (or none is configured). Never holds a token.
+
+    Retryable: Label Studio coming back, or the operator fixing the key, makes the same call succeed."""
+
+    retryable = True
 
 
 def jwt_claims(token: str) -> dict[str, Any] | None:
@@ -144,7 +157,7 @@ class LabelStudioAPI:
     access token after a 401. It returns the response whatever its status; the caller checks it.
     """
 
-    def __init__(self, settings: Settings, timeout: tuple[float, float] = (5.0, 60.0)):
+    def __init__(self, settings: Access, timeout: tuple[float, float] = (5.0, 60.0)):
         if not settings.label_studio_url:
             raise LabelStudioError("LABEL_STUDIO_URL is not set")
         if not settings.label_studio_api_key:
@@ -180,3 +193,83 @@ class LabelStudioAPI:
         if session is None:
             session = self._local.session = requests.Session()
         return session
+
+
+TASK_PAGE_SIZE = 100
+
+
+class LabelStudioAPIError(CarError):
+    """A Label Studio API call failed. `retryable`: asking again later may succeed."""
+
+
+class LabelStudioClient:
+    def __init__(self, settings: Access):
+        try:
+            self._api = LabelStudioAPI(settings)
+        except LabelStudioError as exc:
+            raise LabelStudioAPIError(str(exc), retryable=False) from None
+
+    def create_prediction(self, task_id: int, entry: dict[str, Any]) -> dict:
+        """POST /api/predictions for one task; `entry` is a /predict entry with a `result` list."""
+        body = {
+            "task": task_id,
+            "result": entry["result"],
+            "score": entry.get("score"),
+            "model_version": entry["model_version"],
+        }
+        return self._json("POST", "/api/predictions/", json=body, expect=(200, 201))
+
+    def project(self, project_id: int) -> dict:
+        return self._json("GET", f"/api/projects/{project_id}/")
+
+    def ml_backends(self, project_id: int) -> list[dict]:
+        found = self._json("GET", "/api/ml/", params={"project": project_id})
+        return found if isinstance(found, list) else []
+
+    def tasks(self, project_id: int, page_size: int = TASK_PAGE_SIZE) -> Iterator[dict]:
+        """Every task of the project with its predictions, page by page."""
+        page, seen = 1, 0
+        while True:
+            resp = self._call("GET", "/api/tasks/", params={
+                "project": project_id, "fields": "all", "page": page, "page_size": page_size})
+            if resp.status_code == 404 and page > 1:  # past the last page
+                return
+            body = self._check(resp, "GET /api/tasks/", (200,))
+            tasks = body.get("tasks", []) if isinstance(body, dict) else body
+            yield from tasks
+            seen += len(tasks)
+            total = body.get("total") if isinstance(body, dict) else None
+            if len(tasks) < page_size or (isinstance(total, int) and seen >= total):
+                return
+            page += 1
+
+    def _json(self, method: str, path: str, expect: tuple[int, ...] = (200,), **kwargs: Any) -> Any:
+        return self._check(self._call(method, path, **kwargs), f"{method} {path}", expect)
+
+    def _call(self, method: str, path: str, **kwargs: Any):
+        try:
+            return self._api.request(method, path, **kwargs)
+        except LabelStudioError as exc:
+            raise LabelStudioAPIError(str(exc), retryable=True) from None
+
+    @staticmethod
+    def _check(resp, what: str, expect: tuple[int, ...]) -> Any:
+        if resp.status_code not in expect:
+            retryable = resp.status_code in (401, 403, 408, 429) or resp.status_code >= 500
+            raise LabelStudioAPIError(
+                f"Label Studio answered {what} with HTTP {resp.status_code}: {resp.text[:200]}", retryable)
+        try:
+            return resp.json()
+        except ValueError:
+            raise LabelStudioAPIError(f"Label Studio answered {what} with a body that is not JSON", retryable=True) from None
+
+
+def prediction_versions(task: dict) -> set[str]:
+    """The model versions of the predictions a task (from GET /api/tasks?fields=all) already has."""
+    versions = {p.get("model_version") for p in task.get("predictions") or () if isinstance(p, dict)}
+    listed = task.get("predictions_model_versions")
+    if isinstance(listed, list):
+        versions.update(listed)
+    elif isinstance(listed, str):
+        versions.update(v.strip() for v in listed.split(","))
+    return {v for v in versions if isinstance(v, str) and v}

@@ -1,39 +1,43 @@
-"""The service's shared pieces for one process: Redis (real or embedded), the store, the job queue.
+"""The service's shared pieces for one process: Redis (real or embedded), the stores, the job queue.
 
-With REDIS_URL unset, the process also runs the embedded worker thread, so `serve` and
-`prelabel --project` work alone with the same queue code as a deployment with separate workers.
+Built once per process and passed to everything that needs them. With REDIS_URL unset, the process also
+runs the embedded worker thread, so `serve` and `prelabel --project` work alone with the same queue code as
+a deployment with separate workers.
 """
 
 from __future__ import annotations
 
 import logging
 
-from redis import Redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
-from car_backend.jobqueue import JobQueue, connect, make_store
-from car_backend.report import project_report
-from car_backend.review import ReviewStore
+from car_backend.queue.connection import connect
+from car_backend.queue.jobqueue import JobQueue, make_store
+from car_backend.queue.worker import WORKER_TTL_S, EmbeddedWorkerThread
+from car_backend.review.report import project_report
+from car_backend.review.store import ReviewStore
 from car_backend.settings import Settings
-from car_backend.worker import WORKER_TTL_S, EmbeddedWorkerThread
 
 log = logging.getLogger(__name__)
 
 
 class Backend:
+    """One process's Redis clients, stores and queue, and the embedded worker when REDIS_URL is unset.
+
+    `store`, `queue`, `review` use the server client (fast-failing); `snapshot` reads through the probe
+    client, which gives up within about half a second. Raises RedisError / OSError when the embedded Redis
+    cannot start. `close()` stops the embedded worker and Redis.
+    """
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self.connection = connect(settings)
         self.redis = self.connection.redis
-        # /health and /metrics must answer within Label Studio's 1 s even when Redis is unreachable.
-        self.probe = Redis.from_url(self.connection.url, socket_connect_timeout=0.25, socket_timeout=0.5,
-                                    retry=Retry(NoBackoff(), 0))
+        self.probe = self.connection.client("probe")
         self.store = make_store(self.redis, settings)
         self.queue = JobQueue(settings, self.redis, self.store)
+        self.review = ReviewStore(self.redis)
         self._probe_store = make_store(self.probe, settings)
         self._probe_queue = JobQueue(settings, self.probe, self._probe_store)
-        self._probe_review = ReviewStore(self.probe, settings.result_ttl)
+        self._probe_review = ReviewStore(self.probe)
         self._embedded = EmbeddedWorkerThread(settings, self.connection).start() \
             if self.connection.embedded is not None else None
 

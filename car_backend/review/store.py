@@ -1,8 +1,5 @@
 """The active-learning loop's state in Redis: what we delivered, what annotators corrected, calibrations.
 
-    car:delivered:<task>              JSON {version, keys}: the prediction this backend delivered for a task
-                                      (by /predict or through the API), so a later annotation can be compared
-                                      with it (TTL CAR_RESULT_TTL, like the results it points at)
     car:review:<p>:agreement          hash task -> JSON {version, fields}: each corrected task's agreement with
                                       our prediction (agreement.ProjectAgreement fields of that one task); an
                                       updated annotation replaces its task's entry, so nothing counts twice
@@ -19,18 +16,15 @@ from __future__ import annotations
 import json
 import pickle
 import zlib
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from redis import Redis
 
-from car_backend.agreement import Bounds, ProjectAgreement, TaskAgreement
-from car_backend.store import PREFIX, PROJECT_TTL_S
-
-if TYPE_CHECKING:
-    from car_backend.jobs import JobSpec
+from car_backend.pipeline.spec import JobSpec
+from car_backend.queue.store import PREFIX, PROJECT_TTL_S
+from car_backend.review.agreement import Bounds, ProjectAgreement, TaskAgreement
 
 # The thresholds calibration may move, and how far: the paper's per-dataset values all lie inside.
 THRESHOLD_BOUNDS = (
@@ -38,12 +32,6 @@ THRESHOLD_BOUNDS = (
     Bounds("mask_threshold", 0.2, 0.8, 7),  # eta, binarises proposals for the visual prompts
     Bounds("clipes_threshold", 0.2, 0.7, 6),  # lambda, the CLIP-ES box threshold on the raw CAM
 )
-
-
-@dataclass(frozen=True)
-class Delivered:
-    version: str
-    keys: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -79,31 +67,15 @@ class Calibration:
 
 
 class ReviewStore:
-    def __init__(self, redis: Redis, delivered_ttl: int):
+    """The active-learning state of every project (see the module docstring); `redis` is passed in.
+    Methods raise RedisError when Redis is unavailable."""
+
+    def __init__(self, redis: Redis):
         self.redis = redis
-        self.delivered_ttl = max(1, delivered_ttl)
 
     @staticmethod
     def _key(project: str, what: str) -> str:
         return f"{PREFIX}:review:{project}:{what}"
-
-    # deliveries
-    def record_delivered(self, deliveries: Sequence[tuple[int, str, Sequence[str]]]) -> None:
-        """Remember (task, version, job keys) of predictions just delivered."""
-        if not deliveries:
-            return
-        with self.redis.pipeline(transaction=False) as pipe:
-            for task, version, keys in deliveries:
-                pipe.set(f"{PREFIX}:delivered:{task}", json.dumps({"version": version, "keys": list(keys)}),
-                         ex=self.delivered_ttl)
-            pipe.execute()
-
-    def delivered(self, task: int) -> Delivered | None:
-        raw = self.redis.get(f"{PREFIX}:delivered:{task}")
-        if raw is None:
-            return None
-        data = json.loads(raw)
-        return Delivered(data["version"], tuple(data["keys"]))
 
     # agreement of corrected tasks with our predictions
     def put_agreement(self, project: str, task: int, version: str, agreement: TaskAgreement) -> None:

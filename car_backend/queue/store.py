@@ -6,6 +6,9 @@
                             `prelabel` enqueued; whoever sees all of a record's keys finished delivers it
     car:claim:<V>:<task>    who delivered this (task, model_version): SET NX decides between /predict
                             answering with the result and a worker posting it through the API
+    car:delivered:<task>    JSON {version, keys}: the prediction this backend delivered for a task (by
+                            /predict or through the API), so a later annotation can be compared with it
+                            (TTL CAR_RESULT_TTL, like the results it points at)
     car:project:<id>        JSON extra_params that /setup received for a project (/predict lacks them)
     car:stats               hash of worker-side counters and job-duration histogram buckets
     car:text:<M>:<T>        float32 bytes of the embedding of text T by model M (TTL CAR_TEXT_CACHE_TTL),
@@ -20,11 +23,13 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from redis import Redis, RedisError
+
+from car_backend.pipeline.spec import JobResult
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +51,6 @@ return 0
 
 
 @dataclass(frozen=True)
-class JobResult:
-    """What one job produced for one image: the regions of every target, or why there are none."""
-
-    ok: bool
-    regions: list[dict]
-    score: float | None = None
-    error: str | None = None  # set when not ok; ok=False results are permanent failures
-    seconds: float = 0.0
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> JobResult:
-        return cls(**json.loads(raw))
-
-
-@dataclass(frozen=True)
 class LateRecord:
     """A task to deliver through the API once every job key of it has a result."""
 
@@ -81,7 +68,22 @@ class LateRecord:
         return cls(task=int(data["task"]), version=data["version"], keys=tuple(data["keys"]))
 
 
+@dataclass(frozen=True)
+class Delivered:
+    """The prediction delivered for a task: its model_version and the job keys whose results it holds."""
+
+    version: str
+    keys: tuple[str, ...]
+
+
 class Store:
+    """The service's Redis state besides RQ's and the review's (see the module docstring).
+
+    `redis`: a client built once per process and passed in; `result_ttl`: seconds results and delivery
+    marks live; `lock_ttl`: seconds a dedup lock or late record may outlive its job. Methods raise
+    RedisError when Redis is unavailable (RedisTextCache is the exception: its errors are misses).
+    """
+
     def __init__(self, redis: Redis, result_ttl: int, lock_ttl: int):
         self.redis = redis
         self.result_ttl = max(1, result_ttl)
@@ -152,6 +154,24 @@ class Store:
             return []
         raw = self.redis.mget([self.claim_key(t, version) for t in task_ids])
         return [r is not None for r in raw]
+
+    # delivery marks: what was delivered for a task, for comparing a later annotation with it
+    def record_delivered(self, deliveries: Sequence[tuple[int, str, Sequence[str]]]) -> None:
+        """Remember (task, version, job keys) of predictions just delivered."""
+        if not deliveries:
+            return
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task, version, keys in deliveries:
+                pipe.set(f"{PREFIX}:delivered:{task}", json.dumps({"version": version, "keys": list(keys)}),
+                         ex=self.result_ttl)
+            pipe.execute()
+
+    def delivered(self, task: int) -> Delivered | None:
+        raw = self.redis.get(f"{PREFIX}:delivered:{task}")
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return Delivered(data["version"], tuple(data["keys"]))
 
     # per-project /setup parameters
     def save_project_params(self, project: str, extra_params: Any) -> None:

@@ -10,9 +10,10 @@ import json
 import sys
 from typing import Any
 
-from redis import Redis, RedisError
+from redis import RedisError
 
-from car_backend.review import ReviewStore
+from car_backend.queue.connection import redis_client
+from car_backend.review.store import ReviewStore
 from car_backend.settings import Settings
 
 
@@ -60,9 +61,9 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         print("car-backend report: set REDIS_URL to the backend's Redis (an embedded one is private to "
               "`car-backend serve`; its figures are at /metrics)", file=sys.stderr)
         return 2
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0)
+    redis = redis_client(settings.redis_url, "server")
     try:
-        report = project_report(ReviewStore(redis, settings.result_ttl), str(args.project))
+        report = project_report(ReviewStore(redis), str(args.project))
     except RedisError as exc:
         print(f"car-backend report: Redis at REDIS_URL is unavailable: {exc}", file=sys.stderr)
         return 1

@@ -22,10 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from car_backend.agreement import ProjectAgreement, add_mask, compare, label_masks, search, shrink
-from car_backend.jobs import JobSpec, WorkerContext, current_context, restrict, segment_run
+from car_backend.engine.presets import get_preset
 from car_backend.labelstudio.media import MediaError
-from car_backend.review import THRESHOLD_BOUNDS, Calibration, Correction
+from car_backend.labelstudio.regions import add_mask, label_masks, shrink
+from car_backend.pipeline.compute import restrict, segment_run
+from car_backend.pipeline.plain import from_plain, to_plain
+from car_backend.pipeline.planning import plan_task
+from car_backend.pipeline.spec import JobSpec
+from car_backend.queue.jobs import WorkerContext, current_context
+from car_backend.review.agreement import ProjectAgreement, compare, search
+from car_backend.review.store import THRESHOLD_BOUNDS, Calibration, Correction, ReviewStore
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +41,20 @@ CALIBRATION_LOCK_S = 3600
 
 @dataclass(frozen=True)
 class AnnotationEvent:
+    """The review job's input: a submitted annotation of one task, and how this backend predicts the task.
+    Travels as JSON (`to_dict`/`from_dict`)."""
+
     project: str
     task: int
     result: list[dict]  # the annotation's regions
     specs: tuple[JobSpec, ...]  # how this backend predicts the task now
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AnnotationEvent:
+        return from_plain(cls, data)
 
 
 REVIEWED_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
@@ -50,8 +66,6 @@ def annotation_event(body: dict, projects: Any, settings: Any) -> AnnotationEven
     Raises ValueError for a payload that is not a Label Studio annotation event, and RedisError (from
     reading the project's state) when Redis is down.
     """
-    from car_backend.predictor import plan_task  # the predictor imports the queue, which imports jobs
-
     annotation, task, project = (body.get(k) for k in ("annotation", "task", "project"))
     if not isinstance(annotation, dict) or not isinstance(annotation.get("result"), list):
         raise ValueError("an annotation event needs an 'annotation' object with a 'result' list")
@@ -70,12 +84,15 @@ def annotation_event(body: dict, projects: Any, settings: Any) -> AnnotationEven
                            specs=tuple(plan.specs))
 
 
-def review_annotation(event: AnnotationEvent) -> dict:
-    """The RQ job for one submitted annotation (see the module docstring)."""
+def review_annotation(event: dict) -> dict:
+    """The RQ job for one submitted annotation (see the module docstring); `event` is
+    `AnnotationEvent.to_dict()`."""
     ctx = current_context()
+    event = AnnotationEvent.from_dict(event)
+    review = ReviewStore(ctx.store.redis)
     annotated = _annotation_masks(event.result)
     outcome: dict[str, Any] = {"task": event.task, "compared": False}
-    delivered = ctx.review.delivered(event.task)
+    delivered = ctx.store.delivered(event.task)
     if delivered is not None:
         results = ctx.store.results(list(delivered.keys))
         if all(r is not None and r.ok for r in results):
@@ -83,13 +100,13 @@ def review_annotation(event: AnnotationEvent) -> dict:
             size = next(iter(annotated.values())).shape if annotated else None
             predicted = shrink(label_masks(regions, size) if (regions or size) else {})
             agreement = compare(predicted, annotated)
-            ctx.review.put_agreement(event.project, event.task, delivered.version, agreement)
+            review.put_agreement(event.project, event.task, delivered.version, agreement)
             outcome.update(compared=True, version=delivered.version, score=round(agreement.score, 4),
                            missed=list(agreement.missed), added=list(agreement.added))
     if event.specs and (annotated or delivered is not None):
-        count = ctx.review.put_correction(event.project, Correction(event.task, event.specs, annotated))
+        count = review.put_correction(event.project, Correction(event.task, event.specs, annotated))
         outcome["corrected_tasks"] = count
-        outcome["calibration_queued"] = _maybe_queue_calibration(ctx, event.project, count)
+        outcome["calibration_queued"] = _maybe_queue_calibration(ctx, review, event.project, count)
     return outcome
 
 
@@ -100,14 +117,14 @@ def _annotation_masks(regions: list[dict]) -> dict[str, np.ndarray]:
         return {}
 
 
-def _maybe_queue_calibration(ctx: WorkerContext, project: str, corrected: int) -> bool:
+def _maybe_queue_calibration(ctx: WorkerContext, review: ReviewStore, project: str, corrected: int) -> bool:
     every = ctx.settings.calibrate_after
     if not every:
         return False
-    current = ctx.review.calibration(project)
+    current = review.calibration(project)
     if corrected < (current.tasks if current else 0) + every:
         return False
-    if not ctx.review.try_lock_calibration(project, ctx.name, CALIBRATION_LOCK_S):
+    if not review.try_lock_calibration(project, ctx.name, CALIBRATION_LOCK_S):
         return False  # one is queued or running; it will see these corrections too
     ctx.queue.submit_call(calibrate_project, (project,), description=f"calibrate project {project}",
                           timeout=max(ctx.settings.job_timeout, CALIBRATION_LOCK_S))
@@ -118,15 +135,16 @@ def _maybe_queue_calibration(ctx: WorkerContext, project: str, corrected: int) -
 def calibrate_project(project: str) -> dict:
     """The RQ job that re-chooses a project's thresholds (see the module docstring)."""
     ctx = current_context()
+    review = ReviewStore(ctx.store.redis)
     try:
-        return _calibrate(ctx, project)
+        return _calibrate(ctx, review, project)
     finally:
-        ctx.review.unlock_calibration(project)
+        review.unlock_calibration(project)
 
 
-def _calibrate(ctx: WorkerContext, project: str) -> dict:
+def _calibrate(ctx: WorkerContext, review: ReviewStore, project: str) -> dict:
     started = time.monotonic()
-    corrections = ctx.review.corrections(project)[-MAX_CALIBRATION_TASKS:]
+    corrections = review.corrections(project)[-MAX_CALIBRATION_TASKS:]
     segmenter = ctx.segmenter
     items = []
     for correction in corrections:
@@ -139,7 +157,7 @@ def _calibrate(ctx: WorkerContext, project: str) -> dict:
         items.append((correction, prepared))
     if not items:
         return {"project": project, "calibrated": False, "reason": "no corrected task could be read"}
-    current = ctx.review.calibration(project)
+    current = review.calibration(project)
     base = _base_preset(ctx, items[0][1][0][0])
     start = dict(current.thresholds) if current else {b.name: getattr(base, b.name) for b in THRESHOLD_BOUNDS}
 
@@ -175,15 +193,13 @@ def _calibrate(ctx: WorkerContext, project: str) -> dict:
         seconds=round(time.monotonic() - started, 3),
     )
     # Stored even when nothing improved (generation 0 changes no version): the next try waits for more tasks.
-    ctx.review.put_calibration(project, calibration)
+    review.put_calibration(project, calibration)
     log.info("project %s calibrated on %d tasks: agreement %.3f -> %.3f, thresholds %s (generation %d)",
              project, len(items), calibration.before, calibration.after, calibration.thresholds, generation)
     return {"project": project, "calibrated": improved, **calibration.__dict__}
 
 
 def _base_preset(ctx: WorkerContext, spec: JobSpec) -> Any:
-    from car_backend.engine.presets import get_preset
-
     return get_preset(spec.runs[0].preset or ctx.settings.preset)
 
 

@@ -25,8 +25,9 @@ from rq.exceptions import StopRequested
 from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
-from car_backend.jobqueue import CarQueue, Connection, make_store, queue_names
-from car_backend.jobs import WorkerContext, install
+from car_backend.queue.connection import Connection, redis_client
+from car_backend.queue.jobqueue import SERIALIZER, CarQueue, JobQueue, make_store, queue_names
+from car_backend.queue.jobs import WorkerContext, install
 from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,16 @@ def make_worker(cls: type[CarWorker], settings: Settings, redis: Redis, name: st
                 stop_event: threading.Event | None = None) -> CarWorker:
     queue_class = CarQueue if stop_event is None else type("EmbeddedQueue", (CarQueue,), {"stop_event": stop_event})
     queues = [queue_class(q, connection=redis) for q in queue_names(settings)]
-    worker = cls(queues, name=name, connection=redis, queue_class=queue_class, worker_ttl=WORKER_TTL_S,
+    worker = cls(queues, name=name, connection=redis, queue_class=queue_class, serializer=SERIALIZER,
+                 worker_ttl=WORKER_TTL_S,
                  maintenance_interval=MAINTENANCE_INTERVAL_S, job_monitoring_interval=HEARTBEAT_INTERVAL_S)
     return worker
+
+
+def worker_context(settings: Settings, redis: Redis, name: str) -> WorkerContext:
+    """The one WorkerContext of a worker process, on its one Redis client."""
+    store = make_store(redis, settings)
+    return WorkerContext(settings, store, JobQueue(settings, redis, store), name=name)
 
 
 class EmbeddedWorkerThread:
@@ -95,8 +103,8 @@ class EmbeddedWorkerThread:
 
     def __init__(self, settings: Settings, connection: Connection):
         self._stop = threading.Event()
-        redis = connection.worker_redis()
-        install(WorkerContext(settings, make_store(redis, settings), name=f"embedded:{os.getpid()}"))
+        redis = connection.client("worker")
+        install(worker_context(settings, redis, name=f"embedded:{os.getpid()}"))
         self._worker = make_worker(EmbeddedWorker, settings, redis, name=f"embedded-{os.getpid()}-{id(self):x}",
                                    stop_event=self._stop)
         self._thread = threading.Thread(target=self._run, name="car-embedded-worker", daemon=True)
@@ -118,9 +126,9 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         log.error("car-backend worker needs REDIS_URL (the queue's Redis); without it, `car-backend serve` "
                   "runs jobs on its own in-process worker")
         return 2
-    redis = Redis.from_url(settings.redis_url)
+    redis = redis_client(settings.redis_url, "worker")
     base_name = args.name or f"{socket.gethostname()}-{os.getpid()}"
-    install(WorkerContext(settings, make_store(redis, settings), name=base_name))
+    install(worker_context(settings, redis, name=base_name))
     generation = 0
     try:
         while True:

@@ -24,15 +24,19 @@ from xml.sax.saxutils import quoteattr
 
 from tqdm import tqdm
 
-from car_backend.jobs import JobResult, compute, deliver, task_entry
+from car_backend.labelstudio.client import LabelStudioAPIError, LabelStudioClient, prediction_versions
 from car_backend.labelstudio.config import LabelConfigError, parse_label_config
 from car_backend.labelstudio.media import MediaError, MediaFetcher
-from car_backend.lsapi import LabelStudioAPIError, LabelStudioClient, configured, prediction_versions
-from car_backend.predictor import TERMINAL, plan_task
-from car_backend.projects import Project, Projects, model_version
-from car_backend.review import ReviewStore
+from car_backend.pipeline.compute import compute, task_entry
+from car_backend.pipeline.planning import plan_task
+from car_backend.pipeline.spec import JobResult, Project
+from car_backend.pipeline.versions import model_version
+from car_backend.queue.jobs import deliver
+from car_backend.queue.store import LateRecord
+from car_backend.queue.wait import JobWatch
+from car_backend.service.backend import Backend
+from car_backend.service.projects import Projects
 from car_backend.settings import Settings
-from car_backend.store import LateRecord
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +69,9 @@ class Progress:
 
 
 def prelabel_project(project_id: int, settings: Settings) -> int:
-    if not configured(settings):
+    if not settings.can_write_predictions:
         print("car-backend prelabel --project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
         return 2
-    from car_backend.service import Backend
-
     started = time.monotonic()
     client = LabelStudioClient(settings)
     try:
@@ -81,7 +83,7 @@ def prelabel_project(project_id: int, settings: Settings) -> int:
         print(f"car-backend prelabel: cannot read project {project_id}: {exc}", file=sys.stderr)
         return 1
     try:
-        project = Projects(settings, backend.store).setup(project_id, label_config, extra_params)
+        project = Projects(settings, backend.store, backend.review).setup(project_id, label_config, extra_params)
         tasks = list(client.tasks(project_id))
         todo = [t for t in tasks if project.version not in prediction_versions(t)]
         log.info("project %s: %d tasks, %d without a %s prediction", project_id, len(tasks), len(todo),
@@ -102,17 +104,17 @@ def prelabel_project(project_id: int, settings: Settings) -> int:
 class ProjectRun:
     """The tasks of one `prelabel --project` run, followed until each is written or has failed."""
 
-    def __init__(self, tasks: list[dict], project: Project, settings: Settings, backend, client: LabelStudioClient):
+    def __init__(self, tasks: list[dict], project: Project, settings: Settings, backend: Backend,
+                 client: LabelStudioClient):
         self.version = project.version
         self.backend = backend
         self.store, self.queue, self.client = backend.store, backend.queue, client
         self.owner = f"prelabel:{socket.gethostname()}:{os.getpid()}"
-        self.review = ReviewStore(self.store.redis, settings.result_ttl)
         self.plans = [plan_task(task, project, settings) for task in tasks if isinstance(task.get("id"), int)]
         self.open = {p.task_id: p for p in self.plans if p.failure is None}
         self.records = {tid: LateRecord(tid, self.version, tuple(p.keys)) for tid, p in self.open.items()}
         self.specs = {spec.key: spec for p in self.open.values() for spec in p.specs}
-        self.jobs: dict[str, str] = {}  # key -> RQ job id
+        self.watch = JobWatch(self.queue, self.store)
         self.progress = Progress()
 
     def run(self) -> Progress:
@@ -121,7 +123,7 @@ class ProjectRun:
             if plan.failure is not None:
                 record = LateRecord(plan.task_id, self.version, ())
                 deliver(self.store, self.client, record, [JobResult(ok=False, regions=[], error=plan.failure)],
-                        self.owner, self.review)
+                        self.owner)
                 self.progress.delivered += 1
                 self.progress.empty += 1
         self.store.add_late(self.records.values())
@@ -158,22 +160,19 @@ class ProjectRun:
                 del self.open[task_id]
             elif finished:
                 # Cached before this run, or its job ended before the late record was there: write it here.
-                deliver(self.store, self.client, self.records[task_id], results, self.owner, self.review)
+                deliver(self.store, self.client, self.records[task_id], results, self.owner)
             else:
                 for key, result in zip(plan.keys, results, strict=True):
-                    if result is None and key not in self.jobs:
-                        self.jobs[key], _ = self.queue.submit(self.specs[key])
+                    if result is None and key not in self.watch.jobs:
+                        self.watch.submit(self.specs[key])
         self._drop_failed()
 
     def _drop_failed(self) -> None:
-        keys = list(self.jobs)
-        ended = [k for k, status in zip(keys, self.queue.statuses([self.jobs[k] for k in keys]), strict=True)
-                 if status is None or status in TERMINAL]
-        dead = {k for k, result in zip(ended, self.store.results(ended), strict=True) if result is None}
-        for task_id in [t for t, p in self.open.items() if dead.intersection(p.keys)]:
+        dead = self.watch.poll(list(self.watch.jobs)).failed
+        for task_id in [t for t, p in self.open.items() if dead.keys() & set(p.keys)]:
             if self.store.claimed([task_id], self.version)[0]:
                 continue  # written meanwhile (a /predict computed it again); counted on the next look
-            reasons = "; ".join(self.queue.failure(self.jobs[k]) for k in self.open[task_id].keys if k in dead)
+            reasons = "; ".join(dead[k] for k in self.open[task_id].keys if k in dead)
             log.warning("task %s: its job failed: %s", task_id, reasons)
             self.progress.failed += 1
             self.store.remove_late(self.records[task_id])
@@ -200,14 +199,14 @@ def prelabel_images(folder: Path, labels: list[str], out: Path, kind: str, setti
     if not labels:
         print("car-backend prelabel: --labels names no label", file=sys.stderr)
         return 2
-    from car_backend.engine import Segmenter
+    from car_backend.engine import Segmenter  # torch is imported only by commands that run the engine
 
     settings = dataclasses.replace(settings, output=kind)  # --format decides the region type here
     xml = import_config(labels, kind)
     config = parse_label_config(xml)
     project = Project(config=config, version=model_version(settings, config))
     fetcher = MediaFetcher(settings, allow_local_files=True)
-    segmenter = Segmenter(settings)
+    segmenter = Segmenter(settings.engine_config())
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     tasks, failed = [], 0
     started = time.monotonic()

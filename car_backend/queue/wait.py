@@ -1,0 +1,82 @@
+"""Waiting for jobs: the one helper /predict and `prelabel --project` both follow their jobs with.
+
+A `JobWatch` submits the jobs of some keys (deduplicated by the queue), then `poll` says which keys have a
+result now and which jobs ended without one (failed after their retries, or vanished), and `wait` polls
+with a growing pause until every key is settled or a deadline passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from car_backend.pipeline.spec import JobResult, JobSpec
+from car_backend.queue.jobqueue import TERMINAL, JobQueue
+from car_backend.queue.store import Store
+
+log = logging.getLogger(__name__)
+
+POLL_FIRST_S = 0.05
+POLL_MAX_S = 0.5
+
+
+@dataclass
+class Settled:
+    """What a poll found: results by key, and the reason for each key whose job ended without one."""
+
+    results: dict[str, JobResult] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class JobWatch:
+    """Jobs submitted for keys, followed until each key has a result or its job is over.
+
+    `queue` and `store` wrap the process's Redis client; every method raises RedisError when it is down.
+    """
+
+    def __init__(self, queue: JobQueue, store: Store):
+        self.queue = queue
+        self.store = store
+        self.jobs: dict[str, str] = {}  # key -> RQ job id
+
+    def submit(self, spec: JobSpec, interactive: bool = False) -> bool:
+        """Make sure a job computes `spec.key`; True when a new job was created (else a live one is joined)."""
+        self.jobs[spec.key], created = self.queue.submit(spec, interactive=interactive)
+        return created
+
+    def poll(self, keys: Sequence[str]) -> Settled:
+        """The keys of `keys` that have a result now, and those whose job ended without one."""
+        settled = Settled()
+        keys = list(keys)
+        for key, result in zip(keys, self.store.results(keys), strict=True):
+            if result is not None:
+                settled.results[key] = result
+        followed = [k for k in keys if k not in settled.results and k in self.jobs]
+        statuses = self.queue.statuses([self.jobs[k] for k in followed])
+        ended = [k for k, status in zip(followed, statuses, strict=True) if status is None or status in TERMINAL]
+        # Re-read: a job writes its result before RQ marks it finished.
+        for key, result in zip(ended, self.store.results(ended), strict=True):
+            if result is not None:
+                settled.results[key] = result
+                continue
+            status = statuses[followed.index(key)]
+            settled.failed[key] = self.queue.failure(self.jobs[key]) if status else "the job disappeared"
+            log.warning("job %s for key %s ended without a result: %s", self.jobs[key], key[:12],
+                        settled.failed[key])
+        return settled
+
+    def wait(self, keys: Sequence[str], deadline: float) -> Settled:
+        """Poll `keys` (pausing 50 ms, growing to 0.5 s) until each is settled or `deadline` (monotonic)."""
+        settled = Settled()
+        waiting = list(keys)
+        pause = POLL_FIRST_S
+        while waiting and time.monotonic() < deadline:
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 1.5, POLL_MAX_S)
+            found = self.poll(waiting)
+            settled.results.update(found.results)
+            settled.failed.update(found.failed)
+            waiting = [k for k in waiting if k not in settled.results and k not in settled.failed]
+        return settled

@@ -1,0 +1,66 @@
+"""Request parsing: a /setup, /predict or /webhook body -> a typed request, or a RequestError (HTTP 400).
+
+Nothing here touches Redis, the queue or the engine; the routes act on what these functions return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from car_backend.engine.errors import CarError
+
+
+class RequestError(CarError):
+    """The request body cannot be used; answered 400 with this message."""
+
+
+@dataclass(frozen=True)
+class SetupRequest:
+    project: Any  # Label Studio's "<id>.<created timestamp>", or None
+    label_config: str
+    extra_params: Any
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    project: Any
+    label_config: str
+    tasks: list[dict]
+    context: Any  # params.context of an interactive call (None for a batch)
+
+
+def json_object(body: Any) -> dict:
+    """`body` (parsed JSON, None when it was not JSON) as a dict; RequestError otherwise."""
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object")
+    return body
+
+
+def setup_request(body: Any) -> SetupRequest:
+    body = json_object(body)
+    schema = body.get("schema") or body.get("label_config")
+    if not isinstance(schema, str) or not schema.strip():
+        raise RequestError("the body needs the label config under 'schema'")
+    return SetupRequest(body.get("project"), schema, body.get("extra_params"))
+
+
+def predict_request(body: Any) -> PredictRequest:
+    body = json_object(body)
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list):
+        raise RequestError("the body needs a 'tasks' list")
+    if not all(isinstance(task, dict) for task in tasks):
+        raise RequestError("every item of 'tasks' must be a JSON object")
+    label_config = body.get("label_config")
+    if not isinstance(label_config, str) or not label_config.strip():
+        raise RequestError("the body needs the project's 'label_config'")
+    params = body.get("params") if isinstance(body.get("params"), dict) else {}
+    return PredictRequest(body.get("project"), label_config, tasks, params.get("context"))
+
+
+def webhook_body(body: Any) -> dict:
+    """A webhook's JSON object; RequestError when it is not JSON or not an object."""
+    if body is None:
+        raise RequestError("the body is not JSON")
+    return json_object(body)

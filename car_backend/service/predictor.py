@@ -1,0 +1,155 @@
+"""/predict: tasks in, exactly one Label Studio entry per task out (protocol spec §3.1, §11).
+
+1. Each task becomes one job per image it has targets on (`plan_task`).
+2. Cached results are used at once; the other jobs are submitted (deduplicated by key) and the request
+   waits for them up to CAR_PREDICT_WAIT.
+3. Tasks whose jobs all finished are delivered here, each only if this request wins the task's delivery
+   claim (so a task is never delivered twice, whatever overlaps); a permanent failure is delivered as an
+   empty prediction (Label Studio stores it and stops asking).
+4. Other tasks get a pending entry (no `result`: Label Studio stores nothing and asks again). They are
+   registered as late, so the worker finishing their job writes the prediction through the API.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from redis import RedisError
+
+from car_backend.labelstudio.interactive import InteractiveRequest, parse_context
+from car_backend.labelstudio.results import failed_entry, pending_entry
+from car_backend.pipeline.compute import task_entry
+from car_backend.pipeline.planning import TaskPlan, plan_task, typed_prompt
+from car_backend.pipeline.spec import JobResult, Project
+from car_backend.queue.jobqueue import JobQueue
+from car_backend.queue.store import LateRecord, Store
+from car_backend.queue.wait import JobWatch
+from car_backend.service.metrics import Metrics
+from car_backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Predictor:
+    """Answers /predict calls (see the module docstring); one per server process, shared by its threads.
+
+    `queue`, `store`: the process's job queue and store (one Redis client); `metrics`: where calls are
+    counted; `owner`: written into the delivery claims this process wins.
+    """
+
+    def __init__(self, settings: Settings, queue: JobQueue, store: Store, metrics: Metrics, owner: str):
+        self.settings = settings
+        self.queue = queue
+        self.store = store
+        self.metrics = metrics
+        self.owner = owner
+        self.can_post_late = settings.can_write_predictions
+
+    def predict(self, tasks: list[dict], project: Project, context: Any = None) -> list[dict]:
+        """One entry per task, in order: a prediction (`result`, possibly empty for a permanent failure) or
+        a pending entry (no `result`: Label Studio asks again). Never raises for one bad task; a Redis
+        outage makes every entry pending."""
+        started = time.monotonic()
+        version = project.version
+        interactive = isinstance(context, dict) and bool(context)
+        prompt = typed_prompt(context, project.config) if interactive else None
+        request = parse_context(context) if interactive else None
+        plans = [self._plan(task, project, prompt, request) for task in tasks]
+        results: dict[str, JobResult] = {}
+        errors: dict[str, str] = {}
+        try:
+            self._collect(plans, results, errors, started, priority=interactive or len(tasks) == 1)
+            entries = self._answer(plans, results, errors, version, stored=not interactive)
+        except RedisError as exc:
+            log.error("/predict: Redis is unavailable (%s); every unfinished task stays pending", exc)
+            self.metrics.redis_errors.inc()
+            # No claim can be taken, so nothing may be delivered: every task is asked for again later.
+            entries = [pending_entry(version, f"the job queue is unavailable ({exc})") for _ in plans]
+        for entry in entries:
+            self.metrics.entries.labels(kind=_entry_kind(entry)).inc()
+        self.metrics.predict_seconds.observe(time.monotonic() - started)
+        return entries
+
+    def _plan(self, task: dict, project: Project, prompt: list[str] | None,
+              request: InteractiveRequest | None) -> TaskPlan:
+        try:
+            return plan_task(task, project, self.settings, prompt, request)
+        except Exception as exc:  # one odd task must not fail the batch
+            log.exception("task %s: cannot plan its jobs", task.get("id"))
+            return TaskPlan(task.get("id") if isinstance(task.get("id"), int) else None,
+                            failure=f"cannot read the task ({type(exc).__name__}: {exc})")
+
+    def _collect(self, plans: list[TaskPlan], results: dict[str, JobResult], errors: dict[str, str],
+                 started: float, priority: bool) -> None:
+        """Fill `results` (finished keys) and `errors` (keys whose job died) until done or out of time."""
+        specs = {spec.key: spec for plan in plans for spec in plan.specs}
+        if not specs:
+            return
+        keys = list(specs)
+        for key, result in zip(keys, self.store.results(keys), strict=True):
+            if result is not None:
+                results[key] = result
+        self.metrics.cache.labels(outcome="hit").inc(len(results))
+        self.metrics.cache.labels(outcome="miss").inc(len(keys) - len(results))
+        watch = JobWatch(self.queue, self.store)
+        for key in keys:
+            if key not in results:
+                created = watch.submit(specs[key], interactive=priority)
+                self.metrics.jobs.labels(outcome="enqueued" if created else "deduplicated").inc()
+        settled = watch.wait(list(watch.jobs), deadline=started + self.settings.predict_wait)
+        results.update(settled.results)
+        errors.update(settled.failed)
+
+    def _answer(self, plans: list[TaskPlan], results: dict[str, JobResult], errors: dict[str, str],
+                version: str, stored: bool) -> list[dict]:
+        def finished(plan: TaskPlan) -> bool:
+            return plan.failure is not None or all(k in results for k in plan.keys)
+
+        if stored and self.can_post_late:
+            self._register_late([p for p in plans if not finished(p) and p.task_id is not None], version, results)
+        claimed = [p.task_id for p in plans if stored and finished(p) and p.task_id is not None]
+        won = iter(self.store.claim(claimed, version, self.owner))
+        entries = []
+        for plan in plans:
+            if not finished(plan):
+                entries.append(pending_entry(version, self._pending_reason(plan, errors)))
+            elif stored and plan.task_id is not None and not next(won):
+                entries.append(pending_entry(version, "this task's prediction was already delivered"))
+            elif plan.failure is not None:
+                entries.append(failed_entry(version, plan.failure))
+            else:
+                entries.append(task_entry([results[k] for k in plan.keys], version))
+        delivered = sum(1 for e in entries if "result" in e)
+        if delivered:
+            self.metrics.deliveries.inc(delivered)
+        self.store.record_delivered([(p.task_id, version, p.keys) for p, e in zip(plans, entries, strict=True)
+                                      if stored and p.task_id is not None and p.specs and "result" in e])
+        return entries
+
+    def _register_late(self, plans: list[TaskPlan], version: str, results: dict[str, JobResult]) -> None:
+        """Have the workers write these tasks through the API when their jobs finish."""
+        if not plans:
+            return
+        self.store.add_late([LateRecord(p.task_id, version, tuple(p.keys)) for p in plans])
+        # A job may have finished between the last look and the registration, its worker missing the
+        # record: look once more, and deliver here what finished (the claim settles who delivers).
+        keys = list(dict.fromkeys(k for p in plans for k in p.keys if k not in results))
+        for key, result in zip(keys, self.store.results(keys), strict=True):
+            if result is not None:
+                results[key] = result
+
+    def _pending_reason(self, plan: TaskPlan, errors: dict[str, str]) -> str:
+        failed = [errors[k] for k in plan.keys if k in errors]
+        if failed:
+            return f"the job failed and will run again on the next request: {failed[0]}"
+        if self.can_post_late and plan.task_id is not None:
+            return "still running; the prediction will be written into Label Studio when it is ready"
+        return "still running; ask again later"
+
+
+def _entry_kind(entry: dict) -> str:
+    if "result" not in entry:
+        return "pending"
+    return "result" if entry["result"] else "empty"

@@ -1,0 +1,134 @@
+"""The protocol's routes, one blueprint; each parses its body (service.parsing) and acts on `Service`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from redis import RedisError
+
+from car_backend.labelstudio.config import LabelConfigError
+from car_backend.pipeline.planning import output_targets
+from car_backend.review.jobs import REVIEWED_ACTIONS, annotation_event, review_annotation
+from car_backend.service.backend import Backend
+from car_backend.service.metrics import Metrics
+from car_backend.service.parsing import RequestError, predict_request, setup_request, webhook_body
+from car_backend.service.predictor import Predictor
+from car_backend.service.projects import Projects
+from car_backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "car_backend"
+
+blueprint = Blueprint("protocol", __name__)
+
+
+@dataclass
+class Service:
+    """What the routes use, built once per app by create_app: `app.extensions["car_backend"]`."""
+
+    settings: Settings
+    backend: Backend
+    metrics: Metrics
+    projects: Projects
+    predictor: Predictor
+    default_version: str
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _service() -> Service:
+    return current_app.extensions[EXTENSION]
+
+
+def json_response(body: dict, status: int = 200, headers: dict | None = None) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+@blueprint.get("/")
+@blueprint.get("/health")
+def health() -> Response:
+    service = _service()
+    body: dict[str, Any] = {"status": "UP", "model_class": "CaR", "model_version": service.default_version,
+                            "mode": service.backend.mode}
+    try:
+        snap = service.backend.snapshot()
+    except RedisError as exc:
+        # Still 200: Label Studio disconnects on a failed /health, and /predict answers every task with a
+        # pending entry until Redis is back, so the backend recovers without anyone reconnecting it.
+        body.update(status="DEGRADED", redis="down", detail=f"the job queue's Redis is unavailable: {exc}")
+    else:
+        body.update(redis="ok", queue={"name": service.settings.queue, **snap["depth"]}, workers=snap["workers"])
+    return json_response(body)
+
+
+@blueprint.post("/setup")
+def setup() -> Response:
+    service = _service()
+    parsed = setup_request(request.get_json(force=True, silent=True))
+    project = service.projects.setup(parsed.project, parsed.label_config, parsed.extra_params)
+    config = project.config
+    return json_response({
+        "model_version": project.version,
+        "targets": [{
+            "from_name": t.from_name, "to_name": t.to_name, "image": t.data_key,
+            "type": f"{t.kind}labels",
+            "labels": [label.value for label in t.labels],
+            "dynamic_labels": t.dynamic_key, "referring": t.referring_key,
+            "preset": t.preset or config.preset or service.settings.preset,
+        } for t in output_targets(config, service.settings)],
+        "skipped": list(config.skipped),
+    })
+
+
+@blueprint.post("/predict")
+def predict() -> Response:
+    service = _service()
+    parsed = predict_request(request.get_json(force=True, silent=True))
+    project = service.projects.for_predict(parsed.project, parsed.label_config)
+    entries = service.predictor.predict(parsed.tasks, project, context=parsed.context)
+    kinds = [("result" in e) for e in entries]
+    log.info("/predict: %d tasks, %d answered, %d pending, %.2f s", len(parsed.tasks), sum(kinds),
+             len(kinds) - sum(kinds), time.monotonic() - g.started)
+    return json_response({"results": entries, "model_version": project.version})
+
+
+@blueprint.post("/webhook")
+def webhook() -> Response:
+    service = _service()
+    body = webhook_body(request.get_json(force=True, silent=True))
+    action = body.get("action")
+    if action not in REVIEWED_ACTIONS:
+        log.debug("/webhook: %s (ignored)", action)
+        return json_response({"status": "ignored", "action": action,
+                              "detail": "CaR needs no training; only annotation events are used (to calibrate)"})
+    try:
+        event = annotation_event(body, service.projects, service.settings)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from exc
+    except LabelConfigError as exc:
+        raise RequestError(f"the project's label config cannot be used: {exc}") from exc
+    if isinstance(event, str):
+        return json_response({"status": "ignored", "action": action, "detail": event})
+    job = service.backend.queue.submit_call(review_annotation, (event.to_dict(),),
+                                            description=f"review task {event.task} of project {event.project}")
+    return json_response({"status": "queued", "action": action, "job": job})
+
+
+@blueprint.get("/versions")
+def versions() -> Response:
+    return json_response({"versions": [_service().default_version]})
+
+
+@blueprint.get("/metrics")
+def metrics_text() -> Response:
+    return Response(_service().metrics.render(), mimetype="text/plain; version=0.0.4")
