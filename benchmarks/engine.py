@@ -3,7 +3,7 @@
     python benchmarks/engine.py [--quick] [--device cpu|cuda] [--precision auto|fp32|fp16|bf16]
                                 [--classifier ViT-B-16|ViT-L-14] [--queries 5,10,20] [--images 3]
 
-Both models have random weights (no network here), with sharpened attention (see tests/engine/support.py).
+Both models have random weights (no network here), with sharpened attention (see car_backend/engine/synthetic.py).
 For each query count: the fast engine segments one warm-up image (its first call: cold text cache), then
 `--images` fresh images (trunk included, text cache warm: the steady state of a worker); the literal
 implementation segments the first measured image once. Prints per-stage medians, peak memory, the

@@ -1,6 +1,6 @@
 """Service benchmark: tasks through /predict and through `prelabel --project`, with 1, 2 and 4 workers.
 
-Everything is real except Label Studio, which is the fake API of tests/service/fake_ls.py (it records each
+Everything is real except Label Studio, which is car_backend/testing/fake_label_studio.py (it records each
 prediction written into it and serves the images): Redis (REDIS_URL, else a database of its own on
 127.0.0.1:6379, else a private redis-server), `car-backend serve` (gunicorn) and `car-backend worker`
 processes running the tiny random CLIP on CPU.
@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,15 +40,11 @@ from redis import Redis  # noqa: E402
 from rq import Queue  # noqa: E402
 from rq.job import Job  # noqa: E402
 
-from tests.conftest import (  # noqa: E402
-    claim_redis_db,
-    free_port,
-    settings_env,
-    start_redis_server,
-    start_worker,
-    tiny_settings,
-)
-from tests.service.fake_ls import FakeLabelStudio  # noqa: E402
+from car_backend.queue.jobqueue import SERIALIZER  # noqa: E402
+from car_backend.testing.fake_label_studio import FakeLabelStudio  # noqa: E402
+from car_backend.testing.processes import start_worker  # noqa: E402
+from car_backend.testing.redis import claim_redis_db, free_port, port_open, start_redis_server  # noqa: E402
+from car_backend.testing.settings import settings_env, tiny_settings  # noqa: E402
 
 LABEL_CONFIG = (ROOT / "label_config" / "brush.xml").read_text()
 INTERACTIVE_CONFIG = (ROOT / "label_config" / "interactive.xml").read_text()
@@ -70,10 +64,7 @@ def redis_url(stack: contextlib.ExitStack) -> str:
     """REDIS_URL; else a database of our own on 127.0.0.1:6379; else a private redis-server."""
     if os.environ.get("REDIS_URL"):
         return os.environ["REDIS_URL"]
-    with socket.socket() as sock:
-        sock.settimeout(0.3)
-        local = sock.connect_ex(("127.0.0.1", 6379)) == 0
-    if local:
+    if port_open("127.0.0.1", 6379):
         return stack.enter_context(contextlib.contextmanager(claim_redis_db)())
     port = free_port()
     server = start_redis_server(port)
@@ -254,12 +245,15 @@ class Bench:
         try:
             out = {}
             for name in (f"{settings.queue}-interactive", settings.queue):
-                queue = Queue(name, connection=self.redis)
+                queue = Queue(name, connection=self.redis, serializer=SERIALIZER)  # workers run JSON jobs only
                 times = []
                 for _ in range(jobs):
                     started = time.monotonic()
                     job = queue.enqueue("builtins.len", [], result_ttl=60)
-                    while Job.fetch(job.id, connection=self.redis).get_status() != "finished":
+                    while (status := Job.fetch(job.id, connection=self.redis, serializer=SERIALIZER)
+                           .get_status()) != "finished":
+                        if status == "failed":
+                            raise RuntimeError(f"the no-op job failed on {name}:\n{pool[0].output()[-2000:]}")
                         time.sleep(0.001)
                     times.append(time.monotonic() - started)
                 out["interactive" if name.endswith("-interactive") else "batch"] = {
@@ -311,7 +305,6 @@ def main() -> int:
     if args.quick:
         tasks, counts, noop = 40, [1, 2], 20
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the fake Label Studio's request log
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the workers and servers started here stop too
     runs, overhead = [], {}
     with contextlib.ExitStack() as stack:

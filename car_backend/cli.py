@@ -1,4 +1,4 @@
-"""`car-backend serve|worker|segment|prelabel|bench`: one entry point, settings from the environment.
+"""`car-backend serve|worker|segment|prelabel|bench|eval|report`: one entry point, settings from the environment.
 
 Each sub-command imports its module only when it runs, so `--help` is instant and never loads torch.
 """

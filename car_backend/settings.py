@@ -8,7 +8,8 @@ variables, see labelstudio/media.py). The layers take what they need:
   `Settings` satisfies);
 - pipeline, queue, review and service take `Settings` itself.
 
-This module imports only the engine's config (floor 2 of the layers, see tests/test_layers.py).
+This module imports only the engine (its config, presets and errors): it is on floor 1 of the layers, beside
+labelstudio (see tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ def _meta(env: str, help: str, choices: tuple[str, ...] | None = None, secret: b
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting of car-backend, one field per environment variable (see the field metadata).
+
+    `Settings.from_env()` reads and validates them; constructing one directly (tests, `dataclasses.replace`)
+    validates too. Raises SettingsError naming the variable and the allowed values. `engine_config()` is the
+    engine's part; `redacted()` and `repr` mask secrets (the only forms that may be logged).
+    """
+
     # Engine
     proposal_model: str = field(
         default="ViT-B-16:openai",

@@ -11,8 +11,11 @@ Order (a package may import only packages on lower floors; packages on one floor
     floor 4: review            agreement, calibration, review store, report
     floor 5: service           Flask app, predictor, projects, metrics, gunicorn, prelabel
     floor 6: cli, bench        entry points
+             testing           the harness of tests and benchmarks (fake Label Studio, Redis, workers)
 
 The root package (`car_backend/__init__.py`, the version) imports nothing and may be imported by anyone.
+Nothing outside car_backend.testing imports it (the product never needs it), and the benchmarks import
+nothing from the tests tree.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "car_backend"
+BENCHMARKS = PACKAGE.parent / "benchmarks"
 
 FLOORS = {
     "engine": 0,
@@ -32,7 +36,7 @@ FLOORS = {
     "queue": 3,
     "review": 4,
     "service": 5,
-    "cli": 6, "bench": 6,
+    "cli": 6, "bench": 6, "testing": 6,
 }
 MAX_FLOORS = 7
 
@@ -150,6 +154,39 @@ def test_no_import_cycle():
 
 def test_at_most_seven_floors():
     assert floor_count(import_graph()) <= MAX_FLOORS
+
+
+def harness_importers(graph: dict[str, set[str]]) -> list[str]:
+    """Modules outside car_backend.testing that import it, as "importer -> imported" lines."""
+    return [f"{module} -> {target}" for module, targets in graph.items() if layer_of(module) != "testing"
+            for target in sorted(targets) if layer_of(target) == "testing"]
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """The top-level package of every absolute import in `path`, at any depth of the file."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_only_the_harness_imports_the_harness():
+    assert harness_importers(import_graph()) == []
+
+
+def test_an_import_of_the_harness_is_caught():
+    graph = import_graph()
+    graph["car_backend.cli"] = graph["car_backend.cli"] | {"car_backend.testing.fake_label_studio"}
+    assert harness_importers(graph) == ["car_backend.cli -> car_backend.testing.fake_label_studio"]
+
+
+def test_benchmarks_import_nothing_from_the_tests():
+    scripts = sorted(BENCHMARKS.glob("*.py"))
+    assert scripts
+    assert [p.name for p in scripts if "tests" in top_level_imports(p)] == []
 
 
 def test_every_layer_is_listed():

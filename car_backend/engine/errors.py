@@ -1,10 +1,15 @@
 """The error vocabulary every layer shares: a failure says whether trying again can help.
 
-`CarError.retryable` is True when the same call may succeed later without anyone changing anything (a
-timeout, Label Studio or Redis away, HTTP 5xx); False when it cannot (an undecodable image, a missing
-checkpoint, a task that is gone). Jobs raise retryable errors so RQ retries them, and record the others as
-failed results. The class lives in the engine because the engine is the bottom layer: every other package
-may import it, and it imports nothing.
+`CarError.retryable` is True when the same call may succeed later (a timeout, Label Studio or Redis away,
+HTTP 5xx, credentials an operator can fix); False when asking again cannot help (an undecodable image, a
+malformed model spec, a task that is gone). What the callers do with it:
+- a job records a non-retryable MediaError (a property of the image) as a failed result, answered as an
+  empty prediction; any other exception fails the attempt, RQ retries it while retries are left, and the
+  task stays pending (a setting fixed later still gets it predicted);
+- a delivery gives its claim back and raises on a retryable LabelStudioAPIError, drops the record on any
+  other.
+The class lives in the engine because the engine is the bottom layer: every other package may import it,
+and it imports nothing.
 """
 
 from __future__ import annotations
@@ -19,9 +24,3 @@ class CarError(Exception):
         super().__init__(message)
         if retryable is not None:
             self.retryable = retryable
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """Whether `exc` is worth retrying: a CarError says so itself; anything else (a bug, an OS error
-    outside our wrappers) is retried, bounded by the job's retries."""
-    return exc.retryable if isinstance(exc, CarError) else True

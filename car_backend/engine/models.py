@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 RANDOM_WEIGHTS = "random"
 TEXT_CACHE_SIZE = 50_000
 _TEXT_BATCH = 256
+# Texts are encoded in blocks of exactly this many rows (the last block padded with copies of a row), so that
+# every matrix product has the same shape whatever else is being encoded: see ClipModel._encode.
+_TEXT_BLOCK = 16
 _NETWORK_PROBE_TIMEOUT_S = 3.0
 
 
@@ -197,18 +200,22 @@ class ClipModel:
         if self._encode_texts is not None:
             features = self._encode_texts(texts)
         else:
-            # Texts are encoded in groups of equal token length, each cut at its own end-of-text token: a
-            # text's embedding must not depend on the texts it happens to be batched with (rounding differs
-            # with the sequence length), or results would depend on what a worker encoded before.
+            # A text's embedding must not depend on the texts it happens to be batched with, or results would
+            # depend on what a worker encoded before (a 1e-7 difference can flip a thresholded pixel). Rounding
+            # depends on the shapes of the products, so texts are encoded in groups of equal token length, each
+            # cut at its own end-of-text token, in blocks of exactly _TEXT_BLOCK rows.
             tokens = self.tokenizer(texts).to(self.device)
             lengths = tokens.argmax(dim=-1)
             features = None
             for length in lengths.unique().tolist():
                 rows = (lengths == length).nonzero().squeeze(1)
-                encoded = _encode_text_truncated(self.model, tokens[rows])
-                if features is None:
-                    features = encoded.new_empty((len(texts), encoded.shape[1]))
-                features[rows] = encoded
+                for start in range(0, len(rows), _TEXT_BLOCK):
+                    block = rows[start:start + _TEXT_BLOCK]
+                    padded = torch.cat([block, block[:1].expand(_TEXT_BLOCK - len(block))])
+                    encoded = _encode_text_truncated(self.model, tokens[padded])[: len(block)]
+                    if features is None:
+                        features = encoded.new_empty((len(texts), encoded.shape[1]))
+                    features[block] = encoded
         return torch.nn.functional.normalize(features.float(), dim=-1).to(self.device)
 
 

@@ -91,6 +91,10 @@ def _build(kind: Any, data: Any, where: str) -> Any:
         if not isinstance(data, dict):
             raise PlainError(f"{where}: expected an object, got {type(data).__name__}")
         return {k: _build(value, v, f"{where}[{k!r}]") for k, v in data.items()}
+    if kind in (dict, list):  # unparameterised: JSON values taken as they are (e.g. Label Studio regions)
+        if not isinstance(data, kind):
+            raise PlainError(f"{where}: expected {'an object' if kind is dict else 'a list'}, got {type(data).__name__}")
+        return data
     if kind is float:
         if isinstance(data, bool) or not isinstance(data, int | float):
             raise PlainError(f"{where}: expected a number, got {data!r:.40}")

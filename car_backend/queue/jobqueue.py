@@ -4,7 +4,8 @@ Two RQ queues: `<CAR_QUEUE>-interactive` (a person is waiting: single-task /pred
 (batches: multi-task /predict, prelabel). Workers serve the interactive one first.
 
 Jobs are serialized as JSON (RQ's JSONSerializer): a job's arguments are plain dicts (`JobSpec.to_dict()`),
-so nothing a worker reads from Redis is a pickle.
+so nothing a worker reads from Redis is a pickle. A job whose data is not JSON (pickled by an older version)
+is never run: CarQueue moves it to the failed registry when it is dequeued, and the worker goes on.
 
 Submission is deduplicated per job key: `car:job:<K>` names the live RQ job computing K; it is written in
 the same MULTI/EXEC as the job itself (WATCHed), so two requests for the same key never create two jobs,
@@ -21,8 +22,9 @@ from datetime import datetime, timezone
 
 from redis import Redis, WatchError
 from rq import Queue, Retry
-from rq.exceptions import DequeueTimeout, NoSuchJobError, StopRequested
+from rq.exceptions import DequeueTimeout, DeserializationError, NoSuchJobError, StopRequested
 from rq.job import Job, JobStatus
+from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import as_text, utcparse
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
@@ -63,6 +65,9 @@ class CarQueue(Queue):
     RQ pops with BLPOP when a worker listens on several queues, so a worker killed between the pop and
     the start of the job would lose it. Moving with LMOVE into the queue's intermediate list instead lets
     RQ's maintenance requeue such a job (IntermediateQueue.cleanup).
+
+    A dequeued job whose data does not deserialize (pickled by an older version) is failed here, without
+    its retries, and the next job is dequeued: RQ would start it, fail it on every retry with a traceback.
     """
 
     stop_event = None  # a threading.Event in embedded workers: set to end the dequeue wait
@@ -84,8 +89,10 @@ class CarQueue(Queue):
                         connection, as_text(moved[0]), as_text(moved[1]), job_class=job_class,
                         serializer=serializer, death_penalty_class=death_penalty_class)
                     if fetched is not None:
-                        return fetched
-                    break  # the job hash is gone; look again from the top
+                        if _readable(fetched[0]):
+                            return fetched
+                        _fail_unreadable(connection, *fetched)
+                    break  # the job hash is gone, or unreadable; look again from the top
             else:
                 if deadline is None:
                     return None
@@ -94,6 +101,30 @@ class CarQueue(Queue):
                     raise DequeueTimeout(timeout, [q.key for q in queues])
                 # Block on the highest-priority queue only; the others are looked at between waits.
                 _wait_for_push(connection, queues[0].key, min(BATCH_POLL_S, remaining))
+
+
+def _readable(job: Job) -> bool:
+    try:
+        return job.func_name is not None  # deserializes the job's data (function, arguments)
+    except DeserializationError:
+        return False
+
+
+def _fail_unreadable(connection: Redis, job: Job, queue: Queue) -> None:
+    """Fail a dequeued job whose data is not JSON for good: off the intermediate list, into the failed
+    registry (with a failure result saying why), no retries."""
+    reason = ("the job was queued by an older car-backend version (its data is not JSON) and cannot run; "
+              "submit it again")
+    log.error("job %s on queue %s was queued by an older version of car-backend (pickled, not JSON): moved to "
+              "the failed registry; it must be resubmitted (a /predict of its task submits a new job)",
+              job.id, queue.name)
+    ttl = job.failure_ttl if job.failure_ttl is not None else FAILURE_TTL
+    with connection.pipeline() as pipe:
+        pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+        job.set_status(JobStatus.FAILED, pipeline=pipe)
+        queue.failed_job_registry.add(job, ttl=ttl, exc_string=reason, pipeline=pipe)
+        Result.create_failure(job, ttl, exc_string=reason, pipeline=pipe)
+        pipe.execute()
 
 
 def _wait_for_push(connection: Redis, key: str, seconds: float) -> None:

@@ -4,15 +4,17 @@
     car:job:<K>             id of the RQ job computing K (dedup lock; the job deletes it when done)
     car:late:<K>            set of LateRecords: tasks whose /predict gave up waiting on K, or that
                             `prelabel` enqueued; whoever sees all of a record's keys finished delivers it
-    car:claim:<V>:<task>    who delivered this (task, model_version): SET NX decides between /predict
-                            answering with the result and a worker posting it through the API
+    car:claim:<v>:<task>    who delivered this (task, model_version), v = 12 hex digits of the version's
+                            sha1: SET NX decides between /predict answering with the result and a worker
+                            posting it through the API (TTL CLAIM_TTL_S)
     car:delivered:<task>    JSON {version, keys}: the prediction this backend delivered for a task (by
                             /predict or through the API), so a later annotation can be compared with it
                             (TTL CAR_RESULT_TTL, like the results it points at)
     car:project:<id>        JSON extra_params that /setup received for a project (/predict lacks them)
     car:stats               hash of worker-side counters and job-duration histogram buckets
-    car:text:<M>:<T>        float32 bytes of the embedding of text T by model M (TTL CAR_TEXT_CACHE_TTL),
-                            shared by every worker so a vocabulary is encoded once per deployment
+    car:text:<m>:<t>        float32 bytes of the embedding of a text by a model (m: 12 hex digits of the
+                            model identity's sha1, t: the text's sha1; TTL CAR_TEXT_CACHE_TTL), shared by
+                            every worker so a vocabulary is encoded once per deployment
 
 A job key K already covers the model version, so nothing here has to be invalidated by hand.
 """

@@ -43,7 +43,6 @@ RESTART_DELAY_S = 2.0
 
 class CarWorker(SimpleWorker):
     queue_class = CarQueue
-    log_job_description = False  # descriptions are harmless, but keep job arguments (image URLs) out of logs
     max_connection_wait_time = 10.0  # while Redis is away, look for it at least this often (RQ: 60 s)
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
@@ -87,6 +86,7 @@ def make_worker(cls: type[CarWorker], settings: Settings, redis: Redis, name: st
     queue_class = CarQueue if stop_event is None else type("EmbeddedQueue", (CarQueue,), {"stop_event": stop_event})
     queues = [queue_class(q, connection=redis) for q in queue_names(settings)]
     worker = cls(queues, name=name, connection=redis, queue_class=queue_class, serializer=SERIALIZER,
+                 log_job_description=False,
                  worker_ttl=WORKER_TTL_S,
                  maintenance_interval=MAINTENANCE_INTERVAL_S, job_monitoring_interval=HEARTBEAT_INTERVAL_S)
     return worker

@@ -3,28 +3,41 @@
     car:review:<p>:agreement          hash task -> JSON {version, fields}: each corrected task's agreement with
                                       our prediction (agreement.ProjectAgreement fields of that one task); an
                                       updated annotation replaces its task's entry, so nothing counts twice
-    car:review:<p>:corrections        hash task -> pickled Correction: what calibration re-runs the engine on
+    car:review:<p>:corrections        hash task -> JSON Correction (Correction.to_json): what calibration
+                                      re-runs the engine on; plus the field `format` (JSON "json"), set by the
+                                      first write of this version, which then drops the entries an older
+                                      version left (pickles), so that they count for nothing. An entry that
+                                      does not read as a Correction is skipped with a warning
     car:review:<p>:calibration        JSON Calibration: the project's current thresholds
     car:review:<p>:calibrating        lock: a calibration job is queued or running
     car:review:projects               set of the projects with agreement figures or a calibration (/metrics)
 
-All keys of a project expire PROJECT_TTL_S after their last write.
+All keys of a project expire PROJECT_TTL_S after their last write, but the calibrating lock, which lives
+CALIBRATION_LOCK_S (review.jobs) at most.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
-import pickle
+import logging
 import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from redis import Redis
+from redis import Redis, WatchError
 
+from car_backend.pipeline.plain import PlainError
 from car_backend.pipeline.spec import JobSpec
 from car_backend.queue.store import PREFIX, PROJECT_TTL_S
 from car_backend.review.agreement import Bounds, ProjectAgreement, TaskAgreement
+
+log = logging.getLogger(__name__)
+
+# A field of the corrections hash (task ids are integers): the hash holds only what this version wrote.
+FORMAT_FIELD, FORMAT = "format", '"json"'  # JSON too, like every value in the hash
 
 # The thresholds calibration may move, and how far: the paper's per-dataset values all lie inside.
 THRESHOLD_BOUNDS = (
@@ -40,7 +53,40 @@ class Correction:
 
     task: int
     specs: tuple[JobSpec, ...]
-    masks: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray]  # label -> bool (H, W)
+
+    def to_json(self) -> str:
+        """{"task", "specs": [JobSpec.to_dict()], "masks": {label: {"shape": [h, w], "bits": base64 of the
+        zlib-compressed np.packbits of the mask}}}."""
+        masks = {}
+        for label, mask in self.masks.items():
+            mask = np.asarray(mask, dtype=bool)
+            if mask.ndim != 2:
+                raise ValueError(f"the mask of {label!r} is not 2-D: shape {mask.shape}")
+            bits = zlib.compress(np.packbits(mask, axis=None).tobytes())
+            masks[label] = {"shape": list(mask.shape), "bits": base64.b64encode(bits).decode("ascii")}
+        return json.dumps({"task": self.task, "specs": [s.to_dict() for s in self.specs], "masks": masks})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Correction:
+        """The inverse of `to_json`; ValueError for anything else (not JSON, or JSON of another shape)."""
+        try:
+            data = json.loads(raw)
+            task = data["task"]
+            if not isinstance(task, int) or isinstance(task, bool):
+                raise ValueError(f"task is not an integer: {task!r:.40}")
+            specs = tuple(JobSpec.from_dict(s) for s in data["specs"])
+            masks = {}
+            for label, entry in data["masks"].items():
+                h, w = (int(n) for n in entry["shape"])
+                bits = np.frombuffer(zlib.decompress(base64.b64decode(entry["bits"], validate=True)), dtype=np.uint8)
+                if h < 0 or w < 0 or bits.size * 8 < h * w:
+                    raise ValueError(f"the mask of {label!r} holds fewer bits than its shape {h}x{w}")
+                masks[label] = np.unpackbits(bits, count=h * w).reshape(h, w).astype(bool)
+        except (ValueError, KeyError, TypeError, AttributeError, PlainError, zlib.error, binascii.Error) as exc:
+            # The type only: the message may quote the stored data (image URLs).
+            raise ValueError(f"not a stored correction ({type(exc).__name__})") from None
+        return cls(task, specs, masks)
 
 
 @dataclass(frozen=True)
@@ -100,17 +146,56 @@ class ReviewStore:
 
     # corrections (calibration's input)
     def put_correction(self, project: str, correction: Correction) -> int:
-        """Store a corrected task; the number of corrected tasks the project now has."""
+        """Store a corrected task; the number of corrected tasks the project now has. The first write of
+        this version to a project's hash drops what an older version left there (see the module docstring)."""
         key = self._key(project, "corrections")
         with self.redis.pipeline() as pipe:
-            pipe.hset(key, str(correction.task), zlib.compress(pickle.dumps(correction)))
+            pipe.hset(key, str(correction.task), correction.to_json())
+            pipe.hsetnx(key, FORMAT_FIELD, FORMAT)
             pipe.expire(key, PROJECT_TTL_S)
             pipe.hlen(key)
-            return int(pipe.execute()[-1])
+            _, first, _, count = pipe.execute()
+        if first:
+            count = self._drop_unreadable(project, key)
+        return int(count) - 1  # the format field
 
     def corrections(self, project: str) -> list[Correction]:
-        raw = self.redis.hvals(self._key(project, "corrections"))
-        return sorted((pickle.loads(zlib.decompress(r)) for r in raw), key=lambda c: c.task)
+        """The project's corrected tasks, by task; entries that do not read as a Correction (pickles left by
+        an older version) are skipped, one warning each."""
+        entries = self.redis.hgetall(self._key(project, "corrections"))
+        found = [c for task, raw in entries.items() if (c := self._read(project, task, raw, "skipping")) is not None]
+        return sorted(found, key=lambda c: c.task)
+
+    def _drop_unreadable(self, project: str, key: str) -> int:
+        """Delete the entries of the corrections hash that do not read as a Correction; its length after."""
+        while True:
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(key)
+                    entries = pipe.hgetall(key)
+                    bad = [task for task, raw in entries.items()
+                           if task != FORMAT_FIELD.encode() and self._read(project, task, raw, "dropping") is None]
+                    pipe.multi()
+                    if bad:
+                        pipe.hdel(key, *bad)
+                    pipe.hlen(key)
+                    return int(pipe.execute()[-1])
+                except WatchError:  # another write to the hash meanwhile: look again
+                    continue
+
+    @staticmethod
+    def _read(project: str, task: bytes, raw: bytes, action: str) -> Correction | None:
+        """The Correction in one hash entry; None, with a warning, for one that is not (the format field
+        is neither, silently)."""
+        if task == FORMAT_FIELD.encode():
+            return None
+        try:
+            return Correction.from_json(raw)
+        except ValueError as exc:
+            log.warning("project %s: %s the stored correction of task %s (%s): an older version may have "
+                        "written it; a new annotation of the task stores it again",
+                        project, action, task.decode(errors="replace"), exc)
+            return None
 
     # calibrations
     def calibration(self, project: str) -> Calibration | None:

@@ -1,4 +1,4 @@
-"""Fixtures for end-to-end tests against a real Label Studio 1.23.2 (see label_studio.py).
+"""Fixtures for end-to-end tests against a real Label Studio 1.23.2 (see tests/support/label_studio.py).
 
     @pytest.mark.e2e
     def test_something(label_studio, ls_settings, image_file):
@@ -9,7 +9,7 @@
 
 The first session installs Label Studio into <repo>/.cache/label-studio-venv (a few minutes) and migrates
 a template database once; later sessions start it in seconds. One server serves the whole test session;
-its output is in <repo>/.cache/e2e/label-studio.log.
+its output is in <repo>/.cache/e2e/label-studio.log. `read_config` is tests.support.label_configs'.
 """
 
 from __future__ import annotations
@@ -20,14 +20,7 @@ import pytest
 from PIL import Image
 
 from car_backend.settings import Settings
-from tests.e2e.label_studio import REPO, LabelStudioServer, start_label_studio
-
-LABEL_CONFIGS = REPO / "label_config"
-
-
-def read_config(name: str) -> str:
-    """The text of label_config/<name>."""
-    return (LABEL_CONFIGS / name).read_text()
+from tests.support.label_studio import LabelStudioServer, start_label_studio
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """car-backend serve connected to a real Label Studio 1.23.2: retrieve predictions, interactive prompts.
 
-Models are the tiny random-weight CLIP in tests/assets, so the masks mean nothing; what is checked is that
+Models are the tiny random-weight CLIP of car_backend/testing, so the masks mean nothing; what is checked is that
 Label Studio stores one prediction per task with our model_version whose regions decode at the image's size.
 """
 
@@ -19,12 +19,14 @@ import requests
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from tests.e2e.conftest import read_config
-from tests.e2e.label_studio import REPO, free_port, wait_for_http
+from tests.support.label_configs import read_config
+from tests.support.label_studio import REPO, wait_for_http
+from tests.support.redis import free_port
+from tests.support.settings import TINY_MODEL
 
 pytestmark = pytest.mark.e2e
 
-TINY = f"{REPO / 'tests' / 'assets' / 'tiny-clip.json'}:random"
+TINY = TINY_MODEL
 SIZES = [(64, 48), (40, 56), (72, 40)]
 CALIBRATE_AFTER = 4
 
@@ -183,7 +185,7 @@ def metric(backend_url: str, line_start: str) -> float | None:
 def test_corrected_annotations_calibrate_a_better_model_version(label_studio, backend, tmp_path):
     """Annotators correct predictions in Label Studio; past CAR_CALIBRATE_AFTER corrected tasks the backend has
     a new model_version whose predictions agree better with held-out corrections than the first ones."""
-    from tests.review_support import annotated_regions, mean_agreement, review_image
+    from tests.support.review import annotated_regions, mean_agreement, review_image
 
     backend_url, _ = backend
     client = label_studio.client

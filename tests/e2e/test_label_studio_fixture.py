@@ -18,7 +18,7 @@ from car_backend.labelstudio.config import parse_label_config, task_vocabulary
 from car_backend.labelstudio.media import MediaError, MediaFetcher
 from car_backend.labelstudio.results import prediction_entry, segmentation_to_regions
 from car_backend.settings import Settings
-from tests.e2e.conftest import LABEL_CONFIGS, read_config
+from tests.support.label_configs import LABEL_CONFIGS, read_config
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""Fixtures for the engine tests: random-weight tiny CLIPs (see support.py), built once per session."""
+"""Fixtures for the engine tests: random-weight tiny CLIPs (see tests/support/engine.py), built once per session."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from car_backend.engine import ClipModel
-from tests.engine.support import TINY_CLIP_CONFIG, random_clip
+from tests.support.engine import TINY_CLIP_CONFIG, random_clip
 
 
 @pytest.fixture(scope="package", autouse=True)

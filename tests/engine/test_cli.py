@@ -12,7 +12,7 @@ from PIL import Image
 from car_backend.cli import build_parser
 from car_backend.engine.cli import segment_command
 from car_backend.settings import Settings
-from tests.engine.support import TINY_CLIP_CONFIG, scene
+from tests.support.engine import TINY_CLIP_CONFIG, scene
 
 RANDOM_TINY = f"{TINY_CLIP_CONFIG}:random"
 

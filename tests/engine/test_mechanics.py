@@ -1,4 +1,4 @@
-"""CaR's mechanics on a CLIP whose behaviour the test controls (tests/engine/colour_model.py).
+"""CaR's mechanics on a CLIP whose behaviour the test controls (tests/support/colour_model.py).
 
 Scenes hold three hues 120 degrees apart on grey; the vocabulary adds six absent hues 30 degrees from a
 present one. (Hues half-way between two present ones are left out of the vocabulary: a mask covering both
@@ -9,41 +9,15 @@ ablation (T = 1: every step-1 proposal goes to the CRF) must be clearly worse.
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 
 from car_backend.engine import EngineConfig, Segmenter, get_preset
 from car_backend.engine.postprocess import assemble_label_map, crf_masks
 from car_backend.engine.presets import CAM_TEMPLATE
-from tests.engine.colour_model import CLASSIFIER_NEUTRAL, HUES, PROPOSAL_NEUTRAL, colour_clip, hue_rgb
+from tests.support.colour_model import CLASSIFIER_NEUTRAL, PROPOSAL_NEUTRAL, colour_clip, colour_scene
 
 SEEDS = range(6)
-
-
-def colour_scene(seed: int, size: int = 128):
-    """(image, ground-truth label map over `vocabulary` (0 = grey), present hue names, vocabulary)."""
-    rng = np.random.default_rng(seed)
-    first = int(rng.integers(0, 12))
-    present = [(first + 4 * i) % 12 for i in range(3)]
-    vocabulary = sorted(present + [(first + offset) % 12 for offset in (1, 3, 5, 7, 9, 11)])
-    image = np.full((size, size, 3), 128, dtype=np.uint8)
-    truth = np.zeros((size, size), dtype=np.int32)
-    cells = [(0, 0), (0, 1), (1, 0), (1, 1)]
-    rng.shuffle(cells)
-    half = size // 2
-    for hue, (row, col) in zip(present, cells[:3], strict=True):
-        y0, x0 = row * half + int(rng.integers(2, 12)), col * half + int(rng.integers(2, 12))
-        height, width = int(rng.integers(half // 2, half - 14)), int(rng.integers(half // 2, half - 14))
-        region = np.zeros((size, size), dtype=np.uint8)
-        if rng.random() < 0.5:
-            region[y0:y0 + height, x0:x0 + width] = 1
-        else:
-            cv2.ellipse(region, (x0 + width // 2, y0 + height // 2), (width // 2, height // 2), 0, 0, 360, 1, -1)
-        image[region > 0] = hue_rgb(hue)
-        truth[region > 0] = vocabulary.index(hue) + 1
-    image = np.clip(image.astype(int) + rng.integers(-4, 5, image.shape), 0, 255).astype(np.uint8)
-    return image, truth, [HUES[h] for h in present], [HUES[h] for h in vocabulary]
 
 
 def mean_iou(prediction: np.ndarray, truth: np.ndarray) -> float:

@@ -19,7 +19,7 @@ from car_backend.engine import (
     load_clip,
     models,
 )
-from tests.engine.support import TINY_CLIP_CONFIG
+from tests.support.engine import TINY_CLIP_CONFIG
 
 
 @pytest.mark.parametrize(
@@ -134,3 +134,16 @@ def test_truncated_text_encoding_equals_open_clip(tiny_models):
         expected = model.encode_text(tokens)
         got = models._encode_text_truncated(model, tokens)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_a_text_embedding_does_not_depend_on_what_it_is_encoded_with(tiny_models):
+    """Bit for bit: a worker's results must not depend on the texts it encoded before (cached rows)."""
+    _, _, classifier, tokenizer = tiny_models
+    texts = [f"a photo of a {word}." for word in ("red apple", "dog", "tree person", "cat", "boat")]
+    alone = ClipModel(classifier, tokenizer, "alone")
+    crowded = ClipModel(classifier, tokenizer, "crowded")
+    single = alone.embed_texts(texts[:1])
+    others = [f"a photo of a {i} thing." for i in range(40)]
+    together = crowded.embed_texts(others + texts)[len(others):]
+    assert torch.equal(single[0], together[0])
+    assert torch.equal(alone.embed_texts(texts), together)

@@ -15,7 +15,7 @@ import pytest
 
 from car_backend.engine import ClipModel, EngineConfig, Segmenter, get_preset
 from car_backend.engine.reference import LiteralCaR
-from tests.engine.support import random_clip, scene
+from tests.support.engine import random_clip, scene
 
 WORDS = ["cat", "dog", "car", "tree person", "red apple", "boat", "sofa", "bird", "horse", "train", "bus", "cow"]
 
@@ -30,11 +30,12 @@ class Case:
     mode: str = "semantic"
 
     def resolved_preset(self):
-        # eta is nudged off the preset's round value: refined proposals can hold pixels at exactly 0.5, and
-        # the two implementations round such a pixel to different sides of the threshold (a one-pixel mask
-        # difference that the random tiny classifier turns into a different score). Both agree on either side.
+        # eta is nudged off the preset's round value: refined proposals can hold pixels at 0.5 to within a few
+        # 1e-6, and the two implementations round such a pixel to different sides of the threshold (a
+        # one-pixel mask difference that the random tiny classifier turns into a different score). Both
+        # agree on either side of a 1e-5 margin (case coco-3 has a pixel between 0.500001 and 0.50001).
         base = get_preset(self.preset)
-        preset = dataclasses.replace(base, confidence_threshold=self.theta, mask_threshold=base.mask_threshold + 1e-6)
+        preset = dataclasses.replace(base, confidence_threshold=self.theta, mask_threshold=base.mask_threshold + 1e-5)
         return dataclasses.replace(preset, visual_prompts=self.prompts) if self.prompts else preset
 
 

@@ -14,7 +14,7 @@ from car_backend.engine.postprocess import (
     match_sam_masks,
     merge_referring,
 )
-from tests.engine.support import scene
+from tests.support.engine import scene
 
 
 def two_region_image() -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from car_backend.engine.imageops import pil_bicubic_resize
 from car_backend.engine.proposals import ProposalGenerator, box_mask
 from car_backend.engine.vit import block_forward, embed_patches, normalise
-from tests.engine.support import scene
+from tests.support.engine import scene
 
 
 def autograd_cam(generator: ProposalGenerator, pixels: torch.Tensor, texts: torch.Tensor, members: list[int],

@@ -3,9 +3,9 @@
 Label Studio orders review by the task score; with CAR_SCORE=uncertainty it is
 `task_score(kept, "uncertainty", [margin])` = 1 - mean(kept classifier scores) x CRF margin. The claim: the
 more uncertain a prediction, the more wrong it is. This test checks it on the colour model
-(tests/engine/colour_model.py) over images from easy to hard, with known ground truth:
+(tests/support/colour_model.py) over images from easy to hard, with known ground truth:
 
-- the scenes of test_mechanics.colour_scene (three hues 120 degrees apart on grey, six absent hues in the
+- the scenes of colour_model.colour_scene (three hues 120 degrees apart on grey, six absent hues in the
   vocabulary); `scene` draws exactly those with its defaults and adds the difficulty knobs below;
 - colours pulled towards grey (lower chroma), blended towards another region's colour (less than half-way
   to the neighbouring vocabulary hue, so the nominal hue is still the nearest word), shifted 9 degrees
@@ -39,8 +39,14 @@ import pytest
 from car_backend.engine import EngineConfig, Segmenter, get_preset
 from car_backend.pipeline.compute import task_score
 from car_backend.review.agreement import compare
-from tests.engine.colour_model import CLASSIFIER_NEUTRAL, HUES, PROPOSAL_NEUTRAL, colour_clip, hue_rgb
-from tests.engine.test_mechanics import colour_scene
+from tests.support.colour_model import (
+    CLASSIFIER_NEUTRAL,
+    HUES,
+    PROPOSAL_NEUTRAL,
+    colour_clip,
+    colour_scene,
+    hue_rgb,
+)
 
 # (name, scene knobs), from easy to hard; every case is drawn with each of SEEDS.
 CASES = (
@@ -69,7 +75,7 @@ def scene(seed: int, radius: float = 1.0, blend: float = 0.0, shift: float = 0.0
           scale: float = 1.0, blur: float = 0.0, size: int = 128):
     """(image, ground-truth label map over `vocabulary` (0 = grey), vocabulary hue names).
 
-    With the defaults this is test_mechanics.colour_scene (same random draws). `radius`: chroma of every
+    With the defaults this is colour_model.colour_scene (same random draws). `radius`: chroma of every
     region (1 = saturated, 0 = grey); `blend`: each region's colour mixed this much with the next region's;
     `shift`: the first region's hue moved this many 30-degree steps towards the next (absent) vocabulary
     hue; `scale`: region sides scaled; `blur`: Gaussian sigma in pixels before the noise; `noise`: uniform

@@ -11,7 +11,7 @@ import torch
 from car_backend.engine import EngineConfig, Segmenter, get_preset
 from car_backend.engine.postprocess import SamRefiner, crf_masks, crf_masks_with_margin, top_two_margin
 from car_backend.engine.segmenter import FIRST_PROPOSALS_CACHE_SIZE, FIRST_STEP_CACHE_SIZE
-from tests.engine.support import scene
+from tests.support.engine import scene
 
 QUERIES = ["cat", "dog", "car", "boat", "sofa"]
 SENTENCES = ["the cat on the left", "a red car", "the small boat", "a big cow"]

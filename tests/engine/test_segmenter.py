@@ -12,7 +12,7 @@ from PIL import Image
 
 from car_backend.engine import EngineConfig, PreparedImage, Segmenter, get_preset
 from car_backend.engine.postprocess import crf_masks
-from tests.engine.support import scene
+from tests.support.engine import scene
 
 QUERIES = ["cat", "dog", "car", "boat", "sofa"]
 LOW_THETA = dataclasses.replace(get_preset("coco"), confidence_threshold=0.04)

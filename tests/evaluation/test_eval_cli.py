@@ -7,8 +7,7 @@ from car_backend import cli
 from car_backend.evaluation import classnames
 from car_backend.evaluation import cli as eval_cli
 from tests.evaluation.fake_datasets import OracleSegmenter, label_map, make_refcoco, make_voc
-
-TINY_CLIP = Path(__file__).resolve().parents[1] / "assets" / "tiny-clip.json"
+from tests.support.engine import TINY_CLIP_CONFIG as TINY_CLIP
 
 
 @pytest.fixture

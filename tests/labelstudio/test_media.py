@@ -11,7 +11,7 @@ from PIL import Image
 from car_backend.labelstudio.client import LabelStudioAPI, LabelStudioError, jwt_claims
 from car_backend.labelstudio.media import MediaError, MediaFetcher, decode_image
 from car_backend.settings import Settings
-from tests.labelstudio.fake_ls import PAT, FakeLabelStudio, Reply, query
+from tests.support.fake_label_studio import PAT, FakeLabelStudio, Reply, query
 
 UPLOAD = "/data/upload/1/abc-photo.png"
 

@@ -1,22 +1,18 @@
+"""Fixtures for the service tests: the fake Label Studio, fresh task ids, settings and app clients."""
+
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from car_backend.service.app import create_app
 from car_backend.service.backend import Backend
-from tests.conftest import tiny_settings
-from tests.service.fake_ls import FakeLabelStudio
+from tests.support.fake_label_studio import FakeLabelStudio
+from tests.support.settings import tiny_settings
 
-CONFIGS = Path(__file__).resolve().parents[2] / "label_config"
 _task_ids = itertools.count(1000)
-
-
-def label_config(name: str) -> str:
-    return (CONFIGS / f"{name}.xml").read_text()
 
 
 @pytest.fixture(scope="session")

@@ -19,21 +19,21 @@ from rq.registry import FailedJobRegistry
 
 from car_backend.service.app import create_app
 from car_backend.service.backend import Backend
-from tests.conftest import settings_env, start_worker
-from tests.service.conftest import label_config
+from tests.support.label_configs import label_config
+from tests.support.processes import start_worker
+from tests.support.service import BRUSH, DELIVERY_TIMEOUT_S, predict
+from tests.support.settings import settings_env
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-BRUSH = label_config("brush")
 POLYGON_AND_BRUSH = label_config("brush_polygon")
-DELIVERY_TIMEOUT_S = 60.0
 
 
 @pytest.fixture(scope="module")
 def shared_workers(redis_url, fake_ls, tmp_path_factory):
     """Two workers on the default queues, shared by the tests of this module (they load the models once)."""
-    from tests.conftest import tiny_settings
+    from tests.support.settings import tiny_settings
 
     settings = tiny_settings(redis_url=redis_url, label_studio_url=fake_ls.url, label_studio_api_key=fake_ls.api_key)
     log_dir = tmp_path_factory.mktemp("workers")
@@ -41,12 +41,6 @@ def shared_workers(redis_url, fake_ls, tmp_path_factory):
     yield workers
     for worker in workers:
         worker.stop(timeout=10)
-
-
-def predict(client, tasks, xml=BRUSH, project="1.1"):
-    resp = client.post("/predict", json={"tasks": tasks, "label_config": xml, "project": project})
-    assert resp.status_code == 200, resp.get_data(as_text=True)
-    return resp.get_json()
 
 
 def test_same_task_twice_is_one_job_and_one_delivery(shared_workers, service_settings, make_client, fake_ls,
@@ -217,7 +211,8 @@ def test_sigterm_lets_the_current_job_finish(fake_ls, spawn_worker, service_sett
 
 def test_workers_and_server_come_back_with_redis(fake_ls, spawn_worker, make_client, task_ids):
     """Redis restarts (empty): the server answers pending meanwhile, then both find it again by themselves."""
-    from tests.conftest import free_port, start_redis_server, tiny_settings
+    from tests.support.redis import free_port, start_redis_server
+    from tests.support.settings import tiny_settings
 
     port = free_port()
     redis_server = start_redis_server(port)
@@ -277,8 +272,8 @@ def test_prelabel_without_redis_runs_jobs_in_its_own_process(service_settings, f
 
 
 def test_prelabel_images_writes_an_import_file_offline(tmp_path):
-    from tests.conftest import tiny_settings
-    from tests.service.fake_ls import image_bytes
+    from tests.support.fake_label_studio import image_bytes
+    from tests.support.settings import tiny_settings
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -328,7 +323,7 @@ def test_embedded_mode_runs_jobs_in_process(service_settings, fake_ls, task_ids)
 def test_serve_runs_gunicorn_with_the_embedded_worker(fake_ls, service_settings, task_ids):
     import requests
 
-    from tests.conftest import free_port
+    from tests.support.redis import free_port
 
     port = free_port()
     env = settings_env(service_settings(redis_url="", port=port, host="127.0.0.1", predict_wait=60.0))

@@ -9,7 +9,7 @@ from car_backend.labelstudio.client import (
     LabelStudioClient,
     prediction_versions,
 )
-from tests.conftest import tiny_settings
+from tests.support.settings import tiny_settings
 
 
 def test_writes_a_prediction_with_an_exchanged_access_token(fake_ls, task_ids):

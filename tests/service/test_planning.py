@@ -14,8 +14,8 @@ from car_backend.pipeline.compute import restrict, task_entry
 from car_backend.pipeline.planning import plan_task, typed_prompt
 from car_backend.pipeline.spec import JobResult, Project
 from car_backend.pipeline.versions import model_version
-from tests.conftest import tiny_settings
-from tests.service.conftest import label_config
+from tests.support.label_configs import label_config
+from tests.support.settings import tiny_settings
 
 REPO = Path(__file__).resolve().parents[2]
 

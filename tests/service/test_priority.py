@@ -17,8 +17,8 @@ from rq.job import Job
 from car_backend.pipeline.planning import plan_task
 from car_backend.service.backend import Backend
 from car_backend.service.projects import Projects
-from tests.service.conftest import label_config
-from tests.service.test_integration import DELIVERY_TIMEOUT_S, predict
+from tests.support.label_configs import label_config
+from tests.support.service import DELIVERY_TIMEOUT_S, predict
 
 pytestmark = pytest.mark.integration
 

@@ -20,9 +20,9 @@ from PIL import Image
 
 from car_backend.labelstudio.config import parse_label_config
 from car_backend.review.store import ReviewStore
-from tests.conftest import settings_env
-from tests.review_support import annotated_regions, mean_agreement, review_image
-from tests.service.conftest import label_config
+from tests.support.label_configs import label_config
+from tests.support.review import annotated_regions, mean_agreement, review_image
+from tests.support.settings import settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,7 @@ def test_corrections_are_compared_and_calibrate_a_new_model_version(service_sett
             "task": task, "project": {"id": int(project), "label_config": BRUSH}})
         assert resp.status_code == 200 and resp.get_json()["status"] == "queued"
 
-    review = ReviewStore(redis, settings.result_ttl)
+    review = ReviewStore(redis)
     deadline = time.monotonic() + CALIBRATION_TIMEOUT_S
     while review.calibration(project) is None and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -101,11 +101,11 @@ def test_corrections_are_compared_and_calibrate_a_new_model_version(service_sett
 def in_process_worker(service_settings, redis):
     """run review jobs in this process (jobs.install), as the embedded worker thread does."""
     from car_backend.queue import jobs
-    from car_backend.queue.jobqueue import make_store
+    from car_backend.queue.worker import worker_context
 
     def install(**overrides):
         settings = service_settings(**overrides)
-        context = jobs.WorkerContext(settings, make_store(redis, settings), name="test")
+        context = worker_context(settings, redis, name="test")
         jobs.install(context)
         return context
 
@@ -126,11 +126,11 @@ def test_a_correction_without_our_prediction_is_kept_but_not_compared(in_process
     task = {"id": task_id, "data": {"image": f"{fake_ls.url}/img/review-0.png"}}
     spec = plan_task(task, Project(config, model_version(ctx.settings, config)), ctx.settings).specs[0]
     (regions,) = annotated_regions(BRUSH, [review_image(0)])
-    outcome = review_annotation(AnnotationEvent(project, task_id, regions, (spec,)))
+    outcome = review_annotation(AnnotationEvent(project, task_id, regions, (spec,)).to_dict())
     assert outcome["compared"] is False and outcome["corrected_tasks"] == 1
     assert outcome["calibration_queued"] is False  # CAR_CALIBRATE_AFTER=0: never
-    assert ctx.review.agreement(project) == {}
-    (stored,) = ctx.review.corrections(project)
+    assert ReviewStore(ctx.store.redis).agreement(project) == {}
+    (stored,) = ReviewStore(ctx.store.redis).corrections(project)
     assert set(stored.masks) == {r["value"]["brushlabels"][0] for r in regions}
 
 
@@ -159,9 +159,9 @@ def test_a_calibration_that_finds_nothing_better_keeps_the_version(in_process_wo
         image = np.array(Image.open(io.BytesIO(review_image(i))).convert("RGB"))
         seg = segmenter.segment(image, [label.prompt for label in target.labels])
         regions = segmentation_to_regions(seg, target, list(target.labels), kind="brush")
-        ctx.review.put_correction(project, Correction(task_id, (spec,), shrink(label_masks(regions, (64, 96)))))
+        ReviewStore(ctx.store.redis).put_correction(project, Correction(task_id, (spec,), shrink(label_masks(regions, (64, 96)))))
     result = calibrate_project(project)
-    calibration = ctx.review.calibration(project)
+    calibration = ReviewStore(ctx.store.redis).calibration(project)
     assert result["calibrated"] is False and calibration.generation == 0
     assert calibration.thresholds == calibration.previous and calibration.after == calibration.before
     assert calibration.tasks == 3

@@ -14,8 +14,8 @@ from car_backend.pipeline.planning import plan_task
 from car_backend.pipeline.spec import JobResult, JobSpec
 from car_backend.service.backend import Backend
 from car_backend.service.projects import Projects
-from tests.conftest import free_port, start_redis_server
-from tests.service.conftest import label_config
+from tests.support.label_configs import label_config
+from tests.support.redis import free_port, start_redis_server
 
 BRUSH = label_config("brush")
 
@@ -102,7 +102,7 @@ models.load_clip = refuse
 import car_backend.engine.segmenter as segmenter
 segmenter.load_clip = refuse
 from car_backend.service.app import create_app
-from tests.conftest import tiny_settings
+from tests.support.settings import tiny_settings
 app = create_app(tiny_settings(redis_url={redis_url!r}))
 client = app.test_client()
 assert client.get('/health').status_code == 200
@@ -198,7 +198,7 @@ def test_interactive_answers_are_not_claimed(service_settings, make_client, task
 
 def test_redis_down_answers_fast_and_recovers(make_client, task_ids, tmp_path):
     """Health says so (still 200), /predict keeps every task pending, and both recover when Redis returns."""
-    from tests.conftest import tiny_settings
+    from tests.support.settings import tiny_settings
 
     port = free_port()
     settings = tiny_settings(redis_url=f"redis://127.0.0.1:{port}/0", predict_wait=1.0)

@@ -11,8 +11,8 @@ from car_backend.pipeline.spec import JobResult
 from car_backend.queue.jobqueue import JobQueue, make_store
 from car_backend.queue.store import CLAIM_TTL_S, LateRecord
 from car_backend.service.projects import Projects
-from tests.conftest import tiny_settings
-from tests.service.conftest import label_config
+from tests.support.label_configs import label_config
+from tests.support.settings import tiny_settings
 
 
 def test_only_one_caller_wins_a_delivery_claim(redis, redis_url, task_ids):

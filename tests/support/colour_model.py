@@ -9,12 +9,15 @@ image embedding is (chroma x, chroma y, `neutral`, 0); a colour word's text embe
 (TEXT_CHROMA * hue direction, 1, 0) and a background word's (0, 0, 0.8, 0.6). The shared third component
 keeps cosines in a narrow band, as in a trained CLIP, so that a softmax at logit scale 100 does not
 saturate to exact zeros.
+
+`colour_scene` draws the scenes the tests segment with it: three hues on grey, and a vocabulary of hues.
 """
 
 from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import open_clip
 import torch
@@ -104,3 +107,28 @@ def _set_weights(visual: torch.nn.Module, neutral: float) -> None:
     visual.proj[0, 0] = 1.0
     visual.proj[1, 1] = 1.0
     visual.proj[6, 2] = neutral / BIG
+
+
+def colour_scene(seed: int, size: int = 128):
+    """(image, ground-truth label map over `vocabulary` (0 = grey), present hue names, vocabulary)."""
+    rng = np.random.default_rng(seed)
+    first = int(rng.integers(0, 12))
+    present = [(first + 4 * i) % 12 for i in range(3)]
+    vocabulary = sorted(present + [(first + offset) % 12 for offset in (1, 3, 5, 7, 9, 11)])
+    image = np.full((size, size, 3), 128, dtype=np.uint8)
+    truth = np.zeros((size, size), dtype=np.int32)
+    cells = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    rng.shuffle(cells)
+    half = size // 2
+    for hue, (row, col) in zip(present, cells[:3], strict=True):
+        y0, x0 = row * half + int(rng.integers(2, 12)), col * half + int(rng.integers(2, 12))
+        height, width = int(rng.integers(half // 2, half - 14)), int(rng.integers(half // 2, half - 14))
+        region = np.zeros((size, size), dtype=np.uint8)
+        if rng.random() < 0.5:
+            region[y0:y0 + height, x0:x0 + width] = 1
+        else:
+            cv2.ellipse(region, (x0 + width // 2, y0 + height // 2), (width // 2, height // 2), 0, 0, 360, 1, -1)
+        image[region > 0] = hue_rgb(hue)
+        truth[region > 0] = vocabulary.index(hue) + 1
+    image = np.clip(image.astype(int) + rng.integers(-4, 5, image.shape), 0, 255).astype(np.uint8)
+    return image, truth, [HUES[h] for h in present], [HUES[h] for h in vocabulary]

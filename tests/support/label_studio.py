@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
+
+from tests.support.redis import free_port
 
 VERSION = "1.23.2"
 REPO = Path(__file__).resolve().parents[2]
@@ -107,13 +108,6 @@ def ensure_template_db(exe: Path, log) -> Path:
         shutil.copyfile(data_dir / "label_studio.sqlite3", partial)
         partial.replace(TEMPLATE_DB)
     return TEMPLATE_DB
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

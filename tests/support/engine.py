@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from car_backend.engine.synthetic import ATTENTION_SHARPNESS, random_clip, scene
-
-TINY_CLIP_CONFIG = Path(__file__).resolve().parents[1] / "assets" / "tiny-clip.json"
+from car_backend.testing.settings import TINY_CLIP_CONFIG
 
 __all__ = ["ATTENTION_SHARPNESS", "TINY_CLIP_CONFIG", "random_clip", "scene"]

@@ -17,8 +17,8 @@ from car_backend.labelstudio.config import parse_label_config
 from car_backend.labelstudio.regions import label_masks
 from car_backend.labelstudio.results import segmentation_to_regions
 from car_backend.review.agreement import compare
-from tests.conftest import tiny_settings
-from tests.service.fake_ls import image_bytes
+from tests.support.fake_label_studio import image_bytes
+from tests.support.settings import tiny_settings
 
 WANTED = {"confidence_threshold": 0.1}  # the annotators' taste, unknown to the backend
 IMAGE_SIZE = (64, 96)  # (H, W) of image_bytes' pictures

@@ -1,0 +1,339 @@
+"""A stand-in for Label Studio on 127.0.0.1: its API, images that misbehave on request, and exact routes.
+
+    with FakeLabelStudio() as ls:              # or: ls = FakeLabelStudio().start() ... ls.stop()
+        ls.routes["/data/upload/1/a.png"] = Reply(body=png, headers={"Content-Type": "image/png"})
+        ls.protected.add("/data/upload/1/a.png")
+        ...
+
+Authentication, as Label Studio's: POST /api/token/refresh/ exchanges the personal access token (`api_key`,
+PAT by default) for an access token; requests then send `Authorization: Bearer <access token>` (or
+`Token <legacy_token>` when one is set). `revoke_access()` forgets every access token given out, as expiry
+would; `reject_pat` makes the exchange answer 401.
+
+Routes, in this order:
+
+1. `routes`: exact paths (with their query) -> a Reply, or a callable() -> Reply, for any method. Paths in
+   `protected` need authorization (else 401), as Label Studio's /data/upload/ does.
+2. The recorded API (always authorized): POST /api/predictions/ (recorded in `predictions`),
+   GET /api/projects/<id>/, GET /api/ml/?project=, GET /api/tasks/?project=&page=&page_size= (paginated,
+   with the recorded predictions). `add_project` sets a project's label config, tasks and extra params.
+3. Images, unauthenticated (same origin, so the media fetcher sends the key): /img/<name> (a picture derived
+   from the name), /slow/<seconds>/<name> (answers late), /flaky/<n>/<name> (HTTP 503 the first n times),
+   /bad/<name> (bytes that are no image). `hits` counts requests per "img/<name>", "slow/<name>", ...
+4. Anything else: 404.
+
+Every request is recorded in `seen` (method, path with query, Authorization header).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import math
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+from PIL import Image
+
+HOST = "127.0.0.1"  # loopback only
+
+
+def _b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+
+PAT = (
+    "eyJhbGciOiJIUzI1NiJ9."
+    + _b64({"token_type": "refresh", "exp": 4102444800, "iat": 1700000000, "jti": "pat-1"})
+    + ".c2lnbmF0dXJlLW9mLXRoZS1wYXQ"
+)
+
+
+def make_access_token(serial: int, lifetime: float) -> str:
+    """A JWT-shaped access token, valid for `lifetime` seconds from now by its claims; unique per `serial`."""
+    now = time.time()
+    claims = {"token_type": "access", "iat": now, "exp": now + lifetime, "jti": f"access-{serial}"}
+    return f"eyJhbGciOiJIUzI1NiJ9.{_b64(claims)}.c2VjcmV0LWFjY2Vzcy1zaWduYXR1cmU{serial}"
+
+
+def image_bytes(name: str, size: tuple[int, int] = (96, 64)) -> bytes:
+    """PNG bytes of a `size` (W, H) picture derived from `name`: two flat colour halves."""
+    seed = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    pixels = np.zeros((h, w, 3), np.uint8)
+    pixels[:, : w // 2] = rng.integers(0, 255, 3)
+    pixels[:, w // 2:] = rng.integers(0, 255, 3)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def query(path: str) -> dict[str, list[str]]:
+    """The query of a recorded path, parsed."""
+    return parse_qs(urlsplit(path).query)
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds before the body is sent
+    chunked: bool = False  # no Content-Length; the body goes out in pieces, then the connection closes
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    authorization: str | None
+
+
+def _json(status: int, obj) -> Reply:
+    return Reply(status, json.dumps(obj).encode(), {"Content-Type": "application/json"})
+
+
+_UNAUTHORIZED = {"detail": "Authentication credentials were not provided."}
+_PNG = {"Content-Type": "image/png"}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # many workers fetch at once in the service tests and benchmark
+
+
+class FakeLabelStudio:
+    def __init__(self, access_lifetime: float = 300.0, legacy_token: str | None = None, api_key: str = PAT):
+        self.api_key = api_key
+        self.access_lifetime = access_lifetime
+        self.legacy_token = legacy_token
+        self.reject_pat = False
+        self.routes: dict[str, Reply | Callable[[], Reply]] = {}
+        self.protected: set[str] = set()
+        self.seen: list[Seen] = []
+        self.refreshes = 0
+        self.access_token: str | None = None  # the latest one given out
+        self.predictions: list[dict] = []
+        self.projects: dict[int, dict] = {}  # id -> {"label_config", "tasks", "extra_params"}
+        self.hits: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self._access: set[str] = set()  # every access token given out and not revoked
+        self._flaky: dict[str, int] = defaultdict(int)
+        self._server = _Server((HOST, 0), self._handler())
+        self.port = self._server.server_address[1]
+        self.url = f"http://{HOST}:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+
+    def start(self) -> FakeLabelStudio:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> FakeLabelStudio:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- for tests ----
+
+    def add_project(self, project_id: int, label_config: str, tasks: list[dict], extra_params=None) -> None:
+        with self.lock:
+            self.projects[project_id] = {"label_config": label_config, "tasks": tasks, "extra_params": extra_params}
+
+    def predictions_for(self, task_id: int) -> list[dict]:
+        with self.lock:
+            return [p for p in self.predictions if p["task"] == task_id]
+
+    def wait_for_predictions(self, task_ids, timeout: float) -> dict[int, list[dict]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = {t: self.predictions_for(t) for t in task_ids}
+            if all(found.values()):
+                return found
+            time.sleep(0.1)
+        return {t: self.predictions_for(t) for t in task_ids}
+
+    def revoke_access(self) -> None:
+        """Forget the access tokens given out, as expired ones would be: their next use gets 401."""
+        with self.lock:
+            self.access_token = None
+            self._access.clear()
+
+    def authorized(self, header: str | None) -> bool:
+        with self.lock:
+            if self.legacy_token and header == f"Token {self.legacy_token}":
+                return True
+            return bool(header) and header.startswith("Bearer ") and header[7:] in self._access
+
+    def seen_paths(self, prefix: str = "") -> list[Seen]:
+        return [s for s in self.seen if s.path.startswith(prefix)]
+
+    # ---- answers ----
+
+    def _answer(self, method: str, target: str, body: bytes, authorization: str | None) -> Reply:
+        self.seen.append(Seen(method, target, authorization))
+        route = self.routes.get(target)
+        if route is not None:
+            if target in self.protected and not self.authorized(authorization):
+                return _json(401, _UNAUTHORIZED)
+            return route() if callable(route) else route
+        parts = urlsplit(target)
+        path, args = parts.path, {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        if method == "POST" and path == "/api/token/refresh/":
+            return self._refresh(body)
+        if path.startswith("/api/"):
+            if not self.authorized(authorization):
+                return _json(401, _UNAUTHORIZED)
+            return self._api(method, path, args, body)
+        if method == "GET":
+            return self._image(path.strip("/").split("/"))
+        return _json(404, {"detail": "Not found."})
+
+    def _refresh(self, body: bytes) -> Reply:
+        with self.lock:
+            self.refreshes += 1
+            refresh = _object(body).get("refresh")
+            if self.reject_pat or refresh != self.api_key:
+                return _json(401, {"detail": "Token is invalid or expired"})
+            self.access_token = make_access_token(self.refreshes, self.access_lifetime)
+            self._access.add(self.access_token)
+            return _json(200, {"access": self.access_token})
+
+    def _api(self, method: str, path: str, args: dict[str, str], body: bytes) -> Reply:
+        parts = path.strip("/").split("/")  # ["api", ...]
+        if method == "POST" and parts == ["api", "predictions"]:
+            return self._create_prediction(_object(body))
+        if method != "GET":
+            return _json(405, {"detail": f'Method "{method}" not allowed.'})
+        if len(parts) == 3 and parts[1] == "projects" and parts[2].isdigit():
+            project_id = int(parts[2])
+            if project_id not in self.projects:
+                return _json(404, {"detail": "Not found."})
+            return _json(200, {"id": project_id, "label_config": self.projects[project_id]["label_config"]})
+        if parts == ["api", "ml"]:
+            found = self.projects.get(_int(args.get("project")))
+            if not found or found["extra_params"] is None:
+                return _json(200, [])
+            return _json(200, [{"id": 1, "url": "http://backend", "extra_params": found["extra_params"]}])
+        if parts == ["api", "tasks"]:
+            return self._tasks(args)
+        return _json(404, {"detail": "Not found."})
+
+    def _create_prediction(self, body: dict) -> Reply:
+        if not isinstance(body.get("task"), int) or not isinstance(body.get("result"), list) \
+                or not isinstance(body.get("model_version"), str):
+            return _json(400, {"detail": "bad prediction"})
+        with self.lock:
+            record = {**body, "id": len(self.predictions) + 1, "at": time.time()}
+            self.predictions.append(record)
+        return _json(201, record)
+
+    def _tasks(self, args: dict[str, str]) -> Reply:
+        found = self.projects.get(_int(args.get("project")))
+        if not found:
+            return _json(404, {"detail": "Not found."})
+        page, size = _int(args.get("page"), 1), _int(args.get("page_size"), 100)
+        everything = found["tasks"]
+        chunk = everything[(page - 1) * size: page * size]
+        if page > 1 and not chunk:
+            return _json(404, {"detail": "Invalid page."})
+        with self.lock:
+            chunk = [{**t, "predictions": [p for p in self.predictions if p["task"] == t["id"]]} for t in chunk]
+        return _json(200, {"tasks": chunk, "total": len(everything)})
+
+    def _hit(self, key: str) -> None:
+        with self.lock:
+            self.hits[key] += 1
+
+    def _image(self, parts: list[str]) -> Reply:
+        kind, name = parts[0], parts[-1]
+        if (kind, len(parts)) == ("img", 2):
+            self._hit(f"img/{name}")
+            return Reply(body=image_bytes(name), headers=_PNG)
+        if (kind, len(parts)) == ("slow", 3) and _float(parts[1]) is not None:
+            self._hit(f"slow/{name}")
+            time.sleep(_float(parts[1]))
+            return Reply(body=image_bytes(name), headers=_PNG)
+        if (kind, len(parts)) == ("flaky", 3) and parts[1].isdigit():
+            with self.lock:
+                self._flaky[name] += 1
+                attempt = self._flaky[name]
+                self.hits[f"flaky/{name}"] += 1
+            if attempt <= int(parts[1]):
+                return Reply(503, b"busy", {"Content-Type": "text/plain"})
+            return Reply(body=image_bytes(name), headers=_PNG)
+        if (kind, len(parts)) == ("bad", 2):
+            self._hit(f"bad/{name}")
+            return Reply(body=b"these bytes are not an image", headers=_PNG)
+        return Reply(404, b"not found")
+
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def _dispatch(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._send(fake._answer(self.command, self.path, body, self.headers.get("Authorization")))
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
+
+            def _send(self, reply: Reply) -> None:
+                try:
+                    self.send_response(reply.status)
+                    for key, value in reply.headers.items():
+                        self.send_header(key, value)
+                    if reply.chunked:
+                        self.send_header("Connection", "close")
+                        self.end_headers()
+                        time.sleep(reply.delay)
+                        for i in range(0, len(reply.body), 4096):
+                            self.wfile.write(reply.body[i: i + 4096])
+                        return
+                    self.send_header("Content-Length", str(len(reply.body)))
+                    self.end_headers()
+                    time.sleep(reply.delay)
+                    self.wfile.write(reply.body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        return Handler
+
+
+def _object(body: bytes) -> dict:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _int(text: str | None, default: int | None = None) -> int | None:
+    try:
+        return int(text) if text is not None else default
+    except ValueError:
+        return default
+
+
+def _float(text: str) -> float | None:
+    """A finite number of seconds >= 0, or None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None

@@ -1,0 +1,33 @@
+"""Settings for tests and benchmarks: the tiny random CLIP on CPU, and the same Settings in a child process."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from car_backend.settings import Settings
+
+TINY_CLIP_CONFIG = Path(__file__).resolve().parent / "tiny-clip.json"  # a small open_clip architecture
+TINY_MODEL = f"{TINY_CLIP_CONFIG}:random"  # its model spec, with random weights
+# Variables of ours that must not leak from the caller's environment into worker processes.
+_OWN_PREFIXES = ("CAR_", "REDIS_URL", "LABEL_STUDIO_", "BASIC_AUTH_")
+
+
+def tiny_settings(**overrides) -> Settings:
+    """Settings with the tiny random CLIP on CPU (fast), plus `overrides`."""
+    values = {"proposal_model": TINY_MODEL, "classifier_model": TINY_MODEL, "device": "cpu", "max_steps": 3}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes `Settings.from_env()` in a child process equal `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}
+    # Several workers share the machine's cores in these tests: one torch thread each (torch's default,
+    # every core per process, oversubscribes them and slows everything down many times).
+    env.setdefault("OMP_NUM_THREADS", "1")
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        env[f.metadata["setting"].env] = ",".join(value) if isinstance(value, tuple) else str(value)
+    return env

@@ -1,0 +1,15 @@
+"""Service test helpers: /predict through a Flask test client, and how long a delivery may take."""
+
+from __future__ import annotations
+
+from tests.support.label_configs import label_config
+
+BRUSH = label_config("brush")
+DELIVERY_TIMEOUT_S = 60.0
+
+
+def predict(client, tasks, xml=BRUSH, project="1.1"):
+    """POST /predict with `tasks` and the label config `xml`; asserts HTTP 200, returns the JSON body."""
+    resp = client.post("/predict", json={"tasks": tasks, "label_config": xml, "project": project})
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    return resp.get_json()
