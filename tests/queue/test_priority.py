@@ -12,6 +12,7 @@ import time
 import uuid
 
 import pytest
+from rq import Queue
 from rq.job import Job
 
 from car_backend.pipeline.planning import plan_task
@@ -88,7 +89,7 @@ def test_an_interactive_predict_is_answered_ahead_of_a_batch_backlog(service_set
     started = time.monotonic()
     resp = client.post("/predict", json={"tasks": [task], "label_config": INTERACTIVE, "params": {"context": context}})
     elapsed = time.monotonic() - started
-    waiting = redis.llen(f"rq:queue:{queue}")  # batch jobs not yet started when the answer came
+    waiting = redis.llen(Queue(queue, connection=redis).key)  # batch jobs not yet started when the answer came
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert "result" in resp.get_json()["results"][0], resp.get_json()
     # Behind the backlog it would have waited for all of it ((BACKLOG - 1) * SLOW_S at least) and found the batch

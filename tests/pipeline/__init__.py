@@ -1,0 +1,1 @@
+"""Tests of car_backend.pipeline."""
