@@ -40,6 +40,7 @@ _TEXT_BATCH = 256
 # Texts are encoded in blocks of exactly this many rows (the last block padded with copies of a row), so that
 # every matrix product has the same shape whatever else is being encoded: see ClipModel._encode.
 _TEXT_BLOCK = 16
+_TEXT_ENCODING = f"block{_TEXT_BLOCK}"
 _NETWORK_PROBE_TIMEOUT_S = 3.0
 
 
@@ -144,8 +145,9 @@ class ClipModel:
 
     @property
     def identity(self) -> str:
-        """What a shared cache keys this model's embeddings by: its weights and precision."""
-        return f"{self.name}|{str(self.dtype).removeprefix('torch.')}"
+        """What a shared cache keys this model's embeddings by: its weights, precision and the text encoding
+        (`_TEXT_ENCODING`: rows encoded before texts were encoded in fixed blocks are not reused)."""
+        return f"{self.name}|{str(self.dtype).removeprefix('torch.')}|{_TEXT_ENCODING}"
 
     @property
     def visual(self) -> open_clip.transformer.VisionTransformer:

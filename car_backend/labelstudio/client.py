@@ -1,7 +1,5 @@
 """Label Studio's REST API: authentication with LABEL_STUDIO_API_KEY, and the calls the service makes.
 
-Authenticating to Label Studio with LABEL_STUDIO_API_KEY.
-
 Label Studio 1.23 takes three kinds of key:
 - a personal access token (a JWT *refresh* token): exchanged at `POST /api/token/refresh/` for an access
   token that lives about 300 s, sent as `Bearer <access>`, and exchanged again when it expires or LS
@@ -17,7 +15,6 @@ exception message.
 `LabelStudioClient` knows the endpoints (write a prediction, read a project, list its tasks) and what their
 answers mean. Both raise CarError subclasses whose `retryable` says whether asking again may help.
 """
-
 
 from __future__ import annotations
 
@@ -203,6 +200,10 @@ class LabelStudioAPIError(CarError):
 
 
 class LabelStudioClient:
+    """The endpoints the service calls, over one `LabelStudioAPI`. Every method raises LabelStudioAPIError
+    (retryable for transport errors, 401/403/408/429 and 5xx) when the call fails; built without URL or key,
+    the constructor raises it (not retryable)."""
+
     def __init__(self, settings: Access):
         try:
             self._api = LabelStudioAPI(settings)

@@ -47,7 +47,11 @@ class MediaError(CarError):
     `retryable` is False when asking again cannot help (corrupt or undecodable bytes, too large, forbidden
     host, not found) and True when it may (network error, timeout, 5xx, Label Studio refusing or missing
     credentials: fixing the configuration makes the retry succeed). The message never holds a token.
+    `retryable` must be given: a non-retryable failure becomes a permanent empty prediction.
     """
+
+    def __init__(self, message: str, *, retryable: bool):
+        super().__init__(message, retryable=retryable)
 
 
 class MediaFetcher:

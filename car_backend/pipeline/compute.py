@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from car_backend.engine.presets import get_preset
+from car_backend.engine.result import Segmentation
 from car_backend.labelstudio.media import MediaError, MediaFetcher
 from car_backend.labelstudio.results import failed_entry, prediction_entry, segmentation_to_regions
 from car_backend.pipeline.spec import JobResult, JobSpec, Run
 
-if TYPE_CHECKING:  # numpy-only, but importing it would pull in nothing; kept for the annotations
-    from car_backend.engine.result import Segmentation
-
 
 def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher) -> JobResult:
-    """Fetch and segment the image; a permanent media failure becomes a failed result, a transient one raises."""
+    """Fetch and segment the image; a non-retryable media failure becomes a failed result, a retryable one
+    (and any other exception) raises."""
     started = time.monotonic()
     try:
         image = fetcher.fetch(spec.image, spec.task_id)

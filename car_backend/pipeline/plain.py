@@ -98,7 +98,7 @@ def _build(kind: Any, data: Any, where: str) -> Any:
     if kind is float:
         if isinstance(data, bool) or not isinstance(data, int | float):
             raise PlainError(f"{where}: expected a number, got {data!r:.40}")
-        return float(data)
+        return data  # an int stays an int: JSON keeps 2 and 2.0 apart, and so does JobSpec.key
     if kind in (int, str, bool):
         if not isinstance(data, kind) or (kind is int and isinstance(data, bool)):
             raise PlainError(f"{where}: expected {kind.__name__}, got {data!r:.40}")

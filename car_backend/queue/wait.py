@@ -47,7 +47,8 @@ class JobWatch:
         return created
 
     def poll(self, keys: Sequence[str]) -> Settled:
-        """The keys of `keys` that have a result now, and those whose job ended without one."""
+        """The keys of `keys` that have a result now, and those whose job ended without one. Settled keys are
+        no longer followed (their job ids are forgotten), so each failure is looked up and logged once."""
         settled = Settled()
         keys = list(keys)
         for key, result in zip(keys, self.store.results(keys), strict=True):
@@ -65,6 +66,8 @@ class JobWatch:
             settled.failed[key] = self.queue.failure(self.jobs[key]) if status else "the job disappeared"
             log.warning("job %s for key %s ended without a result: %s", self.jobs[key], key[:12],
                         settled.failed[key])
+        for key in (*settled.results, *settled.failed):
+            self.jobs.pop(key, None)
         return settled
 
     def wait(self, keys: Sequence[str], deadline: float) -> Settled:

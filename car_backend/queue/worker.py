@@ -45,6 +45,10 @@ class CarWorker(SimpleWorker):
     queue_class = CarQueue
     max_connection_wait_time = 10.0  # while Redis is away, look for it at least this often (RQ: 60 s)
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("serializer", SERIALIZER)  # jobs are JSON; a pickle-reading worker would fail them all
+        super().__init__(*args, **kwargs)
+
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return HEARTBEAT_TTL_S
 

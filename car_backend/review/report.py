@@ -61,7 +61,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         print("car-backend report: set REDIS_URL to the backend's Redis (an embedded one is private to "
               "`car-backend serve`; its figures are at /metrics)", file=sys.stderr)
         return 2
-    redis = redis_client(settings.redis_url, "server")
+    redis = redis_client(settings.redis_url, "cli")
     try:
         report = project_report(ReviewStore(redis), str(args.project))
     except RedisError as exc:

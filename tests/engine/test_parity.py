@@ -1,4 +1,4 @@
-"""The fast engine against the literal official-order implementation (tests/engine/reference.py).
+"""The fast engine against the literal official-order implementation (car_backend/engine/reference.py).
 
 Same random-weight models, images and queries: the same kept queries and steps, scores within 1e-4 and
 masks agreeing on >= 99.5% of pixels. The cases use presets with lowered theta (random weights give

@@ -17,7 +17,7 @@ QUERIES = ["cat", "dog", "car", "boat", "sofa"]
 SENTENCES = ["the cat on the left", "a red car", "the small boat", "a big cow"]
 LOW_THETA = dataclasses.replace(get_preset("coco"), confidence_threshold=0.04)
 THETAS = (0.0, 0.03, 0.04, 0.06, 0.1, 0.3)
-ETAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # the calibration grid (car_backend.review.THRESHOLD_BOUNDS)
+ETAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # the calibration grid (car_backend.review.store.THRESHOLD_BOUNDS)
 
 
 def make_segmenter(tiny_clips, **kwargs) -> Segmenter:

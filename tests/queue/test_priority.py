@@ -16,6 +16,7 @@ from rq import Queue
 from rq.job import Job
 
 from car_backend.pipeline.planning import plan_task
+from car_backend.queue.jobqueue import SERIALIZER
 from car_backend.service.backend import Backend
 from car_backend.service.projects import Projects
 from tests.support.label_configs import label_config
@@ -60,7 +61,7 @@ def test_an_interactive_job_starts_before_the_waiting_batch_jobs(service_setting
         while any(status != "finished" for status in backend.queue.statuses(everything)):
             assert time.monotonic() < deadline, (backend.queue.statuses(everything), worker.output())
             time.sleep(0.1)
-        jobs = {job.id: job for job in Job.fetch_many(everything, connection=backend.redis)}
+        jobs = {job.id: job for job in Job.fetch_many(everything, connection=backend.redis, serializer=SERIALIZER)}
     finally:
         backend.close()
     order = sorted(everything, key=lambda job_id: jobs[job_id].started_at)

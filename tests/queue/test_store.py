@@ -8,7 +8,7 @@ from rq.job import Job
 
 from car_backend.pipeline.planning import plan_task
 from car_backend.pipeline.spec import JobResult
-from car_backend.queue.jobqueue import JobQueue, make_store
+from car_backend.queue.jobqueue import SERIALIZER, JobQueue, make_store
 from car_backend.queue.store import CLAIM_TTL_S, LateRecord
 from car_backend.service.projects import Projects
 from tests.support.label_configs import label_config
@@ -60,7 +60,7 @@ def test_submitting_a_key_twice_makes_one_job(redis, redis_url, task_ids):
     assert queue.batch.count == 1
     # A job that failed for good no longer blocks its key: the next submission makes a new one.
     job_id = results[0][0]
-    Job.fetch(job_id, connection=redis).set_status("failed")
+    Job.fetch(job_id, connection=redis, serializer=SERIALIZER).set_status("failed")
     new_id, created = queue.submit(spec)
     assert created and new_id != job_id and queue.batch.count == 2
 

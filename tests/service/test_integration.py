@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from rq.registry import FailedJobRegistry
 
+from car_backend.queue.jobqueue import SERIALIZER
 from car_backend.service.app import create_app
 from car_backend.service.backend import Backend
 from tests.support.label_configs import label_config
@@ -155,7 +156,7 @@ def test_retries_run_out_then_the_error_is_recorded(shared_workers, service_sett
     assert "result" not in entry and "503" in entry["reason"]  # pending: the next request tries again
     assert fake_ls.hits[f"flaky/{name}"] == 2  # the first attempt and one retry
     assert float(redis.hget("car:stats", "jobs:error")) - before == 2
-    failed = FailedJobRegistry(settings.queue + "-interactive", connection=redis)
+    failed = FailedJobRegistry(settings.queue + "-interactive", connection=redis, serializer=SERIALIZER)
     assert any("503" in (job.latest_result().exc_string or "") for job in
                (failed.get_queue().fetch_job(i) for i in failed.get_job_ids()) if job is not None)
     time.sleep(0.5)
