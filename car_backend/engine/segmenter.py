@@ -115,7 +115,6 @@ class Segmenter:
         self._proposal_clip = _as_clip(proposal_model)
         self._classifier_clip = _as_clip(classifier_model)
         self._sam = sam_refiner
-        self.max_side = self.config.max_side
         self._text_cache = text_cache
         self._generators: dict[int, ProposalGenerator] = {}
         self._classifiers: dict[int, MaskClassifier] = {}
@@ -175,7 +174,7 @@ class Segmenter:
                 return cached, False
         generator = self._generator()
         start = time.perf_counter()
-        rgb = _fit(original, self.max_side)
+        rgb = _fit(original, self.config.max_side)
         pixels = torch.from_numpy(rgb).permute(2, 0, 1).contiguous().to(generator.clip.device)
         proposal = generator.prepare(pixels)
         _synchronize(pixels.device)

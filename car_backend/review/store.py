@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from redis import Redis, WatchError
+from redis import Redis
 
 from car_backend.pipeline.plain import PlainError
 from car_backend.pipeline.spec import JobSpec
@@ -168,20 +168,16 @@ class ReviewStore:
 
     def _drop_unreadable(self, project: str, key: str) -> int:
         """Delete the entries of the corrections hash that do not read as a Correction; its length after."""
-        while True:
-            with self.redis.pipeline() as pipe:
-                try:
-                    pipe.watch(key)
-                    entries = pipe.hgetall(key)
-                    bad = [task for task, raw in entries.items()
-                           if task != FORMAT_FIELD.encode() and self._read(project, task, raw, "dropping") is None]
-                    pipe.multi()
-                    if bad:
-                        pipe.hdel(key, *bad)
-                    pipe.hlen(key)
-                    return int(pipe.execute()[-1])
-                except WatchError:  # another write to the hash meanwhile: look again
-                    continue
+        def drop(pipe: Any) -> None:  # re-run by redis-py when another write to the hash comes between
+            entries = pipe.hgetall(key)
+            bad = [task for task, raw in entries.items()
+                   if task != FORMAT_FIELD.encode() and self._read(project, task, raw, "dropping") is None]
+            pipe.multi()
+            if bad:
+                pipe.hdel(key, *bad)
+            pipe.hlen(key)
+
+        return int(self.redis.transaction(drop, key)[-1])
 
     @staticmethod
     def _read(project: str, task: bytes, raw: bytes, action: str) -> Correction | None:
