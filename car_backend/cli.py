@@ -1,4 +1,4 @@
-"""`car-backend serve|worker|segment|prelabel|bench|eval|report`: one entry point, settings from the environment.
+"""`car-backend serve|worker|segment|prelabel|export|bench|eval|report`: one entry point, settings from the environment.
 
 Each sub-command imports its module only when it runs, so `--help` is instant and never loads torch.
 """
@@ -83,7 +83,30 @@ def _add_prelabel(sub: argparse._SubParsersAction) -> None:
                    help="for --images: write each image as PREFIX + its path under the folder (e.g. "
                    "'/data/local-files/?d=dataset/' or 'https://bucket.example/dataset/') instead of its absolute "
                    "path, so Label Studio can open it")
+    p.add_argument("--export", choices=("ls", "coco", "png", "yolo"),
+                   help="for --images: what to write at --out: ls (a Label Studio import file, the default), coco "
+                   "(a folder with annotations.json, compressed RLE masks), png (a folder of VOC-style palette "
+                   "label maps, labels.json), yolo (a folder of YOLO segmentation txt files, data.yaml); an "
+                   "interrupted run continues where it stopped")
+    p.add_argument("--gallery", action="store_true",
+                   help="for --images: also write a static HTML review gallery next to the export (overlay "
+                   "thumbnails, most uncertain first)")
     p.set_defaults(handler=_run("car_backend.service.prelabel", "main"))
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a Label Studio project's annotations (else predictions) as COCO, PNG label maps or YOLO",
+        description="Read every task of the project with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY; each task's "
+        "latest annotation is exported, or its latest prediction when it has no annotation. Images that cannot "
+        "be read are listed in failed.txt.",
+    )
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    p.add_argument("--format", required=True, choices=("coco", "png", "yolo"), help="what to write")
+    p.add_argument("--out", required=True, help="folder to write the export into")
+    p.add_argument("--gallery", action="store_true", help="also write a static HTML review gallery")
+    p.set_defaults(handler=_run("car_backend.exports.project", "main"))
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -156,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"car-backend {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_serve, _add_worker, _add_segment, _add_prelabel, _add_bench, _add_eval, _add_report):
+    for add in (_add_serve, _add_worker, _add_segment, _add_prelabel, _add_export, _add_bench, _add_eval, _add_report):
         add(sub)
     return parser
 

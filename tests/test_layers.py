@@ -7,6 +7,7 @@ Order (a package may import only packages on lower floors; packages on one floor
              settings          the environment -> Settings and the engine's config
     floor 2: pipeline          job specs, planning, computing, versions
              evaluation        the paper's benchmarks
+             exports           COCO / PNG / YOLO / Label Studio exports, the review gallery
     floor 3: queue             Redis, stores, RQ jobs, the worker
     floor 4: review            agreement, calibration, review store, report
     floor 5: service           Flask app, predictor, projects, metrics, gunicorn, prelabel
@@ -32,7 +33,7 @@ BENCHMARKS = PACKAGE.parent / "benchmarks"
 FLOORS = {
     "engine": 0,
     "labelstudio": 1, "settings": 1,
-    "pipeline": 2, "evaluation": 2,
+    "pipeline": 2, "evaluation": 2, "exports": 2,
     "queue": 3,
     "review": 4,
     "service": 5,

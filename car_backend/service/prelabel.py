@@ -6,14 +6,16 @@ its job finishes (this process writes those whose results were already cached). 
 through the task's delivery claim, so a task is written once even while /predict serves the same project,
 and running again resumes: tasks that got their prediction are no longer listed.
 
---images DIR: segments every image in this process (no Redis) and writes a Label Studio import file.
+--images DIR: segments every image in this process (no Redis) and writes an export: a Label Studio import
+file (`--export ls`, the default), COCO, VOC-style PNG label maps or YOLO polygons (car_backend.exports),
+optionally with a review gallery (`--gallery`). Each finished image goes into the export's journal, so an
+interrupted run continues where it stopped; unreadable images are listed in failed.txt and skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import socket
@@ -22,12 +24,16 @@ import time
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+import numpy as np
 from tqdm import tqdm
 
+from car_backend.exports.gallery import Gallery
+from car_backend.exports.records import ExportItem, Failure, Journal, write_failures
+from car_backend.exports.writers import ExportSpec, Layout, write_export
 from car_backend.labelstudio.client import LabelStudioAPIError, LabelStudioClient, prediction_versions
 from car_backend.labelstudio.config import LabelConfigError, parse_label_config
 from car_backend.labelstudio.media import MediaError, MediaFetcher
-from car_backend.pipeline.compute import compute, task_entry
+from car_backend.pipeline.compute import restrict, segment_run, task_score
 from car_backend.pipeline.planning import plan_task
 from car_backend.pipeline.spec import JobResult, Project
 from car_backend.pipeline.versions import model_version
@@ -51,8 +57,9 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     if not args.labels or not args.out:
         print("car-backend prelabel --images needs --labels and --out", file=sys.stderr)
         return 2
-    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-    return prelabel_images(Path(args.images), labels, Path(args.out), args.format, settings, args.url_prefix)
+    labels = list(dict.fromkeys(label.strip() for label in args.labels.split(",") if label.strip()))
+    return prelabel_images(Path(args.images), labels, Path(args.out), args.format, settings, args.url_prefix,
+                           export=getattr(args, "export", None) or "ls", gallery=getattr(args, "gallery", False))
 
 
 # -- a Label Studio project -----------------------------------------------------------------------------
@@ -190,44 +197,109 @@ def import_config(labels: list[str], kind: str) -> str:
 
 
 def prelabel_images(folder: Path, labels: list[str], out: Path, kind: str, settings: Settings,
-                    url_prefix: str = "") -> int:
-    """Segment every image of `folder`; write tasks whose image is `url_prefix` + the file's path under the
-    folder (its absolute path without a prefix), with a prediction where the segmentation succeeded."""
+                    url_prefix: str = "", export: str = "ls", gallery: bool = False) -> int:
+    """Segment every image of `folder` into an export in `export` format at `out` (a file for ls, a folder
+    for the others; see car_backend.exports.writers). ls tasks point at `url_prefix` + the file's path under
+    the folder (its absolute path without a prefix), with a prediction where the segmentation succeeded;
+    `kind` is their region type. Images finished by an earlier run with the same labels and settings are not
+    segmented again. Returns the exit status: 0, 1 when the folder holds no image, 2 for bad arguments."""
     if not folder.is_dir():
         print(f"car-backend prelabel: {folder} is not a folder", file=sys.stderr)
         return 2
     if not labels:
         print("car-backend prelabel: --labels names no label", file=sys.stderr)
         return 2
-    from car_backend.engine import Segmenter  # torch is imported only by commands that run the engine
-
     settings = dataclasses.replace(settings, output=kind)  # --format decides the region type here
     xml = import_config(labels, kind)
     config = parse_label_config(xml)
     project = Project(config=config, version=model_version(settings, config))
+    try:
+        spec = ExportSpec(export, tuple(labels), project.version, settings.polygon_tolerance, config.targets[0],
+                          kind, url_prefix)
+    except ValueError as exc:
+        print(f"car-backend prelabel: {exc}", file=sys.stderr)
+        return 2
+    layout = Layout.of(export, out)
+    if export != "ls" and out.exists() and not out.is_dir():
+        print(f"car-backend prelabel: --out {out} must be a folder for --export {export}", file=sys.stderr)
+        return 2
+    from car_backend.engine import Segmenter  # torch is imported only by commands that run the engine
+
     fetcher = MediaFetcher(settings, allow_local_files=True)
     segmenter = Segmenter(settings.engine_config())
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    tasks, failed = [], 0
+    names = {path: path.relative_to(folder).as_posix() for path in files}
+    album = Gallery(layout.gallery) if gallery else None
+    failures: list[Failure] = []
     started = time.monotonic()
-    for path in tqdm(files, unit="image", desc="prelabel", file=sys.stderr):
-        task = {"data": {"image": str(path.resolve())}}
-        plan = plan_task(task, project, settings)
+    with Journal(layout.journal, {"model_version": project.version, "labels": labels}) as journal:
+        done = {name: journal.items[name] for name in names.values() if name in journal.items}
+        if done:
+            log.info("%d of %d images were finished by an earlier run: continuing", len(done), len(files))
+        todo = [p for p in files if names[p] not in done]
         try:
-            results = [compute(spec, segmenter, fetcher) for spec in plan.specs]
-        except MediaError as exc:
-            results = [JobResult(ok=False, regions=[], error=str(exc))]
-        if plan.failure is None and all(r.ok for r in results):
-            task["predictions"] = [task_entry(results, project.version)]
-        else:
-            failed += 1
-            reason = plan.failure or "; ".join(r.error or "" for r in results if not r.ok)
-            log.warning("%s: no prediction (%s)", path.name, reason)
-        if url_prefix:
-            task["data"]["image"] = url_prefix + path.relative_to(folder).as_posix()
-        tasks.append(task)
-    out.write_text(json.dumps(tasks))
-    print(f"wrote {len(tasks)} tasks to {out} ({len(tasks) - failed} with predictions, {failed} without) "
-          f"in {time.monotonic() - started:.1f} s; model_version {project.version}")
-    print(f"import it into a project with this label config:\n{xml}")
-    return 0 if tasks else 1
+            for path in tqdm(todo, total=len(files), initial=len(done), unit="image", desc="prelabel",
+                             file=sys.stderr):
+                try:
+                    item, image = segment_image(path, names[path], project, segmenter, fetcher, settings)
+                except MediaError as exc:
+                    failures.append(Failure(names[path], str(path.resolve()), str(exc)))
+                    log.warning("%s: skipped (%s)", names[path], exc)
+                    continue
+                journal.add(item)
+                if album is not None:
+                    album.add_thumbnail(item.name, image, item.label_map)
+        except KeyboardInterrupt:
+            print(f"interrupted after {len(journal.items)} of {len(files)} images: run the same command again to "
+                  "continue", file=sys.stderr)
+            return 130
+        items = [journal.items[name] for name in names.values() if name in journal.items]
+    written = write_export(spec, layout, items, failures)
+    write_failures(layout.failed, failures)
+    seconds = time.monotonic() - started
+    if export == "ls":
+        print(f"wrote {len(items) + len(failures)} tasks to {written} ({len(items)} with predictions, "
+              f"{len(failures)} without) in {seconds:.1f} s; model_version {project.version}")
+        print(f"import it into a project with this label config:\n{xml}")
+    else:
+        print(f"wrote a {export} export of {len(items)} images to {written} in {seconds:.1f} s; "
+              f"model_version {project.version}")
+    if failures:
+        print(f"{len(failures)} images could not be read: listed in {layout.failed}")
+    if album is not None:
+        for item in items:
+            if not album.has_thumbnail(item.name):  # finished by a run without --gallery
+                try:
+                    album.add_thumbnail(item.name, fetcher.fetch(item.source), item.label_map)
+                except MediaError as exc:
+                    log.warning("%s: no thumbnail (%s)", item.name, exc)
+        index = album.write(labels, items, failures, f"{folder.name}: {', '.join(labels)} ({project.version})")
+        print(f"gallery: {index}")
+    return 0 if files else 1
+
+
+def segment_image(path: Path, name: str, project: Project, segmenter, fetcher: MediaFetcher,
+                  settings: Settings) -> tuple[ExportItem, object]:
+    """Segment one image file as `prelabel` plans it: the export item (label map over the project's one
+    target's labels, kept scores, score and uncertainty) and the decoded image. Raises MediaError when the
+    file cannot be read as an image."""
+    source = str(path.resolve())
+    plan = plan_task({"data": {"image": source}}, project, settings)
+    if plan.failure is not None or len(plan.specs) != 1 or len(plan.specs[0].runs) != 1:
+        raise MediaError(plan.failure or "the import config plans more than one run", retryable=False)
+    spec = plan.specs[0]
+    run = spec.runs[0]
+    image = fetcher.fetch(spec.image, None)
+    seg = segment_run(segmenter, image, run, dict(spec.thresholds))
+    labels = run.outputs[0].labels
+    own = restrict(seg, [label.prompt for label in labels])
+    kept = [float(s) for s in seg.scores if s > 0]
+    margins = [float(seg.margin)] if seg.margin is not None else []
+    uncertainty = task_score(kept, "uncertainty", margins)
+    item = ExportItem(
+        name=name, source=source, label_map=np.asarray(own.label_map, np.int32),
+        scores={label.value: float(s) for label, s in zip(labels, own.scores, strict=True) if s > 0},
+        score=task_score(kept, spec.score, margins),
+        uncertainty=1.0 if uncertainty is None else uncertainty,  # nothing kept: worth a look
+    )
+    return item, image

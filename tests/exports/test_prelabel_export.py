@@ -1,0 +1,151 @@
+"""`prelabel --images --export`: the tiny random CLIP on a folder; every format read back equals the label
+maps the engine gives for the same images, an interrupted run continues, unreadable files are listed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from car_backend.exports import rle
+from car_backend.labelstudio.config import parse_label_config
+from car_backend.labelstudio.media import MediaFetcher
+from car_backend.pipeline.spec import Project
+from car_backend.pipeline.versions import model_version
+from car_backend.service import prelabel
+from tests.exports.test_writers import filled, iou, read_yolo
+from tests.support.fake_label_studio import image_bytes
+from tests.support.settings import settings_env, tiny_settings
+
+LABELS = ["sky", "grass", "tree"]
+GOOD = ["a.png", "b.png", "c.png"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    for name in GOOD:
+        (folder / name).write_bytes(image_bytes(name, (120, 90)))
+    (folder / "broken.jpg").write_bytes(b"no image")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine_maps(folder):
+    """The engine's label maps for the good images, computed here as prelabel plans them."""
+    from car_backend.engine import Segmenter
+
+    settings = tiny_settings(output="brush")
+    config = parse_label_config(prelabel.import_config(LABELS, "brush"))
+    project = Project(config=config, version=model_version(settings, config))
+    segmenter = Segmenter(settings.engine_config())
+    fetcher = MediaFetcher(settings, allow_local_files=True)
+    maps = {}
+    for name in GOOD:
+        item, _ = prelabel.segment_image(folder / name, name, project, segmenter, fetcher, settings)
+        maps[name] = item.label_map
+    assert any(m.any() for m in maps.values())  # something to compare: some label is kept
+    return maps
+
+
+def run(folder, out, export, **kw):
+    return prelabel.prelabel_images(folder, LABELS, out, "brush", tiny_settings(), export=export, **kw)
+
+
+def test_coco_export_decodes_to_the_engine_masks(folder, engine_maps, tmp_path):
+    out = tmp_path / "coco"
+    assert run(folder, out, "coco") == 0
+    doc = json.loads((out / "annotations.json").read_text())
+    assert [c["name"] for c in doc["categories"]] == LABELS
+    assert [i["file_name"] for i in doc["images"]] == GOOD
+    for image in doc["images"]:
+        expected = engine_maps[image["file_name"]]
+        decoded = np.zeros((image["height"], image["width"]), np.int32)
+        for ann in doc["annotations"]:
+            if ann["image_id"] == image["id"]:
+                decoded[rle.decode(ann["segmentation"])] = ann["category_id"]
+                assert 0 < ann["score"] <= 1
+        assert (decoded == expected).all()
+    failed = (out / "failed.txt").read_text().splitlines()
+    assert len(failed) == 1 and failed[0].startswith("broken.jpg\t") and len(failed[0]) > len("broken.jpg\t")
+
+
+def test_png_export_equals_the_label_maps(folder, engine_maps, tmp_path):
+    out = tmp_path / "png"
+    assert run(folder, out, "png") == 0
+    for name in GOOD:
+        assert (np.asarray(Image.open(out / "SegmentationClass" / name.replace(".png", ".png"))) == engine_maps[name]).all()
+    assert [e["name"] for e in json.loads((out / "labels.json").read_text())["labels"]] == ["background", *LABELS]
+
+
+def test_yolo_export_rasterises_back(folder, engine_maps, tmp_path):
+    out = tmp_path / "yolo"
+    assert run(folder, out, "yolo") == 0
+    for name in GOOD:
+        expected = engine_maps[name]
+        masks = read_yolo(out / "labels" / name.replace(".png", ".txt"), *expected.shape, len(LABELS))
+        for k, mask in enumerate(masks):
+            want = filled(expected == k + 1)
+            if want.sum() >= 50:
+                assert iou(mask, want) >= 0.95
+            else:  # parts under MIN_AREA_PX pixels go to their neighbours before tracing; nothing appears
+                assert mask.sum() <= want.sum()
+        assert (out / "images" / name).resolve() == (folder / name).resolve()
+    assert "nc: 3" in (out / "data.yaml").read_text()
+
+
+def test_an_interrupted_export_continues_where_it_stopped(folder, tmp_path, monkeypatch):
+    real = prelabel.segment_image
+    calls = []
+
+    def interrupted(path, *args):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, *args)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(prelabel, "segment_image", interrupted)
+    assert run(folder, out, "coco") == 130
+    assert not (out / "annotations.json").exists()
+    calls.clear()
+    monkeypatch.setattr(prelabel, "segment_image", lambda path, *args: calls.append(path.name) or real(path, *args))
+    assert run(folder, out, "coco") == 0
+    assert calls == ["b.png", "broken.jpg", "c.png"]  # a.png was finished; the failed file is tried again
+    monkeypatch.setattr(prelabel, "segment_image", real)
+    fresh = tmp_path / "fresh"
+    assert run(folder, fresh, "coco") == 0
+    assert (out / "annotations.json").read_bytes() == (fresh / "annotations.json").read_bytes()
+    calls.clear()
+    monkeypatch.setattr(prelabel, "segment_image", lambda path, *args: calls.append(path.name) or real(path, *args))
+    assert prelabel.prelabel_images(folder, ["sky"], out, "brush", tiny_settings(), export="coco") == 0
+    assert calls == ["a.png", "b.png", "broken.jpg", "c.png"]  # other labels: nothing is reused
+    assert [c["name"] for c in json.loads((out / "annotations.json").read_text())["categories"]] == ["sky"]
+
+
+def test_bad_arguments_are_refused_before_any_work(folder, tmp_path):
+    file = tmp_path / "file.json"
+    file.write_text("[]")
+    assert run(folder, file, "png") == 2  # a folder format needs a folder
+    assert run(tmp_path / "missing", tmp_path / "x", "coco") == 2
+    assert prelabel.prelabel_images(folder, [f"l{i}" for i in range(300)], tmp_path / "p", "brush", tiny_settings(),
+                                    export="png") == 2
+
+
+def test_the_cli_writes_an_export_and_a_gallery(folder, tmp_path):
+    out = tmp_path / "cli"
+    env = settings_env(tiny_settings())
+    env.pop("REDIS_URL", None)
+    done = subprocess.run([sys.executable, "-m", "car_backend.cli", "prelabel", "--images", str(folder), "--labels",
+                           "sky,grass,tree", "--export", "png", "--out", str(out), "--gallery"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (out / "SegmentationClass").iterdir()) == GOOD
+    assert "1 images could not be read" in done.stdout and f"gallery: {out / 'gallery' / 'index.html'}" in done.stdout
+    assert len(list((out / "gallery" / "thumbs").iterdir())) == 3
+    assert "prelabel" in done.stderr  # the progress bar
