@@ -171,7 +171,7 @@ figcaption { font-size: .8em; word-break: break-all; }
       var cap = el("figcaption");
       cap.appendChild(el("div", "name", row.n));
       cap.appendChild(el("div", "uncertainty", "uncertainty " + row.u.toFixed(3) +
-        (row.s === null ? "" : " \\u00b7 score " + row.s.toFixed(3)) + (row.o === "annotation" ? " \\u00b7 annotated" : "")));
+        (row.s === null ? "" : " \\u00b7 score " + row.s.toFixed(2)) + (row.o === "annotation" ? " \\u00b7 annotated" : "")));
       if (!row.k.length) cap.appendChild(el("div", "nolabel", "no label kept"));
       row.k.forEach(function (kept) {
         var label = G.labels[kept[0]];
