@@ -53,6 +53,10 @@ NO_WORKER_WARNING_S = 30.0
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     if args.project is not None:
+        if getattr(args, "export", None) or getattr(args, "gallery", False):
+            print("car-backend prelabel: --export and --gallery are for --images; to export a project's "
+                  "predictions use car-backend export --project", file=sys.stderr)
+            return 2
         return prelabel_project(args.project, settings)
     if not args.labels or not args.out:
         print("car-backend prelabel --images needs --labels and --out", file=sys.stderr)
