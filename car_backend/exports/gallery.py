@@ -13,13 +13,13 @@ import hashlib
 import io
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from car_backend.exports.records import ExportItem, Failure, write_atomic
+from car_backend.exports.records import ExportItem, Failure, Items, write_atomic
 from car_backend.exports.writers import voc_palette
 
 THUMB_SIDE = 192
@@ -61,37 +61,37 @@ class Gallery:
     def add_thumbnail(self, name: str, image: Image.Image, label_map: np.ndarray) -> None:
         write_atomic(self.folder / thumb_file(name), overlay_thumbnail(image, label_map))
 
-    def write(self, labels: Sequence[str], items: Sequence[ExportItem], failures: Sequence[Failure],
+    def write(self, labels: Sequence[str], items: Items | Iterable[ExportItem], failures: Sequence[Failure],
               title: str, page_size: int = PAGE_SIZE) -> Path:
         """Write index.html and the data files for `items` (any order; shown most uncertain first).
         Returns the path of index.html."""
-        ordered = sorted(items, key=lambda i: (-i.uncertainty, i.name))
+        images_with = [0] * len(labels)
+        pixels = [0] * len(labels)
+        rows = []
+        for item in items:  # one label map at a time; a row is a few numbers
+            counts = np.bincount(item.label_map.ravel(), minlength=len(labels) + 1)
+            kept = []
+            for k in item.present(labels):
+                images_with[k] += 1
+                pixels[k] += int(counts[k + 1])
+                kept.append([k, round(float(item.scores.get(labels[k], 0.0)), 4),
+                             round(float(counts[k + 1]) / item.label_map.size, 4)])
+            rows.append({"n": item.name, "t": thumb_file(item.name) if self.has_thumbnail(item.name) else "",
+                         "u": round(float(item.uncertainty), 4),
+                         "s": None if item.score is None else round(float(item.score), 4),
+                         "o": item.origin, "k": kept})
+        rows.sort(key=lambda r: (-r["u"], r["n"]))
         data = self.folder / "data"
         if data.exists():
             shutil.rmtree(data)  # pages of an earlier, longer run must not linger
         data.mkdir(parents=True)
-        pages = max(1, -(-len(ordered) // page_size))
-        images_with = [0] * len(labels)
-        pixels = [0] * len(labels)
+        pages = max(1, -(-len(rows) // page_size))
         for number in range(pages):
-            rows = []
-            for item in ordered[number * page_size:(number + 1) * page_size]:
-                counts = np.bincount(item.label_map.ravel(), minlength=len(labels) + 1)
-                kept = []
-                for k in item.present(labels):
-                    images_with[k] += 1
-                    pixels[k] += int(counts[k + 1])
-                    kept.append([k, round(float(item.scores.get(labels[k], 0.0)), 4),
-                                 round(float(counts[k + 1]) / item.label_map.size, 4)])
-                rows.append({"n": item.name, "t": thumb_file(item.name) if self.has_thumbnail(item.name) else "",
-                             "u": round(float(item.uncertainty), 4),
-                             "s": None if item.score is None else round(float(item.score), 4),
-                             "o": item.origin, "k": kept})
-            write_atomic(data / f"page-{number + 1:04d}.js",
-                         f"carGalleryPage({number + 1}, {json.dumps(rows)});\n")
+            chunk = rows[number * page_size:(number + 1) * page_size]
+            write_atomic(data / f"page-{number + 1:04d}.js", f"carGalleryPage({number + 1}, {json.dumps(chunk)});\n")
         palette = voc_palette(len(labels) + 1)
         summary = {
-            "title": title, "total": len(ordered), "pages": pages, "pageSize": page_size,
+            "title": title, "total": len(rows), "pages": pages, "pageSize": page_size,
             "labels": [{"name": label, "color": "#" + bytes(palette[k + 1].tolist()).hex(),
                         "images": images_with[k], "pixels": pixels[k]} for k, label in enumerate(labels)],
             "failed": len(failures),

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from car_backend.exports.gallery import Gallery
-from car_backend.exports.records import ExportItem, Failure, write_failures
+from car_backend.exports.records import ExportItem, Failure, Items, write_failures
 from car_backend.exports.writers import ExportSpec, Layout, write_export
 from car_backend.labelstudio.client import LabelStudioAPIError, LabelStudioClient
 from car_backend.labelstudio.config import LabelConfigError, parse_label_config
@@ -61,9 +61,10 @@ def export_project(project_id: int, format: str, out: Path, settings: Settings, 
     data_keys = list(dict.fromkeys(target.data_key for target in config.targets)) or ["image"]
     fetcher = MediaFetcher(settings)
     album = Gallery(Layout.of(format, out).gallery) if gallery else None
-    items: list[ExportItem] = []
+    items = Items()  # compact: one label map decoded at a time when written
     failures: list[Failure] = []
     names: set[str] = set()
+    annotated = 0
     for task in tqdm(tasks, unit="task", desc="export", file=sys.stderr):
         task_id = task.get("id")
         ref = next((task.get("data", {}).get(k) for k in data_keys if task.get("data", {}).get(k)), None)
@@ -74,7 +75,8 @@ def export_project(project_id: int, format: str, out: Path, settings: Settings, 
             failures.append(Failure(name, str(ref or ""), f"task {task_id}: {exc}"))
             log.warning("task %s: skipped (%s)", task_id, exc)
             continue
-        items.append(item)
+        items.add(item)
+        annotated += item.origin == "annotation"
         if album is not None and image is not None:
             album.add_thumbnail(item.name, image, item.label_map)
     try:
@@ -85,7 +87,6 @@ def export_project(project_id: int, format: str, out: Path, settings: Settings, 
     layout = Layout.of(format, out)
     written = write_export(spec, layout, items, failures)
     write_failures(layout.failed, failures)
-    annotated = sum(i.origin == "annotation" for i in items)
     print(f"project {project_id}: wrote a {format} export of {len(items)} tasks ({annotated} from annotations, "
           f"{len(items) - annotated} from predictions) to {written} in {time.monotonic() - started:.1f} s")
     if failures:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,8 +109,51 @@ def write_atomic(path: Path, text: str | bytes) -> None:
     os.replace(tmp, path)
 
 
+class Items:
+    """Export items kept compact (label maps as COCO RLE strings, which grow with the masks' outlines, not
+    their areas) and decoded one at a time: iterating yields `ExportItem`s in name order, so a writer holds
+    one label map at a time however many images there are."""
+
+    def __init__(self, plain: dict[str, dict] | None = None):
+        self._plain: dict[str, dict] = dict(plain or {})
+
+    @classmethod
+    def of(cls, items: Iterable[ExportItem]) -> Items:
+        found = cls()
+        for item in items:
+            found.add(item)
+        return found
+
+    def add(self, item: ExportItem) -> None:
+        self._plain[item.name] = item.to_plain()
+
+    def plain(self, name: str) -> dict:
+        return self._plain[name]
+
+    def get(self, name: str) -> ExportItem:
+        return ExportItem.from_plain(self._plain[name])
+
+    def only(self, names: Iterable[str]) -> Items:
+        """The items among `names` (names without an item are left out)."""
+        return Items({n: self._plain[n] for n in names if n in self._plain})
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._plain)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._plain
+
+    def __len__(self) -> int:
+        return len(self._plain)
+
+    def __iter__(self) -> Iterator[ExportItem]:
+        for name in self.names:
+            yield self.get(name)
+
+
 class Journal:
-    """The finished images of a run, on disk (see the module docstring).
+    """The finished images of a run, on disk (see the module docstring); `items` holds them.
 
     `open` reads what a previous run with the same identity left (anything else is discarded, with a log
     line) and keeps the file open for `add`.
@@ -119,7 +162,7 @@ class Journal:
     def __init__(self, path: Path, identity: dict):
         self.path = path
         self.identity = identity
-        self.items: dict[str, ExportItem] = {}
+        self.items = Items()
         self._file = None
 
     def open(self) -> Journal:
@@ -132,21 +175,19 @@ class Journal:
         for number, line in enumerate(lines[1:], start=2):
             data = _json_line(line)
             try:
-                item = ExportItem.from_plain(data)
+                self.items.add(ExportItem.from_plain(data))  # decoded once: a damaged line is caught here
             except (KeyError, TypeError, ValueError, AttributeError):
                 log.warning("%s line %d is not a finished image (cut by an interruption?): redone", self.path,
                             number)
-                continue
-            self.items[item.name] = item
         # rewrite what was readable, so a cut line never sits in the middle of the file
-        body = [json.dumps({"identity": self.identity})] + [json.dumps(i.to_plain()) for i in self.items.values()]
-        write_atomic(self.path, "\n".join(body) + "\n")
+        body = [json.dumps(self.items.plain(name)) for name in self.items.names]
+        write_atomic(self.path, "\n".join([json.dumps({"identity": self.identity}), *body]) + "\n")
         self._file = self.path.open("a")
         return self
 
     def add(self, item: ExportItem) -> None:
-        self.items[item.name] = item
-        self._file.write(json.dumps(item.to_plain()) + "\n")
+        self.items.add(item)
+        self._file.write(json.dumps(self.items.plain(item.name)) + "\n")
         self._file.flush()
 
     def close(self) -> None:

@@ -1,9 +1,9 @@
 """Writers of an export: `ls` (a Label Studio import file), `coco` (instances JSON with compressed RLE),
 `png` (VOC-style palette label maps) and `yolo` (segmentation polygons).
 
-Every writer takes the `ExportSpec`, the finished `ExportItem`s and the `Failure`s, and writes the whole
-export again from them (atomically, file by file), so a resumed run ends with the same files as an
-uninterrupted one. Where each format puts its files is `Layout`.
+Every writer takes the `ExportSpec`, the finished items (`Items`, decoded one at a time in name order) and
+the `Failure`s, and writes the whole export again from them (atomically, file by file), so a resumed run
+ends with the same files as an uninterrupted one. Where each format puts its files is `Layout`.
 
 - ls: `OUT` is the JSON import file; one task per image (`data.image` = `url_prefix` + name, else the
   absolute path), with a prediction unless the image failed.
@@ -24,7 +24,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from PIL import Image
 
 from car_backend.engine.result import Segmentation
 from car_backend.exports import rle
-from car_backend.exports.records import ExportItem, Failure, write_atomic
+from car_backend.exports.records import ExportItem, Failure, Items, write_atomic
 from car_backend.labelstudio.config import LabelSpec, Target
 from car_backend.labelstudio.results import prediction_entry, segmentation_to_regions, trace_polygons
 
@@ -91,18 +91,18 @@ class Layout:
         return self.side / "gallery"
 
 
-def write_export(spec: ExportSpec, layout: Layout, items: Sequence[ExportItem], failures: Sequence[Failure]) -> Path:
+def write_export(spec: ExportSpec, layout: Layout, items: Items | Iterable[ExportItem],
+                 failures: Sequence[Failure]) -> Path:
     """Write the export in `spec.format`; returns the main file written. Items are written in name order."""
-    items = sorted(items, key=lambda i: i.name)
-    return WRITERS[spec.format](spec, layout.out, items, failures)
+    return WRITERS[spec.format](spec, layout.out, items if isinstance(items, Items) else Items.of(items), failures)
 
 
 # ---- ls ----
 
-def write_ls(spec: ExportSpec, out: Path, items: Sequence[ExportItem], failures: Sequence[Failure]) -> Path:
+def write_ls(spec: ExportSpec, out: Path, items: Items, failures: Sequence[Failure]) -> Path:
     tasks = {i.name: {"data": {"image": _reference(spec, i.name, i.source)},
                       "predictions": [prediction_entry(item_regions(spec, i), spec.model_version, i.score)]}
-             for i in items}
+             for i in items}  # the import file is one JSON document: its tasks are held until it is written
     tasks.update({f.name: {"data": {"image": _reference(spec, f.name, f.source)}} for f in failures})
     write_atomic(out, json.dumps([tasks[name] for name in sorted(tasks)]))
     return out
@@ -125,7 +125,7 @@ def _reference(spec: ExportSpec, name: str, source: str) -> str:
 
 # ---- coco ----
 
-def write_coco(spec: ExportSpec, out: Path, items: Sequence[ExportItem], failures: Sequence[Failure]) -> Path:
+def write_coco(spec: ExportSpec, out: Path, items: Items, failures: Sequence[Failure]) -> Path:
     images, annotations = [], []
     for image_id, item in enumerate(items, start=1):
         image = {"id": image_id, "file_name": item.name, "width": item.width, "height": item.height,
@@ -184,8 +184,8 @@ def label_map_png(label_map: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_png(spec: ExportSpec, out: Path, items: Sequence[ExportItem], failures: Sequence[Failure]) -> Path:
-    stems = file_stems([i.name for i in items])
+def write_png(spec: ExportSpec, out: Path, items: Items, failures: Sequence[Failure]) -> Path:
+    stems = file_stems(items.names)
     folder = out / "SegmentationClass"
     folder.mkdir(parents=True, exist_ok=True)
     for item in items:
@@ -196,11 +196,11 @@ def write_png(spec: ExportSpec, out: Path, items: Sequence[ExportItem], failures
     palette = voc_palette(len(spec.labels) + 1)
     entries = [{"index": k, "name": name, "color": palette[k].tolist()}
                for k, name in enumerate(["background", *spec.labels])]
-    files = {i.name: f"SegmentationClass/{stems[i.name]}.png" for i in items}
+    files = {name: f"SegmentationClass/{stems[name]}.png" for name in items.names}
     write_atomic(out / "labels.json", json.dumps({"labels": entries, "ignore_index": 255, "files": files,
                                                   "model_version": spec.model_version}, indent=1))
     write_atomic(out / "palette.txt", "".join(f"{r} {g} {b}\n" for r, g, b in palette.tolist()))
-    write_atomic(out / "ImageSets" / "Segmentation" / "default.txt", "".join(f"{stems[i.name]}\n" for i in items))
+    write_atomic(out / "ImageSets" / "Segmentation" / "default.txt", "".join(f"{stems[name]}\n" for name in items.names))
     return out / "labels.json"
 
 
@@ -217,8 +217,8 @@ def yolo_lines(spec: ExportSpec, item: ExportItem) -> list[str]:
     return lines
 
 
-def write_yolo(spec: ExportSpec, out: Path, items: Sequence[ExportItem], failures: Sequence[Failure]) -> Path:
-    stems = file_stems([i.name for i in items])
+def write_yolo(spec: ExportSpec, out: Path, items: Items, failures: Sequence[Failure]) -> Path:
+    stems = file_stems(items.names)
     for item in items:
         write_atomic(out / "labels" / f"{stems[item.name]}.txt", "".join(f"{line}\n" for line in yolo_lines(spec, item)))
         source = Path(item.source)
@@ -254,6 +254,6 @@ def file_stems(names: Sequence[str]) -> dict[str, str]:
     return stems
 
 
-WRITERS: dict[str, Callable[[ExportSpec, Path, Sequence[ExportItem], Sequence[Failure]], Path]] = {
+WRITERS: dict[str, Callable[[ExportSpec, Path, Items, Sequence[Failure]], Path]] = {
     "ls": write_ls, "coco": write_coco, "png": write_png, "yolo": write_yolo,
 }

@@ -227,6 +227,9 @@ def prelabel_images(folder: Path, labels: list[str], out: Path, kind: str, setti
     if export != "ls" and out.exists() and not out.is_dir():
         print(f"car-backend prelabel: --out {out} must be a folder for --export {export}", file=sys.stderr)
         return 2
+    if export == "ls" and out.is_dir():
+        print(f"car-backend prelabel: --out {out} is a folder; --export ls writes a file", file=sys.stderr)
+        return 2
     from car_backend.engine import Segmenter  # torch is imported only by commands that run the engine
 
     fetcher = MediaFetcher(settings, allow_local_files=True)
@@ -237,7 +240,7 @@ def prelabel_images(folder: Path, labels: list[str], out: Path, kind: str, setti
     failures: list[Failure] = []
     started = time.monotonic()
     with Journal(layout.journal, {"model_version": project.version, "labels": labels}) as journal:
-        done = {name: journal.items[name] for name in names.values() if name in journal.items}
+        done = {name for name in names.values() if name in journal.items}
         if done:
             log.info("%d of %d images were finished by an earlier run: continuing", len(done), len(files))
         todo = [p for p in files if names[p] not in done]
@@ -257,7 +260,7 @@ def prelabel_images(folder: Path, labels: list[str], out: Path, kind: str, setti
             print(f"interrupted after {len(journal.items)} of {len(files)} images: run the same command again to "
                   "continue", file=sys.stderr)
             return 130
-        items = [journal.items[name] for name in names.values() if name in journal.items]
+        items = journal.items.only(names.values())  # not images removed from the folder since
     written = write_export(spec, layout, items, failures)
     write_failures(layout.failed, failures)
     seconds = time.monotonic() - started

@@ -14,6 +14,7 @@ from PIL import Image
 from car_backend.exports import rle
 from car_backend.labelstudio.config import parse_label_config
 from car_backend.labelstudio.media import MediaFetcher
+from car_backend.labelstudio.regions import label_masks
 from car_backend.pipeline.spec import Project
 from car_backend.pipeline.versions import model_version
 from car_backend.service import prelabel
@@ -99,6 +100,23 @@ def test_yolo_export_rasterises_back(folder, engine_maps, tmp_path):
     assert "nc: 3" in (out / "data.yaml").read_text()
 
 
+def test_ls_export_is_the_import_file_with_the_engine_masks(folder, engine_maps, tmp_path):
+    out = tmp_path / "tasks.json"
+    assert run(folder, out, "ls") == 0
+    tasks = json.loads(out.read_text())
+    assert [t["data"]["image"] for t in tasks] == [str((folder / n).resolve()) for n in ["a.png", "b.png",
+                                                                                      "broken.jpg", "c.png"]]
+    for task in tasks:
+        name = task["data"]["image"].rsplit("/", 1)[-1]
+        if name == "broken.jpg":
+            assert "predictions" not in task
+            continue
+        masks = label_masks(task["predictions"][0]["result"], engine_maps[name].shape)
+        for k, label in enumerate(LABELS):
+            assert (masks.get(label, np.zeros_like(engine_maps[name], bool)) == (engine_maps[name] == k + 1)).all()
+    assert (tmp_path / "tasks-export" / "failed.txt").read_text().startswith("broken.jpg\t")
+
+
 def test_an_interrupted_export_continues_where_it_stopped(folder, tmp_path, monkeypatch):
     real = prelabel.segment_image
     calls = []
@@ -132,6 +150,7 @@ def test_bad_arguments_are_refused_before_any_work(folder, tmp_path):
     file = tmp_path / "file.json"
     file.write_text("[]")
     assert run(folder, file, "png") == 2  # a folder format needs a folder
+    assert run(folder, tmp_path, "ls") == 2  # and ls a file
     assert run(tmp_path / "missing", tmp_path / "x", "coco") == 2
     assert prelabel.prelabel_images(folder, [f"l{i}" for i in range(300)], tmp_path / "p", "brush", tiny_settings(),
                                     export="png") == 2
