@@ -168,3 +168,34 @@ def test_the_cli_writes_an_export_and_a_gallery(folder, tmp_path):
     assert "1 images could not be read" in done.stdout and f"gallery: {out / 'gallery' / 'index.html'}" in done.stdout
     assert len(list((out / "gallery" / "thumbs").iterdir())) == 3
     assert "prelabel" in done.stderr  # the progress bar
+
+
+def test_unreadable_files_are_listed_and_the_run_continues(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(image_bytes("a", (60, 40)))
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "huge.png").write_bytes(image_bytes("huge", (200, 100)))
+    (folder / "truncated.png").write_bytes(image_bytes("t", (60, 40))[:60])
+    (folder / "z.png").write_bytes(image_bytes("z", (60, 40)))
+    (folder / "folder.png").mkdir()  # not a file: not an image of the folder
+    out = tmp_path / "out"
+    settings = tiny_settings(max_image_pixels=10_000)
+    assert prelabel.prelabel_images(folder, LABELS, out, "brush", settings, export="png") == 0
+    assert sorted(p.name for p in (out / "SegmentationClass").iterdir()) == ["a.png", "z.png"]
+    failed = dict(line.split("\t") for line in (out / "failed.txt").read_text().splitlines())
+    assert sorted(failed) == ["empty.png", "huge.png", "truncated.png"]
+    assert "empty" in failed["empty.png"] and "CAR_MAX_IMAGE_PIXELS" in failed["huge.png"]
+    assert "cannot decode" in failed["truncated.png"]
+
+
+def test_a_gallery_added_to_a_finished_export_segments_nothing_again(folder, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert run(folder, out, "yolo") == 0
+    calls = []
+    real = prelabel.segment_image
+    monkeypatch.setattr(prelabel, "segment_image", lambda path, *args: calls.append(path.name) or real(path, *args))
+    assert run(folder, out, "yolo", gallery=True) == 0
+    assert calls == ["broken.jpg"]  # only the failure is tried again
+    assert len(list((out / "gallery" / "thumbs").iterdir())) == len(GOOD)
+    assert (out / "gallery" / "index.html").is_file()
