@@ -159,6 +159,11 @@ class Settings:
     max_download_bytes: int = field(
         default=64 * 1024 * 1024, metadata=_meta("CAR_MAX_DOWNLOAD_BYTES", "Largest image download, in bytes.")
     )
+    download_timeout: float = field(
+        default=120.0,
+        metadata=_meta("CAR_DOWNLOAD_TIMEOUT", "Seconds one image download may take in all (redirects and retries "
+                       "included); enforced on the socket, so a source that drips bytes is abandoned."),
+    )
     # HTTP server
     basic_auth_user: str = field(
         default="", metadata=_meta("BASIC_AUTH_USER", "Require HTTP basic auth with this user (and BASIC_AUTH_PASS).")
@@ -195,7 +200,8 @@ class Settings:
                 raise SettingsError(
                     f"{setting.env}={value!r} is not allowed; use one of: {', '.join(setting.choices)}"
                 )
-        for name in ("max_steps", "job_timeout", "max_image_pixels", "max_download_bytes", "port", "http_threads"):
+        for name in ("max_steps", "job_timeout", "max_image_pixels", "max_download_bytes", "port", "http_threads",
+                     "download_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be a positive number, got {getattr(self, name)!r}")
         for name in ("predict_wait", "polygon_tolerance", "job_retries", "result_ttl", "text_cache_ttl", "threads",
