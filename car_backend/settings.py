@@ -164,7 +164,27 @@ class Settings:
         metadata=_meta("CAR_DOWNLOAD_TIMEOUT", "Seconds one image download may take in all (redirects and retries "
                        "included); enforced on the socket, so a source that drips bytes is abandoned."),
     )
+    max_labels: int = field(
+        default=200,
+        metadata=_meta("CAR_MAX_LABELS", "Most distinct labels (queries) one task may ask for; a task with more "
+                       "gets an error entry of its own."),
+    )
+    max_label_length: int = field(
+        default=256,
+        metadata=_meta("CAR_MAX_LABEL_LENGTH", "Longest label, prompt or referring sentence, in characters; a "
+                       "task with a longer one gets an error entry of its own."),
+    )
     # HTTP server
+    max_request_bytes: int = field(
+        default=32 * 1024 * 1024,
+        metadata=_meta("CAR_MAX_REQUEST_BYTES", "Largest request body, in bytes; larger ones are answered 413 "
+                       "before the body is read."),
+    )
+    max_tasks: int = field(
+        default=5000,
+        metadata=_meta("CAR_MAX_TASKS", "Most tasks one /predict may carry (413 above it: select fewer tasks, or "
+                       "use `car-backend prelabel --project`)."),
+    )
     basic_auth_user: str = field(
         default="", metadata=_meta("BASIC_AUTH_USER", "Require HTTP basic auth with this user (and BASIC_AUTH_PASS).")
     )
@@ -201,7 +221,7 @@ class Settings:
                     f"{setting.env}={value!r} is not allowed; use one of: {', '.join(setting.choices)}"
                 )
         for name in ("max_steps", "job_timeout", "max_image_pixels", "max_download_bytes", "port", "http_threads",
-                     "download_timeout"):
+                     "download_timeout", "max_labels", "max_label_length", "max_request_bytes", "max_tasks"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be a positive number, got {getattr(self, name)!r}")
         for name in ("predict_wait", "polygon_tolerance", "job_retries", "result_ttl", "text_cache_ttl", "threads",

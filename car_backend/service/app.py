@@ -29,7 +29,7 @@ from car_backend.labelstudio.config import LabelConfigError
 from car_backend.pipeline.versions import model_version
 from car_backend.service.backend import Backend
 from car_backend.service.metrics import Metrics
-from car_backend.service.parsing import RequestError
+from car_backend.service.parsing import RequestError, RequestTooLarge
 from car_backend.service.predictor import Predictor
 from car_backend.service.projects import Projects
 from car_backend.service.routes import EXTENSION, Service, blueprint, json_response
@@ -52,6 +52,9 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
 
     app = Flask("car_backend")
     app.extensions[EXTENSION] = service
+    # Werkzeug stops reading a body without Content-Length (chunked) one byte past the limit, so a body that
+    # reaches that byte is known to be too large (`authenticate` reads it, bounded, and answers 413).
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1
 
     @app.before_request
     def authenticate() -> Any:
@@ -59,6 +62,12 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
         if settings.basic_auth_user and not _authorized(settings):
             return json_response({"error": "authentication required"}, 401,
                                  headers={"WWW-Authenticate": 'Basic realm="car-backend"'})
+        if (request.content_length or 0) > settings.max_request_bytes:  # refused before the body is read
+            return json_response({"error": _too_large(settings, request.content_length)}, 413,
+                                 headers={"Connection": "close"})
+        if request.content_length is None and request.method in ("POST", "PUT", "PATCH"):
+            if len(request.get_data(cache=True)) > settings.max_request_bytes:  # read at most limit + 1 bytes
+                return json_response({"error": _too_large(settings, None)}, 413, headers={"Connection": "close"})
         return None
 
     @app.after_request
@@ -71,6 +80,10 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
     @app.errorhandler(RequestError)
     def bad_request(exc: RequestError) -> Response:
         return json_response({"error": str(exc)}, 400)
+
+    @app.errorhandler(RequestTooLarge)
+    def too_much(exc: RequestTooLarge) -> Response:
+        return json_response({"error": str(exc)}, 413)
 
     @app.errorhandler(LabelConfigError)
     def bad_config(exc: LabelConfigError) -> Response:
@@ -92,6 +105,11 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
 
     app.register_blueprint(blueprint)
     return app
+
+
+def _too_large(settings: Settings, size: int | None) -> str:
+    got = f" ({size} bytes)" if size is not None else ""
+    return f"the request body is larger than CAR_MAX_REQUEST_BYTES={settings.max_request_bytes} bytes{got}"
 
 
 def _authorized(settings: Settings) -> bool:

@@ -93,7 +93,7 @@ def setup() -> Response:
 @blueprint.post("/predict")
 def predict() -> Response:
     service = _service()
-    parsed = predict_request(request.get_json(force=True, silent=True))
+    parsed = predict_request(request.get_json(force=True, silent=True), service.settings.max_tasks)
     project = service.projects.for_predict(parsed.project, parsed.label_config)
     entries = service.predictor.predict(parsed.tasks, project, context=parsed.context)
     kinds = [("result" in e) for e in entries]
