@@ -1,6 +1,6 @@
 """The HTTP side of the Label Studio ML backend protocol: the Flask app (`create_app`).
 
-    GET  /, /health  {"status": "UP"|"DEGRADED", "model_version", "mode", "redis", "queue", "workers"}
+    GET  /, /health  {"status": "UP"|"DEGRADED", "model_version", "mode", "redis", "queue", "workers", "warnings"}
     POST /setup      {"model_version", "targets": [...], "skipped": [...]}      (parses the config only)
     POST /predict    {"results": [one entry per task, in order], "model_version"}
     POST /webhook    {"status": "queued"|"ignored", ...}  annotation events queue a review (review.jobs)
@@ -15,6 +15,7 @@ while inference runs. With BASIC_AUTH_USER/PASS set, every route requires them.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import os
 import socket
@@ -50,6 +51,9 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
                             owner=f"predict:{socket.gethostname()}:{os.getpid()}"),
         default_version=model_version(settings))
 
+    service.warnings.extend(exposure_warnings(settings))
+    for warning in service.warnings:
+        log.warning("%s", warning)
     app = Flask("car_backend")
     app.extensions[EXTENSION] = service
     # Werkzeug stops reading a body without Content-Length (chunked) one byte past the limit, so a body that
@@ -105,6 +109,26 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
 
     app.register_blueprint(blueprint)
     return app
+
+
+def exposure_warnings(settings: Settings) -> list[str]:
+    """What is risky in how this server is exposed (shown at start and in /health): serving a non-loopback
+    address (HOST) without basic auth while LABEL_STUDIO_API_KEY is set."""
+    if not settings.label_studio_api_key or settings.basic_auth_user or _is_loopback(settings.host):
+        return []
+    return [f"serving on {settings.host} (not loopback) without basic auth while LABEL_STUDIO_API_KEY is set: "
+            "anyone who can reach this port can make the backend act with Label Studio's token (write "
+            "predictions into tasks, trigger reviews). Set BASIC_AUTH_USER and BASIC_AUTH_PASS (and enter them "
+            "in Label Studio's model connection), or bind HOST=127.0.0.1."]
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def _too_large(settings: Settings, size: int | None) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -37,6 +37,7 @@ class Service:
     projects: Projects
     predictor: Predictor
     default_version: str
+    warnings: list[str] = field(default_factory=list)  # risks of this deployment, in /health (create_app)
 
     def close(self) -> None:
         self.backend.close()
@@ -60,6 +61,7 @@ def health() -> Response:
     service = _service()
     body: dict[str, Any] = {"status": "UP", "model_class": "CaR", "model_version": service.default_version,
                             "mode": service.backend.mode}
+    body["warnings"] = service.warnings
     try:
         snap = service.backend.snapshot()
     except RedisError as exc:

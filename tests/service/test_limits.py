@@ -110,3 +110,32 @@ def test_too_many_or_too_long_labels_fail_that_task_only(make_client, service_se
     assert "error" not in first  # planned and queued (pending: no worker here)
     assert second["result"] == [] and "11 labels" in second["error"] and "CAR_MAX_LABELS=5" in second["error"]
     assert third["result"] == [] and "41 characters" in third["error"] and "CAR_MAX_LABEL_LENGTH=40" in third["error"]
+
+
+# ---- exposure ----
+
+
+@pytest.mark.parametrize(("overrides", "warned"), [
+    ({"host": "0.0.0.0"}, True),
+    ({"host": "192.168.1.20"}, True),
+    ({"host": "::"}, True),
+    ({"host": "127.0.0.1"}, False),
+    ({"host": "localhost"}, False),
+    ({"host": "0.0.0.0", "basic_auth_user": "u", "basic_auth_pass": "p"}, False),
+    ({"host": "0.0.0.0", "label_studio_api_key": ""}, False),
+])
+def test_a_public_bind_with_the_key_and_no_auth_is_warned_at_start_and_in_health(
+        make_client, service_settings, caplog, overrides, warned):
+    caplog.set_level("WARNING", logger="car_backend.service.app")
+    settings = service_settings(**overrides)
+    client = make_client(settings)
+    headers = {"Authorization": "Basic dTpw"} if settings.basic_auth_user else {}  # u:p
+    warnings = client.get("/health", headers=headers).get_json()["warnings"]
+    logged = [r.getMessage() for r in caplog.records if "BASIC_AUTH_USER" in r.getMessage()]
+    if warned:
+        assert len(warnings) == 1 and warnings == logged
+        assert settings.host in warnings[0] and "LABEL_STUDIO_API_KEY" in warnings[0]
+        assert "BASIC_AUTH_USER and BASIC_AUTH_PASS" in warnings[0] and "HOST=127.0.0.1" in warnings[0]
+        assert settings.label_studio_api_key not in warnings[0]
+    else:
+        assert warnings == [] and logged == []
