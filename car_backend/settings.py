@@ -118,7 +118,8 @@ class Settings:
     # Queue
     redis_url: str = field(
         default="",
-        metadata=_meta("REDIS_URL", "Redis for the job queue; empty = in-process worker (embedded Redis)."),
+        metadata=_meta("REDIS_URL", "Redis for the job queue; empty = in-process worker (embedded Redis). "
+                       "`redis://:PASSWORD@host:6379/0` for a password (`requirepass`), `rediss://` for TLS."),
     )
     queue: str = field(default="car", metadata=_meta("CAR_QUEUE", "RQ queue name for batch jobs."))
     predict_wait: float = field(
@@ -250,11 +251,21 @@ class Settings:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = "***" if f.metadata["setting"].secret and value else value
+            out[f.name] = "***" if f.metadata["setting"].secret and value else _without_password(value)
         return out
 
     def __repr__(self) -> str:  # dataclass repr would print secrets
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in self.redacted().items())})"
+
+
+def _without_password(value: Any) -> Any:
+    """A URL with its password masked (`redis://:***@host`); anything else as it is."""
+    if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = value.split("://", 1)
+        userinfo, host = rest.split("@", 1)
+        user = userinfo.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return value
 
 
 def _env(name: str) -> str:
