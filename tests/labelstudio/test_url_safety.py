@@ -17,6 +17,7 @@ from car_backend.labelstudio.urlsafety import UnsafeURL, address_risk, parse_url
 from car_backend.settings import Settings
 from car_backend.testing.attacker import AttackerServer
 from tests.support.fake_label_studio import PAT, FakeLabelStudio, Reply
+from tests.support.urls import RESOLVED_FORMS, hostile_forms
 
 UPLOAD = "/data/upload/1/photo.png"
 
@@ -44,6 +45,7 @@ def fresh_records(ls, attacker):
 
 NAMES = {"attacker.test": ["127.0.0.2"], "metadata.test": ["169.254.169.254"], "mapped.test": ["::ffff:127.0.0.2"],
          "mixed.test": ["127.0.0.1", "169.254.169.254"]}
+assert set(RESOLVED_FORMS.values()) <= set(NAMES)
 
 
 def resolver(host: str, port: int) -> list[str]:
@@ -58,51 +60,6 @@ def resolver(host: str, port: int) -> list[str]:
 def fetcher(ls: FakeLabelStudio, **overrides) -> MediaFetcher:
     values = {"label_studio_url": ls.url, "label_studio_api_key": PAT, **overrides}
     return MediaFetcher(Settings(**values), resolver=resolver)
-
-
-def hostile_forms(ls_port: int, port: int) -> dict[str, str]:
-    """Name -> a URL that must never reach the attacker at 127.0.0.2:`port` (Label Studio at 127.0.0.1)."""
-    return {
-        "plain loopback, not allowed": f"http://127.0.0.2:{port}/x.png",
-        "backslash before @ (urllib.parse reads Label Studio)": f"http://127.0.0.2:{port}\\@127.0.0.1:{ls_port}/x.png",
-        "backslash as a path separator": f"http://127.0.0.2:{port}\\.127.0.0.1:{ls_port}/x.png",
-        "userinfo that looks like Label Studio": f"http://127.0.0.1:{ls_port}@127.0.0.2:{port}/x.png",
-        "user and password": f"http://user:pass@127.0.0.2:{port}/x.png",
-        "space before @": f"http://127.0.0.2:{port} @127.0.0.1:{ls_port}/x.png",
-        "tab in the authority": f"http://127.0.0.2:{port}\t@127.0.0.1:{ls_port}/x.png",
-        "newline in the authority": f"http://127.0.0.1:{ls_port}\n@127.0.0.2:{port}/x.png",
-        "NUL byte": f"http://127.0.0.2:{port}\x00.127.0.0.1/x.png",
-        "DEL character": f"http://127.0.0.2\x7f:{port}/x.png",
-        "non-breaking space": f"http://127.0.0.2:{port}\u00a0/x.png",
-        "decimal IPv4": f"http://2130706434:{port}/x.png",
-        "octal IPv4": f"http://0177.0.0.2:{port}/x.png",
-        "hex IPv4": f"http://0x7f000002:{port}/x.png",
-        "dotted hex IPv4": f"http://0x7f.0x0.0x0.0x2:{port}/x.png",
-        "two-part short IPv4": f"http://127.2:{port}/x.png",
-        "three-part short IPv4": f"http://127.0.2:{port}/x.png",
-        "leading-zero IPv4": f"http://127.000.000.002:{port}/x.png",
-        "IPv4 with a trailing dot": f"http://127.0.0.2.:{port}/x.png",
-        "percent-encoded host": f"http://127.0.0.%32:{port}/x.png",
-        "full-width digits": f"http://\uff11\uff12\uff17.0.0.2:{port}/x.png",
-        "IPv4-mapped IPv6": f"http://[::ffff:127.0.0.2]:{port}/x.png",
-        "IPv4-mapped IPv6, hex": f"http://[::ffff:7f00:2]:{port}/x.png",
-        "IPv4-compatible IPv6": f"http://[::127.0.0.2]:{port}/x.png",
-        "IPv6 zone id": f"http://[fe80::1%25lo]:{port}/x.png",
-        "link-local metadata": "http://169.254.169.254/latest/meta-data/",
-        "link-local IPv6": f"http://[fe80::1]:{port}/x.png",
-        "multicast": f"http://224.0.0.1:{port}/x.png",
-        "IPv6 multicast": f"http://[ff02::1]:{port}/x.png",
-        "unspecified IPv4": f"http://0.0.0.0:{port}/x.png",
-        "unspecified IPv6": f"http://[::]:{port}/x.png",
-        "broadcast": f"http://255.255.255.255:{port}/x.png",
-        "name resolving to loopback, not allowed": f"http://attacker.test:{port}/x.png",
-        "name resolving to metadata": f"http://metadata.test:{port}/x.png",
-        "name resolving to IPv4-mapped loopback": f"http://mapped.test:{port}/x.png",
-        "two ports": f"http://127.0.0.1:{ls_port}:{port}/x.png",
-        "port out of range": f"http://127.0.0.2:{port + 65536}/x.png",
-        "not http": f"ftp://127.0.0.2:{port}/x.png",
-        "scheme-relative": f"//127.0.0.2:{port}/x.png",
-    }
 
 
 def _cases():
@@ -263,3 +220,63 @@ def test_the_deadline_covers_redirects_and_waiting_for_headers(ls):
     with pytest.raises(MediaError, match="CAR_DOWNLOAD_TIMEOUT"):
         MediaFetcher(settings, timeout=(5.0, 30.0)).fetch(ls.url + "/to-late")
     assert time.monotonic() - started < 2.4
+
+
+# ---- TLS to a pinned address ----
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate for `pinned.test`; records SNI and Host."""
+    import http.server
+    import shutil
+    import ssl
+    import subprocess
+    import threading
+
+    from tests.support.fake_label_studio import image_bytes
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=pinned.test", "-addext", "subjectAltName=DNS:pinned.test"],
+                   check=True, capture_output=True, timeout=60)
+    seen = {"sni": [], "host": []}
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda sock, name, ctx: seen["sni"].append(name)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen["host"].append(self.headers.get("Host"))
+            body = image_bytes("tls")
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], cert, seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_tls_checks_the_name_while_connecting_to_the_pinned_address(tls_server, monkeypatch):
+    port, cert, seen = tls_server
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+    names = {"pinned.test": ["127.0.0.1"], "impostor.test": ["127.0.0.1"]}
+    settings = Settings(allowed_hosts=("pinned.test", "impostor.test"))
+    fetcher = MediaFetcher(settings, resolver=lambda host, _: names[host])
+    assert fetcher.fetch(f"https://pinned.test:{port}/a.png").size == (96, 64)
+    assert seen["sni"] == ["pinned.test"] and seen["host"] == [f"pinned.test:{port}"]
+    with pytest.raises(MediaError) as info:  # same address, but the certificate is not for this name
+        fetcher.fetch(f"https://impostor.test:{port}/a.png")
+    assert info.value.retryable is True and "network error" in str(info.value)
+    assert seen["host"] == [f"pinned.test:{port}"]  # nothing was requested over the refused connection
