@@ -124,6 +124,9 @@ def _brush_mask(region: dict, size: tuple[int, int]) -> np.ndarray:
     if announced != height * width * 4:
         raise ValueError(f"region {region.get('id', '?')}: RLE announces {announced // 4} pixels, not "
                          f"{height}x{width}")
+    if len(rle) > 2 * announced + 64:  # literal runs cost at most ~9 bits a value: anything longer is not a mask
+        raise ValueError(f"region {region.get('id', '?')}: the RLE is {len(rle)} bytes, too long for "
+                         f"{height}x{width} pixels")
     try:
         rgba = decode_rle(rle)
     except (ValueError, TypeError) as exc:

@@ -199,6 +199,10 @@ def test_region_sizes_and_rle_are_checked_before_decoding():
     small = huge_brush() | {"original_width": 4, "original_height": 4}
     with pytest.raises(ValueError, match="RLE announces"):  # 4x4 image, RLE claiming another size
         label_masks([small], max_pixels=100)
+    padded = huge_brush() | {"original_width": 2, "original_height": 2}
+    padded["value"] = {**padded["value"], "rle": list((16).to_bytes(4, "big")) + [0] * 1000}
+    with pytest.raises(ValueError, match="too long"):  # 1000 bytes cannot be the RLE of 2x2 pixels
+        label_masks([padded], max_pixels=100)
     with pytest.raises(ValueError, match="positive whole numbers"):
         label_masks([polygon("cat", [[0, 0], [1, 1], [0, 1]], height=-5, width=10)], max_pixels=100)
     with pytest.raises(RegionSizeError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from car_backend.testing.attacker import AttackerServer
-from tests.support.service import BRUSH, predict
+from tests.support.service import predict
 from tests.support.urls import RESOLVED_FORMS, hostile_forms
 
 pytestmark = pytest.mark.integration
