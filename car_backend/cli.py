@@ -45,7 +45,10 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     p.add_argument("--name", help="worker name (default: host and process id)")
-    p.set_defaults(handler=_run("car_backend.queue.worker", "main"))
+    p.add_argument("--check", action="store_true",
+                   help="do not run a worker: exit 0 when this host's worker (or --name) has a recent heartbeat in "
+                   "Redis, 1 otherwise (a container health check)")
+    p.set_defaults(handler=_run("car_backend.queue.health", "worker_command"))
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:

@@ -118,7 +118,8 @@ class Settings:
     # Queue
     redis_url: str = field(
         default="",
-        metadata=_meta("REDIS_URL", "Redis for the job queue; empty = in-process worker (embedded Redis)."),
+        metadata=_meta("REDIS_URL", "Redis for the job queue; empty = in-process worker (embedded Redis). "
+                       "`redis://:PASSWORD@host:6379/0` for a password (`requirepass`), `rediss://` for TLS."),
     )
     queue: str = field(default="car", metadata=_meta("CAR_QUEUE", "RQ queue name for batch jobs."))
     predict_wait: float = field(
@@ -159,7 +160,32 @@ class Settings:
     max_download_bytes: int = field(
         default=64 * 1024 * 1024, metadata=_meta("CAR_MAX_DOWNLOAD_BYTES", "Largest image download, in bytes.")
     )
+    download_timeout: float = field(
+        default=120.0,
+        metadata=_meta("CAR_DOWNLOAD_TIMEOUT", "Seconds one image download may take in all (redirects and retries "
+                       "included); enforced on the socket, so a source that drips bytes is abandoned."),
+    )
+    max_labels: int = field(
+        default=200,
+        metadata=_meta("CAR_MAX_LABELS", "Most distinct labels (queries) one task may ask for; a task with more "
+                       "gets an error entry of its own."),
+    )
+    max_label_length: int = field(
+        default=256,
+        metadata=_meta("CAR_MAX_LABEL_LENGTH", "Longest label, prompt or referring sentence, in characters; a "
+                       "task with a longer one gets an error entry of its own."),
+    )
     # HTTP server
+    max_request_bytes: int = field(
+        default=32 * 1024 * 1024,
+        metadata=_meta("CAR_MAX_REQUEST_BYTES", "Largest request body, in bytes; larger ones are answered 413 "
+                       "before the body is read."),
+    )
+    max_tasks: int = field(
+        default=5000,
+        metadata=_meta("CAR_MAX_TASKS", "Most tasks one /predict may carry (413 above it: select fewer tasks, or "
+                       "use `car-backend prelabel --project`)."),
+    )
     basic_auth_user: str = field(
         default="", metadata=_meta("BASIC_AUTH_USER", "Require HTTP basic auth with this user (and BASIC_AUTH_PASS).")
     )
@@ -195,7 +221,8 @@ class Settings:
                 raise SettingsError(
                     f"{setting.env}={value!r} is not allowed; use one of: {', '.join(setting.choices)}"
                 )
-        for name in ("max_steps", "job_timeout", "max_image_pixels", "max_download_bytes", "port", "http_threads"):
+        for name in ("max_steps", "job_timeout", "max_image_pixels", "max_download_bytes", "port", "http_threads",
+                     "download_timeout", "max_labels", "max_label_length", "max_request_bytes", "max_tasks"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be a positive number, got {getattr(self, name)!r}")
         for name in ("predict_wait", "polygon_tolerance", "job_retries", "result_ttl", "text_cache_ttl", "threads",
@@ -224,11 +251,21 @@ class Settings:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = "***" if f.metadata["setting"].secret and value else value
+            out[f.name] = "***" if f.metadata["setting"].secret and value else _without_password(value)
         return out
 
     def __repr__(self) -> str:  # dataclass repr would print secrets
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in self.redacted().items())})"
+
+
+def _without_password(value: Any) -> Any:
+    """A URL with its password masked (`redis://:***@host`); anything else as it is."""
+    if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = value.split("://", 1)
+        userinfo, host = rest.split("@", 1)
+        user = userinfo.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return value
 
 
 def _env(name: str) -> str:

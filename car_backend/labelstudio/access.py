@@ -15,3 +15,4 @@ class Access(Protocol):
     allowed_hosts: tuple[str, ...]  # hosts besides Label Studio's that images may come from
     max_image_pixels: int
     max_download_bytes: int
+    download_timeout: float  # seconds one image download may take in all, redirects and retries included

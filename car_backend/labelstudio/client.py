@@ -223,6 +223,18 @@ class LabelStudioClient:
     def project(self, project_id: int) -> dict:
         return self._json("GET", f"/api/projects/{project_id}/")
 
+    def annotation(self, annotation_id: int) -> dict | None:
+        """GET /api/annotations/<id>/: the annotation as Label Studio stores it (`result`, `task`, `project`,
+        `was_cancelled`), or None when Label Studio has no such annotation (404)."""
+        path = f"/api/annotations/{int(annotation_id)}/"
+        resp = self._call("GET", path)
+        if resp.status_code == 404:
+            return None
+        found = self._check(resp, f"GET {path}", (200,))
+        if not isinstance(found, dict):
+            raise LabelStudioAPIError(f"Label Studio answered GET {path} with no annotation object", retryable=False)
+        return found
+
     def ml_backends(self, project_id: int) -> list[dict]:
         found = self._json("GET", "/api/ml/", params={"project": project_id})
         return found if isinstance(found, list) else []

@@ -5,13 +5,16 @@ Task data is sent raw (protocol spec §4):
   paths (`/storage-data/...`, `/tasks/...`): relative to LABEL_STUDIO_URL, fetched with LABEL_STUDIO_API_KEY;
 - `s3://`, `gs://`, `azure-blob://` URIs: Label Studio presigns them at
   `/tasks/<task id>/presign/?fileuri=<urlsafe base64>` and redirects or proxies;
-- `http(s)://` URLs: Label Studio's own origin gets the key; other hosts only when listed in
-  CAR_ALLOWED_HOSTS (`host`, `host:port`, `*.domain` or `*`), and never the key;
+- `http(s)://` URLs: Label Studio's own origin (scheme, host, port) gets the key; other hosts only when
+  listed in CAR_ALLOWED_HOSTS (`host`, `host:port`, `*.domain` or `*`), and never the key;
 - local paths and `file://` URLs, only for a fetcher made with `allow_local_files=True` (offline prelabel).
 
-Redirects are followed by hand, at most five: a hop from Label Studio may go anywhere (that is how
-presigned cloud URLs arrive), any other hop only to an allowed host, and once a hop has left Label Studio
-the key is never sent again.
+Every URL, and every redirect hop, goes through `labelstudio.urlsafety`: read strictly (hostile spellings
+refused), its host checked and resolved once, and the connection made to the checked address (see that
+module for the address policy). Redirects are followed by hand, at most five: a hop from Label Studio may
+go to any public host (that is how presigned cloud URLs arrive), any other hop only to an allowed host, and
+once a hop has left Label Studio the key is never sent again. The whole fetch ends by
+CAR_DOWNLOAD_TIMEOUT, enforced on the socket before every read.
 """
 
 from __future__ import annotations
@@ -19,19 +22,35 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import threading
+import os
 import time
 import warnings
 from pathlib import Path
-from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import numpy as np
-import requests
+import urllib3
 from PIL import Image, ImageOps
 
 from car_backend.engine.errors import CarError
 from car_backend.labelstudio.access import Access
 from car_backend.labelstudio.client import LabelStudioError, shared_auth
+from car_backend.labelstudio.urlsafety import (
+    Deadline,
+    PinnedConnections,
+    Resolver,
+    Target,
+    UnsafeURL,
+    Verdict,
+    check_characters,
+    check_target,
+    host_listed,
+    normalize_patterns,
+    parse_url,
+    read_body,
+    shown_raw,
+    system_resolver,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +58,8 @@ CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 LS_PATHS = ("/data/", "/storage-data/", "/tasks/", "/upload/", "upload/")  # relative to LABEL_STUDIO_URL
 MAX_REDIRECTS = 5
 CHUNK = 64 * 1024
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+USER_AGENT = "car-backend"
 
 
 class MediaError(CarError):
@@ -55,7 +76,12 @@ class MediaError(CarError):
 
 
 class MediaFetcher:
-    """Downloads and decodes task images; one instance is safe to share between threads."""
+    """Downloads and decodes task images; one instance is safe to share between threads.
+
+    settings: any `Access`. timeout: (connect, read) seconds for each socket operation; the whole fetch,
+    redirects and retries included, ends by `settings.download_timeout` (CAR_DOWNLOAD_TIMEOUT), enforced on
+    the socket. resolver: (host, port) -> addresses (tests give their own; default the system's).
+    """
 
     def __init__(
         self,
@@ -63,21 +89,26 @@ class MediaFetcher:
         *,
         allow_local_files: bool = False,
         timeout: tuple[float, float] = (5.0, 30.0),
-        total_timeout: float = 120.0,
+        resolver: Resolver = system_resolver,
     ):
         self.settings = settings
         self.allow_local_files = allow_local_files
         self._timeout = timeout
-        self._total_timeout = total_timeout
+        self._total_timeout = float(settings.download_timeout)
+        self._resolver = resolver
         self._ls_url = settings.label_studio_url.rstrip("/")
-        self._ls_origin = _origin(self._ls_url) if self._ls_url else None
+        try:
+            self._ls_origin = parse_url(self._ls_url).origin if self._ls_url else None
+        except UnsafeURL as exc:
+            raise MediaError(f"LABEL_STUDIO_URL cannot be used: {exc}", retryable=False) from None
         self._auth = (
             shared_auth(self._ls_url, settings.label_studio_api_key)
             if self._ls_url and settings.label_studio_api_key
             else None
         )
-        self._allowed = tuple(h.strip().lower().strip("[]") for h in settings.allowed_hosts if h.strip())
-        self._local = threading.local()
+        self._allowed = normalize_patterns(settings.allowed_hosts)
+        # requests' own variables for a private CA, honoured as requests did before downloads were pinned
+        self._connections = PinnedConnections(os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE"))
 
     def fetch(self, ref: str, task_id: int | None = None) -> Image.Image:
         """The image `ref` points at: RGB, EXIF orientation applied, within the size limits."""
@@ -87,27 +118,27 @@ class MediaFetcher:
             )
         ref = ref.strip()
         started = time.monotonic()
-        data = self._bytes(ref, task_id)
+        data = self._bytes(ref, task_id, Deadline(self._total_timeout))
         image = decode_image(data, self.settings.max_image_pixels)
         log.debug(
             "fetched %s: %dx%d, %d bytes in %.2f s",
-            self._safe(ref),
+            shown_raw(ref),
             *image.size,
             len(data),
             time.monotonic() - started,
         )
         return image
 
-    def _bytes(self, ref: str, task_id: int | None) -> bytes:
+    def _bytes(self, ref: str, task_id: int | None, deadline: Deadline) -> bytes:
         scheme = urlsplit(ref).scheme.lower()
         if scheme in ("http", "https"):
-            return self._download(ref)
+            return self._download(ref, deadline)
         if scheme in CLOUD_SCHEMES:
-            return self._download(self._presign_url(ref, task_id))
+            return self._download(self._presign_url(ref, task_id), deadline)
         if scheme == "file" or (self.allow_local_files and Path(ref).is_absolute() and Path(ref).exists()):
             return self._read_local(unquote(urlsplit(ref).path) if scheme == "file" else ref)
         if ref.startswith(LS_PATHS):
-            return self._download(self._ls_path_url(ref))
+            return self._download(self._ls_path_url(ref), deadline)
         if self.allow_local_files or Path(ref).is_absolute():
             return self._read_local(ref)
         raise MediaError(f"cannot fetch {ref[:200]!r}: not a URL, a Label Studio path or a cloud URI", retryable=False)
@@ -117,17 +148,17 @@ class MediaFetcher:
             ref = "/data/" + ref.lstrip("/")
         if not self._ls_url:
             raise MediaError(
-                f"{self._safe(ref)} is a Label Studio path: set LABEL_STUDIO_URL to fetch it", retryable=True
+                f"{shown_raw(ref)} is a Label Studio path: set LABEL_STUDIO_URL to fetch it", retryable=True
             )
         return self._ls_url + ref
 
     def _presign_url(self, uri: str, task_id: int | None) -> str:
         if task_id is None:
             raise MediaError(
-                f"{self._safe(uri)}: cloud URIs are presigned per task, and no task id was given", retryable=False
+                f"{shown_raw(uri)}: cloud URIs are presigned per task, and no task id was given", retryable=False
             )
         if not self._ls_url:
-            raise MediaError(f"{self._safe(uri)}: set LABEL_STUDIO_URL so Label Studio can presign it", retryable=True)
+            raise MediaError(f"{shown_raw(uri)}: set LABEL_STUDIO_URL so Label Studio can presign it", retryable=True)
         fileuri = base64.urlsafe_b64encode(uri.encode()).decode()
         return f"{self._ls_url}/tasks/{int(task_id)}/presign/?fileuri={fileuri}"
 
@@ -145,68 +176,84 @@ class MediaFetcher:
         except (IsADirectoryError, PermissionError) as exc:
             raise MediaError(f"{path!r}: cannot read ({type(exc).__name__})", retryable=False) from None
 
-    def _download(self, url: str) -> bytes:
-        deadline = time.monotonic() + self._total_timeout
-        trusted = self._is_ls(url)  # every hop so far was Label Studio's own
-        vouched = False  # the previous hop was Label Studio, which may redirect anywhere
+    def _download(self, url: str, deadline: Deadline) -> bytes:
+        target = _parsed(url)
+        trusted = self._is_ls(target)  # every hop so far was Label Studio's own
+        vouched = False  # the previous hop was Label Studio, which may redirect to any public host
         for _ in range(MAX_REDIRECTS + 1):
-            if urlsplit(url).scheme.lower() not in ("http", "https"):
-                raise MediaError(f"{self._safe(url)}: only http(s) URLs are fetched", retryable=False)
-            is_ls = self._is_ls(url)
-            if not (is_ls or vouched or self._host_allowed(url)):
-                raise MediaError(
-                    f"{self._safe(url)}: host {urlsplit(url).netloc.split('@')[-1]!r} is not allowed; "
-                    "add it to CAR_ALLOWED_HOSTS",
-                    retryable=False,
-                )
+            is_ls = self._is_ls(target)
+            listed = is_ls or host_listed(target.host, target.port, self._allowed)
+            verdict = self._check(target, listed, vouched or "*" in self._allowed)
             send_auth = is_ls and trusted
-            resp = self._get(url, send_auth)
-            if resp.is_redirect:
-                location = resp.headers["location"]
-                resp.close()
+            resp = self._get(target, verdict, send_auth, deadline)
+            location = resp.headers.get("location")
+            if resp.status in REDIRECT_STATUSES and location:
+                _finish(resp, complete=False)
                 vouched = send_auth
                 trusted = trusted and is_ls
-                url = urljoin(url, location)
+                target = _redirected(target, location)
                 continue
+            complete = False
             try:
-                self._check_status(resp, url, send_auth)
-                return self._read(resp, url, deadline)
+                self._check_status(resp, target, send_auth)
+                data = self._read(resp, target, deadline)
+                complete = True
+                return data
             finally:
-                resp.close()
-        raise MediaError(f"{self._safe(url)}: more than {MAX_REDIRECTS} redirects", retryable=False)
+                _finish(resp, complete)
+        raise MediaError(f"{target.shown()}: more than {MAX_REDIRECTS} redirects", retryable=False)
 
-    def _get(self, url: str, send_auth: bool) -> requests.Response:
+    def _check(self, target: Target, listed: bool, wildcard: bool) -> Verdict:
+        try:
+            return check_target(target, trusted=listed, wildcard=wildcard, resolver=self._resolver)
+        except UnsafeURL as exc:
+            raise MediaError(str(exc), retryable=False) from None
+        except OSError as exc:
+            raise MediaError(f"{target.shown()}: cannot resolve {target.host} ({type(exc).__name__})",
+                             retryable=True) from None
+
+    def _get(self, target: Target, verdict: Verdict, send_auth: bool, deadline: Deadline
+             ) -> urllib3.BaseHTTPResponse:
         header: dict[str, str] = {}
         try:
             if send_auth and self._auth is not None:
                 header = self._auth.header()
-            resp = self._request(url, header)
-            if resp.status_code == 401 and header and self._auth is not None and self._auth.refreshable:
-                resp.close()
+            resp = self._request(target, verdict, header, deadline)
+            if resp.status == 401 and header and self._auth is not None and self._auth.refreshable:
+                _finish(resp, complete=False)
                 self._auth.invalidate(header)
-                resp = self._request(url, self._auth.header())
+                resp = self._request(target, verdict, self._auth.header(), deadline)
             return resp
         except LabelStudioError as exc:
             raise MediaError(str(exc), retryable=True) from None
 
-    def _request(self, url: str, headers: dict[str, str]) -> requests.Response:
-        try:
-            return self._session().get(
-                url, headers=headers, timeout=self._timeout, stream=True, allow_redirects=False
-            )
-        except requests.RequestException as exc:
-            raise MediaError(f"{self._safe(url)}: network error ({type(exc).__name__})", retryable=True) from None
+    def _request(self, target: Target, verdict: Verdict, headers: dict[str, str], deadline: Deadline
+                 ) -> urllib3.BaseHTTPResponse:
+        failure = "no address"
+        for address in verdict.addresses:  # every one was checked; the next is tried when one refuses
+            if deadline.passed:
+                raise self._late(target)
+            try:
+                return self._connections.open(
+                    target, address, {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers},
+                    deadline.bound(self._timeout[0]), deadline.bound(self._timeout[1]))
+            except urllib3.exceptions.HTTPError as exc:
+                failure = type(exc).__name__
+        if deadline.passed:
+            raise self._late(target)
+        raise MediaError(f"{target.shown()}: network error ({failure})", retryable=True)
 
-    def _check_status(self, resp: requests.Response, url: str, from_ls: bool) -> None:
-        code = resp.status_code
+    def _check_status(self, resp: urllib3.BaseHTTPResponse, target: Target, from_ls: bool) -> None:
+        code = resp.status
+        shown = target.shown(with_query=self._is_ls(target))
         if 200 <= code < 300:
             content_type = resp.headers.get("content-type", "").lower()
             if content_type.startswith("text/html"):
                 hint = " (a login page? check LABEL_STUDIO_API_KEY)" if from_ls else ""
-                raise MediaError(f"{self._safe(url)}: got an HTML page, not an image{hint}", retryable=from_ls)
+                raise MediaError(f"{shown}: got an HTML page, not an image{hint}", retryable=from_ls)
             return
-        where = f"{self._safe(url)}: HTTP {code}"
-        if code in (401, 403) and self._is_ls(url):
+        where = f"{shown}: HTTP {code}"
+        if code in (401, 403) and self._is_ls(target):
             hint = (
                 "set LABEL_STUDIO_API_KEY"
                 if self._auth is None
@@ -217,64 +264,56 @@ class MediaFetcher:
             raise MediaError(f"{where} (temporary)", retryable=True)
         raise MediaError(f"{where}{' (not found)' if code in (404, 410) else ''}", retryable=False)
 
-    def _read(self, resp: requests.Response, url: str, deadline: float) -> bytes:
+    def _read(self, resp: urllib3.BaseHTTPResponse, target: Target, deadline: Deadline) -> bytes:
         limit = self.settings.max_download_bytes
         declared = resp.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise MediaError(self._too_big(self._safe(url), int(declared)), retryable=False)
-        buf = bytearray()
+            raise MediaError(self._too_big(target.shown(), int(declared)), retryable=False)
         try:
-            for chunk in resp.iter_content(CHUNK):
-                buf += chunk
-                if len(buf) > limit:
-                    raise MediaError(self._too_big(self._safe(url), None), retryable=False)
-                if time.monotonic() > deadline:
-                    raise MediaError(
-                        f"{self._safe(url)}: download took longer than {self._total_timeout:.0f} s", retryable=True
-                    )
-        except requests.RequestException as exc:
+            data = read_body(resp, deadline, self._timeout[1], limit, CHUNK)
+        except (TimeoutError, urllib3.exceptions.HTTPError, OSError) as exc:
+            if deadline.passed:
+                raise self._late(target) from None
             raise MediaError(
-                f"{self._safe(url)}: network error while reading ({type(exc).__name__})", retryable=True
+                f"{target.shown()}: network error while reading ({type(exc).__name__})", retryable=True
             ) from None
-        return bytes(buf)
+        if data is None:
+            raise MediaError(self._too_big(target.shown(), None), retryable=False)
+        return data
+
+    def _late(self, target: Target) -> MediaError:
+        return MediaError(f"{target.shown()}: the download took longer than CAR_DOWNLOAD_TIMEOUT="
+                          f"{self._total_timeout:g} s", retryable=True)
 
     def _too_big(self, what: str, size: int | None) -> str:
         got = f" ({size} bytes)" if size is not None else ""
         return f"{what}: larger than CAR_MAX_DOWNLOAD_BYTES={self.settings.max_download_bytes} bytes{got}"
 
-    def _is_ls(self, url: str) -> bool:
-        return self._ls_origin is not None and _origin(url) == self._ls_origin
+    def _is_ls(self, target: Target) -> bool:
+        return self._ls_origin is not None and target.origin == self._ls_origin
 
-    def _host_allowed(self, url: str) -> bool:
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
-        try:
-            host_port = f"{host}:{parts.port or _default_port(parts.scheme)}"
-        except ValueError:
-            return False
-        if self._ls_origin is not None and host_port == self._ls_origin[1]:
-            return True
-        for allowed in self._allowed:
-            if allowed == "*" or allowed in (host, host_port):
-                return True
-            if allowed.startswith("*.") and host.endswith(allowed[1:]):
-                return True
-        return False
 
-    def _safe(self, url: str) -> str:
-        """`url` fit for a message: no user info, and no query (presigned signatures) off Label Studio."""
-        parts = urlsplit(url)
-        if not parts.scheme or not parts.netloc:
-            return url[:300]
-        netloc = parts.netloc.split("@")[-1]
-        query = parts.query if self._is_ls(url) else ""
-        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))[:300]
+def _parsed(url: str) -> Target:
+    try:
+        return parse_url(url)
+    except UnsafeURL as exc:
+        raise MediaError(str(exc), retryable=False) from None
 
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-        return session
+
+def _redirected(current: Target, location: str) -> Target:
+    """The next hop: the raw Location is checked before urljoin, which would drop tabs and newlines."""
+    try:
+        check_characters(location)
+    except UnsafeURL as exc:
+        raise MediaError(f"{current.shown()} redirects to a refused URL: {exc}", retryable=False) from None
+    return _parsed(urljoin(current.url, location))
+
+
+def _finish(resp: urllib3.BaseHTTPResponse, complete: bool) -> None:
+    """Give the connection back to its pool, closed unless the body was read to its end."""
+    if not complete:
+        resp.close()
+    resp.release_conn()
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -321,18 +360,3 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
-
-
-def _default_port(scheme: str) -> int:
-    return 443 if scheme.lower() == "https" else 80
-
-
-def _origin(url: str) -> tuple[str, str] | None:
-    parts = urlsplit(url)
-    try:
-        port = parts.port or _default_port(parts.scheme)
-    except ValueError:
-        return None
-    if not parts.hostname:
-        return None
-    return parts.scheme.lower(), f"{parts.hostname.lower()}:{port}"

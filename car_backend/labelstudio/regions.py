@@ -20,17 +20,30 @@ SHRINK_MAX_SIDE = 256  # callers that store masks shrink them to this many pixel
 # ---- masks from regions ----
 
 
-def label_masks(regions: Iterable[dict], size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+class RegionSizeError(ValueError):
+    """A region claims an image larger than the pixel limit; raised before anything of that size is made."""
+
+
+def label_masks(regions: Iterable[dict], size: tuple[int, int] | None = None,
+                max_pixels: int | None = None) -> dict[str, np.ndarray]:
     """The union (H, W) bool mask of each label over the brush and polygon regions of one result.
 
     Other region types and regions without a label are skipped; a region with several labels counts for
     each. `size` (H, W) sets the output size (brush masks drawn at another size are resized, nearest);
     without it every region's original_height/original_width must agree, and a ValueError says which
-    region does not, or that there is no region to take the size from.
+    region does not, or that there is no region to take the size from. With `max_pixels`, every size
+    (the output's and each region's) is checked first: RegionSizeError before any mask is allocated, and a
+    brush's RLE must announce exactly H x W x 4 values before it is decoded (ValueError otherwise).
     """
     regions = [r for r in regions if _labels(r)]
     if size is None:
         size = _common_size(regions)
+    if max_pixels is not None:
+        for where, (height, width) in [("the output", size)] + [
+                (f"region {r.get('id', '?')}", s) for r in regions if (s := _region_size(r)) is not None]:
+            if height * width > max_pixels:
+                raise RegionSizeError(f"{where} is {height}x{width} = {height * width} pixels, more than "
+                                      f"CAR_MAX_IMAGE_PIXELS={max_pixels}")
     height, width = size
     masks: dict[str, np.ndarray] = {}
     for region in regions:
@@ -67,8 +80,19 @@ def _labels(region: dict) -> list[str]:
 
 
 def _region_size(region: dict) -> tuple[int, int] | None:
+    """(H, W) from original_height/original_width; ValueError unless both are positive whole numbers."""
     height, width = region.get("original_height"), region.get("original_width")
-    return (int(height), int(width)) if height and width else None
+    if not height or not width:
+        return None
+    try:
+        size = (int(height), int(width))
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"region {region.get('id', '?')}: original_height/original_width are not numbers"
+                         ) from None
+    if min(size) <= 0 or size != (height, width):
+        raise ValueError(f"region {region.get('id', '?')}: original_height/original_width must be positive "
+                         "whole numbers")
+    return size
 
 
 def _common_size(regions: Sequence[dict]) -> tuple[int, int]:
@@ -92,8 +116,22 @@ def _brush_mask(region: dict, size: tuple[int, int]) -> np.ndarray:
     value = region["value"]
     if value.get("format", "rle") != "rle":
         raise ValueError(f"region {region.get('id', '?')}: brush format {value['format']!r} is not 'rle'")
-    rgba = decode_rle(value["rle"])
     height, width = size
+    rle = value.get("rle")
+    if not isinstance(rle, list) or len(rle) < 5 or not all(isinstance(b, int) and 0 <= b < 256 for b in rle[:5]):
+        raise ValueError(f"region {region.get('id', '?')}: the brush has no RLE byte list")
+    announced = int.from_bytes(bytes(rle[:4]), "big")  # the first 32 bits: how many values decoding makes
+    if announced != height * width * 4:
+        raise ValueError(f"region {region.get('id', '?')}: RLE announces {announced // 4} pixels, not "
+                         f"{height}x{width}")
+    if len(rle) > 2 * announced + 64:  # literal runs cost at most ~9 bits a value: anything longer is not a mask
+        raise ValueError(f"region {region.get('id', '?')}: the RLE is {len(rle)} bytes, too long for "
+                         f"{height}x{width} pixels")
+    try:
+        rgba = decode_rle(rle)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"region {region.get('id', '?')}: the RLE cannot be decoded ({type(exc).__name__})"
+                         ) from None
     if rgba.size != height * width * 4:
         raise ValueError(
             f"region {region.get('id', '?')}: RLE holds {rgba.size // 4} pixels, not {height}x{width}"

@@ -67,6 +67,10 @@ def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str
         if not runs:
             problems.append(f"no labels to look for in {', '.join(t.from_name for t in targets)}")
             continue
+        too_many = label_limit_problem(runs, settings)
+        if too_many:
+            problems.append(too_many)
+            continue
         relative = not ref.strip().lower().startswith(("http://", "https://", "s3://", "gs://", "azure-blob://"))
         plan.specs.append(JobSpec(
             image=ref.strip(), site=settings.label_studio_url if relative else "", task_id=task_id,
@@ -78,6 +82,21 @@ def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str
     elif problems:
         log.warning("task %s: %s", task_id, "; ".join(problems))
     return plan
+
+
+def label_limit_problem(runs: list[Run], settings: Settings) -> str | None:
+    """Why these runs ask for too much (more distinct queries than CAR_MAX_LABELS, or a label, prompt or
+    sentence longer than CAR_MAX_LABEL_LENGTH characters), or None. Task data can hold any number of
+    labels of any length; each is a text the engine encodes."""
+    queries = {query for run in runs for query in run.queries}
+    if len(queries) > settings.max_labels:
+        return f"the task asks for {len(queries)} labels, more than CAR_MAX_LABELS={settings.max_labels}"
+    texts = queries | {label.value for run in runs for out in run.outputs for label in out.labels}
+    longest = max(texts, key=len, default="")
+    if len(longest) > settings.max_label_length:
+        return (f"a label or sentence is {len(longest)} characters long ({longest[:40]!r}...), more than "
+                f"CAR_MAX_LABEL_LENGTH={settings.max_label_length}")
+    return None
 
 
 def _runs(targets: list[Target], data: dict, project: Project, settings: Settings,

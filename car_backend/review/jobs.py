@@ -1,6 +1,7 @@
 """The active-learning jobs: learn from annotators' corrections without training anything.
 
-`review_annotation` (queued by /webhook for ANNOTATION_CREATED/UPDATED) compares a submitted annotation with
+`review_annotation` (queued by /webhook for ANNOTATION_CREATED/UPDATED) reads the annotation back from Label
+Studio by its id (the webhook itself carries no credentials, so nothing in it but ids is believed) and compares it with
 the prediction this backend delivered for the task: IoU per label, labels missed, labels added wrongly. It
 keeps the annotation's masks, and once a project has CAR_CALIBRATE_AFTER corrected tasks (and again after
 each further CAR_CALIBRATE_AFTER) it queues `calibrate_project`.
@@ -15,6 +16,7 @@ sees that its predictions changed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -23,13 +25,15 @@ from typing import Any
 import numpy as np
 
 from car_backend.engine.presets import get_preset
+from car_backend.labelstudio.client import LabelStudioAPIError, LabelStudioClient
 from car_backend.labelstudio.media import MediaError
-from car_backend.labelstudio.regions import add_mask, label_masks, shrink
+from car_backend.labelstudio.regions import RegionSizeError, add_mask, label_masks, shrink
 from car_backend.pipeline.compute import restrict, segment_run
 from car_backend.pipeline.plain import from_plain, to_plain
 from car_backend.pipeline.planning import plan_task
 from car_backend.pipeline.spec import JobSpec
 from car_backend.queue.jobs import WorkerContext, current_context
+from car_backend.queue.store import STATS_KEY
 from car_backend.review.agreement import ProjectAgreement, compare, search
 from car_backend.review.store import THRESHOLD_BOUNDS, Calibration, Correction, ReviewStore
 
@@ -41,12 +45,14 @@ CALIBRATION_LOCK_S = 3600
 
 @dataclass(frozen=True)
 class AnnotationEvent:
-    """The review job's input: a submitted annotation of one task, and how this backend predicts the task.
-    Travels as JSON (`to_dict`/`from_dict`)."""
+    """The review job's input: which annotation of which task to read back from Label Studio, and how this
+    backend predicts the task. The webhook's regions are not part of it: they are never believed. Travels as
+    JSON (`to_dict`/`from_dict`)."""
 
     project: str
     task: int
-    result: list[dict]  # the annotation's regions
+    annotation: int  # the annotation's id in Label Studio
+    label_config_sha: str  # sha256 of the label config the specs were planned with (checked against LS's)
     specs: tuple[JobSpec, ...]  # how this backend predicts the task now
 
     def to_dict(self) -> dict:
@@ -58,40 +64,101 @@ class AnnotationEvent:
 
 
 REVIEWED_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+# How a review job ended, counted in car:stats as `webhook:<outcome>` (car_webhook_annotations in /metrics).
+EVENT_OUTCOMES = ("reviewed", "unknown", "mismatch", "cancelled", "config_changed", "too_large", "unreadable")
+MAX_ID = 2**63 - 1
 
 
 def annotation_event(body: dict, projects: Any, settings: Any) -> AnnotationEvent | str:
     """The review job's input from a webhook payload, or why there is nothing to review.
 
-    Raises ValueError for a payload that is not a Label Studio annotation event, and RedisError (from
-    reading the project's state) when Redis is down.
+    Only ids and the label config are taken from the payload (nothing of its size is allocated here); the
+    job reads the annotation back from Label Studio (`review_annotation`). Raises ValueError for a payload
+    that is not a Label Studio annotation event, and RedisError (from reading the project's state) when
+    Redis is down.
     """
     annotation, task, project = (body.get(k) for k in ("annotation", "task", "project"))
-    if not isinstance(annotation, dict) or not isinstance(annotation.get("result"), list):
-        raise ValueError("an annotation event needs an 'annotation' object with a 'result' list")
+    if not isinstance(annotation, dict) or not _is_id(annotation.get("id")):
+        raise ValueError("an annotation event needs an 'annotation' object with an integer 'id'")
     if annotation.get("was_cancelled"):
         return "the annotation was skipped (cancelled)"
-    if not isinstance(task, dict) or not isinstance(task.get("id"), int) or not isinstance(task.get("data"), dict):
+    if not isinstance(task, dict) or not _is_id(task.get("id")) or not isinstance(task.get("data"), dict):
         raise ValueError("an annotation event needs a 'task' object with an integer 'id' and a 'data' object")
-    if not isinstance(project, dict) or project.get("id") is None:
-        raise ValueError("an annotation event needs a 'project' object with an 'id'")
+    if not isinstance(project, dict) or not _is_id(project.get("id")):
+        raise ValueError("an annotation event needs a 'project' object with an integer 'id'")
+    if not settings.can_write_predictions:
+        return ("annotation events are used only with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set: each "
+                "annotation is read back from Label Studio before it is believed")
     label_config = project.get("label_config")
     if not isinstance(label_config, str) or not label_config.strip():
         return "the event carries no label config"
     parsed = projects.for_predict(project["id"], label_config)
     plan = plan_task(task, parsed, settings)
-    return AnnotationEvent(project=str(project["id"]), task=task["id"], result=annotation["result"],
-                           specs=tuple(plan.specs))
+    return AnnotationEvent(project=str(project["id"]), task=task["id"], annotation=annotation["id"],
+                           label_config_sha=_sha(label_config), specs=tuple(plan.specs))
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_back(settings: Any, event: AnnotationEvent) -> list[dict] | tuple[str, str]:
+    """The annotation's result as Label Studio stores it, or (outcome, why) when the event is not believed:
+    Label Studio does not know the annotation or the project, the annotation belongs to another task or
+    project, was cancelled, or the project's label config is not the one the event was planned with.
+    Raises LabelStudioAPIError (retryable: RQ retries) when Label Studio cannot answer now."""
+    client = LabelStudioClient(settings)
+    stored = client.annotation(event.annotation)
+    if stored is None:
+        return "unknown", f"Label Studio has no annotation {event.annotation}"
+    if stored.get("task") != event.task or stored.get("project", int(event.project)) != int(event.project):
+        return "mismatch", (f"annotation {event.annotation} belongs to task {stored.get('task')!r} of project "
+                            f"{stored.get('project')!r}, not task {event.task} of project {event.project}")
+    if stored.get("was_cancelled"):
+        return "cancelled", f"annotation {event.annotation} was skipped (cancelled)"
+    if not isinstance(stored.get("result"), list):
+        return "unreadable", f"annotation {event.annotation} has no result list"
+    try:
+        config = client.project(int(event.project)).get("label_config")
+    except LabelStudioAPIError as exc:
+        if exc.retryable:
+            raise
+        return "unknown", f"project {event.project} cannot be read: {exc}"
+    if not isinstance(config, str) or _sha(config) != event.label_config_sha:
+        return "config_changed", f"project {event.project}'s label config is not the one the event carried"
+    return stored["result"]
 
 
 def review_annotation(event: dict) -> dict:
     """The RQ job for one submitted annotation (see the module docstring); `event` is
-    `AnnotationEvent.to_dict()`."""
+    `AnnotationEvent.to_dict()`. The annotation is read back from Label Studio first; an event that is not
+    believed changes nothing and is counted by outcome."""
     ctx = current_context()
     event = AnnotationEvent.from_dict(event)
     review = ReviewStore(ctx.store.redis)
-    annotated = _annotation_masks(event.result)
     outcome: dict[str, Any] = {"task": event.task, "compared": False}
+    try:
+        stored = read_back(ctx.settings, event)
+    except LabelStudioAPIError as exc:
+        if exc.retryable:
+            raise  # Label Studio is down or refuses the key now: RQ retries
+        stored = ("unreadable", str(exc))
+    annotated: dict[str, np.ndarray] = {}
+    if not isinstance(stored, tuple):
+        try:
+            annotated = _annotation_masks(stored, ctx.settings.max_image_pixels)
+        except RegionSizeError as exc:
+            stored = ("too_large", f"annotation {event.annotation}: {exc}")
+    if isinstance(stored, tuple):
+        kind, why = stored
+        _count(ctx, kind)
+        log.warning("review of task %s ignored (%s): %s", event.task, kind, why)
+        return {**outcome, "ignored": kind, "detail": why}
+    _count(ctx, "reviewed")
     delivered = ctx.store.delivered(event.task)
     if delivered is not None:
         results = ctx.store.results(list(delivered.keys))
@@ -110,9 +177,16 @@ def review_annotation(event: dict) -> dict:
     return outcome
 
 
-def _annotation_masks(regions: list[dict]) -> dict[str, np.ndarray]:
+def _count(ctx: WorkerContext, outcome: str) -> None:
+    ctx.store.redis.hincrby(STATS_KEY, f"webhook:{outcome}", 1)
+
+
+def _annotation_masks(regions: list[dict], max_pixels: int) -> dict[str, np.ndarray]:
+    """Label -> shrunk mask of an annotation's regions; RegionSizeError (before allocating) over the limit."""
     try:
-        return shrink(label_masks(regions))
+        return shrink(label_masks(regions, max_pixels=max_pixels))
+    except RegionSizeError:
+        raise
     except ValueError:  # no brush or polygon region: the annotator found nothing to label
         return {}
 

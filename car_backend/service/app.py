@@ -1,6 +1,6 @@
 """The HTTP side of the Label Studio ML backend protocol: the Flask app (`create_app`).
 
-    GET  /, /health  {"status": "UP"|"DEGRADED", "model_version", "mode", "redis", "queue", "workers"}
+    GET  /, /health  {"status": "UP"|"DEGRADED", "model_version", "mode", "redis", "queue", "workers", "warnings"}
     POST /setup      {"model_version", "targets": [...], "skipped": [...]}      (parses the config only)
     POST /predict    {"results": [one entry per task, in order], "model_version"}
     POST /webhook    {"status": "queued"|"ignored", ...}  annotation events queue a review (review.jobs)
@@ -15,6 +15,7 @@ while inference runs. With BASIC_AUTH_USER/PASS set, every route requires them.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import os
 import socket
@@ -29,7 +30,7 @@ from car_backend.labelstudio.config import LabelConfigError
 from car_backend.pipeline.versions import model_version
 from car_backend.service.backend import Backend
 from car_backend.service.metrics import Metrics
-from car_backend.service.parsing import RequestError
+from car_backend.service.parsing import RequestError, RequestTooLarge
 from car_backend.service.predictor import Predictor
 from car_backend.service.projects import Projects
 from car_backend.service.routes import EXTENSION, Service, blueprint, json_response
@@ -50,8 +51,14 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
                             owner=f"predict:{socket.gethostname()}:{os.getpid()}"),
         default_version=model_version(settings))
 
+    service.warnings.extend(exposure_warnings(settings))
+    for warning in service.warnings:
+        log.warning("%s", warning)
     app = Flask("car_backend")
     app.extensions[EXTENSION] = service
+    # Werkzeug stops reading a body without Content-Length (chunked) one byte past the limit, so a body that
+    # reaches that byte is known to be too large (`authenticate` reads it, bounded, and answers 413).
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1
 
     @app.before_request
     def authenticate() -> Any:
@@ -59,6 +66,12 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
         if settings.basic_auth_user and not _authorized(settings):
             return json_response({"error": "authentication required"}, 401,
                                  headers={"WWW-Authenticate": 'Basic realm="car-backend"'})
+        if (request.content_length or 0) > settings.max_request_bytes:  # refused before the body is read
+            return json_response({"error": _too_large(settings, request.content_length)}, 413,
+                                 headers={"Connection": "close"})
+        if request.content_length is None and request.method in ("POST", "PUT", "PATCH"):
+            if len(request.get_data(cache=True)) > settings.max_request_bytes:  # read at most limit + 1 bytes
+                return json_response({"error": _too_large(settings, None)}, 413, headers={"Connection": "close"})
         return None
 
     @app.after_request
@@ -71,6 +84,10 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
     @app.errorhandler(RequestError)
     def bad_request(exc: RequestError) -> Response:
         return json_response({"error": str(exc)}, 400)
+
+    @app.errorhandler(RequestTooLarge)
+    def too_much(exc: RequestTooLarge) -> Response:
+        return json_response({"error": str(exc)}, 413)
 
     @app.errorhandler(LabelConfigError)
     def bad_config(exc: LabelConfigError) -> Response:
@@ -92,6 +109,31 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
 
     app.register_blueprint(blueprint)
     return app
+
+
+def exposure_warnings(settings: Settings) -> list[str]:
+    """What is risky in how this server is exposed (shown at start and in /health): serving a non-loopback
+    address (HOST) without basic auth while LABEL_STUDIO_API_KEY is set."""
+    if not settings.label_studio_api_key or settings.basic_auth_user or _is_loopback(settings.host):
+        return []
+    return [f"serving on {settings.host} (not loopback) without basic auth while LABEL_STUDIO_API_KEY is set: "
+            "anyone who can reach this port can make the backend act with Label Studio's token (write "
+            "predictions into tasks, trigger reviews). Set BASIC_AUTH_USER and BASIC_AUTH_PASS (and enter them "
+            "in Label Studio's model connection), or bind HOST=127.0.0.1."]
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def _too_large(settings: Settings, size: int | None) -> str:
+    got = f" ({size} bytes)" if size is not None else ""
+    return f"the request body is larger than CAR_MAX_REQUEST_BYTES={settings.max_request_bytes} bytes{got}"
 
 
 def _authorized(settings: Settings) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 from flask import Flask
@@ -38,6 +39,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
     host = args.host or settings.host
     port = args.port or settings.port
+    settings = dataclasses.replace(settings, host=host, port=port)  # the bind the app warns about
     options = gunicorn_options(settings, host, port)
     if settings.http_threads < MIN_HTTP_THREADS:
         log.info("serving with %d HTTP threads (CAR_HTTP_THREADS=%d is below the minimum that keeps /health "

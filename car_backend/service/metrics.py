@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from redis import RedisError
 
 from car_backend.queue.store import DURATION_BUCKETS
+from car_backend.review.jobs import EVENT_OUTCOMES
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,13 @@ class _RedisCollector:
         yield text
         yield CounterMetricFamily("car_api_deliveries", "Predictions written into Label Studio by workers.",
                                   value=stats.get("deliveries:api", 0.0))
+        webhook = CounterMetricFamily("car_webhook_annotations", "Annotation events by how their review job ended: "
+                                      "reviewed (read back from Label Studio and used), or ignored: unknown (no "
+                                      "such annotation or project), mismatch, cancelled, config_changed, "
+                                      "too_large, unreadable.", labels=["outcome"])
+        for outcome in EVENT_OUTCOMES:
+            webhook.add_metric([outcome], stats.get(f"webhook:{outcome}", 0.0))
+        yield webhook
         yield from _review_families(snap.get("review", []))
         buckets = [(str(b), stats.get(f"seconds:le:{b}", 0.0)) for b in DURATION_BUCKETS]
         buckets.append(("+Inf", stats.get("seconds:count", 0.0)))

@@ -15,6 +15,10 @@ class RequestError(CarError):
     """The request body cannot be used; answered 400 with this message."""
 
 
+class RequestTooLarge(RequestError):
+    """The request asks for more than a limit allows; answered 413 with this message (it names the setting)."""
+
+
 @dataclass(frozen=True)
 class SetupRequest:
     project: Any  # Label Studio's "<id>.<created timestamp>", or None
@@ -45,11 +49,15 @@ def setup_request(body: Any) -> SetupRequest:
     return SetupRequest(body.get("project"), schema, body.get("extra_params"))
 
 
-def predict_request(body: Any) -> PredictRequest:
+def predict_request(body: Any, max_tasks: int | None = None) -> PredictRequest:
+    """RequestError for a body that is not a /predict request; RequestTooLarge for more than `max_tasks`."""
     body = json_object(body)
     tasks = body.get("tasks")
     if not isinstance(tasks, list):
         raise RequestError("the body needs a 'tasks' list")
+    if max_tasks is not None and len(tasks) > max_tasks:
+        raise RequestTooLarge(f"the request carries {len(tasks)} tasks, more than CAR_MAX_TASKS={max_tasks}; "
+                              "select fewer tasks, or pre-label the project with `car-backend prelabel --project`")
     if not all(isinstance(task, dict) for task in tasks):
         raise RequestError("every item of 'tasks' must be a JSON object")
     label_config = body.get("label_config")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -37,6 +37,7 @@ class Service:
     projects: Projects
     predictor: Predictor
     default_version: str
+    warnings: list[str] = field(default_factory=list)  # risks of this deployment, in /health (create_app)
 
     def close(self) -> None:
         self.backend.close()
@@ -60,6 +61,7 @@ def health() -> Response:
     service = _service()
     body: dict[str, Any] = {"status": "UP", "model_class": "CaR", "model_version": service.default_version,
                             "mode": service.backend.mode}
+    body["warnings"] = service.warnings
     try:
         snap = service.backend.snapshot()
     except RedisError as exc:
@@ -93,7 +95,7 @@ def setup() -> Response:
 @blueprint.post("/predict")
 def predict() -> Response:
     service = _service()
-    parsed = predict_request(request.get_json(force=True, silent=True))
+    parsed = predict_request(request.get_json(force=True, silent=True), service.settings.max_tasks)
     project = service.projects.for_predict(parsed.project, parsed.label_config)
     entries = service.predictor.predict(parsed.tasks, project, context=parsed.context)
     kinds = [("result" in e) for e in entries]

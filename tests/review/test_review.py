@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from hashlib import sha256
 
 import numpy as np
 import pytest
@@ -47,7 +48,9 @@ def test_corrections_are_compared_and_calibrate_a_new_model_version(service_sett
                         ).get_json()["results"]
     assert all("result" in entry and entry["model_version"] == first_version for entry in first)
 
+    fake_ls.add_project(int(project), BRUSH, tasks)
     for task, regions in zip(tasks[:TRAINING], wanted[:TRAINING], strict=True):
+        fake_ls.add_annotation(task["id"], task["id"], int(project), regions)  # what the webhook reads back
         resp = client.post("/webhook", json={
             "action": "ANNOTATION_CREATED", "annotation": {"id": task["id"], "result": regions},
             "task": task, "project": {"id": int(project), "label_config": BRUSH}})
@@ -126,7 +129,10 @@ def test_a_correction_without_our_prediction_is_kept_but_not_compared(in_process
     task = {"id": task_id, "data": {"image": f"{fake_ls.url}/img/review-0.png"}}
     spec = plan_task(task, Project(config, model_version(ctx.settings, config)), ctx.settings).specs[0]
     (regions,) = annotated_regions(BRUSH, [review_image(0)])
-    outcome = review_annotation(AnnotationEvent(project, task_id, regions, (spec,)).to_dict())
+    fake_ls.add_project(task_id, BRUSH, [task])
+    fake_ls.add_annotation(task_id, task_id, task_id, regions)
+    outcome = review_annotation(AnnotationEvent(project, task_id, task_id, sha256(BRUSH.encode()).hexdigest(),
+                                                (spec,)).to_dict())
     assert outcome["compared"] is False and outcome["corrected_tasks"] == 1
     assert outcome["calibration_queued"] is False  # CAR_CALIBRATE_AFTER=0: never
     assert ReviewStore(ctx.store.redis).agreement(project) == {}

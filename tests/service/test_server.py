@@ -246,20 +246,24 @@ def test_webhook_ignores_other_events_and_rejects_malformed_annotation_events(se
     task = {"id": 5, "data": {"image": "/data/upload/1/5.png"}}
     project = {"id": 1, "label_config": BRUSH}
     for body in ({"action": "START_TRAINING", "project": {"id": 1}}, {"action": "TASKS_CREATED"}, {},
-                 {"action": "ANNOTATION_CREATED", "annotation": {"result": [], "was_cancelled": True}, "task": task,
-                  "project": project},
-                 {"action": "ANNOTATION_UPDATED", "annotation": {"result": []}, "task": task, "project": {"id": 1}}):
+                 {"action": "ANNOTATION_CREATED", "annotation": {"id": 3, "result": [], "was_cancelled": True},
+                  "task": task, "project": project},
+                 {"action": "ANNOTATION_UPDATED", "annotation": {"id": 3, "result": []}, "task": task,
+                  "project": {"id": 1}}):
         resp = client.post("/webhook", json=body)
         assert resp.status_code == 200 and resp.get_json()["status"] == "ignored", body
     for body, fragment in (({"action": "ANNOTATION_CREATED"}, "'annotation' object"),
-                           ({"action": "ANNOTATION_CREATED", "annotation": {"result": []}, "task": {"id": "x"},
+                           ({"action": "ANNOTATION_CREATED", "annotation": {"result": []}, "task": task,
+                             "project": project}, "integer 'id'"),
+                           ({"action": "ANNOTATION_CREATED", "annotation": {"id": 3, "result": []}, "task": {"id": "x"},
                              "project": project}, "'task' object"),
-                           ({"action": "ANNOTATION_CREATED", "annotation": {"result": []}, "task": task}, "'project'")):
+                           ({"action": "ANNOTATION_CREATED", "annotation": {"id": 3, "result": []}, "task": task},
+                            "'project'")):
         resp = client.post("/webhook", json=body)
         assert resp.status_code == 400 and fragment in resp.get_json()["error"], body
     resp = client.post("/webhook", data=b"{oops", content_type="application/json")
     assert resp.status_code == 400 and "not JSON" in resp.get_json()["error"]
-    queued = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {"result": []},
+    queued = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {"id": 3, "result": []},
                                            "task": task, "project": project})
     assert queued.status_code == 200 and queued.get_json()["status"] == "queued"
 
