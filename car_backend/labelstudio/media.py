@@ -44,9 +44,10 @@ CHUNK = 64 * 1024
 class MediaError(CarError):
     """An image could not be fetched or decoded.
 
-    `retryable` is False when asking again cannot help (corrupt or undecodable bytes, too large, forbidden
-    host, not found) and True when it may (network error, timeout, 5xx, Label Studio refusing or missing
-    credentials: fixing the configuration makes the retry succeed). The message never holds a token.
+    `retryable` is False when asking again cannot help (corrupt or undecodable bytes, a decompression bomb,
+    not found, a reference that is no URL) and True when it may (network error, timeout, 5xx, Label Studio
+    refusing or missing credentials, a host not in CAR_ALLOWED_HOSTS, larger than CAR_MAX_DOWNLOAD_BYTES or
+    CAR_MAX_IMAGE_PIXELS: fixing the configuration makes the retry succeed). The message never holds a token.
     `retryable` must be given: a non-retryable failure becomes a permanent empty prediction.
     """
 
@@ -138,7 +139,7 @@ class MediaFetcher:
         try:
             size = file.stat().st_size
             if size > self.settings.max_download_bytes:
-                raise MediaError(self._too_big(path, size), retryable=False)
+                raise MediaError(self._too_big(path, size), retryable=True)
             return file.read_bytes()
         except FileNotFoundError:
             raise MediaError(f"{path!r}: no such file", retryable=False) from None
@@ -157,7 +158,7 @@ class MediaFetcher:
                 raise MediaError(
                     f"{self._safe(url)}: host {urlsplit(url).netloc.split('@')[-1]!r} is not allowed; "
                     "add it to CAR_ALLOWED_HOSTS",
-                    retryable=False,
+                    retryable=True,  # a setting decides it: the operator allowing the host fixes it
                 )
             send_auth = is_ls and trusted
             resp = self._get(url, send_auth)
@@ -221,13 +222,13 @@ class MediaFetcher:
         limit = self.settings.max_download_bytes
         declared = resp.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise MediaError(self._too_big(self._safe(url), int(declared)), retryable=False)
+            raise MediaError(self._too_big(self._safe(url), int(declared)), retryable=True)  # the limit is a setting
         buf = bytearray()
         try:
             for chunk in resp.iter_content(CHUNK):
                 buf += chunk
                 if len(buf) > limit:
-                    raise MediaError(self._too_big(self._safe(url), None), retryable=False)
+                    raise MediaError(self._too_big(self._safe(url), None), retryable=True)
                 if time.monotonic() > deadline:
                     raise MediaError(
                         f"{self._safe(url)}: download took longer than {self._total_timeout:.0f} s", retryable=True
@@ -290,7 +291,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                 raise MediaError(
                     f"the image is {width}x{height} = {width * height} pixels, more than "
                     f"CAR_MAX_IMAGE_PIXELS={max_pixels}",
-                    retryable=False,
+                    retryable=True,  # the limit is a setting; Pillow's own bomb limit below is permanent
                 )
             image.load()
     except MediaError:
