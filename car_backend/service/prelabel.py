@@ -134,6 +134,7 @@ class ProjectRun:
                 self.progress.delivered += 1
                 self.progress.empty += 1
         self.store.add_late(self.records.values())
+        self.store.track(self.project_id, [(r.task, r.version, r.keys, "late", "") for r in self.records.values()])
         bar = tqdm(total=len(self.plans), initial=self.progress.finished, unit="task", desc="prelabel",
                    file=sys.stderr)
         heard_from_workers = time.monotonic()
@@ -166,6 +167,7 @@ class ProjectRun:
             log.warning("task %s: could not write its empty prediction: %s", plan.task_id, exc)
             self.progress.failed += 1
             return False
+        self.store.track(self.project_id, [(plan.task_id, self.version, (), "empty", plan.failure)])
         return True
 
     def _look(self) -> None:
