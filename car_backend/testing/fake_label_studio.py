@@ -22,7 +22,7 @@ Routes, in this order:
    `bulk_missing`); `prediction_counts()` counts stored predictions per (task, model_version).
    Faults: `go_down(seconds, mode)` makes every /api/ request answer 503 (mode "503") or drop the
    connection (mode "refuse") for a while; `slow_first_writes = seconds` stores each task's first write,
-   then answers it that late (after the client's timeout).
+   then answers it that late (after the client's timeout); `faults_served` counts requests that met one.
 3. Images, unauthenticated (same origin, so the media fetcher sends the key): /img/<name> (a picture derived
    from the name), /slow/<seconds>/<name> (answers late), /flaky/<n>/<name> (HTTP 503 the first n times),
    /bad/<name> (bytes that are no image). `hits` counts requests per "img/<name>", "slow/<name>", ...
@@ -50,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 HOST = "127.0.0.1"  # loopback only
+DOWN_ARMED_S = 3600.0  # how long an outage armed to start with the next request waits for it
 
 
 def _b64(data: dict) -> str:
@@ -199,6 +200,7 @@ class FakeLabelStudio:
         self.slow_first_writes = 0.0
         self._slowed: set[int] = set()
         self._down_until = 0.0
+        self._down_for = 0.0
         self._down_mode = "503"
         self.faults_served = 0
 
@@ -208,10 +210,13 @@ class FakeLabelStudio:
             for task in tasks:
                 self.tasks[task["id"]] = {"project": project_id, "data": task.get("data", {})}
 
-    def go_down(self, seconds: float, mode: str = "503") -> None:
-        """Every /api/ request answers 503 (mode "503") or has its connection dropped ("refuse") for `seconds`."""
+    def go_down(self, seconds: float, mode: str = "503", from_first_request: bool = False) -> None:
+        """Every /api/ request answers 503 (mode "503") or has its connection dropped ("refuse") for `seconds`,
+        from now or (`from_first_request`) from the next /api/ request on that is not a token exchange (so
+        images fetched with the key before it still work)."""
         with self.lock:
-            self._down_until = time.monotonic() + seconds
+            self._down_for = seconds if from_first_request else 0.0
+            self._down_until = time.monotonic() + (DOWN_ARMED_S if from_first_request else seconds)
             self._down_mode = mode
 
     def prediction_counts(self) -> Counter:
@@ -225,6 +230,11 @@ class FakeLabelStudio:
         with self.lock:
             if time.monotonic() >= self._down_until:
                 return None
+            if self._down_for:  # armed: the outage starts with this request, unless it is a token exchange
+                if path == "/api/token/refresh/":
+                    return None
+                self._down_until = time.monotonic() + self._down_for
+                self._down_for = 0.0
             self.faults_served += 1
             mode = self._down_mode
         return Reply(drop=True) if mode == "refuse" else _json(503, {"detail": "Service Unavailable"})
@@ -236,6 +246,8 @@ class FakeLabelStudio:
             self._slowed.update(task_ids)
         if self.slow_first_writes and first:
             reply.delay = self.slow_first_writes
+            with self.lock:
+                self.faults_served += 1
         return reply
 
     def _delivery_api(self, method: str, parts: list[str], body: bytes) -> Reply | None:

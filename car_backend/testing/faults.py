@@ -46,6 +46,7 @@ class ScenarioResult:
     lost: int
     duplicated: int
     seconds_to_last_write: float
+    faults: int = 0  # requests refused or answered late, workers killed, late sets that outlived the old TTL
     note: str = ""
 
 
@@ -95,14 +96,14 @@ class Run:
             time.sleep(0.2)
         time.sleep(SETTLE_S)
 
-    def result(self, note: str = "") -> ScenarioResult:
+    def result(self, faults: int, note: str = "") -> ScenarioResult:
         counts = self.fake.prediction_counts()
         ids = [t["id"] for t in self.tasks]
         lost = sum(1 for t in ids if counts[(t, self.version)] == 0)
         duplicated = sum(max(0, counts[(t, self.version)] - 1) for t in ids)
         times = [p["at"] for p in self.fake.predictions if p["task"] in set(ids)]
         last = max(times) - self.started if times else float("nan")
-        return ScenarioResult(self.name, len(ids), lost, duplicated, round(last, 2), note)
+        return ScenarioResult(self.name, len(ids), lost, duplicated, round(last, 2), faults, note)
 
     def stop(self) -> None:
         for worker in self.workers:
@@ -145,10 +146,11 @@ def ls_down(redis_url: str, log_dir: Path, tasks: int, down_s: float = 5.0) -> S
         try:
             run.spawn()
             run.started = time.time()
-            fake.go_down(down_s, mode="refuse")
+            fake.go_down(down_s, mode="refuse", from_first_request=True)  # from the first late write on
             run.predict()  # /predict itself never calls Label Studio's API
             run.wait_for_writes()
-            return run.result(f"API refusing connections for {down_s:.0f} s; {fake.faults_served} requests refused")
+            return run.result(fake.faults_served, f"API refusing connections for {down_s:.0f} s from the first "
+                              f"write; {fake.faults_served} requests refused")
         finally:
             run.stop()
 
@@ -162,7 +164,8 @@ def store_then_timeout(redis_url: str, log_dir: Path, tasks: int) -> ScenarioRes
             run.started = time.time()
             run.predict()
             run.wait_for_writes()
-            return run.result("each task's first write stored, answered 2.5 s later (client timeout 1 s)")
+            return run.result(fake.faults_served, f"each task's first write stored, answered 2.5 s later (client "
+                              f"timeout 1 s): {fake.faults_served} late answers")
         finally:
             run.stop()
 
@@ -200,7 +203,7 @@ def worker_killed(redis_url: str, log_dir: Path, tasks: int) -> ScenarioResult:
                     kills += 1
                     run.spawn()
             run.wait_for_writes()
-            return run.result(f"{kills} workers SIGKILLed, the first inside a write")
+            return run.result(kills, f"{kills} workers SIGKILLed, the first inside a write")
         finally:
             redis.close()
             run.stop()
@@ -218,8 +221,8 @@ def late_outlives_ttl(redis_url: str, log_dir: Path, tasks: int) -> ScenarioResu
             late = sum(1 for _ in redis.scan_iter(match="car:late:*"))
             run.spawn()
             run.wait_for_writes()
-            return run.result(f"Redis clock advanced {old_ttl + 60} s ({deleted} keys expired, {late} late sets "
-                              "left); then a worker started")
+            return run.result(late if deleted else 0, f"Redis clock advanced {old_ttl + 60} s ({deleted} keys "
+                              f"expired, {late} late sets left); then a worker started")
         finally:
             redis.close()
             run.stop()

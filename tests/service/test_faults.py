@@ -91,6 +91,7 @@ def test_a_forged_predict_writes_nothing_and_the_real_late_task_is_written(
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_fault_scenario_loses_and_duplicates_nothing(scenario, redis_url, tmp_path):
     outcome = SCENARIOS[scenario](redis_url, tmp_path, 6)
+    assert outcome.faults > 0, outcome  # the fault did happen
     assert (outcome.lost, outcome.duplicated) == (0, 0), outcome
 
 
