@@ -117,3 +117,32 @@ def test_status_reports_a_project_s_tasks(service_settings, make_client, spawn_w
     one = client.get(f"/status?project={project}&task={ids[2]}").get_json()
     assert one["tasks"][0]["state"] == "delivered" and "decode" in one["tasks"][0]["reason"]
     assert client.get("/status").status_code == 400
+
+
+def test_embedded_mode_resumes_its_queue_and_late_writes_after_a_restart(service_settings, fake_ls, task_ids,
+                                                                          tmp_path):
+    from car_backend.pipeline.planning import plan_task
+    from car_backend.queue.connection import connect
+    from car_backend.queue.jobqueue import JobQueue, make_store
+    from car_backend.queue.store import LateRecord
+    from car_backend.service.backend import Backend
+    from car_backend.service.projects import Projects
+
+    (task_id,) = task_ids(1)
+    task = {"id": task_id, "data": {"image": f"{fake_ls.url}/img/resumed-{task_id}.png"}}
+    fake_ls.add_tasks(5, [task])
+    settings = service_settings(redis_url="", data_dir=str(tmp_path / "data"))
+    # A server queued the job and registered the late write, then stopped before any worker ran it.
+    first = connect(settings)
+    store = make_store(first.redis, settings)
+    plan = plan_task(task, Projects(settings, store).for_predict("5.1", BRUSH), settings)
+    JobQueue(settings, first.redis, store).submit(plan.specs[0])
+    store.add_late([LateRecord(task_id, plan.specs[0].model_version, tuple(plan.keys), 5, (plan.specs[0].image,))])
+    first.close()
+    assert (tmp_path / "data").exists() and any((tmp_path / "data").rglob("*.aof"))
+    backend = Backend(settings)  # restarted: same CAR_DATA_DIR, its embedded worker finds the job
+    try:
+        posted = fake_ls.wait_for_predictions([task_id], DELIVERY_TIMEOUT_S)[task_id]
+        assert len(posted) == 1 and posted[0]["model_version"] == plan.specs[0].model_version
+    finally:
+        backend.close()
