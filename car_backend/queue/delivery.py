@@ -101,7 +101,7 @@ class Deliverer:
 
     def deliver_due(self, now: float | None = None, projects: Iterable[int] | None = None) -> int:
         """Write every outbox that is due (or those of `projects`, unless they wait for a retry); how many
-        predictions this call wrote."""
+        predictions this call saw confirmed in Label Studio (written now, or found there by the read-back)."""
         now = time.time() if now is None else now
         if projects is None:
             chosen = self.store.due_projects(now)
@@ -111,7 +111,7 @@ class Deliverer:
 
     def deliver_project(self, project: int) -> int:
         """Write project `project`'s outbox, batch by batch, if this deliverer gets its lease; the number of
-        predictions written here."""
+        predictions confirmed here (written, or found already there)."""
         if not self.store.take_lease(project, self.owner, self.lease_ttl):
             return 0
         self._leased = project
