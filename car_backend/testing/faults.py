@@ -11,6 +11,7 @@ predictions Label Studio stored: `lost` (none) and `duplicated` (copies beyond t
     worker_killed       a worker is SIGKILLed three times during the run, the first time inside a write
     late_outlives_ttl   the jobs wait (no worker) longer than the old 35-minute late-record TTL: Redis's
                         clock is advanced by rewriting every key's TTL, not slept through
+    redis_restarted     a Redis with append-only persistence is stopped and started again mid-batch
 
 Used by tests/service/test_faults.py (few tasks) and benchmarks/faults.py (more).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -31,6 +33,7 @@ from car_backend.queue.jobqueue import lock_ttl
 from car_backend.settings import Settings
 from car_backend.testing.fake_label_studio import FakeLabelStudio
 from car_backend.testing.processes import WorkerProcess, start_worker
+from car_backend.testing.redis import free_port, port_open, redis_server_binary
 from car_backend.testing.settings import tiny_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,11 +231,53 @@ def late_outlives_ttl(redis_url: str, log_dir: Path, tasks: int) -> ScenarioResu
             run.stop()
 
 
+def redis_restarted(redis_url: str, log_dir: Path, tasks: int) -> ScenarioResult:
+    """A Redis of its own with append-only persistence, stopped (SIGTERM) and started again mid-batch;
+    `redis_url` is not used."""
+    port = free_port()
+    data = log_dir / f"redis-aof-{port}"
+    data.mkdir(parents=True, exist_ok=True)
+    server = _aof_redis(port, data)
+    with FakeLabelStudio() as fake:
+        run = _world("redis_restarted", f"redis://127.0.0.1:{port}/0", log_dir, tasks, fake, "/slow/0.5")
+        try:
+            run.spawn()
+            run.started = time.time()
+            run.predict()
+            deadline = time.monotonic() + DEADLINE_S / 2
+            while not fake.predictions and time.monotonic() < deadline:  # mid-batch: some written, most not
+                time.sleep(0.05)
+            server.terminate()
+            server.wait(10)
+            time.sleep(1.0)
+            server = _aof_redis(port, data)
+            run.wait_for_writes()
+            return run.result(1, "Redis (appendonly yes) stopped and started again after the first write")
+        finally:
+            run.stop()
+            server.terminate()
+            server.wait(10)
+
+
+def _aof_redis(port: int, folder: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "yes", "--dir", str(folder)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not port_open("127.0.0.1", port):
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"redis-server did not start on port {port}")
+        time.sleep(0.05)
+    return proc
+
+
 SCENARIOS: dict[str, Callable[[str, Path, int], ScenarioResult]] = {
     "ls_down": ls_down,
     "store_then_timeout": store_then_timeout,
     "worker_killed": worker_killed,
     "late_outlives_ttl": late_outlives_ttl,
+    "redis_restarted": redis_restarted,
 }
 
 
