@@ -87,8 +87,8 @@ class _RedisCollector:
                                   value=stats.get("deliveries:api", 0.0))
         for outcome, meaning in (("refused", "Late predictions not written: the task read back from Label Studio is "
                                   "of another project or holds another image than the one predicted."),
-                                 ("dropped", "Late predictions not written for any reason (refused, task gone, "
-                                  "given up)."),
+                                 ("dropped", "Late predictions not written: refused, task gone or results expired ("
+                                  "given-up ones are counted apart)."),
                                  ("abandoned", "Late predictions given up after CAR_DELIVERY_WINDOW of failed writes.")):
             yield CounterMetricFamily(f"car_api_deliveries_{outcome}", meaning,
                                       value=stats.get(f"deliveries:{outcome}", 0.0))
