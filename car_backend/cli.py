@@ -136,6 +136,17 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run("car_backend.review.report", "main"))
 
 
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status",
+        help="a project's tasks: queued, running, done, failed (with reasons), delivered, waiting to be written",
+        description="Where a project's tasks are (the JSON GET /status?project=ID answers). Needs REDIS_URL.",
+    )
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    p.add_argument("--task", type=int, help="only this task")
+    p.set_defaults(handler=_run("car_backend.service.status", "main"))
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
@@ -182,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"car-backend {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_serve, _add_worker, _add_segment, _add_prelabel, _add_export, _add_bench, _add_eval, _add_report):
+    for add in (_add_serve, _add_worker, _add_segment, _add_prelabel, _add_export, _add_bench, _add_eval, _add_report,
+                _add_status):
         add(sub)
     return parser
 

@@ -140,6 +140,40 @@ class Settings:
         metadata=_meta("CAR_THREADS", "torch CPU threads per worker (0 = torch's default: every core). Set "
                        "cores / workers when several CPU workers share a host."),
     )
+    # Delivery (issue 14): pending failures, late records, writes into Label Studio, embedded Redis data
+    pending_ttl: int = field(
+        default=60,
+        metadata=_meta("CAR_PENDING_TTL", "Seconds (1-60) a failure that a setting or an outage can change (host "
+                       "not allowed, size limit, HTTP 401/403/5xx, timeout) is cached and answered pending."),
+    )
+    late_ttl: int = field(
+        default=7 * 24 * 3600,
+        metadata=_meta("CAR_LATE_TTL", "Seconds a late task (to be written through the API when its job finishes) "
+                       "is kept without news; renewed whenever its job is submitted, starts or retries a write."),
+    )
+    delivery_window: int = field(
+        default=1800,
+        metadata=_meta("CAR_DELIVERY_WINDOW", "Seconds a failed write into Label Studio is retried (exponential "
+                       "backoff with jitter) before it is given up; the results stay cached."),
+    )
+    delivery_retry_max: float = field(
+        default=60.0,
+        metadata=_meta("CAR_DELIVERY_RETRY_MAX", "Longest wait in seconds between two tries of a failed write."),
+    )
+    delivery_batch: int = field(
+        default=200,
+        metadata=_meta("CAR_DELIVERY_BATCH", "Predictions of one project written per request (bulk import)."),
+    )
+    ls_timeout: float = field(
+        default=60.0,
+        metadata=_meta("CAR_LS_TIMEOUT", "Seconds a Label Studio API call may take to answer; a write that "
+                       "times out is checked (its task read back) before it is sent again."),
+    )
+    data_dir: str = field(
+        default="",
+        metadata=_meta("CAR_DATA_DIR", "Folder of the embedded Redis's data (append-only), used when REDIS_URL is "
+                       "unset; empty = ~/.cache/car-backend (XDG_CACHE_HOME is honoured)."),
+    )
     # Label Studio access
     label_studio_url: str = field(
         default="",
@@ -229,6 +263,11 @@ class Settings:
                      "calibrate_after"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_env(name)} must not be negative, got {getattr(self, name)!r}")
+        for name in ("late_ttl", "delivery_window", "delivery_retry_max", "delivery_batch", "ls_timeout"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{_env(name)} must be a positive number, got {getattr(self, name)!r}")
+        if not 1 <= self.pending_ttl <= 60:
+            raise SettingsError(f"CAR_PENDING_TTL must be between 1 and 60 seconds, got {self.pending_ttl!r}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):

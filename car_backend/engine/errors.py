@@ -4,10 +4,11 @@
 HTTP 5xx, credentials an operator can fix); False when asking again cannot help (an undecodable image, a
 malformed model spec, a task that is gone). What the callers do with it:
 - a job records a non-retryable MediaError (a property of the image) as a failed result, answered as an
-  empty prediction; any other exception fails the attempt, RQ retries it while retries are left, and the
-  task stays pending (a setting fixed later still gets it predicted);
-- a delivery gives its claim back and raises on a retryable LabelStudioAPIError, drops the record on any
-  other.
+  empty prediction; any other exception fails the attempt, RQ retries it while retries are left, the last
+  attempt caches a pending failure for at most a minute, and the task stays pending (a setting fixed later
+  still gets it predicted);
+- a late write (queue.delivery) is retried with backoff on a retryable LabelStudioAPIError, and that task
+  is dropped on any other.
 The class lives in the engine because the engine is the bottom layer: every other package may import it,
 and it imports nothing.
 """

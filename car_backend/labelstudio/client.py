@@ -12,8 +12,8 @@ process does one exchange per access-token lifetime. Keys and tokens never reach
 exception message.
 
 `LabelStudioAPI` is the authenticated transport (personal access token exchange, 401 renewal);
-`LabelStudioClient` knows the endpoints (write a prediction, read a project, list its tasks) and what their
-answers mean. Both raise CarError subclasses whose `retryable` says whether asking again may help.
+`LabelStudioClient` knows the endpoints (write one prediction or many, read a project, a task, list its
+tasks) and what their answers mean. Both raise CarError subclasses whose `retryable` says whether asking again may help.
 """
 
 from __future__ import annotations
@@ -196,7 +196,13 @@ TASK_PAGE_SIZE = 100
 
 
 class LabelStudioAPIError(CarError):
-    """A Label Studio API call failed. `retryable`: asking again later may succeed."""
+    """A Label Studio API call failed. `retryable`: asking again later may succeed; `status`: the HTTP status
+    Label Studio answered (None when there was no answer: a transport error or timeout, whose request may or
+    may not have been acted on)."""
+
+    def __init__(self, message: str, retryable: bool | None = None, status: int | None = None):
+        super().__init__(message, retryable=retryable)
+        self.status = status
 
 
 class LabelStudioClient:
@@ -204,9 +210,9 @@ class LabelStudioClient:
     (retryable for transport errors, 401/403/408/429 and 5xx) when the call fails; built without URL or key,
     the constructor raises it (not retryable)."""
 
-    def __init__(self, settings: Access):
+    def __init__(self, settings: Access, read_timeout: float = 60.0):
         try:
-            self._api = LabelStudioAPI(settings)
+            self._api = LabelStudioAPI(settings, timeout=(min(5.0, read_timeout), read_timeout))
         except LabelStudioError as exc:
             raise LabelStudioAPIError(str(exc), retryable=False) from None
 
@@ -219,6 +225,21 @@ class LabelStudioClient:
             "model_version": entry["model_version"],
         }
         return self._json("POST", "/api/predictions/", json=body, expect=(200, 201))
+
+    def import_predictions(self, project_id: int, predictions: list[dict[str, Any]]) -> Any:
+        """POST /api/projects/<id>/import/predictions: many predictions of one project in one request (what
+        label-studio-sdk's `projects.import_predictions` sends). Each item: `task`, `result`, `score`,
+        `model_version`. Where Label Studio lacks the endpoint the error's `status` is 404 or 405."""
+        return self._json("POST", f"/api/projects/{int(project_id)}/import/predictions", json=predictions,
+                          expect=(200, 201))
+
+    def task(self, task_id: int) -> dict:
+        """GET /api/tasks/<id>/: the task as Label Studio stores it (`data`, `project`, `predictions`)."""
+        found = self._json("GET", f"/api/tasks/{int(task_id)}/")
+        if not isinstance(found, dict):
+            raise LabelStudioAPIError(f"Label Studio answered GET /api/tasks/{int(task_id)}/ with no task object",
+                                      retryable=True)
+        return found
 
     def project(self, project_id: int) -> dict:
         return self._json("GET", f"/api/projects/{project_id}/")
@@ -270,7 +291,8 @@ class LabelStudioClient:
         if resp.status_code not in expect:
             retryable = resp.status_code in (401, 403, 408, 429) or resp.status_code >= 500
             raise LabelStudioAPIError(
-                f"Label Studio answered {what} with HTTP {resp.status_code}: {resp.text[:200]}", retryable)
+                f"Label Studio answered {what} with HTTP {resp.status_code}: {resp.text[:200]}", retryable,
+                status=resp.status_code)
         try:
             return resp.json()
         except ValueError:

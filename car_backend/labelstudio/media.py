@@ -65,9 +65,10 @@ USER_AGENT = "car-backend"
 class MediaError(CarError):
     """An image could not be fetched or decoded.
 
-    `retryable` is False when asking again cannot help (corrupt or undecodable bytes, too large, forbidden
-    host, not found) and True when it may (network error, timeout, 5xx, Label Studio refusing or missing
-    credentials: fixing the configuration makes the retry succeed). The message never holds a token.
+    `retryable` is False when asking again cannot help (corrupt or undecodable bytes, a decompression bomb,
+    not found, a reference that is no URL) and True when it may (network error, timeout, 5xx, Label Studio
+    refusing or missing credentials, a host not in CAR_ALLOWED_HOSTS, larger than CAR_MAX_DOWNLOAD_BYTES or
+    CAR_MAX_IMAGE_PIXELS: fixing the configuration makes the retry succeed). The message never holds a token.
     `retryable` must be given: a non-retryable failure becomes a permanent empty prediction.
     """
 
@@ -100,7 +101,7 @@ class MediaFetcher:
         try:
             self._ls_origin = parse_url(self._ls_url).origin if self._ls_url else None
         except UnsafeURL as exc:
-            raise MediaError(f"LABEL_STUDIO_URL cannot be used: {exc}", retryable=False) from None
+            raise MediaError(f"LABEL_STUDIO_URL cannot be used: {exc}", retryable=True) from None  # a setting
         self._auth = (
             shared_auth(self._ls_url, settings.label_studio_api_key)
             if self._ls_url and settings.label_studio_api_key
@@ -169,7 +170,7 @@ class MediaFetcher:
         try:
             size = file.stat().st_size
             if size > self.settings.max_download_bytes:
-                raise MediaError(self._too_big(path, size), retryable=False)
+                raise MediaError(self._too_big(path, size), retryable=True)
             return file.read_bytes()
         except FileNotFoundError:
             raise MediaError(f"{path!r}: no such file", retryable=False) from None
@@ -207,7 +208,7 @@ class MediaFetcher:
         try:
             return check_target(target, trusted=listed, wildcard=wildcard, resolver=self._resolver)
         except UnsafeURL as exc:
-            raise MediaError(str(exc), retryable=False) from None
+            raise MediaError(str(exc), retryable=exc.retryable) from None
         except OSError as exc:
             raise MediaError(f"{target.shown()}: cannot resolve {target.host} ({type(exc).__name__})",
                              retryable=True) from None
@@ -268,7 +269,7 @@ class MediaFetcher:
         limit = self.settings.max_download_bytes
         declared = resp.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise MediaError(self._too_big(target.shown(), int(declared)), retryable=False)
+            raise MediaError(self._too_big(target.shown(), int(declared)), retryable=True)  # a setting: the limit
         try:
             data = read_body(resp, deadline, self._timeout[1], limit, CHUNK)
         except (TimeoutError, urllib3.exceptions.HTTPError, OSError) as exc:
@@ -278,7 +279,7 @@ class MediaFetcher:
                 f"{target.shown()}: network error while reading ({type(exc).__name__})", retryable=True
             ) from None
         if data is None:
-            raise MediaError(self._too_big(target.shown(), None), retryable=False)
+            raise MediaError(self._too_big(target.shown(), None), retryable=True)  # the limit is a setting
         return data
 
     def _late(self, target: Target) -> MediaError:
@@ -297,7 +298,7 @@ def _parsed(url: str) -> Target:
     try:
         return parse_url(url)
     except UnsafeURL as exc:
-        raise MediaError(str(exc), retryable=False) from None
+        raise MediaError(str(exc), retryable=exc.retryable) from None
 
 
 def _redirected(current: Target, location: str) -> Target:
@@ -305,7 +306,7 @@ def _redirected(current: Target, location: str) -> Target:
     try:
         check_characters(location)
     except UnsafeURL as exc:
-        raise MediaError(f"{current.shown()} redirects to a refused URL: {exc}", retryable=False) from None
+        raise MediaError(f"{current.shown()} redirects to a refused URL: {exc}", retryable=exc.retryable) from None
     return _parsed(urljoin(current.url, location))
 
 
@@ -329,7 +330,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                 raise MediaError(
                     f"the image is {width}x{height} = {width * height} pixels, more than "
                     f"CAR_MAX_IMAGE_PIXELS={max_pixels}",
-                    retryable=False,
+                    retryable=True,  # the limit is a setting; Pillow's own bomb limit below is permanent
                 )
             image.load()
     except MediaError:

@@ -52,11 +52,12 @@ _DOTTED_QUAD = re.compile(r"^(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\.(25[0
 
 
 class UnsafeURL(CarError):
-    """A URL that is refused for what it is or where it points; asking again cannot help. The message quotes
-    the URL without its query and never holds a token."""
+    """A URL that is refused for what it is or where it points. The message quotes the URL without its query
+    and never holds a token. `retryable` is true only where a setting decides it (a host not named in
+    CAR_ALLOWED_HOSTS): the operator listing the host fixes it; the URL's form or a forbidden address never."""
 
-    def __init__(self, message: str):
-        super().__init__(message, retryable=False)
+    def __init__(self, message: str, *, by_setting: bool = False):
+        super().__init__(message, retryable=by_setting)
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,8 @@ def check_target(target: Target, *, trusted: bool, wildcard: bool, resolver: Res
         raise UnsafeURL(f"{target.shown()}: {target.host} is a {address_risk(target.literal)} address, "
                         "which is never fetched")
     if not (trusted or wildcard):
-        raise UnsafeURL(f"{target.shown()}: host {target.host_header!r} is not allowed; add it to CAR_ALLOWED_HOSTS")
+        raise UnsafeURL(f"{target.shown()}: host {target.host_header!r} is not allowed; add it to CAR_ALLOWED_HOSTS",
+                        by_setting=True)
     if target.literal is not None:
         addresses: list[IPAddress] = [target.literal]
     else:
@@ -247,7 +249,7 @@ def check_target(target: Target, *, trusted: bool, wildcard: bool, resolver: Res
         risk = address_risk(address)
         if risk == "private" and not trusted:
             raise UnsafeURL(f"{target.shown()}: {target.host} is at a loopback or private address ({address}); "
-                            "only Label Studio's own host and hosts named in CAR_ALLOWED_HOSTS may be")
+                            "only Label Studio's own host and hosts named in CAR_ALLOWED_HOSTS may be", by_setting=True)
         if risk not in (None, "private"):
             raise UnsafeURL(f"{target.shown()}: {target.host} is at a {risk} address ({address}), "
                             "which is never fetched")

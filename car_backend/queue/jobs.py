@@ -2,12 +2,13 @@
 
 `run_job` is what RQ executes in a worker process (or the embedded worker):
 
-1. a cached result is reused (a retry after a failed delivery, or a duplicate submission);
+1. a cached result is reused (a duplicate submission, or a retry after a crash);
 2. otherwise the image is fetched and segmented (`pipeline.compute`) and the regions of every target are
    cached; a permanent failure (undecodable image, ...) is cached as such, a retryable one raises so RQ
-   retries the job;
-3. tasks registered as late (their /predict stopped waiting, or `prelabel` enqueued them) are written
-   into Label Studio through the API, each one only if this worker wins its delivery claim.
+   retries the job, and its last attempt caches a pending failure (CAR_PENDING_TTL) before raising;
+3. tasks registered as late (their /predict stopped waiting, or `prelabel` enqueued them) whose jobs are
+   all finished move into their project's outbox, which is written into Label Studio at once
+   (`queue.delivery`: claims, read-back, bulk import, retries with backoff apart from this job).
 
 Jobs take plain JSON arguments (a JobSpec's dict), see `queue.jobqueue`.
 """
@@ -21,15 +22,17 @@ import threading
 import time
 from typing import Any
 
+from redis import RedisError
 from rq import get_current_job
 
 from car_backend.engine.errors import CarError
-from car_backend.labelstudio.client import LabelStudioAPIError, LabelStudioClient
+from car_backend.labelstudio.client import LabelStudioClient
 from car_backend.labelstudio.media import MediaFetcher
-from car_backend.pipeline.compute import compute, task_entry
+from car_backend.pipeline.compute import compute, pending_failure
 from car_backend.pipeline.spec import JobResult, JobSpec
 from car_backend.pipeline.versions import engine_fingerprint
-from car_backend.queue.store import LateRecord, RedisTextCache, Store
+from car_backend.queue.delivery import Deliverer, stage_ready
+from car_backend.queue.store import RedisTextCache, Store
 from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,8 @@ class WorkerContext:
         self.queue = queue
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.fetcher = MediaFetcher(settings)
-        self.ls = LabelStudioClient(settings) if settings.can_write_predictions else None
+        self.ls = LabelStudioClient(settings, settings.ls_timeout) if settings.can_write_predictions else None
+        self.deliverer = Deliverer(store, self.ls, settings, owner=self.name) if self.ls is not None else None
         self._segmenter: Any = None
         self._lock = threading.Lock()
 
@@ -97,12 +101,21 @@ def run_job(spec: dict) -> dict:
     ctx = current_context()
     spec = JobSpec.from_dict(spec)
     key = spec.key
+    job = get_current_job()
+    ctx.store.touch_late(key)  # its late records live as long as the job does
     result = ctx.store.results([key])[0]
     if result is None:
-        result = _compute_and_record(ctx, spec)
+        try:
+            result = _compute_and_record(ctx, spec)
+        except Exception as exc:
+            if job is None or not job.retries_left:  # the last attempt: answer pending, briefly cached
+                ctx.store.put_result(key, pending_failure(exc, ctx.store.conditions))
+                stage_ready(ctx.store, key)
+            raise
         ctx.store.put_result(key, result)
-    delivered = deliver_late(ctx, key)
-    job = get_current_job()
+    delivered = 0
+    if ctx.deliverer is not None:
+        delivered = ctx.deliverer.deliver_due(projects=stage_ready(ctx.store, key))
     if job is not None:
         ctx.store.release_job_lock(key, job.id)
     return {"ok": result.ok, "delivered": delivered, "seconds": round(result.seconds, 3)}
@@ -127,39 +140,15 @@ def _compute_and_record(ctx: WorkerContext, spec: JobSpec) -> JobResult:
     return result
 
 
-def deliver_late(ctx: WorkerContext, key: str) -> int:
-    """Write the late tasks waiting on `key` into Label Studio (those whose every job is finished)."""
-    if ctx.ls is None:
+def deliver_due() -> int:
+    """Write the outboxes that are due, in this process's worker context if it has one (worker maintenance);
+    never raises: a failure is logged and the next maintenance tries again."""
+    if _context is None or _context.deliverer is None:
         return 0
-    delivered = 0
-    for record in ctx.store.late(key):
-        results = ctx.store.results(record.keys)
-        if any(r is None for r in results):
-            continue  # the job finishing last delivers it
-        delivered += deliver(ctx.store, ctx.ls, record, results, owner=f"worker:{ctx.name}")
-    return delivered
-
-
-def deliver(store: Store, ls: LabelStudioClient, record: LateRecord, results: list[JobResult], owner: str) -> int:
-    """Post one task's prediction if this caller wins its claim; 1 when it was posted here.
-
-    A retryable API failure gives the claim back and raises (the job is retried and finds its result
-    cached); any other (the task is gone) drops the record.
-    """
-    entry = task_entry(results, record.version)
-    posted = 0
-    if store.claim([record.task], record.version, owner)[0]:
-        try:
-            ls.create_prediction(record.task, entry)
-        except LabelStudioAPIError as exc:
-            store.release_claim(record.task, record.version, owner)
-            if exc.retryable:
-                raise
-            log.error("dropping the prediction for task %s: %s", record.task, exc)
-        else:
-            posted = 1
-            store.record_delivery("api")
-            store.record_delivered([(record.task, record.version, record.keys)])
-            log.info("wrote the prediction for task %s into Label Studio", record.task)
-    store.remove_late(record)
-    return posted
+    try:
+        return _context.deliverer.deliver_due()
+    except RedisError as exc:
+        log.warning("could not look for due deliveries: Redis is unavailable (%s)", exc)
+    except Exception:  # the worker must go on serving jobs whatever a delivery does
+        log.exception("writing due deliveries failed")
+    return 0

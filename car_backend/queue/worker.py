@@ -27,7 +27,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from car_backend.queue.connection import Connection, redis_client
 from car_backend.queue.jobqueue import SERIALIZER, CarQueue, JobQueue, make_store, queue_names
-from car_backend.queue.jobs import WorkerContext, install
+from car_backend.queue.jobs import WorkerContext, deliver_due, install
 from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,10 @@ class CarWorker(SimpleWorker):
                 self.maintain_heartbeats(job, execution)
             except RedisError as exc:
                 log.warning("heartbeat for job %s failed: %s", job.id, exc)
+
+    def run_maintenance_tasks(self):
+        super().run_maintenance_tasks()
+        deliver_due()  # writes into Label Studio waiting for their retry (queue.delivery)
 
     def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
         # CarQueue parks every dequeued job in its queue's intermediate list, whatever the queue count.

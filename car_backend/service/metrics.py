@@ -93,6 +93,13 @@ class _RedisCollector:
         for outcome in EVENT_OUTCOMES:
             webhook.add_metric([outcome], stats.get(f"webhook:{outcome}", 0.0))
         yield webhook
+        for outcome, meaning in (("refused", "Late predictions not written: the task read back from Label Studio is "
+                                  "of another project or holds another image than the one predicted."),
+                                 ("dropped", "Late predictions not written: refused, task gone or results expired ("
+                                  "given-up ones are counted apart)."),
+                                 ("abandoned", "Late predictions given up after CAR_DELIVERY_WINDOW of failed writes.")):
+            yield CounterMetricFamily(f"car_api_deliveries_{outcome}", meaning,
+                                      value=stats.get(f"deliveries:{outcome}", 0.0))
         yield from _review_families(snap.get("review", []))
         buckets = [(str(b), stats.get(f"seconds:le:{b}", 0.0)) for b in DURATION_BUCKETS]
         buckets.append(("+Inf", stats.get("seconds:count", 0.0)))

@@ -8,12 +8,17 @@
    empty prediction (Label Studio stores it and stops asking).
 4. Other tasks get a pending entry (no `result`: Label Studio stores nothing and asks again). They are
    registered as late, so the worker finishing their job writes the prediction through the API.
+5. A task whose job failed for a reason a setting or an outage can change (a pending failure: host not
+   allowed, size limit, 401/403/5xx, timeout) gets a pending entry with the reason, never an empty
+   prediction; the failure is cached at most CAR_PENDING_TTL seconds, and only under the same settings.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis import RedisError
@@ -46,6 +51,7 @@ class Predictor:
         self.metrics = metrics
         self.owner = owner
         self.can_post_late = settings.can_write_predictions
+        self.pending_failures = PendingFailures()
 
     def predict(self, tasks: list[dict], project: Project, context: Any = None) -> list[dict]:
         """One entry per task, in order: a prediction (`result`, possibly empty for a permanent failure) or
@@ -61,7 +67,8 @@ class Predictor:
         errors: dict[str, str] = {}
         try:
             self._collect(plans, results, errors, started, priority=interactive or len(tasks) == 1)
-            entries = self._answer(plans, results, errors, version, stored=not interactive)
+            entries = self._answer(plans, results, errors, version, stored=not interactive,
+                                   project=project.ls_project)
         except RedisError as exc:
             log.error("/predict: Redis is unavailable (%s); every unfinished task stays pending", exc)
             self.metrics.redis_errors.inc()
@@ -103,36 +110,58 @@ class Predictor:
         errors.update(settled.failed)
 
     def _answer(self, plans: list[TaskPlan], results: dict[str, JobResult], errors: dict[str, str],
-                version: str, stored: bool) -> list[dict]:
+                version: str, stored: bool, project: int | None = None) -> list[dict]:
         def finished(plan: TaskPlan) -> bool:
             return plan.failure is not None or all(k in results for k in plan.keys)
 
-        if stored and self.can_post_late:
-            self._register_late([p for p in plans if not finished(p) and p.task_id is not None], version, results)
-        claimed = [p.task_id for p in plans if stored and finished(p) and p.task_id is not None]
+        def pending_failure(plan: TaskPlan) -> str | None:
+            """Why a finished task cannot be answered now: a setting or an outage failed one of its jobs."""
+            found = [results[k].error or "failed" for k in plan.keys if k in results and results[k].pending]
+            return found[0] if found else None
+
+        if stored and self.can_post_late and project is not None:
+            self._register_late([p for p in plans if not finished(p) and p.task_id is not None], version, results,
+                                project)
+        claimed = [p.task_id for p in plans if stored and finished(p) and p.task_id is not None
+                   and pending_failure(p) is None]
         won = iter(self.store.claim(claimed, version, self.owner))
-        entries = []
+        entries, tracked = [], []
         for plan in plans:
+            blocked = pending_failure(plan) if finished(plan) else None
             if not finished(plan):
                 entries.append(pending_entry(version, self._pending_reason(plan, errors)))
+            elif blocked is not None:
+                self.pending_failures.note(blocked)
+                tracked.append((plan, "pending", blocked))
+                entries.append(pending_entry(version, f"not predicted for a reason a setting or an outage can "
+                                                      f"change (asked again, it is tried again): {blocked}"))
             elif stored and plan.task_id is not None and not next(won):
                 entries.append(pending_entry(version, "this task's prediction was already delivered"))
             elif plan.failure is not None:
+                tracked.append((plan, "empty", plan.failure))
                 entries.append(failed_entry(version, plan.failure))
             else:
                 entries.append(task_entry([results[k] for k in plan.keys], version))
+                tracked.append((plan, "delivered" if entries[-1]["result"] else "empty",
+                                "" if entries[-1]["result"] else entries[-1].get("error", "")))
         delivered = sum(1 for e in entries if "result" in e)
         if delivered:
             self.metrics.deliveries.inc(delivered)
         self.store.record_delivered([(p.task_id, version, p.keys) for p, e in zip(plans, entries, strict=True)
                                       if stored and p.task_id is not None and p.specs and "result" in e])
+        if stored and project is not None:
+            self.store.track(project, [(p.task_id, version, p.keys, state, reason) for p, state, reason in tracked
+                                       if p.task_id is not None])
         return entries
 
-    def _register_late(self, plans: list[TaskPlan], version: str, results: dict[str, JobResult]) -> None:
+    def _register_late(self, plans: list[TaskPlan], version: str, results: dict[str, JobResult],
+                       project: int) -> None:
         """Have the workers write these tasks through the API when their jobs finish."""
         if not plans:
             return
-        self.store.add_late([LateRecord(p.task_id, version, tuple(p.keys)) for p in plans])
+        self.store.add_late([LateRecord(p.task_id, version, tuple(p.keys), project,
+                                        tuple(dict.fromkeys(spec.image for spec in p.specs))) for p in plans])
+        self.store.track(project, [(p.task_id, version, p.keys, "late", "") for p in plans])
         # A job may have finished between the last look and the registration, its worker missing the
         # record: look once more, and deliver here what finished (the claim settles who delivers).
         keys = list(dict.fromkeys(k for p in plans for k in p.keys if k not in results))
@@ -147,6 +176,24 @@ class Predictor:
         if self.can_post_late and plan.task_id is not None:
             return "still running; the prediction will be written into Label Studio when it is ready"
         return "still running; ask again later"
+
+
+@dataclass
+class PendingFailures:
+    """Entries answered pending because a setting or an outage failed their job (shown by /health)."""
+
+    count: int = 0
+    last_reason: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def note(self, reason: str) -> None:
+        with self._lock:
+            self.count += 1
+            self.last_reason = reason[:300]
+
+    def to_dict(self) -> dict:
+        with self._lock:
+            return {"count": self.count, "last_reason": self.last_reason}
 
 
 def _entry_kind(entry: dict) -> str:

@@ -1,10 +1,11 @@
 """`car-backend prelabel`: pre-label a whole Label Studio project, or an image folder offline.
 
 --project ID: the tasks lacking a prediction for the current model_version are registered as late
-deliveries and their jobs enqueued on the batch queue; workers write each prediction through the API as
-its job finishes (this process writes those whose results were already cached). Every write goes
-through the task's delivery claim, so a task is written once even while /predict serves the same project,
-and running again resumes: tasks that got their prediction are no longer listed.
+deliveries and their jobs enqueued on the batch queue; finished tasks are written in batches through
+Label Studio's bulk import (queue.delivery), by the workers as jobs finish and by this process for those
+whose results were already cached. Every write goes through the task's delivery claim and a read-back of
+the task, so a task is written once even while /predict serves the same project, and running again
+resumes: tasks that got their prediction are no longer listed.
 
 --images DIR: segments every image in this process (no Redis) and writes an export: a Label Studio import
 file (`--export ls`, the default), COCO, VOC-style PNG label maps or YOLO polygons (car_backend.exports),
@@ -33,11 +34,12 @@ from car_backend.exports.writers import ExportSpec, Layout, write_export
 from car_backend.labelstudio.client import LabelStudioAPIError, LabelStudioClient, prediction_versions
 from car_backend.labelstudio.config import LabelConfigError, parse_label_config
 from car_backend.labelstudio.media import MediaError, MediaFetcher
+from car_backend.labelstudio.results import failed_entry
 from car_backend.pipeline.compute import restrict, segment_run, task_score
 from car_backend.pipeline.planning import plan_task
-from car_backend.pipeline.spec import JobResult, Project
+from car_backend.pipeline.spec import Project
 from car_backend.pipeline.versions import model_version
-from car_backend.queue.jobs import deliver
+from car_backend.queue.delivery import Deliverer
 from car_backend.queue.store import LateRecord
 from car_backend.queue.wait import JobWatch
 from car_backend.service.backend import Backend
@@ -84,7 +86,7 @@ def prelabel_project(project_id: int, settings: Settings) -> int:
         print("car-backend prelabel --project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
         return 2
     started = time.monotonic()
-    client = LabelStudioClient(settings)
+    client = LabelStudioClient(settings, settings.ls_timeout)
     try:
         label_config = client.project(project_id)["label_config"]
         ml_backends = client.ml_backends(project_id)
@@ -113,17 +115,25 @@ def prelabel_project(project_id: int, settings: Settings) -> int:
 
 
 class ProjectRun:
-    """The tasks of one `prelabel --project` run, followed until each is written or has failed."""
+    """The tasks of one `prelabel --project` run, followed until each is written or has failed.
+
+    Finished tasks go through the project's outbox like every late write (queue.delivery: claims, read-back,
+    bulk import, retries), written by this process as well as by the workers.
+    """
 
     def __init__(self, tasks: list[dict], project: Project, settings: Settings, backend: Backend,
                  client: LabelStudioClient):
         self.version = project.version
+        self.project_id = project.ls_project
         self.backend = backend
         self.store, self.queue, self.client = backend.store, backend.queue, client
         self.owner = f"prelabel:{socket.gethostname()}:{os.getpid()}"
+        self.deliverer = Deliverer(self.store, client, settings, owner=self.owner)
         self.plans = [plan_task(task, project, settings) for task in tasks if isinstance(task.get("id"), int)]
         self.open = {p.task_id: p for p in self.plans if p.failure is None}
-        self.records = {tid: LateRecord(tid, self.version, tuple(p.keys)) for tid, p in self.open.items()}
+        self.records = {tid: LateRecord(tid, self.version, tuple(p.keys), self.project_id,
+                                        tuple(dict.fromkeys(s.image for s in p.specs)))
+                        for tid, p in self.open.items()}
         self.specs = {spec.key: spec for p in self.open.values() for spec in p.specs}
         self.watch = JobWatch(self.queue, self.store)
         self.progress = Progress()
@@ -131,13 +141,11 @@ class ProjectRun:
     def run(self) -> Progress:
         # Tasks with nothing to compute (no image, no labels) get their empty prediction right away.
         for plan in self.plans:
-            if plan.failure is not None:
-                record = LateRecord(plan.task_id, self.version, ())
-                deliver(self.store, self.client, record, [JobResult(ok=False, regions=[], error=plan.failure)],
-                        self.owner)
+            if plan.failure is not None and self._write_empty(plan):
                 self.progress.delivered += 1
                 self.progress.empty += 1
         self.store.add_late(self.records.values())
+        self.store.track(self.project_id, [(r.task, r.version, r.keys, "late", "") for r in self.records.values()])
         bar = tqdm(total=len(self.plans), initial=self.progress.finished, unit="task", desc="prelabel",
                    file=sys.stderr)
         heard_from_workers = time.monotonic()
@@ -158,35 +166,61 @@ class ProjectRun:
             bar.close()
         return self.progress
 
+    def _write_empty(self, plan) -> bool:
+        """The empty prediction of a task that has nothing to predict, if this run wins its claim."""
+        if not self.store.claim([plan.task_id], self.version, self.owner)[0]:
+            return True  # delivered by someone else
+        entry = failed_entry(self.version, plan.failure)
+        try:
+            self.client.create_prediction(plan.task_id, entry)
+        except LabelStudioAPIError as exc:
+            self.store.release_claim(plan.task_id, self.version, self.owner)
+            log.warning("task %s: could not write its empty prediction: %s", plan.task_id, exc)
+            self.progress.failed += 1
+            return False
+        self.store.track(self.project_id, [(plan.task_id, self.version, (), "empty", plan.failure)])
+        return True
+
     def _look(self) -> None:
-        """Count what got written, write what is ready, submit what is missing, give up on dead jobs."""
+        """Count what got written, stage what is ready, submit what is missing, give up on dead jobs."""
         task_ids = list(self.open)
-        for task_id, claimed in zip(task_ids, self.store.claimed(task_ids, self.version), strict=True):
+        tracked = self.store.tracked(self.project_id)
+        staged = False
+        for task_id, state in zip(task_ids, self.store.delivery_states(task_ids, self.version), strict=True):
             plan = self.open[task_id]
             results = self.store.results(plan.keys)
             finished = all(r is not None for r in results)
-            if claimed:
+            note = tracked.get(task_id, {})
+            if state == "delivered":
                 self.progress.delivered += 1
                 self.progress.empty += finished and not any(r.ok for r in results)
                 del self.open[task_id]
-            elif finished:
-                # Cached before this run, or its job ended before the late record was there: write it here.
-                deliver(self.store, self.client, self.records[task_id], results, self.owner)
-            else:
+            elif note.get("state") in ("dropped", "pending") and note.get("version") == self.version:
+                log.warning("task %s: not written: %s", task_id, note.get("reason"))
+                self.progress.failed += 1
+                self.store.outbox_done([self.records[task_id]])
+                del self.open[task_id]
+            elif finished and state is None:
+                # Cached before this run, or its job ended before the late record was there: stage it here.
+                self.store.outbox_put([self.records[task_id]], due=time.time())
+                staged = True
+            elif not finished:
                 for key, result in zip(plan.keys, results, strict=True):
                     if result is None and key not in self.watch.jobs:
                         self.watch.submit(self.specs[key])
+        if staged or self.store.outbox_size(self.project_id):
+            self.deliverer.deliver_due(projects=[self.project_id])
         self._drop_failed()
 
     def _drop_failed(self) -> None:
         dead = self.watch.poll(list(self.watch.jobs)).failed
         for task_id in [t for t, p in self.open.items() if dead.keys() & set(p.keys)]:
-            if self.store.claimed([task_id], self.version)[0]:
+            if self.store.delivery_states([task_id], self.version)[0] is not None:
                 continue  # written meanwhile (a /predict computed it again); counted on the next look
             reasons = "; ".join(dead[k] for k in self.open[task_id].keys if k in dead)
             log.warning("task %s: its job failed: %s", task_id, reasons)
             self.progress.failed += 1
-            self.store.remove_late(self.records[task_id])
+            self.store.outbox_done([self.records[task_id]])
             del self.open[task_id]
 
 

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 
 from redis import RedisError
@@ -57,12 +58,12 @@ class Projects:
                 self.store.save_project_params(pid, extra_params)
             except RedisError as exc:
                 log.warning("could not keep project %s's extra_params in Redis: %s", pid, exc)
-        return parsed
+        return _with_id(parsed, pid)
 
     def for_predict(self, project: Any, label_config: str) -> Project:
         """The config of a /predict call, with the extra_params its project's /setup sent."""
         pid = project_id(project)
-        return self._parse(label_config, self._extra_params(pid), self._calibration(pid))
+        return _with_id(self._parse(label_config, self._extra_params(pid), self._calibration(pid)), pid)
 
     def _calibration(self, pid: str | None) -> Calibration | None:
         if pid is None:
@@ -115,3 +116,8 @@ class Projects:
             while len(self._parsed) > CONFIG_CACHE_SIZE:
                 self._parsed.popitem(last=False)
         return project
+
+
+def _with_id(project: Project, pid: str | None) -> Project:
+    """`project` with Label Studio's project id, when `pid` is one (late writes are checked against it)."""
+    return replace(project, ls_project=int(pid)) if pid is not None and pid.isdigit() else project

@@ -18,6 +18,7 @@ from car_backend.service.metrics import Metrics
 from car_backend.service.parsing import RequestError, predict_request, setup_request, webhook_body
 from car_backend.service.predictor import Predictor
 from car_backend.service.projects import Projects
+from car_backend.service.status import project_status
 from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def health() -> Response:
         body.update(status="DEGRADED", redis="down", detail=f"the job queue's Redis is unavailable: {exc}")
     else:
         body.update(redis="ok", queue={"name": service.settings.queue, **snap["depth"]}, workers=snap["workers"])
+    body["pending_failures"] = service.predictor.pending_failures.to_dict()  # answered pending: a setting or outage
     return json_response(body)
 
 
@@ -134,3 +136,15 @@ def versions() -> Response:
 @blueprint.get("/metrics")
 def metrics_text() -> Response:
     return Response(_service().metrics.render(), mimetype="text/plain; version=0.0.4")
+
+
+@blueprint.get("/status")
+def status() -> Response:
+    """A project's progress (`?project=ID`), or one task's (`&task=ID`): see service.status."""
+    service = _service()
+    try:
+        project = int(request.args.get("project", ""))
+        task = int(request.args["task"]) if "task" in request.args else None
+    except ValueError:
+        raise RequestError("/status needs ?project=<Label Studio project id> (and optionally &task=<id>)") from None
+    return json_response(project_status(service.backend.store, service.backend.queue, project, task))

@@ -17,6 +17,12 @@ Routes, in this order:
 2. The recorded API (always authorized): POST /api/predictions/ (recorded in `predictions`),
    GET /api/projects/<id>/, GET /api/annotations/<id>/ (`add_annotation`), GET /api/ml/?project=, GET /api/tasks/?project=&page=&page_size= (paginated,
    with the recorded predictions). `add_project` sets a project's label config, tasks and extra params.
+   Delivery (in `_delivery_api`): GET /api/tasks/<id>/ (a task added with `add_project`/`add_tasks`, with
+   its recorded predictions), POST /api/projects/<id>/import/predictions (a list of predictions; 404 while
+   `bulk_missing`); `prediction_counts()` counts stored predictions per (task, model_version).
+   Faults: `go_down(seconds, mode)` makes every /api/ request answer 503 (mode "503") or drop the
+   connection (mode "refuse") for a while; `slow_first_writes = seconds` stores each task's first write,
+   then answers it that late (after the client's timeout); `faults_served` counts requests that met one.
 3. Images, unauthenticated (same origin, so the media fetcher sends the key): /img/<name> (a picture derived
    from the name), /slow/<seconds>/<name> (answers late), /flaky/<n>/<name> (HTTP 503 the first n times),
    /bad/<name> (bytes that are no image). `hits` counts requests per "img/<name>", "slow/<name>", ...
@@ -44,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 HOST = "127.0.0.1"  # loopback only
+DOWN_ARMED_S = 3600.0  # how long an outage armed to start with the next request waits for it
 
 
 def _b64(data: dict) -> str:
@@ -89,6 +96,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds before the body is sent
     chunked: bool = False  # no Content-Length; the body goes out in pieces, then the connection closes
+    drop: bool = False  # close the connection without answering (a refused or reset connection)
 
 
 @dataclass
@@ -130,6 +138,7 @@ class FakeLabelStudio:
         self.lock = threading.Lock()
         self._access: set[str] = set()  # every access token given out and not revoked
         self._flaky: dict[str, int] = defaultdict(int)
+        self._init_delivery_faults()
         self._server = _Server((HOST, 0), self._handler())
         self.port = self._server.server_address[1]
         self.url = f"http://{HOST}:{self.port}"
@@ -154,6 +163,7 @@ class FakeLabelStudio:
     def add_project(self, project_id: int, label_config: str, tasks: list[dict], extra_params=None) -> None:
         with self.lock:
             self.projects[project_id] = {"label_config": label_config, "tasks": tasks, "extra_params": extra_params}
+        self.add_tasks(project_id, tasks)
 
     def predictions_for(self, task_id: int) -> list[dict]:
         with self.lock:
@@ -183,6 +193,95 @@ class FakeLabelStudio:
     def seen_paths(self, prefix: str = "") -> list[Seen]:
         return [s for s in self.seen if s.path.startswith(prefix)]
 
+    # ---- delivery: tasks read back, bulk import, faults, counts ----
+
+    def _init_delivery_faults(self) -> None:
+        self.tasks: dict[int, dict] = {}  # id -> {"project", "data"}
+        self.bulk_missing = False
+        self.bulk_requests = 0
+        self.slow_first_writes = 0.0
+        self._slowed: set[int] = set()
+        self._down_until = 0.0
+        self._down_for = 0.0
+        self._down_mode = "503"
+        self.faults_served = 0
+
+    def add_tasks(self, project_id: int, tasks: list[dict]) -> None:
+        """Make tasks ({"id", "data"}) of `project_id` readable at GET /api/tasks/<id>/."""
+        with self.lock:
+            for task in tasks:
+                self.tasks[task["id"]] = {"project": project_id, "data": task.get("data", {})}
+
+    def go_down(self, seconds: float, mode: str = "503", from_first_request: bool = False) -> None:
+        """Every /api/ request answers 503 (mode "503") or has its connection dropped ("refuse") for `seconds`,
+        from now or (`from_first_request`) from the next /api/ request on that is not a token exchange (so
+        images fetched with the key before it still work)."""
+        with self.lock:
+            self._down_for = seconds if from_first_request else 0.0
+            self._down_until = time.monotonic() + (DOWN_ARMED_S if from_first_request else seconds)
+            self._down_mode = mode
+
+    def prediction_counts(self) -> Counter:
+        """Stored predictions per (task, model_version)."""
+        with self.lock:
+            return Counter((p["task"], p["model_version"]) for p in self.predictions)
+
+    def _fault(self, path: str) -> Reply | None:
+        if not path.startswith("/api/"):
+            return None
+        with self.lock:
+            if time.monotonic() >= self._down_until:
+                return None
+            if self._down_for:  # armed: the outage starts with this request, unless it is a token exchange
+                if path == "/api/token/refresh/":
+                    return None
+                self._down_until = time.monotonic() + self._down_for
+                self._down_for = 0.0
+            self.faults_served += 1
+            mode = self._down_mode
+        return Reply(drop=True) if mode == "refuse" else _json(503, {"detail": "Service Unavailable"})
+
+    def _late_answer(self, task_ids: list[int], reply: Reply) -> Reply:
+        """`reply`, sent `slow_first_writes` seconds late when it answers some task's first write."""
+        with self.lock:
+            first = [t for t in task_ids if t not in self._slowed]
+            self._slowed.update(task_ids)
+        if self.slow_first_writes and first:
+            reply.delay = self.slow_first_writes
+            with self.lock:
+                self.faults_served += 1
+        return reply
+
+    def _delivery_api(self, method: str, parts: list[str], body: bytes) -> Reply | None:
+        if method == "GET" and len(parts) == 3 and parts[1] == "tasks" and parts[2].isdigit():
+            task_id = int(parts[2])
+            with self.lock:
+                task = self.tasks.get(task_id)
+                if task is None:
+                    return _json(404, {"detail": "Not found."})
+                predictions = [p for p in self.predictions if p["task"] == task_id]
+            return _json(200, {"id": task_id, "project": task["project"], "data": task["data"],
+                               "predictions": predictions})
+        if method == "POST" and len(parts) == 5 and parts[1] == "projects" and parts[3:] == ["import", "predictions"]:
+            with self.lock:
+                self.bulk_requests += 1
+            if self.bulk_missing:
+                return _json(404, {"detail": "Not found."})
+            try:
+                items = json.loads(body)
+            except ValueError:
+                items = None
+            if not isinstance(items, list) or not all(
+                    isinstance(i, dict) and isinstance(i.get("task"), int) and isinstance(i.get("result"), list)
+                    and isinstance(i.get("model_version"), str) for i in items):
+                return _json(400, {"detail": "a list of predictions is expected"})
+            with self.lock:
+                now = time.time()
+                for item in items:
+                    self.predictions.append({**item, "id": len(self.predictions) + 1, "at": now})
+            return self._late_answer([i["task"] for i in items], _json(201, {"created": len(items)}))
+        return None
+
     # ---- answers ----
 
     def _answer(self, method: str, target: str, body: bytes, authorization: str | None) -> Reply:
@@ -194,6 +293,9 @@ class FakeLabelStudio:
             return route() if callable(route) else route
         parts = urlsplit(target)
         path, args = parts.path, {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        fault = self._fault(path)
+        if fault is not None:
+            return fault
         if method == "POST" and path == "/api/token/refresh/":
             return self._refresh(body)
         if path.startswith("/api/"):
@@ -216,6 +318,9 @@ class FakeLabelStudio:
 
     def _api(self, method: str, path: str, args: dict[str, str], body: bytes) -> Reply:
         parts = path.strip("/").split("/")  # ["api", ...]
+        delivery = self._delivery_api(method, parts, body)
+        if delivery is not None:
+            return delivery
         if method == "POST" and parts == ["api", "predictions"]:
             return self._create_prediction(_object(body))
         if method != "GET":
@@ -257,7 +362,7 @@ class FakeLabelStudio:
         with self.lock:
             record = {**body, "id": len(self.predictions) + 1, "at": time.time()}
             self.predictions.append(record)
-        return _json(201, record)
+        return self._late_answer([body["task"]], _json(201, record))
 
     def _tasks(self, args: dict[str, str]) -> Reply:
         found = self.projects.get(_int(args.get("project")))
@@ -312,6 +417,9 @@ class FakeLabelStudio:
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
 
             def _send(self, reply: Reply) -> None:
+                if reply.drop:
+                    self.close_connection = True
+                    return
                 try:
                     self.send_response(reply.status)
                     for key, value in reply.headers.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from pathlib import Path
 
 from car_backend.settings import Settings
@@ -15,8 +16,10 @@ _OWN_PREFIXES = ("CAR_", "REDIS_URL", "LABEL_STUDIO_", "BASIC_AUTH_")
 
 
 def tiny_settings(**overrides) -> Settings:
-    """Settings with the tiny random CLIP on CPU (fast), plus `overrides`."""
-    values = {"proposal_model": TINY_MODEL, "classifier_model": TINY_MODEL, "device": "cpu", "max_steps": 3}
+    """Settings with the tiny random CLIP on CPU (fast), plus `overrides`. The embedded Redis's data goes to
+    a fresh temporary folder (CAR_DATA_DIR), never the user's cache that other runs may share."""
+    values = {"proposal_model": TINY_MODEL, "classifier_model": TINY_MODEL, "device": "cpu", "max_steps": 3,
+              "data_dir": tempfile.mkdtemp(prefix="car-data-")}
     values.update(overrides)
     return Settings(**values)
 

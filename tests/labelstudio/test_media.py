@@ -186,7 +186,7 @@ def test_foreign_hosts_need_to_be_allowed_and_never_get_the_key(ls):
     foreign = f"http://localhost:{ls.port}/img.png?token=abc"
     ls.routes["/img.png?token=abc"] = Reply(body=png(2, 2))
     err = fetch_error(MediaFetcher(settings(ls)), foreign)
-    assert err.retryable is False and "CAR_ALLOWED_HOSTS" in str(err) and "token=abc" not in str(err)
+    assert err.retryable is True and "CAR_ALLOWED_HOSTS" in str(err) and "token=abc" not in str(err)
     assert ls.seen_paths("/img.png") == []
     for allowed in ("localhost", f"localhost:{ls.port}", "LocalHost"):
         assert MediaFetcher(settings(ls, allowed_hosts=(allowed,))).fetch(foreign).size == (2, 2)
@@ -202,7 +202,7 @@ def test_allowed_host_cannot_redirect_to_a_forbidden_one_or_borrow_the_key(ls):
     ls.routes["/hop"] = Reply(302, headers={"Location": f"http://127.0.0.2:{ls.port}/x.png"})
     fetcher = MediaFetcher(settings(ls, allowed_hosts=("localhost",)))
     err = fetch_error(fetcher, f"http://localhost:{ls.port}/hop")
-    assert err.retryable is False and "127.0.0.2" in str(err)
+    assert err.retryable is True and "127.0.0.2" in str(err)
     ls.routes["/hop2"] = Reply(302, headers={"Location": ls.url + UPLOAD})  # to Label Studio: no key sent
     err = fetch_error(fetcher, f"http://localhost:{ls.port}/hop2")
     assert ls.seen_paths("/data/")[-1].authorization is None
@@ -271,14 +271,14 @@ def test_download_size_limit_by_header_and_while_streaming(ls):
     fetcher = MediaFetcher(settings(ls, max_download_bytes=4000))
     for path in ("/big.png", "/big-chunked.png"):
         err = fetch_error(fetcher, ls.url + path)
-        assert err.retryable is False and "CAR_MAX_DOWNLOAD_BYTES=4000" in str(err)
+        assert err.retryable is True and "CAR_MAX_DOWNLOAD_BYTES=4000" in str(err)
 
 
 def test_pixel_limit(ls):
     ls.routes[UPLOAD] = Reply(body=png(100, 60))
     err = fetch_error(MediaFetcher(settings(ls, max_image_pixels=5000)), UPLOAD)
     assert (
-        err.retryable is False
+        err.retryable is True
         and "100x60 = 6000 pixels" in str(err)
         and "CAR_MAX_IMAGE_PIXELS=5000" in str(err)
     )

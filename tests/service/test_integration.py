@@ -120,6 +120,7 @@ def test_a_slow_job_is_pending_then_written_through_the_api(shared_workers, serv
     a, b = task_ids(2)
     tasks = [{"id": a, "data": {"image": f"{fake_ls.url}/slow/3.0/late-{a}.png"}},
              {"id": b, "data": {"image": f"{fake_ls.url}/slow/3.0/late-{b}.png"}}]
+    fake_ls.add_tasks(1, tasks)  # late writes read the task back before writing into it
     client = make_client(service_settings(predict_wait=0.5))
     version = client.post("/setup", json={"schema": BRUSH}).get_json()["model_version"]
     started = time.monotonic()
@@ -180,7 +181,9 @@ def test_a_killed_worker_loses_no_job(redis_url, fake_ls, spawn_worker, service_
     settings = service_settings(queue=f"kill-{task_id}", predict_wait=0.0, job_retries=2)
     doomed = spawn_worker(settings)
     client = make_client(settings)
-    predict(client, [{"id": task_id, "data": {"image": f"{fake_ls.url}/slow/4.0/{name}"}}])
+    task = {"id": task_id, "data": {"image": f"{fake_ls.url}/slow/4.0/{name}"}}
+    fake_ls.add_tasks(1, [task])
+    predict(client, [task])
     deadline = time.monotonic() + DELIVERY_TIMEOUT_S
     while fake_ls.hits[f"slow/{name}"] == 0:  # the doomed worker is fetching the image: mid-job
         assert time.monotonic() < deadline, doomed.output()
@@ -200,7 +203,9 @@ def test_sigterm_lets_the_current_job_finish(fake_ls, spawn_worker, service_sett
     name = f"warm-{task_id}.png"
     settings = service_settings(queue=f"stop-{task_id}", predict_wait=0.0)
     worker = spawn_worker(settings)
-    predict(make_client(settings), [{"id": task_id, "data": {"image": f"{fake_ls.url}/slow/2.0/{name}"}}])
+    task = {"id": task_id, "data": {"image": f"{fake_ls.url}/slow/2.0/{name}"}}
+    fake_ls.add_tasks(1, [task])
+    predict(make_client(settings), [task])
     deadline = time.monotonic() + DELIVERY_TIMEOUT_S
     while fake_ls.hits[f"slow/{name}"] == 0:
         assert time.monotonic() < deadline, worker.output()
