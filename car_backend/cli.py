@@ -45,6 +45,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     p.add_argument("--name", help="worker name (default: host and process id)")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # the embedded worker exits with its server
     p.set_defaults(handler=_run("car_backend.queue.worker", "main"))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 
 from car_backend.labelstudio.config import LabelSpec, ProjectConfig, Target
 from car_backend.labelstudio.interactive import Focus
@@ -56,11 +57,10 @@ class JobSpec:
     focus: Focus | None = None  # interactive keypoints/rectangles that narrow the returned masks
     thresholds: tuple[tuple[str, float], ...] = ()  # the project's calibrated preset values, if any
 
-    @property
+    @cached_property
     def key(self) -> str:
-        identity = asdict(replace(self, task_id=None))
-        blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        """Computed once per object (`job_key`): a 10,000-task /predict asks for each key many times."""
+        return job_key(self)
 
     def to_dict(self) -> dict:
         return to_plain(self)
@@ -68,6 +68,13 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: dict) -> JobSpec:
         return from_plain(cls, data)
+
+
+def job_key(spec: JobSpec) -> str:
+    """sha256 of everything in `spec` but `task_id` (see JobSpec)."""
+    identity = asdict(replace(spec, task_id=None))
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

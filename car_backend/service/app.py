@@ -42,12 +42,13 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
     starts the embedded Redis and worker); `app.extensions["car_backend"].close()` stops it."""
     backend = backend or Backend(settings)
     metrics = Metrics()
-    metrics.watch(backend.snapshot)
+    metrics.watch(backend.snapshot, backend.review_reports)
     service = Service(
         settings=settings, backend=backend, metrics=metrics,
         projects=Projects(settings, backend.store, backend.review),
         predictor=Predictor(settings, backend.queue, backend.store, metrics,
-                            owner=f"predict:{socket.gethostname()}:{os.getpid()}"),
+                            owner=f"predict:{socket.gethostname()}:{os.getpid()}",
+                            workers_available=backend.workers_available),
         default_version=model_version(settings))
 
     app = Flask("car_backend")
