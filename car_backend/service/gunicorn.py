@@ -85,6 +85,15 @@ class CarThreadWorker(ThreadWorker):
         # After a 408 the rest of the body may still be on its way: close instead of draining it.
         return not conn.sock.expired and super()._keepalive_after(conn, keepalive)
 
+    def finish_request(self, conn, fs):
+        # Runs on the main loop: a graceful close would linger there up to 2 s per connection, reading what a
+        # slow client still sends, and stall every other connection meanwhile.
+        if isinstance(conn.sock, DeadlineSocket) and conn.sock.expired:
+            self.nr_conns -= 1
+            conn.close()
+            return
+        super().finish_request(conn, fs)
+
     def handle_error(self, req, client, addr, exc):
         if not isinstance(exc, RequestTooSlow):
             return super().handle_error(req, client, addr, exc)

@@ -172,3 +172,99 @@ def _running(pid: int) -> bool:
         return False
     status = open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] if os.path.exists(f"/proc/{pid}/stat") else ""
     return status != "Z"
+
+
+def _serve(settings) -> tuple:
+    """`car-backend serve` (real gunicorn) with `settings` on 127.0.0.1; (process, base URL) once /health answers."""
+    import subprocess
+    import sys
+
+    import requests
+
+    from tests.support.settings import settings_env
+
+    server = subprocess.Popen([sys.executable, "-m", "car_backend.cli", "serve"], env=settings_env(settings),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{settings.port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            requests.get(f"{base}/health", timeout=1)
+            return server, base
+        except requests.ConnectionError:
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
+            time.sleep(0.2)
+
+
+def _slow_body(base: str, path: str, results: list, drip_s: float = 0.5, bytes_total: int = 1000) -> None:
+    """A client that sends its headers, then one byte of its body every `drip_s`; appends what it got back."""
+    import socket
+
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {bytes_total}\r\n\r\n".encode())
+        try:
+            for _ in range(bytes_total):
+                conn.sendall(b" ")
+                time.sleep(drip_s)
+        except OSError:
+            pass  # the server closed the connection on us
+        try:
+            results.append(conn.recv(4096).decode(errors="replace"))
+        except OSError as exc:
+            results.append(f"error: {exc}")
+
+
+@pytest.mark.integration
+def test_health_and_setup_answer_under_waiting_predicts_and_slow_clients(service_settings, spawn_worker, fake_ls,
+                                                                         task_ids):
+    """Real gunicorn: 10 /predict calls waiting on slow jobs (6 allowed to wait), 8 clients dripping their
+    bodies; /health and /setup answer within Label Studio's timeouts all along, the slow clients get 408."""
+    import threading
+
+    import requests
+
+    from tests.support.redis import free_port
+
+    queue = f"load-{uuid.uuid4().hex[:8]}"
+    spawn_worker(service_settings(queue=queue))
+    settings = service_settings(queue=queue, port=free_port(), host="127.0.0.1", predict_wait=12.0,
+                                predict_waiters=6, request_timeout=3.0, log_level="WARNING")
+    server, base = _serve(settings)
+    answers: list[tuple[float, dict]] = []
+    slow: list[str] = []
+
+    def waiting_predict(index: int) -> None:
+        tasks = [{"id": t, "data": {"image": f"{fake_ls.url}/slow/20/load-{queue}-{index}-{t}.png"}}
+                 for t in task_ids(3)]
+        started = time.monotonic()
+        body = requests.post(f"{base}/predict", json={"tasks": tasks, "label_config": BRUSH}, timeout=60).json()
+        answers.append((time.monotonic() - started, body))
+
+    try:
+        threads = [threading.Thread(target=waiting_predict, args=(i,)) for i in range(10)]
+        threads += [threading.Thread(target=_slow_body, args=(base, "/predict", slow)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)  # every call is in: waiting on jobs, or dripping its body
+        health_s, setup_s = [], []
+        for _ in range(10):
+            started = time.monotonic()
+            assert requests.get(f"{base}/health", timeout=1).status_code == 200
+            health_s.append(time.monotonic() - started)
+            started = time.monotonic()
+            assert requests.post(f"{base}/setup", json={"project": "1.1", "schema": BRUSH}, timeout=3).ok
+            setup_s.append(time.monotonic() - started)
+            time.sleep(0.4)
+        for thread in threads:
+            thread.join(60)
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=30)[0]
+    assert len(answers) == 10 and len(slow) == 8, output
+    busy = [body for _, body in answers if "waiting for jobs already" in body["results"][0].get("reason", "")]
+    waited = [seconds for seconds, body in answers if body not in busy]
+    assert len(busy) == 4 and len(waited) == 6, [body["results"][0] for _, body in answers]
+    assert all(seconds >= 10 for seconds in waited), waited  # those waited up to CAR_PREDICT_WAIT
+    assert all(reply.startswith("HTTP/1.1 408") for reply in slow), slow
