@@ -189,10 +189,14 @@ class JobQueue:
                 except WatchError:
                     continue
 
-    def submit_many(self, specs: list[JobSpec], interactive: bool = False) -> list[tuple[str, bool]]:
-        """`submit` for each spec (distinct keys), SUBMIT_CHUNK keys per transaction; same answers."""
+    def submit_many(self, specs: list[JobSpec], interactive: bool = False,
+                    deadline: float | None = None) -> list[tuple[str, bool]]:
+        """`submit` for each spec (distinct keys), SUBMIT_CHUNK keys per transaction; same answers, in order.
+        With `deadline` (monotonic), no chunk starts after it: the answers then cover a prefix of `specs`."""
         out: list[tuple[str, bool]] = []
         for start in range(0, len(specs), SUBMIT_CHUNK):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
             out.extend(self._submit_chunk(specs[start:start + SUBMIT_CHUNK], interactive))
         return out
 

@@ -46,12 +46,12 @@ class JobWatch:
         self.jobs[spec.key], created = self.queue.submit(spec, interactive=interactive)
         return created
 
-    def submit_many(self, specs: Sequence[JobSpec], interactive: bool = False) -> int:
+    def submit_many(self, specs: Sequence[JobSpec], interactive: bool = False, deadline: float | None = None) -> int:
         """`submit` for specs of distinct keys, in a few transactions (JobQueue.submit_many); how many jobs
-        were created."""
+        were created. Past `deadline` the rest is not submitted (those keys are not in `jobs`)."""
         created = 0
-        for spec, (job_id, new) in zip(specs, self.queue.submit_many(list(specs), interactive=interactive),
-                                       strict=True):
+        for spec, (job_id, new) in zip(specs, self.queue.submit_many(list(specs), interactive=interactive,
+                                                                     deadline=deadline), strict=False):
             self.jobs[spec.key] = job_id
             created += new
         return created

@@ -10,7 +10,8 @@
    registered as late, so the worker finishing their job writes the prediction through the API.
 
 The answer is never later than promised: waiting stops early enough (ANSWER_RESERVE_S, plus
-ANSWER_S_PER_TASK per task) to assemble it within CAR_PREDICT_WAIT of the request's start. A call does not
+ANSWER_S_PER_TASK per task) to assemble it within CAR_PREDICT_WAIT of the request's start; jobs that could
+not be queued by then (a huge request) are answered pending, to be queued by the next request. A call does not
 wait at all (its jobs are queued, its tasks answered pending with the reason) when no worker is alive, or
 when CAR_PREDICT_WAITERS calls are waiting already, so waiting calls never take every HTTP thread.
 """
@@ -42,7 +43,10 @@ log = logging.getLogger(__name__)
 # a part per task (measured about 0.1 ms per task on 2 loaded cores; 5x margin).
 ANSWER_RESERVE_S = 0.5
 ANSWER_S_PER_TASK = 0.0005
+# Jobs are queued for at least this long whatever CAR_PREDICT_WAIT (0 = answer without waiting, yet queue).
+QUEUE_AT_LEAST_S = 2.0
 NO_WORKER = "no worker is running (start `car-backend worker`); the job is queued and runs when one starts"
+NOT_QUEUED = "not queued: this request had more jobs than can be queued within CAR_PREDICT_WAIT"
 BUSY = ("the server has {n} /predict calls waiting for jobs already (CAR_PREDICT_WAITERS); the job is queued "
         "and did not wait")
 
@@ -113,10 +117,19 @@ class Predictor:
                 results[key] = result
         self.metrics.cache.labels(outcome="hit").inc(len(results))
         self.metrics.cache.labels(outcome="miss").inc(len(keys) - len(results))
+        # Waiting, and queueing too, end early enough to build the answer in time; a short wait still queues.
+        deadline = started + self.settings.predict_wait - ANSWER_RESERVE_S - ANSWER_S_PER_TASK * len(plans)
         watch = JobWatch(self.queue, self.store)
-        created = watch.submit_many([specs[k] for k in keys if k not in results], interactive=priority)
+        missing = [k for k in keys if k not in results]
+        created = watch.submit_many([specs[k] for k in missing], interactive=priority,
+                                    deadline=max(deadline, started + QUEUE_AT_LEAST_S))
         self.metrics.jobs.labels(outcome="enqueued").inc(created)
         self.metrics.jobs.labels(outcome="deduplicated").inc(len(watch.jobs) - created)
+        unqueued = [k for k in missing if k not in watch.jobs]
+        if unqueued:
+            log.warning("/predict: %d of %d jobs not queued: no time left within CAR_PREDICT_WAIT", len(unqueued),
+                        len(missing))
+            errors.update(dict.fromkeys(unqueued, NOT_QUEUED))
         if not watch.jobs:
             return None
         if not self.workers_available():
@@ -124,8 +137,7 @@ class Predictor:
         if not self._waiters.acquire(blocking=False):
             return BUSY.format(n=self.settings.waiting_predicts)
         try:
-            reserve = ANSWER_RESERVE_S + ANSWER_S_PER_TASK * len(plans)
-            settled = watch.wait(list(watch.jobs), deadline=started + self.settings.predict_wait - reserve)
+            settled = watch.wait(list(watch.jobs), deadline=deadline)
         finally:
             self._waiters.release()
         results.update(settled.results)

@@ -268,3 +268,19 @@ def test_health_and_setup_answer_under_waiting_predicts_and_slow_clients(service
     assert len(busy) == 4 and len(waited) == 6, [body["results"][0] for _, body in answers]
     assert all(seconds >= 10 for seconds in waited), waited  # those waited up to CAR_PREDICT_WAIT
     assert all(reply.startswith("HTTP/1.1 408") for reply in slow), slow
+
+
+def test_jobs_left_unqueued_at_the_deadline_are_pending_and_unclaimed(service_settings, make_client, task_ids, redis,
+                                                                     monkeypatch):
+    """No time left to queue (CAR_PREDICT_WAIT 0, no queueing grace): every task is pending with the reason,
+    and no delivery claim is taken for a task that is not answered."""
+    from car_backend.queue.store import Store
+    from car_backend.service import predictor
+
+    monkeypatch.setattr(predictor, "QUEUE_AT_LEAST_S", 0.0)
+    client = make_client(service_settings(predict_wait=0.0, queue=f"late-{uuid.uuid4().hex[:8]}"))
+    ids = task_ids(4)
+    body = predict(client, [{"id": t, "data": {"image": f"{t}.png"}} for t in ids])
+    assert all("result" not in e and "not queued" in e["reason"] for e in body["results"]), body
+    assert not any(redis.exists(Store.claim_key(t, body["model_version"])) for t in ids)
+    assert client.get("/health").get_json()["queue"]["batch"] == 0
