@@ -27,7 +27,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="run the Label Studio ML backend HTTP server (gunicorn)",
         description="Serve the ML backend protocol (/health, /setup, /predict, /webhook, /versions, /metrics) with "
-        "gunicorn. Without REDIS_URL, jobs run on an in-process worker with an embedded Redis; with REDIS_URL, "
+        "gunicorn. Without REDIS_URL, jobs run on an embedded worker process with an embedded Redis; with REDIS_URL, "
         "they go to the queue that `car-backend worker` processes serve.",
     )
     p.add_argument("--host", help="address to bind (default: HOST or 0.0.0.0)")

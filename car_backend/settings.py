@@ -118,7 +118,7 @@ class Settings:
     # Queue
     redis_url: str = field(
         default="",
-        metadata=_meta("REDIS_URL", "Redis for the job queue; empty = in-process worker (embedded Redis)."),
+        metadata=_meta("REDIS_URL", "Redis for the job queue; empty = embedded worker process and Redis."),
     )
     queue: str = field(default="car", metadata=_meta("CAR_QUEUE", "RQ queue name for batch jobs."))
     predict_wait: float = field(

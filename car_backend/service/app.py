@@ -1,6 +1,6 @@
 """The HTTP side of the Label Studio ML backend protocol: the Flask app (`create_app`).
 
-    GET  /, /health  {"status": "UP"|"DEGRADED", "model_version", "mode", "redis", "queue", "workers"}
+    GET  /, /health  {"status": "UP"|"DEGRADED", "model_version", "mode", "redis", "queue", "workers", "warnings"}
     POST /setup      {"model_version", "targets": [...], "skipped": [...]}      (parses the config only)
     POST /predict    {"results": [one entry per task, in order], "model_version"}
     POST /webhook    {"status": "queued"|"ignored", ...}  annotation events queue a review (review.jobs)
@@ -8,7 +8,7 @@
     GET  /metrics    Prometheus text
 
 The routes are one blueprint (service.routes); request bodies are parsed in service.parsing. No route
-loads model weights: jobs run in workers (or the embedded worker thread), so /health and /setup stay fast
+loads model weights: jobs run in workers (or the embedded worker process), so /health and /setup stay fast
 while inference runs. With BASIC_AUTH_USER/PASS set, every route requires them.
 """
 
