@@ -15,7 +15,16 @@ Workers split the CPU cores (OMP_NUM_THREADS = cores / workers, unless OMP_NUM_T
 workers sharing a host must: each one taking every core makes them many times slower together.
 The last line is one JSON object with keys `lost` and `duplicated` (totals) and the per-run figures.
 
+Responsiveness (key `responsiveness`): `/health` and `/setup` latency p50/p99/max (ms), probed every
+PROBE_GAP_S on fresh connections with Label Studio's timeouts (1 s, 3 s; a miss counts as the timeout),
+idle (the baseline of the same run) and under each load: many `/predict` calls waiting on slow jobs, clients
+dripping their bodies, jobs running in embedded mode (REDIS_URL unset); planning time for 10,000 tasks x
+20 labels (plan and job keys) and the answer time of such a `/predict` against CAR_PREDICT_WAIT; the
+interactive p95 while a pre-label batch of `--tasks` tasks waits with 1 worker. Goals: health p99 < 100 ms,
+planning < 5 s, interactive p95 < 3 s.
+
     python benchmarks/service.py [--tasks 200] [--workers 1,2,4] [--interactive 20] [--quick]
+                                 [--only responsiveness]
 """
 
 from __future__ import annotations
@@ -25,10 +34,12 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +62,11 @@ INTERACTIVE_CONFIG = (ROOT / "label_config" / "interactive.xml").read_text()
 PREDICT_WAIT_S = 60.0
 DRAIN_TIMEOUT_S = 900.0
 PRELABEL = [sys.executable, "-m", "car_backend.cli", "prelabel", "--project"]
+PROBE_GAP_S = 0.05  # between two /health (or /setup) probes under load
+LOAD_S = 8.0  # how long each load is probed
+WAITING_PREDICTS = 12  # concurrent /predict calls waiting on slow jobs
+SLOW_CLIENTS = 12  # concurrent clients dripping their request bodies
+PLAN_TASKS, PLAN_LABELS = 10_000, 20
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -279,6 +295,168 @@ class Bench:
         return row
 
 
+def latency_summary(seconds: list[float]) -> dict:
+    ms = [1000 * s for s in seconds]
+    return {"n": len(ms), "p50_ms": round(percentile(ms, 0.5), 1), "p99_ms": round(percentile(ms, 0.99), 1),
+            "max_ms": round(max(ms), 1) if ms else float("nan")}
+
+
+def probe(base: str, seconds: float) -> dict:
+    """/health and /setup latencies for `seconds`, one probe every PROBE_GAP_S, each on a new connection with
+    Label Studio's timeouts; a timed-out or failed probe counts as its timeout."""
+    health, setup = [], []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for path, timeout, out in (("/health", 1.0, health), ("/setup", 3.0, setup)):
+            started = time.monotonic()
+            try:
+                if path == "/health":
+                    ok = requests.get(f"{base}{path}", timeout=timeout).ok
+                else:
+                    ok = requests.post(f"{base}{path}", json={"project": "1.1", "schema": LABEL_CONFIG},
+                                       timeout=timeout).ok
+            except requests.RequestException:
+                ok = False
+            out.append(time.monotonic() - started if ok else timeout)
+            time.sleep(PROBE_GAP_S)
+    return {"health": latency_summary(health), "setup": latency_summary(setup)}
+
+
+def drip_body(base: str, seconds: float) -> None:
+    """A client that sends its headers, then one byte of its body every 0.5 s for `seconds` at most."""
+    port = int(base.rsplit(":", 1)[1])
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n")
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            conn.sendall(b" ")
+            time.sleep(0.5)
+
+
+class Responsiveness:
+    """The responsiveness section (see the module docstring); `run()` returns its figures."""
+
+    def __init__(self, bench: Bench, tasks: int, calls: int):
+        self.bench = bench
+        self.tasks = tasks
+        self.calls = calls
+
+    @contextlib.contextmanager
+    def server(self, **overrides):
+        port = free_port()
+        settings = self.bench.settings(port=port, host="127.0.0.1", **overrides)
+        env = settings_env(settings)
+        if not settings.redis_url:
+            env.pop("REDIS_URL")
+        proc = subprocess.Popen([sys.executable, "-m", "car_backend.cli", "serve"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_http(f"{base}/health")
+            yield base
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+    def run(self, interactive: bool) -> dict:
+        """The figures; with `interactive`, the interactive-under-batch run too (else main() takes it from the
+        mixed run with 1 worker)."""
+        out = {}
+        queue = f"bench-resp-{os.getpid()}"
+        settings = self.bench.settings(queue=queue)
+        pool = self.bench.workers(settings, 1)
+        try:
+            with self.server(queue=queue, predict_wait=LOAD_S + 10) as base:
+                out["idle"] = probe(base, LOAD_S / 2)
+                out["waiting_predicts"] = self.under(base, self.waiting_predicts, queue)
+                out["slow_clients"] = self.under(base, lambda b: [threading.Thread(
+                    target=drip_body, args=(b, LOAD_S + 2), daemon=True) for _ in range(SLOW_CLIENTS)])
+        finally:
+            for worker in pool:
+                worker.stop()
+        with self.server(redis_url="", predict_wait=0.0) as base:
+            batch = [{"id": 60_000_000 + i, "data": {"image": f"{self.bench.fake.url}/img/resp-emb-{i}.png"}}
+                     for i in range(40)]
+            requests.post(f"{base}/predict", json={"tasks": batch, "label_config": LABEL_CONFIG}, timeout=60)
+            time.sleep(2.0)  # the embedded worker loads the models and starts on the jobs
+            out["embedded_jobs"] = probe(base, LOAD_S)
+        out["planning"] = self.planning()
+        if interactive:
+            out["interactive_under_batch"] = interactive_figures(
+                self.bench.interactive_run(self.tasks, 1, self.calls, expected_s=60.0))
+        for load in ("idle", "waiting_predicts", "slow_clients", "embedded_jobs"):
+            figures = out[load]
+            print(f"responsiveness {load:>16}: /health p50 {figures['health']['p50_ms']} ms p99 "
+                  f"{figures['health']['p99_ms']} ms max {figures['health']['max_ms']} ms; /setup p50 "
+                  f"{figures['setup']['p50_ms']} ms p99 {figures['setup']['p99_ms']} ms max "
+                  f"{figures['setup']['max_ms']} ms", flush=True)
+        print(f"planning {PLAN_TASKS} tasks x {PLAN_LABELS} labels: {out['planning']}", flush=True)
+        return out
+
+    def under(self, base: str, start_load, *args) -> dict:
+        threads = start_load(base, *args) if args else start_load(base)
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)  # every call is in
+        figures = probe(base, LOAD_S)
+        for thread in threads:
+            thread.join(120)
+        return figures
+
+    def waiting_predicts(self, base: str, queue: str) -> list[threading.Thread]:
+        fake = self.bench.fake
+
+        def call(index: int) -> None:
+            tasks = [{"id": 61_000_000 + 10 * index + i,
+                      "data": {"image": f"{fake.url}/slow/30/resp-{queue}-{index}-{i}.png"}} for i in range(3)]
+            with contextlib.suppress(requests.RequestException):
+                requests.post(f"{base}/predict", json={"tasks": tasks, "label_config": LABEL_CONFIG}, timeout=60)
+
+        return [threading.Thread(target=call, args=(i,), daemon=True) for i in range(WAITING_PREDICTS)]
+
+    def planning(self) -> dict:
+        """Plan and job keys of PLAN_TASKS tasks x PLAN_LABELS labels in this process, and one such /predict
+        (Flask test client, the benchmark's Redis, jobs on a queue no worker serves, a worker assumed)."""
+        from car_backend.pipeline.planning import plan_task
+        from car_backend.service.app import create_app
+        from car_backend.service.backend import Backend
+        from car_backend.service.projects import Projects
+
+        labels = "".join(f'<Label value="label{i}"/>' for i in range(PLAN_LABELS))
+        xml = (f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{labels}'
+               "</BrushLabels></View>")
+        wait = 10.0
+        settings = self.bench.settings(queue=f"bench-plan-{os.getpid()}", predict_wait=wait)
+        tasks = [{"id": 70_000_000 + i, "data": {"image": f"{self.bench.fake.url}/img/plan-{i}.png"}}
+                 for i in range(PLAN_TASKS)]
+        backend = Backend(settings)
+        try:
+            project = Projects(settings, backend.store).for_predict(None, xml)
+            started = time.monotonic()
+            plans = [plan_task(task, project, settings) for task in tasks]
+            keys = {key for plan in plans for key in plan.keys}
+            planned = time.monotonic() - started
+            backend.workers_available = lambda: True  # a busy worker: the call waits until its deadline
+            client = create_app(settings, backend).test_client()
+            started = time.monotonic()
+            body = client.post("/predict", json={"tasks": tasks, "label_config": xml}).get_json()
+            answered = time.monotonic() - started
+            queued = backend.queue.depth()["batch"]
+            for name in (settings.queue, f"{settings.queue}-interactive"):
+                Queue(name, connection=self.bench.redis, serializer=SERIALIZER).empty()
+        finally:
+            backend.close()
+        return {"tasks": PLAN_TASKS, "labels": PLAN_LABELS, "distinct_keys": len(keys),
+                "plan_and_keys_s": round(planned, 2), "predict_wait_s": wait, "predict_answer_s": round(answered, 2),
+                "answered_entries": len(body["results"]), "jobs_queued": queued}
+
+
+def interactive_figures(row: dict) -> dict:
+    return {"tasks": row["tasks"], "workers": row["workers"], "p50_ms": row["interactive_under_batch_p50_ms"],
+            "p95_ms": row["interactive_under_batch_p95_ms"]}
+
+
 def _wait_http(url: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -299,6 +477,7 @@ def main() -> int:
     parser.add_argument("--interactive", type=int, default=20,
                         help="interactive /predict calls during the pre-label of the mixed run (default 20)")
     parser.add_argument("--quick", action="store_true", help="40 tasks, 1 and 2 workers, 20 no-op jobs")
+    parser.add_argument("--only", choices=("responsiveness",), help="run only this section")
     args = parser.parse_args()
     tasks, counts, noop = args.tasks, [int(w) for w in args.workers.split(",")], args.noop_jobs
     calls = max(1, args.interactive)
@@ -306,7 +485,7 @@ def main() -> int:
         tasks, counts, noop = 40, [1, 2], 20
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the workers and servers started here stop too
-    runs, overhead = [], {}
+    runs, overhead, responsiveness = [], {}, {}
     with contextlib.ExitStack() as stack:
         url = redis_url(stack)
         fake = FakeLabelStudio().start()
@@ -316,13 +495,19 @@ def main() -> int:
         threads = os.environ.get("OMP_NUM_THREADS", "cores / workers")
         print(f"service benchmark: {tasks} tasks, workers {counts}, Redis {url}, torch threads per worker: "
               f"{threads}", flush=True)
-        overhead = bench.queue_overhead(1, noop)
-        print(f"queue overhead (no-op job, enqueue to finished, 1 worker): {overhead}", flush=True)
+        responsiveness = Responsiveness(bench, tasks, calls).run(interactive=args.only == "responsiveness")
+        if args.only == "responsiveness":
+            counts = []
+        else:
+            overhead = bench.queue_overhead(1, noop)
+            print(f"queue overhead (no-op job, enqueue to finished, 1 worker): {overhead}", flush=True)
         for workers in counts:
             runs.append(bench.predict_run(tasks, workers))
             runs.append(bench.prelabel_run(tasks, workers))
             runs.append(bench.interactive_run(tasks, workers, calls, expected_s=runs[-1]["seconds"]))
     mixed = [r for r in runs if r["mode"] == "prelabel+interactive"]
+    if "interactive_under_batch" not in responsiveness and any(r["workers"] == 1 for r in mixed):
+        responsiveness["interactive_under_batch"] = interactive_figures(next(r for r in mixed if r["workers"] == 1))
     summary = {"benchmark": "service", "tasks": tasks, "workers": counts, "cpus": os.cpu_count(),
                "lost": sum(r["lost"] for r in runs), "duplicated": sum(r["duplicated"] for r in runs),
                "queue_overhead": overhead,
@@ -330,7 +515,7 @@ def main() -> int:
                    {"workers": r["workers"], "interactive_under_batch_p50_ms": r["interactive_under_batch_p50_ms"],
                     "interactive_under_batch_p95_ms": r["interactive_under_batch_p95_ms"],
                     "batch_throughput": r["throughput"]} for r in mixed],
-               "runs": runs}
+               "runs": runs, "responsiveness": responsiveness}
     print(json.dumps(summary))
     return 0 if summary["lost"] == 0 and summary["duplicated"] == 0 else 1
 

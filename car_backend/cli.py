@@ -27,7 +27,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="run the Label Studio ML backend HTTP server (gunicorn)",
         description="Serve the ML backend protocol (/health, /setup, /predict, /webhook, /versions, /metrics) with "
-        "gunicorn. Without REDIS_URL, jobs run on an in-process worker with an embedded Redis; with REDIS_URL, "
+        "gunicorn. Without REDIS_URL, jobs run on an embedded worker process with an embedded Redis; with REDIS_URL, "
         "they go to the queue that `car-backend worker` processes serve.",
     )
     p.add_argument("--host", help="address to bind (default: HOST or 0.0.0.0)")
@@ -48,6 +48,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check", action="store_true",
                    help="do not run a worker: exit 0 when this host's worker (or --name) has a recent heartbeat in "
                    "Redis, 1 otherwise (a container health check)")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # the embedded worker exits with its server
     p.set_defaults(handler=_run("car_backend.queue.health", "worker_command"))
 
 

@@ -118,7 +118,7 @@ class Settings:
     # Queue
     redis_url: str = field(
         default="",
-        metadata=_meta("REDIS_URL", "Redis for the job queue; empty = in-process worker (embedded Redis). "
+        metadata=_meta("REDIS_URL", "Redis for the job queue; empty = embedded worker process and Redis. "
                        "`redis://:PASSWORD@host:6379/0` for a password (`requirepass`), `rediss://` for TLS."),
     )
     queue: str = field(default="car", metadata=_meta("CAR_QUEUE", "RQ queue name for batch jobs."))
@@ -229,8 +229,18 @@ class Settings:
     host: str = field(default="0.0.0.0", metadata=_meta("HOST", "Address `car-backend serve` binds to."))
     port: int = field(default=9090, metadata=_meta("PORT", "Port `car-backend serve` listens on."))
     http_threads: int = field(
-        default=8,
-        metadata=_meta("CAR_HTTP_THREADS", "gunicorn threads serving HTTP (at least 4; models never load there)."),
+        default=32,
+        metadata=_meta("CAR_HTTP_THREADS", "gunicorn threads serving HTTP (at least 8; models never load there)."),
+    )
+    predict_waiters: int = field(
+        default=0,
+        metadata=_meta("CAR_PREDICT_WAITERS", "Most /predict calls waiting for jobs at once (0 = half of "
+                       "CAR_HTTP_THREADS); the others answer pending at once, so /health always has a thread."),
+    )
+    request_timeout: float = field(
+        default=30.0,
+        metadata=_meta("CAR_REQUEST_TIMEOUT", "Seconds a client may take to send one request, headers and body "
+                       "(from its first byte); slower ones get 408 and lose their thread."),
     )
     log_level: str = field(default="INFO", metadata=_meta("LOG_LEVEL", "Logging level.", LOG_LEVELS))
 
@@ -268,6 +278,10 @@ class Settings:
                 raise SettingsError(f"{_env(name)} must be a positive number, got {getattr(self, name)!r}")
         if not 1 <= self.pending_ttl <= 60:
             raise SettingsError(f"CAR_PENDING_TTL must be between 1 and 60 seconds, got {self.pending_ttl!r}")
+        if self.request_timeout <= 0:
+            raise SettingsError(f"CAR_REQUEST_TIMEOUT must be a positive number, got {self.request_timeout!r}")
+        if self.predict_waiters < 0:
+            raise SettingsError(f"CAR_PREDICT_WAITERS must not be negative, got {self.predict_waiters!r}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
@@ -279,6 +293,20 @@ class Settings:
             proposal_model=self.proposal_model, classifier_model=self.classifier_model, device=self.device,
             precision=self.precision, preset=self.preset, max_steps=self.max_steps,
             sam_checkpoint=self.sam_checkpoint, sam_model_type=self.sam_model_type, weights_dir=self.weights_dir)
+
+    @property
+    def waiting_predicts(self) -> int:
+        """How many /predict calls may wait for jobs at once (CAR_PREDICT_WAITERS, else half the threads)."""
+        return self.predict_waiters or max(1, self.http_threads // 2)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that make `Settings.from_env()` equal these settings (for child
+        processes such as the embedded worker; secrets included, so never log it)."""
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            env[f.metadata["setting"].env] = ",".join(value) if isinstance(value, tuple) else str(value)
+        return env
 
     @property
     def can_write_predictions(self) -> bool:

@@ -3,11 +3,17 @@
 `plan_task` makes one `JobSpec` per image the task has targets on, with every target over that image:
 one semantic run with the union vocabulary, one referring run per target with sentences, and the
 interactive narrowing (keypoints, rectangles, a typed prompt) when the call is interactive.
+
+Equal runs are one object (`_shared`): tasks of one project mostly ask for the same runs, and a run converts
+to JSON once per object (`Run.plain`), so planning 10,000 tasks of 20 labels costs 10,000 hashes of a run,
+not 10,000 conversions of it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +24,10 @@ from car_backend.pipeline.versions import engine_fingerprint
 from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
+
+SHARED_RUNS = 4096  # distinct runs kept for sharing (least recently used go first)
+_shared_runs: OrderedDict[Run, Run] = OrderedDict()
+_shared_lock = threading.Lock()
 
 
 @dataclass
@@ -132,7 +142,20 @@ def _runs(targets: list[Target], data: dict, project: Project, settings: Setting
     for (preset, background), outputs in semantic.items():
         queries = tuple(dict.fromkeys(label.prompt for out in outputs for label in out.labels))
         runs.append(Run("semantic", queries, preset, background, tuple(outputs)))
-    return runs
+    return [_shared(run) for run in runs]
+
+
+def _shared(run: Run) -> Run:
+    """The one object kept for runs equal to `run` (see the module docstring)."""
+    with _shared_lock:
+        kept = _shared_runs.get(run)
+        if kept is None:
+            _shared_runs[run] = kept = run
+            if len(_shared_runs) > SHARED_RUNS:
+                _shared_runs.popitem(last=False)
+        else:
+            _shared_runs.move_to_end(run)
+        return kept
 
 
 def _selected(labels: list[LabelSpec], request: InteractiveRequest | None) -> LabelSpec | None:

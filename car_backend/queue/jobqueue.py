@@ -9,7 +9,12 @@ is never run: CarQueue moves it to the failed registry when it is dequeued, and 
 
 Submission is deduplicated per job key: `car:job:<K>` names the live RQ job computing K; it is written in
 the same MULTI/EXEC as the job itself (WATCHed), so two requests for the same key never create two jobs,
-and a lock left by a job that failed, finished or vanished is taken over.
+and a lock left by a job that failed, finished or vanished is taken over. `submit_many` does the same for
+SUBMIT_CHUNK keys per transaction (a 10,000-task /predict makes a few dozen round trips, not 50,000).
+
+Interactive work never waits behind batch work: an interactive submission whose key has a live job still
+queued on the batch queue moves that job to the interactive queue (`promote`, one Lua script: off the batch
+list, origin changed, onto the interactive list), where it runs next; a job already running is joined.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from datetime import datetime, timezone
 
 from redis import Redis, WatchError
 from rq import Queue, Retry
-from rq.exceptions import DequeueTimeout, DeserializationError, NoSuchJobError, StopRequested
+from rq.exceptions import DequeueTimeout, DeserializationError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.serializers import JSONSerializer
@@ -44,6 +49,19 @@ RQ_RESULT_TTL = 600  # RQ's own copy of the return value; the result itself live
 FAILURE_TTL = 24 * 3600
 # Idle workers block on the interactive queue and look at the batch queue this often (seconds).
 BATCH_POLL_S = 0.1
+SUBMIT_CHUNK = 500  # keys per WATCH/MULTI transaction of submit_many
+SUBMIT_ATTEMPTS = 3  # a chunk whose locks keep changing under it falls back to one transaction per key
+
+# KEYS: batch list, interactive list, job hash, queues set; ARGV: job id, interactive queue name.
+_PROMOTE = """
+if redis.call('lrem', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('hset', KEYS[3], 'origin', ARGV[2])
+  redis.call('rpush', KEYS[2], ARGV[1])
+  redis.call('sadd', KEYS[4], KEYS[2])
+  return 1
+end
+return 0
+"""
 
 
 def lock_ttl(settings: Settings) -> int:
@@ -72,8 +90,6 @@ class CarQueue(Queue):
     its retries, and the next job is dequeued: RQ would start it, fail it on every retry with a traceback.
     """
 
-    stop_event = None  # a threading.Event in embedded workers: set to end the dequeue wait
-
     def __init__(self, name: str, connection: Redis, **kwargs):
         kwargs.setdefault("serializer", SERIALIZER)
         super().__init__(name, connection=connection, **kwargs)
@@ -82,8 +98,6 @@ class CarQueue(Queue):
     def dequeue_any(cls, queues, timeout, connection, job_class=None, serializer=None, death_penalty_class=None):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if cls.stop_event is not None and cls.stop_event.is_set():
-                raise StopRequested()
             for queue in queues:
                 moved = cls.lmove(connection, queue.key, None)
                 if moved is not None:
@@ -150,7 +164,8 @@ class JobQueue:
         self.batch = CarQueue(batch, connection=redis)
 
     def submit(self, spec: JobSpec, interactive: bool = False) -> tuple[str, bool]:
-        """(RQ job id, whether a new job was created) for `spec`'s key; an existing live job is reused."""
+        """(RQ job id, whether a new job was created) for `spec`'s key; an existing live job is reused (and
+        promoted to the interactive queue when `interactive` and it is still queued as batch work)."""
         key = spec.key
         lock = self.store.job_lock_key(key)
         queue = self.interactive if interactive else self.batch
@@ -163,6 +178,8 @@ class JobQueue:
                         current = current.decode()
                         status = pipe.hget(Job.key_for(current), "status")
                         if status is not None and status.decode() in LIVE:
+                            if interactive:
+                                self.promote([current])
                             return current, False
                     job_id = f"car-{key[:24]}-{uuid.uuid4().hex[:8]}"
                     pipe.multi()
@@ -173,6 +190,64 @@ class JobQueue:
                     return job_id, True
                 except WatchError:
                     continue
+
+    def submit_many(self, specs: list[JobSpec], interactive: bool = False,
+                    deadline: float | None = None) -> list[tuple[str, bool]]:
+        """`submit` for each spec (distinct keys), SUBMIT_CHUNK keys per transaction; same answers, in order.
+        With `deadline` (monotonic), no chunk starts after it: the answers then cover a prefix of `specs`."""
+        out: list[tuple[str, bool]] = []
+        for start in range(0, len(specs), SUBMIT_CHUNK):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            out.extend(self._submit_chunk(specs[start:start + SUBMIT_CHUNK], interactive))
+        return out
+
+    def _submit_chunk(self, specs: list[JobSpec], interactive: bool) -> list[tuple[str, bool]]:
+        keys = [spec.key for spec in specs]
+        locks = [self.store.job_lock_key(k) for k in keys]
+        queue = self.interactive if interactive else self.batch
+        options = self._job_options(self.settings.job_timeout)
+        for _ in range(SUBMIT_ATTEMPTS):
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(*locks)
+                    current = [c.decode() if c is not None else None for c in pipe.mget(locks)]
+                    # Job statuses through the other connection: the WATCH guards the locks, as in `submit`.
+                    statuses = iter(self.statuses([c for c in current if c is not None]))
+                    live = [c is not None and next(statuses) in LIVE for c in current]
+                    out = []
+                    pipe.multi()
+                    for spec, key, lock, job_id, alive in zip(specs, keys, locks, current, live, strict=True):
+                        if alive:
+                            out.append((job_id, False))
+                            continue
+                        job_id = f"car-{key[:24]}-{uuid.uuid4().hex[:8]}"
+                        pipe.set(lock, job_id, ex=self.store.lock_ttl)
+                        queue.enqueue_call(run_job, args=(spec.to_dict(),), job_id=job_id,
+                                           description=f"segment {key[:12]}", pipeline=pipe, **options)
+                        out.append((job_id, True))
+                    pipe.execute()
+                except WatchError:
+                    continue
+            if interactive:
+                self.promote([job_id for job_id, created in out if not created])
+            return out
+        return [self.submit(spec, interactive) for spec in specs]
+
+    def promote(self, job_ids: list[str]) -> int:
+        """Move those of `job_ids` still queued on the batch queue to the interactive one (behind the
+        interactive jobs already there); how many moved. Jobs running or gone are left alone."""
+        if not job_ids:
+            return 0
+        keys = (self.batch.key, self.interactive.key)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.eval(_PROMOTE, 4, *keys, Job.key_for(job_id), Queue.redis_queues_keys, job_id,
+                          self.interactive.name)
+            moved = sum(pipe.execute())
+        if moved:
+            log.info("moved %d queued batch job(s) to the interactive queue: a person is waiting for them", moved)
+        return moved
 
     def submit_call(self, func: Callable, args: tuple, description: str, timeout: int | None = None) -> str:
         """Queue a plain function on the batch queue (review and calibration jobs); its RQ job id.

@@ -46,6 +46,16 @@ class JobWatch:
         self.jobs[spec.key], created = self.queue.submit(spec, interactive=interactive)
         return created
 
+    def submit_many(self, specs: Sequence[JobSpec], interactive: bool = False, deadline: float | None = None) -> int:
+        """`submit` for specs of distinct keys, in a few transactions (JobQueue.submit_many); how many jobs
+        were created. Past `deadline` the rest is not submitted (those keys are not in `jobs`)."""
+        created = 0
+        for spec, (job_id, new) in zip(specs, self.queue.submit_many(list(specs), interactive=interactive,
+                                                                     deadline=deadline), strict=False):
+            self.jobs[spec.key] = job_id
+            created += new
+        return created
+
     def poll(self, keys: Sequence[str]) -> Settled:
         """The keys of `keys` that have a result now, and those whose job ended without one. Settled keys are
         no longer followed (their job ids are forgotten), so each failure is looked up and logged once."""

@@ -16,16 +16,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 from redis import Redis, RedisError
+from rq import worker_registration
 from rq.exceptions import StopRequested
-from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
-from car_backend.queue.connection import Connection, redis_client
+from car_backend.queue.connection import redis_client
 from car_backend.queue.jobqueue import SERIALIZER, CarQueue, JobQueue, make_store, queue_names
 from car_backend.queue.jobs import WorkerContext, deliver_due, install
 from car_backend.settings import Settings
@@ -39,6 +42,8 @@ HEARTBEAT_TTL_S = 30
 MAINTENANCE_INTERVAL_S = 5
 WORKER_TTL_S = 20  # an idle worker's registration lives this long between heartbeats (RQ adds 60 s)
 RESTART_DELAY_S = 2.0
+PARENT_POLL_S = 1.0  # an embedded worker looks this often whether its server still runs
+PARENT_GONE_GRACE_S = 10.0  # then lets its job finish this long at most
 
 
 class CarWorker(SimpleWorker):
@@ -48,6 +53,12 @@ class CarWorker(SimpleWorker):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("serializer", SERIALIZER)  # jobs are JSON; a pickle-reading worker would fail them all
         super().__init__(*args, **kwargs)
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
+        """RQ's heartbeat, plus the registration sets: a Redis that restarted empty learns of this worker
+        again at its next heartbeat (else /health and /predict would see no live worker)."""
+        super().heartbeat(timeout, pipeline)
+        worker_registration.register(self, pipeline)
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return HEARTBEAT_TTL_S
@@ -80,24 +91,11 @@ class CarWorker(SimpleWorker):
         super().prepare_job_execution(job, remove_from_intermediate_queue=True)
 
 
-class EmbeddedWorker(CarWorker):
-    """The worker thread inside `car-backend serve` when REDIS_URL is unset."""
-
-    death_penalty_class = TimerDeathPenalty  # SIGALRM only works in the main thread
-
-    def _install_signal_handlers(self) -> None:
-        """Signals belong to the server; `stop()` ends this worker."""
-
-
-def make_worker(cls: type[CarWorker], settings: Settings, redis: Redis, name: str | None,
-                stop_event: threading.Event | None = None) -> CarWorker:
-    queue_class = CarQueue if stop_event is None else type("EmbeddedQueue", (CarQueue,), {"stop_event": stop_event})
-    queues = [queue_class(q, connection=redis) for q in queue_names(settings)]
-    worker = cls(queues, name=name, connection=redis, queue_class=queue_class, serializer=SERIALIZER,
-                 log_job_description=False,
-                 worker_ttl=WORKER_TTL_S,
-                 maintenance_interval=MAINTENANCE_INTERVAL_S, job_monitoring_interval=HEARTBEAT_INTERVAL_S)
-    return worker
+def make_worker(cls: type[CarWorker], settings: Settings, redis: Redis, name: str | None) -> CarWorker:
+    queues = [CarQueue(q, connection=redis) for q in queue_names(settings)]
+    return cls(queues, name=name, connection=redis, queue_class=CarQueue, serializer=SERIALIZER,
+               log_job_description=False, worker_ttl=WORKER_TTL_S,
+               maintenance_interval=MAINTENANCE_INTERVAL_S, job_monitoring_interval=HEARTBEAT_INTERVAL_S)
 
 
 def worker_context(settings: Settings, redis: Redis, name: str) -> WorkerContext:
@@ -106,34 +104,72 @@ def worker_context(settings: Settings, redis: Redis, name: str) -> WorkerContext
     return WorkerContext(settings, store, JobQueue(settings, redis, store), name=name)
 
 
-class EmbeddedWorkerThread:
-    """Runs jobs in a thread of this process (`serve` and `prelabel --project` without REDIS_URL)."""
+class EmbeddedWorkerProcess:
+    """The embedded worker of `serve` and `prelabel --project` without REDIS_URL: a `car-backend worker`
+    child process (the same code path as a deployment's workers) on the embedded Redis at `redis_url`.
 
-    def __init__(self, settings: Settings, connection: Connection):
-        self._stop = threading.Event()
-        redis = connection.client("worker")
-        install(worker_context(settings, redis, name=f"embedded:{os.getpid()}"))
-        self._worker = make_worker(EmbeddedWorker, settings, redis, name=f"embedded-{os.getpid()}-{id(self):x}",
-                                   stop_event=self._stop)
-        self._thread = threading.Thread(target=self._run, name="car-embedded-worker", daemon=True)
+    A job holding the GIL (dense CRF on a large image) runs in that process, so it cannot stall the HTTP
+    threads. The child dies with this process: `stop()` warm-stops it (SIGTERM, then SIGKILL after
+    `timeout`), and it watches its parent (`--parent-pid`), exiting when the parent is gone (killed, crashed).
+    """
 
-    def start(self) -> EmbeddedWorkerThread:
-        self._thread.start()
+    def __init__(self, settings: Settings, redis_url: str):
+        env = {k: v for k, v in os.environ.items() if k not in settings.to_env()}
+        env.update(settings.to_env())
+        env["REDIS_URL"] = redis_url
+        self.name = f"embedded-{socket.gethostname()}-{os.getpid()}"
+        self._args = [sys.executable, "-m", "car_backend.cli", "worker", "--name", self.name,
+                      "--parent-pid", str(os.getpid())]
+        self._env = env
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> EmbeddedWorkerProcess:
+        self._proc = subprocess.Popen(self._args, env=self._env, stdin=subprocess.DEVNULL)
+        log.info("embedded worker started (process %d)", self._proc.pid)
         return self
 
-    def _run(self) -> None:
-        self._worker.work(logging_level=None)
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def exit_code(self) -> int | None:
+        return self._proc.poll() if self._proc is not None else None
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        self._proc.send_signal(signal.SIGTERM)
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("embedded worker %d did not stop within %.0f s; killing it", self._proc.pid, timeout)
+            self._proc.kill()
+            self._proc.wait(10)
+
+
+def _exit_with(parent: int) -> None:
+    """Warm-stop this worker when process `parent` is gone (it was re-parented), then force the exit."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        log.warning("worker: the server (process %d) is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(PARENT_GONE_GRACE_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="car-parent-watch", daemon=True).start()
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.redis_url:
         log.error("car-backend worker needs REDIS_URL (the queue's Redis); without it, `car-backend serve` "
-                  "runs jobs on its own in-process worker")
+                  "runs jobs on its own embedded worker process")
         return 2
+    if getattr(args, "parent_pid", None):
+        _exit_with(args.parent_pid)
     redis = redis_client(settings.redis_url, "worker")
     base_name = args.name or f"{socket.gethostname()}-{os.getpid()}"
     install(worker_context(settings, redis, name=base_name))

@@ -12,11 +12,18 @@ computed once for the whole search, text embeddings come from the caches, and th
 recurrent step across keep-threshold values; only the per-query part of CaR runs per candidate. Better
 thresholds get a new calibration generation, which changes the project's model_version, so Label Studio
 sees that its predictions changed.
+
+A calibration runs in slices of about CALIBRATION_SLICE_S seconds, so a worker goes back to the queues
+(interactive jobs first) between them: when a slice's time is up, the candidates scored so far are kept in
+`car:review:<p>:calibration-progress` and `calibrate_project` is queued again (batch queue, behind every
+interactive job); the next slice replays the deterministic search from those scores and goes on. The
+project's calibration lock stays held until the last slice.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -41,6 +48,11 @@ log = logging.getLogger(__name__)
 
 MAX_CALIBRATION_TASKS = 30  # the most recent corrected tasks a calibration uses (their trunks stay in memory)
 CALIBRATION_LOCK_S = 3600
+CALIBRATION_SLICE_S = 30.0  # scoring time per calibration job (at least one candidate each); then a new job
+
+
+class _SliceOver(Exception):
+    """This calibration slice's time is up; its progress is stored and the next slice is queued."""
 
 
 @dataclass(frozen=True)
@@ -207,13 +219,22 @@ def _maybe_queue_calibration(ctx: WorkerContext, review: ReviewStore, project: s
 
 
 def calibrate_project(project: str) -> dict:
-    """The RQ job that re-chooses a project's thresholds (see the module docstring)."""
+    """The RQ job that re-chooses a project's thresholds (see the module docstring): one slice of it, the
+    last of which stores the calibration; {"project", "continued": True} for the others."""
     ctx = current_context()
     review = ReviewStore(ctx.store.redis)
+    continued = False
     try:
         return _calibrate(ctx, review, project)
+    except _SliceOver:
+        continued = True
+        ctx.queue.submit_call(calibrate_project, (project,), description=f"calibrate project {project} (continued)",
+                              timeout=max(ctx.settings.job_timeout, CALIBRATION_LOCK_S))
+        return {"project": project, "continued": True}
     finally:
-        review.unlock_calibration(project)
+        if not continued:
+            review.clear_calibration_progress(project)
+            review.unlock_calibration(project)
 
 
 def _calibrate(ctx: WorkerContext, review: ReviewStore, project: str) -> dict:
@@ -235,11 +256,27 @@ def _calibrate(ctx: WorkerContext, review: ReviewStore, project: str) -> dict:
     base = _base_preset(ctx, items[0][1][0][0])
     start = dict(current.thresholds) if current else {b.name: getattr(base, b.name) for b in THRESHOLD_BOUNDS}
 
-    evaluated: dict[tuple, ProjectAgreement] = {}  # the search's runs, reused for the per-label figures
+    # The search's runs, reused for the per-label figures, and by the next slices (same tasks, same start).
+    evaluated: dict[tuple, ProjectAgreement] = {}
+    tasks = [correction.task for correction, _ in items]
+    progress = review.calibration_progress(project)
+    if progress is not None and progress["tasks"] == tasks and progress["start"] == start:
+        evaluated = {tuple(tuple(pair) for pair in json.loads(key)): ProjectAgreement.from_fields(fields)
+                     for key, fields in progress["evaluated"].items()}
+        started -= progress["seconds"]
+    slice_ends = time.monotonic() + CALIBRATION_SLICE_S
+    scored_here = 0
 
     def agreement(thresholds: dict[str, float]) -> ProjectAgreement:
+        nonlocal scored_here
         key = tuple(sorted(thresholds.items()))
         if key not in evaluated:
+            if scored_here and time.monotonic() > slice_ends:
+                review.put_calibration_progress(project, {
+                    "tasks": tasks, "start": start, "seconds": time.monotonic() - started,
+                    "evaluated": {json.dumps(k): v.to_fields() for k, v in evaluated.items()}}, CALIBRATION_LOCK_S)
+                raise _SliceOver()
+            scored_here += 1
             total = ProjectAgreement()
             for correction, prepared in items:
                 predicted: dict[str, np.ndarray] = {}

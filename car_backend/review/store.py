@@ -210,6 +210,17 @@ class ReviewStore:
     def unlock_calibration(self, project: str) -> None:
         self.redis.delete(self._key(project, "calibrating"))
 
+    # a calibration's progress between its slices (review.jobs): the candidates scored so far
+    def calibration_progress(self, project: str) -> dict | None:
+        raw = self.redis.get(self._key(project, "calibration-progress"))
+        return json.loads(raw) if raw is not None else None
+
+    def put_calibration_progress(self, project: str, progress: dict, ttl: int) -> None:
+        self.redis.set(self._key(project, "calibration-progress"), json.dumps(progress), ex=ttl)
+
+    def clear_calibration_progress(self, project: str) -> None:
+        self.redis.delete(self._key(project, "calibration-progress"))
+
     def projects(self) -> list[str]:
         """Projects with review figures (for /metrics): one set read, not a scan of the keyspace."""
         return sorted(p.decode() for p in self.redis.smembers(f"{PREFIX}:review:projects"))

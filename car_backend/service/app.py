@@ -8,7 +8,7 @@
     GET  /metrics    Prometheus text
 
 The routes are one blueprint (service.routes); request bodies are parsed in service.parsing. No route
-loads model weights: jobs run in workers (or the embedded worker thread), so /health and /setup stay fast
+loads model weights: jobs run in workers (or the embedded worker process), so /health and /setup stay fast
 while inference runs. With BASIC_AUTH_USER/PASS set, every route requires them.
 """
 
@@ -43,12 +43,13 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
     starts the embedded Redis and worker); `app.extensions["car_backend"].close()` stops it."""
     backend = backend or Backend(settings)
     metrics = Metrics()
-    metrics.watch(backend.snapshot)
+    metrics.watch(backend.snapshot, backend.review_reports)
     service = Service(
         settings=settings, backend=backend, metrics=metrics,
         projects=Projects(settings, backend.store, backend.review),
         predictor=Predictor(settings, backend.queue, backend.store, metrics,
-                            owner=f"predict:{socket.gethostname()}:{os.getpid()}"),
+                            owner=f"predict:{socket.gethostname()}:{os.getpid()}",
+                            workers_available=backend.workers_available),
         default_version=model_version(settings))
 
     service.warnings.extend(exposure_warnings(settings))

@@ -2,12 +2,16 @@
 
 The HTTP process counts what it sees (requests, cache hits, entries, deliveries); what happens in worker
 processes (job outcomes and durations, API deliveries) is counted in Redis (`car:stats`) and read at
-scrape time, together with queue depths and live workers.
+scrape time, together with queue depths and live workers. The review figures (a report per project, work
+that grows with the corrected tasks) are rebuilt at most every REVIEW_CACHE_S seconds, by one scrape at a
+time; /health never reads them.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -18,6 +22,8 @@ from car_backend.queue.store import DURATION_BUCKETS
 from car_backend.review.jobs import EVENT_OUTCOMES
 
 log = logging.getLogger(__name__)
+
+REVIEW_CACHE_S = 30.0
 
 
 class Metrics:
@@ -38,17 +44,43 @@ class Metrics:
         self.deliveries = Counter("car_predict_deliveries", "Predictions returned by /predict.", registry=r)
         self.redis_errors = Counter("car_redis_errors", "Requests that found Redis unavailable.", registry=r)
 
-    def watch(self, snapshot: Callable[[], dict]) -> None:
-        """Add the Redis-side figures; `snapshot()` returns {"depth", "workers", "stats"} or raises RedisError."""
-        self.registry.register(_RedisCollector(snapshot))
+    def watch(self, snapshot: Callable[[], dict], review_reports: Callable[[], list[dict]] | None = None) -> None:
+        """Add the Redis-side figures; `snapshot()` returns {"depth", "workers", "stats"} or raises RedisError;
+        `review_reports()` the per-project reports of car_backend.review.report (cached REVIEW_CACHE_S)."""
+        self.registry.register(_RedisCollector(snapshot, _CachedReports(review_reports or list)))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
+class _CachedReports:
+    """`reports()` called at most every REVIEW_CACHE_S seconds, by one caller at a time (the others get the
+    previous answer meanwhile; only the first call waits). Raises what `reports()` raises."""
+
+    def __init__(self, reports: Callable[[], list[dict]]):
+        self._reports = reports
+        self._lock = threading.Lock()
+        self._value: list[dict] | None = None
+        self._at = float("-inf")
+
+    def get(self) -> list[dict]:
+        if time.monotonic() - self._at < REVIEW_CACHE_S:
+            return self._value or []
+        if not self._lock.acquire(blocking=self._value is None):
+            return self._value or []  # another scrape is rebuilding them
+        try:
+            if time.monotonic() - self._at >= REVIEW_CACHE_S:
+                self._value = self._reports()
+                self._at = time.monotonic()
+            return self._value
+        finally:
+            self._lock.release()
+
+
 class _RedisCollector:
-    def __init__(self, snapshot: Callable[[], dict]):
+    def __init__(self, snapshot: Callable[[], dict], reports: _CachedReports):
         self._snapshot = snapshot
+        self._reports = reports
 
     def describe(self) -> list:
         return []  # no fixed description: the families depend on what Redis holds
@@ -57,6 +89,7 @@ class _RedisCollector:
         up = GaugeMetricFamily("car_redis_up", "1 when the job queue's Redis answers.")
         try:
             snap = self._snapshot()
+            reviews = self._reports.get()
         except RedisError as exc:
             log.warning("/metrics: Redis is unavailable (%s)", exc)
             up.add_metric([], 0)
@@ -100,7 +133,7 @@ class _RedisCollector:
                                  ("abandoned", "Late predictions given up after CAR_DELIVERY_WINDOW of failed writes.")):
             yield CounterMetricFamily(f"car_api_deliveries_{outcome}", meaning,
                                       value=stats.get(f"deliveries:{outcome}", 0.0))
-        yield from _review_families(snap.get("review", []))
+        yield from _review_families(reviews)
         buckets = [(str(b), stats.get(f"seconds:le:{b}", 0.0)) for b in DURATION_BUCKETS]
         buckets.append(("+Inf", stats.get("seconds:count", 0.0)))
         yield HistogramMetricFamily("car_job_seconds", "Job durations (fetch + segmentation), worker side.",

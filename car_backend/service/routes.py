@@ -59,18 +59,24 @@ def json_response(body: dict, status: int = 200, headers: dict | None = None) ->
 @blueprint.get("/")
 @blueprint.get("/health")
 def health() -> Response:
+    """A constant number of Redis calls (Backend.health); always 200 with JSON, which Label Studio accepts:
+    "UP", or "DEGRADED" with `warnings` (no live worker, Redis down) so it stays connected and recovers."""
     service = _service()
     body: dict[str, Any] = {"status": "UP", "model_class": "CaR", "model_version": service.default_version,
-                            "mode": service.backend.mode}
-    body["warnings"] = service.warnings
+                            "mode": service.backend.mode, "warnings": list(service.warnings)}
     try:
-        snap = service.backend.snapshot()
+        state = service.backend.health()
     except RedisError as exc:
         # Still 200: Label Studio disconnects on a failed /health, and /predict answers every task with a
         # pending entry until Redis is back, so the backend recovers without anyone reconnecting it.
-        body.update(status="DEGRADED", redis="down", detail=f"the job queue's Redis is unavailable: {exc}")
+        detail = f"the job queue's Redis is unavailable: {exc}"
+        body.update(status="DEGRADED", redis="down", detail=detail)
+        body["warnings"].append(detail)
     else:
-        body.update(redis="ok", queue={"name": service.settings.queue, **snap["depth"]}, workers=snap["workers"])
+        body.update(redis="ok", queue={"name": service.settings.queue, **state["depth"]}, workers=state["workers"])
+        body["warnings"].extend(state["warnings"])
+        if state["warnings"]:
+            body["status"] = "DEGRADED"
     body["pending_failures"] = service.predictor.pending_failures.to_dict()  # answered pending: a setting or outage
     return json_response(body)
 

@@ -97,3 +97,39 @@ def test_an_interactive_predict_is_answered_ahead_of_a_batch_backlog(service_set
     # queue empty. Ahead of it: the current job, and maybe the next one's start while /predict polled.
     assert waiting >= BACKLOG - 3, (waiting, elapsed)
     assert elapsed < BACKLOG * SLOW_S / 2, (waiting, elapsed)
+
+
+def test_an_interactive_call_for_a_queued_batch_image_starts_before_the_batch(service_settings, spawn_worker,
+                                                                              make_client, fake_ls, task_ids):
+    """A task's batch job still waits in the batch queue when an annotator opens it: the single-task /predict
+    moves that job to the interactive queue, so it runs next, ahead of the batch jobs queued before it."""
+    settings = service_settings(queue=f"promote-{uuid.uuid4().hex[:8]}")
+    worker = spawn_worker(settings)
+    backend = Backend(settings)
+    try:
+        project = Projects(settings, backend.store).for_predict(None, INTERACTIVE)
+
+        def task(task_id: int, image: str) -> dict:
+            return {"id": task_id, "data": {"image": f"{fake_ls.url}/{image}"}}
+
+        ids = task_ids(BATCH_JOBS + 1)
+        opened = task(ids[-1], f"img/promote-opened-{ids[-1]}.png")
+        batch_tasks = [task(t, f"slow/{SLOW_S}/promote-batch-{t}.png") for t in ids[:BATCH_JOBS]] + [opened]
+        specs = [plan_task(t, project, settings).specs[0] for t in batch_tasks]
+        batch = [job_id for job_id, created in backend.queue.submit_many(specs)]
+        wait_until_fetched(fake_ls, f"slow/promote-batch-{ids[0]}.png", worker)  # the first batch job runs
+
+        client = make_client(service_settings(queue=settings.queue, predict_wait=DELIVERY_TIMEOUT_S))
+        body = predict(client, [opened], xml=INTERACTIVE)
+        assert "result" in body["results"][0], body
+        deadline = time.monotonic() + DELIVERY_TIMEOUT_S + BATCH_JOBS * SLOW_S
+        while any(status != "finished" for status in backend.queue.statuses(batch)):
+            assert time.monotonic() < deadline, (backend.queue.statuses(batch), worker.output())
+            time.sleep(0.1)
+        jobs = {job.id: job for job in Job.fetch_many(batch, connection=backend.redis, serializer=SERIALIZER)}
+    finally:
+        backend.close()
+    order = sorted(batch, key=lambda job_id: jobs[job_id].started_at)
+    # The opened task's job (queued last) ran right after the one running, ahead of the five queued before it.
+    assert order == [batch[0], batch[-1], *batch[1:-1]], [(jobs[j].origin, jobs[j].started_at) for j in order]
+    assert jobs[batch[-1]].origin == f"{settings.queue}-interactive"

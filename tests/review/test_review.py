@@ -166,10 +166,57 @@ def test_a_calibration_that_finds_nothing_better_keeps_the_version(in_process_wo
         seg = segmenter.segment(image, [label.prompt for label in target.labels])
         regions = segmentation_to_regions(seg, target, list(target.labels), kind="brush")
         ReviewStore(ctx.store.redis).put_correction(project, Correction(task_id, (spec,), shrink(label_masks(regions, (64, 96)))))
-    result = calibrate_project(project)
+    for _ in range(100):  # a slow machine may need more than one slice (CALIBRATION_SLICE_S); each queues the next
+        if not (result := calibrate_project(project)).get("continued"):
+            break
     calibration = ReviewStore(ctx.store.redis).calibration(project)
     assert result["calibrated"] is False and calibration.generation == 0
     assert calibration.thresholds == calibration.previous and calibration.after == calibration.before
     assert calibration.tasks == 3
     projects = Projects(ctx.settings, ctx.store)
     assert projects.setup(f"{project}.1", BRUSH, None).version == version
+
+
+def test_a_calibration_in_one_candidate_slices_ends_where_one_job_does(in_process_worker, fake_ls, task_ids,
+                                                                       monkeypatch):
+    """CALIBRATION_SLICE_S = 0: every job scores one candidate, stores its progress and queues the next one
+    (on the batch queue, behind interactive work); the last finds the same thresholds as a single job."""
+    import uuid
+
+    from car_backend.labelstudio.regions import label_masks, shrink
+    from car_backend.pipeline.planning import plan_task
+    from car_backend.pipeline.spec import Project
+    from car_backend.pipeline.versions import model_version
+    from car_backend.review import jobs
+    from car_backend.review.store import Correction
+
+    ctx = in_process_worker(queue=f"slices-{uuid.uuid4().hex[:8]}")
+    review = ReviewStore(ctx.store.redis)
+    ids = task_ids(1)
+    config = parse_label_config(BRUSH)
+    version = model_version(ctx.settings, config)
+    annotated = annotated_regions(BRUSH, [review_image(i) for i in range(1)])
+    whole, sliced = f"{ids[0]}-whole", f"{ids[0]}-sliced"
+    for project in (whole, sliced):
+        for i, (task_id, regions) in enumerate(zip(ids, annotated, strict=True)):
+            task = {"id": task_id, "data": {"image": f"{fake_ls.url}/img/review-{i}.png"}}
+            spec = plan_task(task, Project(config, version), ctx.settings).specs[0]
+            review.put_correction(project, Correction(task_id, (spec,), shrink(label_masks(regions, (64, 96)))))
+    monkeypatch.setattr(jobs, "CALIBRATION_SLICE_S", 1e9)
+    assert jobs.calibrate_project(whole)["calibrated"] is True
+    expected = review.calibration(whole)
+
+    monkeypatch.setattr(jobs, "CALIBRATION_SLICE_S", 0.0)
+    assert review.try_lock_calibration(sliced, "test", jobs.CALIBRATION_LOCK_S)
+    slices = 0
+    while (outcome := jobs.calibrate_project(sliced)).get("continued"):
+        slices += 1
+        assert slices <= expected.evaluations, "the slices make no progress"
+        assert review.redis.exists(f"car:review:{sliced}:calibrating")  # held between slices
+        assert ctx.queue.batch.count == slices  # each slice queued the next one
+    got = review.calibration(sliced)
+    assert outcome["calibrated"] is True and slices == expected.evaluations - 1
+    assert (got.thresholds, got.before, got.after, got.evaluations, got.labels_after) == (
+        expected.thresholds, expected.before, expected.after, expected.evaluations, expected.labels_after)
+    assert not review.redis.exists(f"car:review:{sliced}:calibrating")
+    assert review.calibration_progress(sliced) is None

@@ -236,6 +236,11 @@ def test_workers_and_server_come_back_with_redis(fake_ls, spawn_worker, make_cli
         assert "result" not in down and "unavailable" in down["reason"]
         time.sleep(2.0)
         redis_server = start_redis_server(port)
+        # The worker registers again by itself (until then /predict answers pending at once: no live worker).
+        deadline = time.monotonic() + 60
+        while client.get("/health").get_json().get("workers", 0) < 1:
+            assert time.monotonic() < deadline, "the worker did not come back"
+            time.sleep(0.2)
         back = predict(client, [{"id": c, "data": {"image": f"{fake_ls.url}/img/outage-{c}.png"}}])["results"][0]
         assert "result" in back
     finally:
