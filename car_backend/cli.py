@@ -1,4 +1,4 @@
-"""`car-backend serve|worker|segment|prelabel|bench|eval|report`: one entry point, settings from the environment.
+"""`car-backend serve|worker|segment|prelabel|bench|eval|report|fit`: one entry point, settings from the environment.
 
 Each sub-command imports its module only when it runs, so `--help` is instant and never loads torch.
 """
@@ -110,6 +110,19 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run("car_backend.review.report", "main"))
 
 
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fit",
+        help="train a project's mask head from its corrected tasks (on the backend's workers)",
+        description="Queue a training of the project's mask head on the batch queue, as Label Studio's Start "
+        "Training does. A worker trains it on the corrected tasks (CAR_FIT_EPOCHS, CAR_FIT_SECONDS) and adopts it "
+        "only if it beats the model in use on held-out corrected tasks. Reads the backend's Redis (REDIS_URL).",
+    )
+    p.add_argument("--project", required=True, help="Label Studio project id")
+    p.add_argument("--wait", action="store_true", help="wait for the training to end and print its figures")
+    p.set_defaults(handler=_run("car_backend.review.report", "fit_main"))
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
@@ -156,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"car-backend {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_serve, _add_worker, _add_segment, _add_prelabel, _add_bench, _add_eval, _add_report):
+    for add in (_add_serve, _add_worker, _add_segment, _add_prelabel, _add_bench, _add_eval, _add_report, _add_fit):
         add(sub)
     return parser
 

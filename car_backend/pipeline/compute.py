@@ -19,9 +19,9 @@ from car_backend.labelstudio.results import failed_entry, prediction_entry, segm
 from car_backend.pipeline.spec import JobResult, JobSpec, Run
 
 
-def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher) -> JobResult:
-    """Fetch and segment the image; a non-retryable media failure becomes a failed result, a retryable one
-    (and any other exception) raises."""
+def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher, head: Any = None) -> JobResult:
+    """Fetch and segment the image (with the project's mask head `head`, an engine.head.MaskHead, if any); a
+    non-retryable media failure becomes a failed result, a retryable one (and any other exception) raises."""
     started = time.monotonic()
     try:
         image = fetcher.fetch(spec.image, spec.task_id)
@@ -33,7 +33,7 @@ def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher) -> JobResult:
     kept_scores: list[float] = []
     margins: list[float] = []
     for run in spec.runs:
-        seg = segment_run(segmenter, image, run, dict(spec.thresholds))
+        seg = segment_run(segmenter, image, run, dict(spec.thresholds), head)
         kept_scores.extend(float(s) for s in seg.scores if s > 0)
         if seg.margin is not None:
             margins.append(float(seg.margin))
@@ -47,13 +47,15 @@ def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher) -> JobResult:
                      seconds=time.monotonic() - started)
 
 
-def segment_run(segmenter: Any, image: Any, run: Run, thresholds: dict[str, float]) -> Segmentation:
-    """The engine's answer for one run on an image (or a prepared image), `thresholds` overriding its preset."""
+def segment_run(segmenter: Any, image: Any, run: Run, thresholds: dict[str, float], head: Any = None
+                ) -> Segmentation:
+    """The engine's answer for one run on an image (or a prepared image), `thresholds` overriding its preset,
+    with a mask head if one is given (see Segmenter.segment)."""
     preset: Any = run.preset
     if thresholds:
         preset = replace(get_preset(run.preset or segmenter.config.preset), **thresholds)
     return segmenter.segment(image, list(run.queries), preset=preset, mode=run.mode,
-                             background=list(run.background) if run.background else None)
+                             background=list(run.background) if run.background else None, head=head)
 
 
 def restrict(seg: Segmentation, prompts: list[str]) -> Segmentation:

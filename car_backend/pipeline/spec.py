@@ -55,10 +55,13 @@ class JobSpec:
     score: str  # "confidence" | "uncertainty"
     focus: Focus | None = None  # interactive keypoints/rectangles that narrow the returned masks
     thresholds: tuple[tuple[str, float], ...] = ()  # the project's calibrated preset values, if any
+    head: str = ""  # the project's adopted mask head: "<Redis key>#<sha256 of its blob>" (review.heads)
 
     @property
     def key(self) -> str:
         identity = asdict(replace(self, task_id=None))
+        if not self.head:  # keys of jobs without a head are what they were before heads existed
+            del identity["head"]
         blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -96,3 +99,4 @@ class Project:
     config: ProjectConfig
     version: str
     thresholds: tuple[tuple[str, float], ...] = ()  # calibrated preset values for every run of the project
+    head: str = ""  # the adopted mask head's reference (JobSpec.head), "" for none
