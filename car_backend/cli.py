@@ -92,7 +92,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="run a benchmark (engine or service) and print figures; the last line is one JSON object",
         description="Benchmarks print per-stage medians and ratios against a baseline measured in the same run.",
     )
-    p.add_argument("which", choices=("engine", "service", "calibration"), help="what to measure")
+    p.add_argument("which", choices=("engine", "service", "calibration", "fit"), help="what to measure")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (see its --help)")
     p.set_defaults(handler=_run("car_backend.bench", "main"))
 
