@@ -88,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     held = items(range(100_000, 100_000 + args.held_out))
     config = HeadConfig.for_clip(segmenter.proposal_clip, width=args.width, depth=args.depth)
     rows = []
+    stamps: list[float] = []  # when each epoch ended
     for count in (int(n) for n in args.tasks.split(",")):
         train = items(range(count))
-        stamps: list[float] = []
+        stamps.clear()
         started = time.perf_counter()
         judged = judge_head(segmenter, train, held, config, args.epochs, args.seed,
                             on_epoch=lambda _state: stamps.append(time.perf_counter()))

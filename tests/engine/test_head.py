@@ -108,6 +108,11 @@ def test_segmenter_uses_the_head_only_when_given(segmenter, examples):
     np.testing.assert_array_equal(plain.label_map, again.label_map)
     assert "head" in headed.timings and "head" not in again.timings
     assert not np.array_equal(plain.label_map, headed.label_map)
+    referring = segmenter.segment(scene.image, ["a red blob"], mode="referring", head=state.head)
+    assert "head" in referring.timings  # a sentence's text embedding goes through the head too
+    state.head.blend = 0.5  # blended with the Grad-CAM proposals: both are computed
+    blended = segmenter.segment(scene.image, NAMES, head=state.head)
+    assert {"head", "cam"} <= set(blended.timings)
 
 
 def test_patch_targets_are_area_fractions():

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from car_backend.review.jobs import AnnotationEvent, review_annotation
 from car_backend.review.store import Correction, ReviewStore
 from car_backend.testing.fake_label_studio import Reply
 from car_backend.testing.scenes import SceneClass, labelled_scene
+from tests.support.settings import settings_env
 
 CLASSES = (SceneClass("red", (220, 40, 40), "flat", "ellipse"), SceneClass("blue", (40, 60, 220), "stripes", "rectangle"))
 LABEL_CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
@@ -180,3 +183,18 @@ def test_an_adopted_head_gets_its_own_version_and_keys(service_settings):
     assert "head" not in without.to_dict() or without.to_dict()["head"] == ""
     assert spec.key != without.key
     np.testing.assert_equal(type(spec).from_dict(spec.to_dict()).key, spec.key)
+
+
+def test_fit_command_queues_a_training(service_settings, redis, task_ids):
+    (project,) = task_ids(1)
+    settings = service_settings(queue=f"cli-{project}")
+    env = settings_env(settings)
+    run = [sys.executable, "-m", "car_backend.cli", "fit", "--project", str(project)]
+    out = subprocess.run(run, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and "queued as job" in out.stdout, out.stderr
+    assert fit_status(redis, str(project))["state"] == "queued"
+    again = subprocess.run(run, capture_output=True, text=True, env=env, timeout=60)
+    assert again.returncode == 0 and "already queued or running" in again.stdout
+    env.pop("REDIS_URL")
+    missing = subprocess.run(run, capture_output=True, text=True, env=env, timeout=60)
+    assert missing.returncode == 2 and "REDIS_URL" in missing.stderr
