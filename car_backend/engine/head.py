@@ -28,7 +28,8 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -213,7 +214,7 @@ def train_head(state: TrainingState, examples: Sequence[HeadExample], epochs: in
     optimizer = _optimizer(head, learning_rate)
     optimizer.load_state_dict(state.optimizer)
     started = time.monotonic()
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), _deterministic_cudnn():
         while state.epochs < epochs:
             order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + state.epochs))
             total = 0.0
@@ -234,6 +235,17 @@ def train_head(state: TrainingState, examples: Sequence[HeadExample], epochs: in
                 break
     head.eval()
     return state
+
+
+@contextmanager
+def _deterministic_cudnn() -> Iterator[None]:
+    """cuDNN's deterministic kernels while training (its autotuned ones may differ run to run on CUDA)."""
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
 
 def _optimizer(head: MaskHead, learning_rate: float) -> torch.optim.Optimizer:
