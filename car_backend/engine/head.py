@@ -16,8 +16,9 @@ upsampling as CaR's proposals), which the segmenter blends with or puts in place
 CaR's classifier still decides which labels are present, and the CRF refines the result.
 
 `train_head` fits a head on `HeadExample`s (features, text embeddings, per-label patch targets: labels present
-and absent both teach) with a per-pixel binary cross-entropy on the text-pixel logits, bounded by epochs and
-seconds, resumable from a `TrainingState`; deterministic given its seed. `head_to_bytes` / `head_from_bytes`
+and absent both teach) with a per-pixel binary cross-entropy on the text-pixel logits plus a soft Dice loss on
+the present labels (`head_loss`), bounded by epochs and seconds, resumable from a `TrainingState`;
+deterministic given its seed. `head_to_bytes` / `head_from_bytes`
 are the stored form: zlib-compressed safetensors with the config and the CLIP identity in its metadata.
 """
 
@@ -203,8 +204,8 @@ def train_head(state: TrainingState, examples: Sequence[HeadExample], epochs: in
     """Train `state` in place until it has `epochs` epochs, or `seconds` have passed (checked after each epoch).
 
     Each epoch visits the examples in an order drawn from (seed, epoch), so that a resumed run takes the
-    same path as an uninterrupted one. Loss: mean per-pixel binary cross-entropy of the logits against the
-    patch targets, present labels (target > 0 somewhere) and absent ones (all zero) alike. `on_epoch` is called
+    same path as an uninterrupted one. Loss: `head_loss` of the logits against the patch targets, present
+    labels (target > 0 somewhere) and absent ones (all zero) alike. `on_epoch` is called
     after every epoch (to store a checkpoint). Raises ValueError when there is no example.
     """
     if not examples:
@@ -221,7 +222,7 @@ def train_head(state: TrainingState, examples: Sequence[HeadExample], epochs: in
             for index in order.tolist():
                 example = examples[index]
                 logits = head(example.features.float().to(device), example.texts.float().to(device), example.grid)
-                loss = F.binary_cross_entropy_with_logits(logits, example.targets.float().to(device))
+                loss = head_loss(logits, example.targets.float().to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -235,6 +236,20 @@ def train_head(state: TrainingState, examples: Sequence[HeadExample], epochs: in
                 break
     head.eval()
     return state
+
+
+def head_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-pixel binary cross-entropy over every label (absent ones teach "nowhere"), plus a soft Dice loss over
+    the present labels (target > 0 somewhere): objects cover a small part of the image, and cross-entropy alone
+    leaves the head too unsure of them for the CRF to keep them. logits, targets: (Q, h, w)."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    present = targets.flatten(1).amax(1) > 0
+    if not present.any():
+        return bce
+    probs = torch.sigmoid(logits[present]).flatten(1)
+    truth = targets[present].flatten(1)
+    dice = 1 - (2 * (probs * truth).sum(1) + 1) / (probs.sum(1) + truth.sum(1) + 1)
+    return bce + dice.mean()
 
 
 @contextmanager
