@@ -1,4 +1,4 @@
-"""`car-backend bench engine|service|calibration`: run a benchmark script from the source checkout's `benchmarks/`.
+"""`car-backend bench engine|service|calibration|fit`: run a benchmark script from the source checkout's `benchmarks/`.
 
 Benchmarks are scripts of the source checkout (they are not installed with the package); they import only
 `car_backend`, never the tests.

@@ -1,4 +1,4 @@
-"""`car-backend serve|worker|segment|prelabel|export|bench|eval|report`: one entry point, settings from the environment.
+"""`car-backend serve|worker|segment|prelabel|export|bench|eval|report|status|fit`: one entry point, settings from the environment.
 
 Each sub-command imports its module only when it runs, so `--help` is instant and never loads torch.
 """
@@ -119,7 +119,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="run a benchmark (engine or service) and print figures; the last line is one JSON object",
         description="Benchmarks print per-stage medians and ratios against a baseline measured in the same run.",
     )
-    p.add_argument("which", choices=("engine", "service", "calibration"), help="what to measure")
+    p.add_argument("which", choices=("engine", "service", "calibration", "fit"), help="what to measure")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (see its --help)")
     p.set_defaults(handler=_run("car_backend.bench", "main"))
 
@@ -146,6 +146,19 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--project", type=int, required=True, help="Label Studio project id")
     p.add_argument("--task", type=int, help="only this task")
     p.set_defaults(handler=_run("car_backend.service.status", "main"))
+
+
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fit",
+        help="train a project's mask head from its corrected tasks (on the backend's workers)",
+        description="Queue a training of the project's mask head on the batch queue, as Label Studio's Start "
+        "Training does. A worker trains it on the corrected tasks (CAR_FIT_EPOCHS, CAR_FIT_SECONDS) and adopts it "
+        "only if it beats the model in use on held-out corrected tasks. Reads the backend's Redis (REDIS_URL).",
+    )
+    p.add_argument("--project", required=True, help="Label Studio project id")
+    p.add_argument("--wait", action="store_true", help="wait for the training to end and print its figures")
+    p.set_defaults(handler=_run("car_backend.review.report", "fit_main"))
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -195,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"car-backend {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_serve, _add_worker, _add_segment, _add_prelabel, _add_export, _add_bench, _add_eval, _add_report,
-                _add_status):
+                _add_status, _add_fit):
         add(sub)
     return parser
 

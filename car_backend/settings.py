@@ -111,6 +111,28 @@ class Settings:
                        "which a project's thresholds are re-chosen, and again after each further as many "
                        "(0 = never)."),
     )
+    fit_after: int = field(
+        default=30,
+        metadata=_meta("CAR_FIT_AFTER", "Corrected tasks after which a project's mask head is trained (and "
+                       "again after each further as many; 0 = only on Start Training or `car-backend fit`)."),
+    )
+    fit_epochs: int = field(
+        default=40, metadata=_meta("CAR_FIT_EPOCHS", "Most epochs one mask-head training runs."),
+    )
+    fit_seconds: float = field(
+        default=900.0,
+        metadata=_meta("CAR_FIT_SECONDS", "Time budget of one mask-head training in seconds; an unfinished "
+                       "one keeps a checkpoint that the next training resumes."),
+    )
+    head_width: int = field(
+        default=192, metadata=_meta("CAR_HEAD_WIDTH", "Channels of the mask head (a multiple of 4)."),
+    )
+    head_depth: int = field(
+        default=2, metadata=_meta("CAR_HEAD_DEPTH", "Decoder layers of the mask head."),
+    )
+    fit_seed: int = field(
+        default=0, metadata=_meta("CAR_FIT_SEED", "Seed of the mask head's initialisation and example order."),
+    )
     task_labels_key: str = field(
         default="",
         metadata=_meta("CAR_TASK_LABELS_KEY", "Task-data key listing the labels to look for in that task (optional)."),
@@ -266,11 +288,12 @@ class Settings:
                     f"{setting.env}={value!r} is not allowed; use one of: {', '.join(setting.choices)}"
                 )
         for name in ("max_steps", "job_timeout", "max_image_pixels", "max_download_bytes", "port", "http_threads",
-                     "download_timeout", "max_labels", "max_label_length", "max_request_bytes", "max_tasks"):
+                     "download_timeout", "max_labels", "max_label_length", "max_request_bytes", "max_tasks",
+                     "fit_epochs", "fit_seconds", "head_width", "head_depth"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be a positive number, got {getattr(self, name)!r}")
         for name in ("predict_wait", "polygon_tolerance", "job_retries", "result_ttl", "text_cache_ttl", "threads",
-                     "calibrate_after"):
+                     "calibrate_after", "fit_after", "fit_seed"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_env(name)} must not be negative, got {getattr(self, name)!r}")
         for name in ("late_ttl", "delivery_window", "delivery_retry_max", "delivery_batch", "ls_timeout"):
@@ -282,6 +305,8 @@ class Settings:
             raise SettingsError(f"CAR_REQUEST_TIMEOUT must be a positive number, got {self.request_timeout!r}")
         if self.predict_waiters < 0:
             raise SettingsError(f"CAR_PREDICT_WAITERS must not be negative, got {self.predict_waiters!r}")
+        if self.head_width % 4:
+            raise SettingsError(f"CAR_HEAD_WIDTH must be a multiple of 4 (attention heads), got {self.head_width}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):

@@ -19,6 +19,7 @@ separately, so that a sweep of eta (or of those) recomputes only step 1's classi
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import threading
@@ -37,6 +38,7 @@ from PIL import Image
 
 from car_backend.engine.classifier import MaskClassifier
 from car_backend.engine.config import EngineConfig
+from car_backend.engine.head import MaskHead
 from car_backend.engine.models import ClipModel, SharedTextCache, load_clip, resolve_device
 from car_backend.engine.postprocess import (
     SamRefiner,
@@ -57,6 +59,9 @@ MODES = ("semantic", "referring")
 PREPARED_CACHE_SIZE = 4
 FIRST_STEP_CACHE_SIZE = 8  # per prepared image
 FIRST_PROPOSALS_CACHE_SIZE = 4  # per prepared image
+# The mask head (engine.head.MaskHead) of the current `segment` call, if any: a context variable rather than a
+# parameter threaded through every step method, so that the hook stays a few lines.
+_HEAD: contextvars.ContextVar = contextvars.ContextVar("car_mask_head", default=None)
 
 
 @dataclass
@@ -194,8 +199,11 @@ class Segmenter:
         preset: str | Preset | None = None,
         mode: str = "semantic",
         background: Sequence[str] | None = None,
+        head: MaskHead | None = None,
     ) -> Segmentation:
-        """Run CaR. `preset` None means config.preset; `background` None means the preset's words."""
+        """Run CaR. `preset` None means config.preset; `background` None means the preset's words. With a
+        `head` (trained on this proposal CLIP), its masks replace, or are blended with (`head.blend`), the
+        Grad-CAM proposals of every step; the classifier still decides which queries survive."""
         start = time.perf_counter()
         queries = _check_queries(queries)
         if mode not in MODES:
@@ -205,7 +213,11 @@ class Segmenter:
         timer = StageTimer(self.proposal_clip.device)
         prepared, fresh = (image, False) if isinstance(image, PreparedImage) else self._prepare(image)
         timer.add("trunk", prepared.trunk_seconds if fresh else 0.0)
-        steps = self._recur(prepared, queries, preset, mode, background, timer)
+        token = _HEAD.set(head)
+        try:
+            steps = self._recur(prepared, queries, preset, mode, background, timer)
+        finally:
+            _HEAD.reset(token)
         result = self._finish(prepared, queries, preset, mode, steps, timer)
         result.timings["total"] = time.perf_counter() - start
         return result
@@ -262,7 +274,7 @@ class Segmenter:
         tensors are never modified: `_recur` only drops its StepRecord's reference, and scores are read-only.
         """
         key = (tuple(queries), referring, background, preset.templates, preset.clipes_threshold, preset.mask_threshold,
-               preset.visual_prompts, self.proposal_clip, classifier.clip)
+               preset.visual_prompts, self.proposal_clip, classifier.clip, _HEAD.get())
 
         def compute() -> tuple[torch.Tensor, np.ndarray]:
             proposals = self._first_proposals(prepared, queries, background, background_texts, preset, referring,
@@ -282,7 +294,7 @@ class Segmenter:
         embeds the texts and makes the CAMs); not eta, the visual prompts, the templates nor the classifier,
         which only the scores read. The cached tensor is shared, never modified.
         """
-        key = (tuple(queries), referring, background, preset.clipes_threshold, self.proposal_clip)
+        key = (tuple(queries), referring, background, preset.clipes_threshold, self.proposal_clip, _HEAD.get())
         return self._memo(prepared.first_proposals, key, FIRST_PROPOSALS_CACHE_SIZE,
                           lambda: self._proposals(prepared, queries, background_texts, preset, referring, timer))
 
@@ -310,12 +322,19 @@ class Segmenter:
                    preset: Preset, referring: bool, timer: StageTimer) -> torch.Tensor:
         """Soft proposals (Q, H, W): CAMs for the CAM texts against the background, refined with lambda."""
         generator = self._generator()
+        head = _HEAD.get()
         with timer("text"):
             foreground = generator.clip.embed_texts(cam_texts)
+        if head is not None:
+            with timer("head"):
+                masks = head.masks(generator.clip, prepared.proposal, foreground)
+            if head.blend >= 1.0:
+                return masks
         with timer("cam"):
             cams = generator.cams(prepared.proposal, foreground, background_texts, referring)
         with timer("refine"):
-            return generator.refine(prepared.proposal, cams, preset.clipes_threshold)
+            refined = generator.refine(prepared.proposal, cams, preset.clipes_threshold)
+        return refined if head is None else head.blend * masks + (1.0 - head.blend) * refined
 
     def _scores(self, prepared: PreparedImage, classifier: MaskClassifier, proposals: torch.Tensor,
                 texts: torch.Tensor, preset: Preset, timer: StageTimer) -> np.ndarray:

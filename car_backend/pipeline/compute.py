@@ -43,9 +43,9 @@ def pending_failure(exc: BaseException, conditions: str, seconds: float = 0.0) -
                      else str(exc), seconds=seconds, pending=True, conditions=conditions)
 
 
-def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher) -> JobResult:
-    """Fetch and segment the image; a non-retryable media failure (a property of the image itself) becomes a
-    failed result, a retryable one (a setting or an outage: host not allowed, size limit, 401/403/5xx,
+def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher, head: Any = None) -> JobResult:
+    """Fetch and segment the image (with the project's mask head `head`, an engine.head.MaskHead, if any); a
+    non-retryable media failure (a property of the image itself) becomes a failed result, a retryable one (a setting or an outage: host not allowed, size limit, 401/403/5xx,
     timeout) and any other exception raise: the job is retried, and its last attempt records a
     `pending_failure` (queue.jobs.run_job)."""
     started = time.monotonic()
@@ -59,7 +59,7 @@ def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher) -> JobResult:
     kept_scores: list[float] = []
     margins: list[float] = []
     for run in spec.runs:
-        seg = segment_run(segmenter, image, run, dict(spec.thresholds))
+        seg = segment_run(segmenter, image, run, dict(spec.thresholds), head)
         kept_scores.extend(float(s) for s in seg.scores if s > 0)
         if seg.margin is not None:
             margins.append(float(seg.margin))
@@ -73,13 +73,15 @@ def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher) -> JobResult:
                      seconds=time.monotonic() - started)
 
 
-def segment_run(segmenter: Any, image: Any, run: Run, thresholds: dict[str, float]) -> Segmentation:
-    """The engine's answer for one run on an image (or a prepared image), `thresholds` overriding its preset."""
+def segment_run(segmenter: Any, image: Any, run: Run, thresholds: dict[str, float], head: Any = None
+                ) -> Segmentation:
+    """The engine's answer for one run on an image (or a prepared image), `thresholds` overriding its preset,
+    with a mask head if one is given (see Segmenter.segment)."""
     preset: Any = run.preset
     if thresholds:
         preset = replace(get_preset(run.preset or segmenter.config.preset), **thresholds)
     return segmenter.segment(image, list(run.queries), preset=preset, mode=run.mode,
-                             background=list(run.background) if run.background else None)
+                             background=list(run.background) if run.background else None, head=head)
 
 
 def restrict(seg: Segmentation, prompts: list[str]) -> Segmentation:

@@ -86,7 +86,8 @@ def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str
             image=ref.strip(), site=settings.label_studio_url if relative else "", task_id=task_id,
             runs=tuple(runs), model_version=project.version, engine=engine_fingerprint(settings),
             polygon_tolerance=settings.polygon_tolerance, score=settings.score,
-            focus=focus_of(request, request.label if request else None), thresholds=project.thresholds))
+            focus=focus_of(request, request.label if request else None), thresholds=project.thresholds,
+            head=project.head))
     if not plan.specs:
         plan.failure = "; ".join(problems) or "nothing to predict"
     elif problems:

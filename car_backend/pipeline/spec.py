@@ -62,6 +62,7 @@ class JobSpec:
     score: str  # "confidence" | "uncertainty"
     focus: Focus | None = None  # interactive keypoints/rectangles that narrow the returned masks
     thresholds: tuple[tuple[str, float], ...] = ()  # the project's calibrated preset values, if any
+    head: str = ""  # the project's adopted mask head: "<Redis key>#<sha256 of its blob>" (review.heads)
 
     @cached_property
     def key(self) -> str:
@@ -85,6 +86,8 @@ def job_key(spec: JobSpec) -> str:
     """sha256 of the canonical JSON of everything in `spec` but `task_id` (see JobSpec). The runs' JSON is
     each run's cached `json_text`, put in place of a marker: the same text as dumping the whole spec."""
     identity = to_plain(replace(spec, task_id=None, runs=()))
+    if not spec.head:  # keys of jobs without a head are what they were before heads existed
+        del identity["head"]
     identity["runs"] = _RUNS_SLOT
     blob = _canonical(identity).replace(json.dumps(_RUNS_SLOT),
                                         "[" + ",".join(run.json_text for run in spec.runs) + "]", 1)
@@ -130,3 +133,4 @@ class Project:
     version: str
     thresholds: tuple[tuple[str, float], ...] = ()  # calibrated preset values for every run of the project
     ls_project: int | None = None  # Label Studio's id of the project (from /predict's "project"), if known
+    head: str = ""  # the adopted mask head's reference (JobSpec.head), "" for none

@@ -22,9 +22,10 @@ def engine_fingerprint(settings: Settings) -> str:
 
 
 def model_version(settings: Settings, config: ProjectConfig | None = None, generation: int = 0,
-                  thresholds: Mapping[str, float] | None = None) -> str:
-    """`car-<package version>-<preset>-<hash>[-cal<generation>]`; the hash covers everything that changes
-    predictions, the calibrated thresholds included."""
+                  thresholds: Mapping[str, float] | None = None, fit_generation: int = 0, head: str = "") -> str:
+    """`car-<package version>-<preset>-<hash>[-cal<generation>][-fit<fit_generation>]`; the hash covers
+    everything that changes predictions, the calibrated thresholds and the adopted mask head (`head`, its
+    reference with the digest of its weights) included."""
     preset = (config.preset if config else None) or settings.preset
     overrides = None
     if config is not None:
@@ -47,8 +48,11 @@ def model_version(settings: Settings, config: ProjectConfig | None = None, gener
     calibrated = generation > 0
     if calibrated:
         identity["calibration"] = sorted((thresholds or {}).items())
+    if fit_generation > 0:
+        identity["head"] = head
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()[:10]
     suffix = f"-cal{generation}" if calibrated else ""
+    suffix += f"-fit{fit_generation}" if fit_generation > 0 else ""
     return f"car-{__version__}-{preset}-{digest}{suffix}"
 
 

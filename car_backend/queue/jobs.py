@@ -15,6 +15,7 @@ Jobs take plain JSON arguments (a JobSpec's dict), see `queue.jobqueue`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -57,6 +58,7 @@ class WorkerContext:
         self.deliverer = Deliverer(store, self.ls, settings, owner=self.name) if self.ls is not None else None
         self._segmenter: Any = None
         self._lock = threading.Lock()
+        self._heads: dict[str, Any] = {}  # JobSpec.head reference -> MaskHead, or None for an unusable blob
 
     @property
     def segmenter(self) -> Any:
@@ -72,6 +74,34 @@ class WorkerContext:
                 cache = RedisTextCache(self.store.redis, ttl) if ttl else None
                 self._segmenter = Segmenter(self.settings.engine_config(), text_cache=cache)
             return self._segmenter
+
+    def head(self, ref: str) -> Any:
+        """The mask head a `JobSpec.head` reference ("<key>#<sha256>") names, loaded once per worker (per
+        generation: every generation has its own key); None for "" and for a blob that is missing, corrupt,
+        not the one referenced or trained on another proposal CLIP (logged once, the job runs plain CaR).
+        Raises RedisError when Redis is down."""
+        if not ref:
+            return None
+        with self._lock:
+            if ref in self._heads:
+                return self._heads[ref]
+        from car_backend.engine.head import HeadError, head_from_bytes  # torch, only where jobs run
+
+        key, _, digest = ref.rpartition("#")
+        blob = self.store.redis.get(key)
+        head = None
+        if blob is None:
+            log.warning("mask head %s is gone from Redis: jobs that name it run without it", key)
+        elif hashlib.sha256(blob).hexdigest() != digest:
+            log.warning("mask head %s does not hold the weights its jobs name: ignored", key)
+        else:
+            try:
+                head, _, _ = head_from_bytes(blob, identity=self.segmenter.proposal_clip.name)
+            except HeadError as exc:
+                log.warning("mask head %s ignored: %s", key, exc)
+        with self._lock:
+            self._heads[ref] = head
+        return head
 
 
 _context: WorkerContext | None = None
@@ -128,7 +158,7 @@ def _compute_and_record(ctx: WorkerContext, spec: JobSpec) -> JobResult:
             raise EngineMismatch(
                 "this worker's engine settings (CAR_PROPOSAL_MODEL, CAR_CLASSIFIER_MODEL, CAR_SAM_CHECKPOINT, "
                 "CAR_MAX_STEPS) differ from the server's; give both the same values")
-        result = compute(spec, ctx.segmenter, ctx.fetcher)
+        result = compute(spec, ctx.segmenter, ctx.fetcher, ctx.head(spec.head))
     except Exception as exc:
         ctx.store.record_job("error", time.monotonic() - started)
         log.warning("job %s failed (%s: %s); RQ retries it while retries are left",

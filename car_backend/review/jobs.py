@@ -38,10 +38,11 @@ from car_backend.labelstudio.regions import RegionSizeError, add_mask, label_mas
 from car_backend.pipeline.compute import restrict, segment_run
 from car_backend.pipeline.plain import from_plain, to_plain
 from car_backend.pipeline.planning import plan_task
-from car_backend.pipeline.spec import JobSpec
+from car_backend.pipeline.spec import JobSpec, Run
 from car_backend.queue.jobs import WorkerContext, current_context
 from car_backend.queue.store import STATS_KEY
 from car_backend.review.agreement import ProjectAgreement, compare, search
+from car_backend.review.heads import HeadStore, queue_fit
 from car_backend.review.store import THRESHOLD_BOUNDS, Calibration, Correction, ReviewStore
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ def review_annotation(event: dict) -> dict:
         count = review.put_correction(event.project, Correction(event.task, event.specs, annotated))
         outcome["corrected_tasks"] = count
         outcome["calibration_queued"] = _maybe_queue_calibration(ctx, review, event.project, count)
+        outcome["fit_queued"] = _maybe_queue_fit(ctx, event.project, count)
     return outcome
 
 
@@ -218,6 +220,26 @@ def _maybe_queue_calibration(ctx: WorkerContext, review: ReviewStore, project: s
     return True
 
 
+def _maybe_queue_fit(ctx: WorkerContext, project: str, corrected: int) -> bool:
+    """Queue a mask-head training once the project has CAR_FIT_AFTER more corrected tasks than the last one
+    started with."""
+    every = ctx.settings.fit_after
+    if not every:
+        return False
+    status = HeadStore(ctx.store.redis).status(project)
+    if corrected < (status.corrected_tasks if status else 0) + every:
+        return False
+    job = queue_fit(ctx.queue, ctx.store.redis, project, ctx.name, fit_timeout(ctx.settings))
+    if job is not None:
+        log.info("project %s has %d corrected tasks: mask-head training queued", project, corrected)
+    return job is not None
+
+
+def fit_timeout(settings: Any) -> int:
+    """RQ timeout of a training job: its time budget, plus time to fetch, prepare and evaluate."""
+    return int(max(settings.job_timeout, 2 * settings.fit_seconds + 600))
+
+
 def calibrate_project(project: str) -> dict:
     """The RQ job that re-chooses a project's thresholds (see the module docstring): one slice of it, the
     last of which stores the calibration; {"project", "continued": True} for the others."""
@@ -237,19 +259,27 @@ def calibrate_project(project: str) -> dict:
             review.unlock_calibration(project)
 
 
-def _calibrate(ctx: WorkerContext, review: ReviewStore, project: str) -> dict:
-    started = time.monotonic()
-    corrections = review.corrections(project)[-MAX_CALIBRATION_TASKS:]
-    segmenter = ctx.segmenter
+def prepared_corrections(ctx: WorkerContext, project: str, corrections: list[Correction], purpose: str
+                         ) -> list[tuple[Correction, list[tuple[JobSpec, Any]]]]:
+    """Each correction with its specs' images fetched and prepared (trunk computed) once; a task whose image
+    cannot be fetched is skipped with a warning naming `purpose`. Retryable media errors skip too."""
     items = []
     for correction in corrections:
         try:
-            prepared = [(spec, segmenter.prepare(ctx.fetcher.fetch(spec.image, spec.task_id)))
+            prepared = [(spec, ctx.segmenter.prepare(ctx.fetcher.fetch(spec.image, spec.task_id)))
                         for spec in correction.specs]
         except MediaError as exc:
-            log.warning("calibration of project %s skips task %s: %s", project, correction.task, exc)
+            log.warning("%s of project %s skips task %s: %s", purpose, project, correction.task, exc)
             continue
         items.append((correction, prepared))
+    return items
+
+
+def _calibrate(ctx: WorkerContext, review: ReviewStore, project: str) -> dict:
+    started = time.monotonic()
+    corrections = review.corrections(project)[-MAX_CALIBRATION_TASKS:]
+    items = prepared_corrections(ctx, project, corrections, "calibration")
+    head = ctx.head(_adopted_head(ctx, project))  # thresholds are chosen for the masks the project gets
     if not items:
         return {"project": project, "calibrated": False, "reason": "no corrected task could be read"}
     current = review.calibration(project)
@@ -281,7 +311,7 @@ def _calibrate(ctx: WorkerContext, review: ReviewStore, project: str) -> dict:
             for correction, prepared in items:
                 predicted: dict[str, np.ndarray] = {}
                 for spec, image in prepared:
-                    for label, mask in _predicted_masks(ctx, spec, image, thresholds).items():
+                    for label, mask in predicted_masks(ctx.segmenter, spec.runs, image, thresholds, head).items():
                         add_mask(predicted, label, mask)
                 total.add(compare(shrink(predicted), correction.masks))
             evaluated[key] = total
@@ -314,12 +344,18 @@ def _base_preset(ctx: WorkerContext, spec: JobSpec) -> Any:
     return get_preset(spec.runs[0].preset or ctx.settings.preset)
 
 
-def _predicted_masks(ctx: WorkerContext, spec: JobSpec, prepared: Any, thresholds: dict[str, float]
-                     ) -> dict[str, np.ndarray]:
-    """Label name -> mask of what the engine predicts for one prepared image with these thresholds."""
+def _adopted_head(ctx: WorkerContext, project: str) -> str:
+    status = HeadStore(ctx.store.redis).status(project)
+    return status.head if status is not None else ""
+
+
+def predicted_masks(segmenter: Any, runs: tuple[Run, ...], prepared: Any, thresholds: dict[str, float],
+                    head: Any = None) -> dict[str, np.ndarray]:
+    """Label name -> mask of what the engine predicts for one prepared image with these thresholds (and this
+    mask head, an engine.head.MaskHead, if any)."""
     masks: dict[str, np.ndarray] = {}
-    for run in spec.runs:
-        seg = segment_run(ctx.segmenter, prepared, run, thresholds)
+    for run in runs:
+        seg = segment_run(segmenter, prepared, run, thresholds, head)
         for out in run.outputs:
             if run.mode == "referring":
                 masks[out.labels[0].value] = seg.label_map == 1

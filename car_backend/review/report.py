@@ -1,6 +1,8 @@
-"""`car-backend report --project ID`: agreement with annotators' corrections, and the calibration.
+"""`car-backend report --project ID`: agreement with annotators' corrections, the calibration and the mask
+head; `car-backend fit --project ID`: queue a training of the project's mask head.
 
-The same figures are exported at /metrics (car_review_* and car_calibration_*), built by `project_report`.
+The same figures are exported at /metrics (car_review_*, car_calibration_* and car_fit_*), built by
+`project_report`.
 """
 
 from __future__ import annotations
@@ -8,17 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from redis import RedisError
 
 from car_backend.queue.connection import redis_client
+from car_backend.queue.jobqueue import JobQueue, make_store
+from car_backend.review.heads import fit_status, queue_fit
+from car_backend.review.jobs import fit_timeout
 from car_backend.review.store import ReviewStore
 from car_backend.settings import Settings
 
 
 def project_report(review: ReviewStore, project: str) -> dict[str, Any]:
-    """Plain data: per model_version agreement (labels sorted) and the calibration, if any."""
+    """Plain data: per model_version agreement (labels sorted), the calibration and the fit status, if any."""
     versions = []
     for version, totals in sorted(review.agreement(project).items()):
         versions.append({"model_version": version, "tasks": totals.tasks,
@@ -26,7 +32,8 @@ def project_report(review: ReviewStore, project: str) -> dict[str, Any]:
                          "labels": [{**row, "iou": round(row["iou"], 6)} for row in totals.summary()]})
     calibration = review.calibration(project)
     return {"project": project, "versions": versions,
-            "calibration": json.loads(calibration.to_json()) if calibration else None}
+            "calibration": json.loads(calibration.to_json()) if calibration else None,
+            "fit": fit_status(review.redis, project)}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -40,6 +47,7 @@ def render(report: dict[str, Any]) -> str:
         for row in entry["labels"]:
             lines.append(f"    {row['label']:<24} {row['iou']:>6.3f} {row['tasks']:>6} {row['missed']:>7} "
                          f"{row['added']:>6}")
+    lines.extend(_render_fit(report.get("fit")))
     calibration = report["calibration"]
     if calibration is None:
         lines.append("  not calibrated (thresholds are the preset's)")
@@ -54,6 +62,49 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"    {label:<24} {calibration['labels_before'].get(label, 0.0):>7.3f} "
                      f"{calibration['labels_after'].get(label, 0.0):>7.3f}")
     return "\n".join(lines)
+
+
+def _render_fit(fit: dict[str, Any] | None) -> list[str]:
+    if fit is None:
+        return ["  no mask head trained (Start Training, CAR_FIT_AFTER or `car-backend fit` start one)"]
+    adopted = f"generation {fit['generation']} in use" if fit["generation"] else "none in use"
+    lines = [f"  mask head: {adopted}; last training {fit['state']} on {fit['train_tasks']} corrected tasks "
+             f"({fit['held_out_tasks']} held out), {fit['epochs']}/{fit['epochs_planned']} epochs, "
+             f"{fit['seconds_per_epoch']:.2f} s per epoch"]
+    if fit["before"] is not None:
+        lines.append(f"    held-out agreement {fit['before']:.3f} -> {fit['after']:.3f}, mIoU "
+                     f"{fit['miou_before'] or 0.0:.3f} -> {fit['miou_after'] or 0.0:.3f}: "
+                     f"{'adopted' if fit['adopted'] else 'not adopted'}")
+    if fit["reason"]:
+        lines.append(f"    {fit['reason']}")
+    return lines
+
+
+def fit_main(args: argparse.Namespace, settings: Settings) -> int:
+    """`car-backend fit --project ID [--wait]`: 0 when queued (and, with --wait, when it ended done)."""
+    if not settings.redis_url:
+        print("car-backend fit: set REDIS_URL to the backend's Redis (its workers train the head)", file=sys.stderr)
+        return 2
+    project = str(args.project)
+    redis = redis_client(settings.redis_url, "cli")
+    try:
+        queue = JobQueue(settings, redis, make_store(redis, settings))
+        job = queue_fit(queue, redis, project, "cli", fit_timeout(settings))
+        print(f"project {project}: mask-head training {'queued as job ' + job if job else 'already queued or running'}")
+        if not args.wait:
+            return 0
+        deadline = time.monotonic() + fit_timeout(settings)
+        status = fit_status(redis, project)
+        while status is not None and status["state"] in ("queued", "training") and time.monotonic() < deadline:
+            time.sleep(1.0)
+            status = fit_status(redis, project)
+    except RedisError as exc:
+        print(f"car-backend fit: Redis at REDIS_URL is unavailable: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        redis.close()
+    print("\n".join(_render_fit(status)))
+    return 0 if status is not None and status["state"] == "done" else 1
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:

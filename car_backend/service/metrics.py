@@ -172,3 +172,31 @@ def _review_families(reports: list[dict]) -> Iterator:
             calibrated.add_metric([project, "after"], calibration["after"])
             generation.add_metric([project], calibration["generation"])
     yield from (tasks, agreement, label_iou, threshold, calibrated, generation)
+    yield from _fit_families(reports)
+
+
+def _fit_families(reports: list[dict]) -> Iterator:
+    """The mask-head figures of `car-backend report` (review.heads.FitStatus), per project."""
+    fit_generation = GaugeMetricFamily("car_fit_generation", "Adopted mask heads of a project (its model_version "
+                                       "ends in -fit<generation>).", labels=["project"])
+    fit_agreement = GaugeMetricFamily("car_fit_agreement", "Held-out agreement of the last mask-head training: the "
+                                      "model in use (before) and the trained head (after).", labels=["project", "stage"])
+    fit_miou = GaugeMetricFamily("car_fit_miou", "Held-out mIoU of the last mask-head training, before and after.",
+                                 labels=["project", "stage"])
+    fit_epochs = GaugeMetricFamily("car_fit_epochs", "Epochs the last mask-head training ran.", labels=["project"])
+    fit_seconds = GaugeMetricFamily("car_fit_seconds_per_epoch", "Seconds per epoch of the last mask-head training.",
+                                    labels=["project"])
+    for report in reports:
+        fit = report.get("fit")
+        if fit is None:
+            continue
+        project = report["project"]
+        fit_generation.add_metric([project], fit["generation"])
+        fit_epochs.add_metric([project], fit["epochs"])
+        fit_seconds.add_metric([project], fit["seconds_per_epoch"])
+        for stage in ("before", "after"):
+            if fit[stage] is not None:
+                fit_agreement.add_metric([project, stage], fit[stage])
+            if fit[f"miou_{stage}"] is not None:
+                fit_miou.add_metric([project, stage], fit[f"miou_{stage}"])
+    yield from (fit_generation, fit_agreement, fit_miou, fit_epochs, fit_seconds)

@@ -12,7 +12,9 @@ from redis import RedisError
 
 from car_backend.labelstudio.config import LabelConfigError
 from car_backend.pipeline.planning import output_targets
-from car_backend.review.jobs import REVIEWED_ACTIONS, annotation_event, review_annotation
+from car_backend.pipeline.versions import project_id
+from car_backend.review.heads import queue_fit
+from car_backend.review.jobs import REVIEWED_ACTIONS, annotation_event, fit_timeout, review_annotation
 from car_backend.service.backend import Backend
 from car_backend.service.metrics import Metrics
 from car_backend.service.parsing import RequestError, predict_request, setup_request, webhook_body
@@ -117,6 +119,8 @@ def webhook() -> Response:
     service = _service()
     body = webhook_body(request.get_json(force=True, silent=True))
     action = body.get("action")
+    if action == TRAINING_ACTION:
+        return _start_training(service, body)
     if action not in REVIEWED_ACTIONS:
         log.debug("/webhook: %s (ignored)", action)
         return json_response({"status": "ignored", "action": action,
@@ -132,6 +136,23 @@ def webhook() -> Response:
     job = service.backend.queue.submit_call(review_annotation, (event.to_dict(),),
                                             description=f"review task {event.task} of project {event.project}")
     return json_response({"status": "queued", "action": action, "job": job})
+
+
+TRAINING_ACTION = "START_TRAINING"
+
+
+def _start_training(service: Service, body: dict) -> Response:
+    """"Start Training" (or N annotations): queue a training of the project's mask head from the corrected
+    tasks the review store already holds (nothing is read from the payload but the project id)."""
+    project = body.get("project")
+    pid = project_id(project.get("id") if isinstance(project, dict) else project)
+    if pid is None:
+        raise RequestError("START_TRAINING needs a 'project' object with an 'id'")
+    job = queue_fit(service.backend.queue, service.backend.redis, pid, "webhook", fit_timeout(service.settings))
+    status = "queued" if job is not None else "already training"
+    log.info("/webhook: START_TRAINING for project %s: %s", pid, status)
+    # not "job": Label Studio would record a TrainJob it never follows
+    return json_response({"status": status, "action": TRAINING_ACTION, "project": pid, "fit_job": job})
 
 
 @blueprint.get("/versions")

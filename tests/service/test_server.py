@@ -249,7 +249,7 @@ def test_webhook_ignores_other_events_and_rejects_malformed_annotation_events(se
     client = make_client(service_settings())
     task = {"id": 5, "data": {"image": "/data/upload/1/5.png"}}
     project = {"id": 1, "label_config": BRUSH}
-    for body in ({"action": "START_TRAINING", "project": {"id": 1}}, {"action": "TASKS_CREATED"}, {},
+    for body in ({"action": "TASKS_CREATED"}, {},
                  {"action": "ANNOTATION_CREATED", "annotation": {"id": 3, "result": [], "was_cancelled": True},
                   "task": task, "project": project},
                  {"action": "ANNOTATION_UPDATED", "annotation": {"id": 3, "result": []}, "task": task,
