@@ -10,6 +10,9 @@ Every task /predict answered or registered as late (and every `prelabel --projec
 - delivered: Label Studio has the prediction (answered by /predict, or confirmed after an API write);
   `empty` of those are empty predictions for permanent failures (the image cannot be decoded, ...);
 - waiting_to_be_written: done, not yet confirmed written through the API (in the outbox, or retrying).
+
+`fit` is the project's mask-head training status (review.heads.fit_status: progress, figures, the adopted
+generation), None before any training was queued.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 from car_backend.queue.connection import redis_client
 from car_backend.queue.jobqueue import JobQueue, make_store
 from car_backend.queue.store import Store
+from car_backend.review.heads import fit_status
 from car_backend.settings import Settings
 
 MAX_LISTED_FAILURES = 100
@@ -40,7 +44,8 @@ def project_status(store: Store, queue: JobQueue, project: int, task: int | None
     counts = {name: sum(1 for r in rows if r[name]) for name in
               ("queued", "running", "done", "failed", "delivered", "empty", "waiting_to_be_written")}
     failures = [{"task": r["task"], "reason": r["reason"]} for r in rows if r["failed"]][:MAX_LISTED_FAILURES]
-    return {"project": project, "total": len(rows), **counts, "failures": failures}
+    return {"project": project, "total": len(rows), **counts, "failures": failures,
+            "fit": fit_status(store.redis, str(project))}
 
 
 def _row(store: Store, queue: JobQueue, task: int, info: dict, in_outbox: bool) -> dict[str, Any]:

@@ -106,6 +106,7 @@ def test_status_reports_a_project_s_tasks(service_settings, make_client, spawn_w
     client.post("/predict", json={"tasks": tasks, "label_config": BRUSH, "project": f"{project}.1"})
     queued = client.get(f"/status?project={project}").get_json()
     assert queued["total"] == 3 and queued["queued"] == 3 and queued["delivered"] == 0
+    assert queued["fit"] is None  # no mask-head training was ever queued for this project
     spawn_worker(settings)
     fake_ls.wait_for_predictions(ids, DELIVERY_TIMEOUT_S)
     deadline = time.monotonic() + DELIVERY_TIMEOUT_S
