@@ -31,7 +31,12 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from car_backend.labelstudio.client import LabelStudioAPIError, LabelStudioClient, prediction_versions
+from car_backend.labelstudio.client import (
+    LabelStudioAPIError,
+    LabelStudioClient,
+    prediction_versions,
+    task_strings,
+)
 from car_backend.pipeline.compute import task_entry
 from car_backend.pipeline.spec import JobResult
 from car_backend.queue.store import WRITING_PREFIX, LateRecord, Store
@@ -177,9 +182,7 @@ class Deliverer:
             if exc.retryable:
                 raise DeliveryDeferred(f"reading task {record.task} back: {exc}") from None
             return f"Label Studio could not give the task back ({exc})"
-        data = task.get("data") if isinstance(task.get("data"), dict) else {}
-        held = {v for v in data.values() if isinstance(v, str)}
-        if task.get("project") != record.project or not set(record.images) <= held:
+        if task.get("project") != record.project or not set(record.images) <= task_strings(task):
             self.store.record_delivery("refused")
             log.warning("refused to write a prediction into task %s: in Label Studio it belongs to project %s "
                         "and holds other images than the one predicted (planned for project %s)",
