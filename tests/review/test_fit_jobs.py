@@ -4,6 +4,7 @@ worker that ignores a corrupt or foreign head with a log line."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import subprocess
@@ -118,7 +119,11 @@ def test_fit_after_queues_a_training_once_enough_tasks_are_corrected(context, fa
     project = str(ids[0])
     queued = []
     (target,) = parse_label_config(LABEL_CONFIG).targets
-    for correction in _corrections(ctx, fake_ls, ids):
+    corrections = _corrections(ctx, fake_ls, ids)
+    # What the review job reads back (it never believes the webhook's payload): the project, tasks, annotations.
+    fake_ls.add_project(int(project), LABEL_CONFIG,
+                        [{"id": c.task, "data": {"image": c.specs[0].image}} for c in corrections])
+    for correction in corrections:
         names = [c.name for c in CLASSES]
         label_map = np.zeros(SIZE, dtype=np.int32)
         for i, name in enumerate(names):
@@ -126,7 +131,9 @@ def test_fit_after_queues_a_training_once_enough_tasks_are_corrected(context, fa
         seg = Segmentation(names, label_map, np.stack([label_map == i + 1 for i in range(len(names))]),
                            np.ones(len(names), np.float32), steps=2)
         regions = segmentation_to_regions(seg, target, list(target.labels), kind="brush")
-        event = AnnotationEvent(project, correction.task, regions, correction.specs)
+        fake_ls.add_annotation(correction.task, correction.task, int(project), regions)
+        event = AnnotationEvent(project, correction.task, correction.task,
+                                hashlib.sha256(LABEL_CONFIG.encode()).hexdigest(), correction.specs)
         queued.append(review_annotation(event.to_dict()).get("fit_queued"))
     assert queued == [False, True, False]  # the third finds the lock of the queued one
     jobs = ctx.queue.batch.get_jobs()
