@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from car_backend.engine.config import DEVICES, PRECISIONS, SAM_MODEL_TYPES, EngineConfig
+from car_backend.engine.config import COMPAT_MODES, DEVICES, PRECISIONS, SAM_MODEL_TYPES, EngineConfig
 from car_backend.engine.errors import CarError
 from car_backend.engine.presets import PRESETS as _PRESETS
 
@@ -91,6 +91,11 @@ class Settings:
     weights_dir: str = field(
         default="",
         metadata=_meta("CAR_WEIGHTS_DIR", "Cache folder for downloaded weights (open_clip's default when empty)."),
+    )
+    compat: str = field(
+        default="fixed",
+        metadata=_meta("CAR_COMPAT", "fixed = the project's fixes of the official code (README Deviations); "
+                       "official = its outputs, quirks included.", COMPAT_MODES),
     )
     # Label Studio results
     output: str = field(
@@ -212,7 +217,8 @@ class Settings:
         return EngineConfig(
             proposal_model=self.proposal_model, classifier_model=self.classifier_model, device=self.device,
             precision=self.precision, preset=self.preset, max_steps=self.max_steps,
-            sam_checkpoint=self.sam_checkpoint, sam_model_type=self.sam_model_type, weights_dir=self.weights_dir)
+            sam_checkpoint=self.sam_checkpoint, sam_model_type=self.sam_model_type, weights_dir=self.weights_dir,
+            compat=self.compat)
 
     @property
     def can_write_predictions(self) -> bool:

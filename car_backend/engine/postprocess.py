@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from car_backend.engine.result import nearest_indices
+
 log = logging.getLogger(__name__)
 
 # deeplab-pytorch / CLIP-ES values used by the official code.
@@ -26,6 +28,47 @@ SAM_GENERATOR_SETTINGS = {
 }
 
 REFERRING_MIN_AREA = 0.05
+
+# deeplab-pytorch's BGR mean, which the official CRF subtracts from the image before casting it to uint8.
+OFFICIAL_CRF_MEAN_BGR = (104.008, 116.669, 122.675)
+
+
+def crf_image(rgb: np.ndarray, official: bool) -> np.ndarray:
+    """The (H, W, 3) uint8 image the CRF's bilateral term sees.
+
+    Fixed (default): the RGB image itself. Official (CAR_COMPAT=official): what the official code passes,
+    the image as BGR minus OFFICIAL_CRF_MEAN_BGR in float32, cast to uint8, so negative values wrap around
+    (numpy's cast, platform-dependent as it is there).
+    """
+    if not official:
+        return rgb
+    shifted = rgb[..., ::-1].astype(np.float32) - np.asarray(OFFICIAL_CRF_MEAN_BGR, dtype=np.float32)
+    return np.ascontiguousarray(shifted.astype(np.uint8))
+
+
+def pixel_winners(masks: np.ndarray, separate: bool, official: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Which CRF survivors stay kept: (masks (K, H, W) aligned to the survivors, kept (K,) bool).
+
+    `masks` are the CRF's masks of the K survivors, in order. Fixed (default): a survivor whose mask is
+    empty (it wins no CRF pixel) is dropped: no region would show it, so it must not count in the task
+    score either. Official: the one-hot of the CRF's arg-max has as many rows as the largest label that
+    wins a pixel, and the masks are zipped with the survivors, so
+    - joint CRF (semantic): the survivors after the last one that wins a pixel are dropped; an empty one
+      before it stays kept with an empty mask;
+    - one CRF per survivor (referring): each empty one-hot contributes no row, so the following survivors
+      take the next survivors' masks and the last ones are dropped (as many as were empty).
+    """
+    count = len(masks)
+    nonempty = masks.reshape(count, -1).any(axis=1)
+    if not official:
+        return masks, nonempty
+    if not separate:
+        last = int(np.flatnonzero(nonempty)[-1]) + 1 if nonempty.any() else 0
+        return masks, np.arange(count) < last
+    aligned = np.zeros_like(masks)
+    rows = masks[nonempty]
+    aligned[: len(rows)] = rows
+    return aligned, np.arange(count) < len(rows)
 
 
 def crf_marginals(rgb: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
@@ -87,13 +130,31 @@ def assemble_label_map(masks: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return label_map
 
 
-def merge_referring(masks: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """One object mask from per-sentence masks: score-weighted mean >= 0.5, else (area <= 5%) their union."""
+def merge_referring(masks: np.ndarray, scores: np.ndarray, answered_size: tuple[int, int] | None = None
+                    ) -> np.ndarray:
+    """One object mask from per-sentence masks: score-weighted mean >= 0.5, else (area <= 5%) their union.
+
+    `answered_size` (H, W): the masks will be nearest-resized to it, and the 5% is measured on that grid
+    (each working pixel weighted by the answered pixels it becomes), so merging before the resize gives
+    what merging after it would. All scores zero (no sentence kept): an empty mask.
+    """
+    if scores.sum() <= 0:
+        return np.zeros(masks.shape[1:], dtype=bool)
     weights = scores / scores.sum()
     merged = np.tensordot(weights, masks.astype(np.float32), axes=1) >= 0.5
-    if merged.mean() <= REFERRING_MIN_AREA:
+    if _area_fraction(merged, answered_size) <= REFERRING_MIN_AREA:
         merged = masks[scores > 0].any(axis=0)
     return merged
+
+
+def _area_fraction(mask: np.ndarray, answered_size: tuple[int, int] | None) -> float:
+    """mask.mean() on the grid the mask is nearest-resized to (its own when None)."""
+    if answered_size is None or tuple(answered_size) == mask.shape:
+        return float(mask.mean())
+    height, width = answered_size
+    row_weights = np.bincount(nearest_indices(mask.shape[0], height), minlength=mask.shape[0])
+    col_weights = np.bincount(nearest_indices(mask.shape[1], width), minlength=mask.shape[1])
+    return float(row_weights @ mask.astype(np.float64) @ col_weights) / (height * width)
 
 
 def match_sam_masks(

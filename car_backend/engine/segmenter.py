@@ -41,12 +41,14 @@ from car_backend.engine.models import ClipModel, SharedTextCache, load_clip, res
 from car_backend.engine.postprocess import (
     SamRefiner,
     assemble_label_map,
+    crf_image,
     crf_masks_with_margin,
     merge_referring,
+    pixel_winners,
 )
 from car_backend.engine.presets import CAM_TEMPLATE, Preset, get_preset
 from car_backend.engine.proposals import ProposalGenerator, ProposalImage
-from car_backend.engine.result import Segmentation
+from car_backend.engine.result import QueryMasks, Segmentation, resize_nearest
 from car_backend.engine.visual_prompts import VISUAL_PROMPTS, prompt_background
 
 log = logging.getLogger(__name__)
@@ -141,15 +143,20 @@ class Segmenter:
             clip.shared_cache = self._text_cache
         return clip
 
+    @property
+    def _official(self) -> bool:
+        """CAR_COMPAT=official: reproduce the official code's quirks (see EngineConfig)."""
+        return self.config.compat == "official"
+
     def _generator(self) -> ProposalGenerator:
         clip = self.proposal_clip
         with self._lock:
-            return self._generators.setdefault(id(clip), ProposalGenerator(clip))
+            return self._generators.setdefault(id(clip), ProposalGenerator(clip, self._official))
 
     def _classifier(self, preset: Preset) -> MaskClassifier:
         clip = self.proposal_clip if preset.classify_with_proposal_model else self.classifier_clip
         with self._lock:
-            return self._classifiers.setdefault(id(clip), MaskClassifier(clip))
+            return self._classifiers.setdefault(id(clip), MaskClassifier(clip, self._official))
 
     @property
     def sam(self) -> SamRefiner | None:
@@ -333,6 +340,11 @@ class Segmenter:
 
     def _finish(self, prepared: PreparedImage, queries: list[str], preset: Preset, mode: str,
                 steps: list[StepRecord], timer: StageTimer) -> Segmentation:
+        """CRF (and refiner) on the survivors' final proposals, at working resolution; the answer.
+
+        Memory: masks exist only for survivors and stay at working resolution; only the label map is resized
+        to the image's size (`QueryMasks` resizes a mask when it is read).
+        """
         last = steps[-1]
         survivors = [last.live[i] for i in last.kept]
         proposals = last.proposals[last.kept]
@@ -341,28 +353,31 @@ class Segmenter:
             # The official loop reuses the previous step's proposals when a step's are all zero (taking their
             # first rows, which misaligns them when that step had more queries; here the survivors' rows).
             proposals = earlier.proposals[[earlier.live.index(i) for i in survivors]]
-        height, width = prepared.rgb.shape[:2]
+        official = self._official
+        separate = mode == "referring"
         with timer("crf"):
-            refined, margin = crf_masks_with_margin(prepared.rgb, proposals.float().cpu().numpy(),
-                                                    separate=mode == "referring")
-        scores = np.zeros(len(queries), dtype=np.float32)
-        scores[survivors] = last.scores[last.kept]
-        masks = np.zeros((len(queries), height, width), dtype=bool)
-        masks[survivors] = refined
-        if self.sam is not None:
+            refined, margin = crf_masks_with_margin(crf_image(prepared.rgb, official),
+                                                    proposals.float().cpu().numpy(), separate=separate)
+        refined, winners = pixel_winners(refined, separate, official)
+        index = [q for q, kept in zip(survivors, winners, strict=True) if kept]
+        rows = refined[winners]
+        row_scores = last.scores[last.kept][winners]
+        if self.sam is not None and len(rows):
             with timer("sam"):
-                masks[survivors] = self.sam.refine(
-                    prepared.rgb, masks[survivors], preset.iom_threshold, preset.sam_min_pred_threshold,
-                    preset.sam_iou_threshold,
-                )
-        if prepared.original_size != (height, width):
-            masks = _resize_masks(masks, prepared.original_size)
+                rows = self.sam.refine(prepared.rgb, rows, preset.iom_threshold, preset.sam_min_pred_threshold,
+                                       preset.sam_iou_threshold)
+        scores = np.zeros(len(queries), dtype=np.float32)
+        scores[index] = row_scores
+        size = prepared.original_size
         if mode == "referring":
-            label_map = merge_referring(masks, scores).astype(np.int32)
+            working = merge_referring(rows, row_scores, answered_size=size).astype(np.int32)
         else:
-            label_map = assemble_label_map(masks, scores)
-        return Segmentation(queries=queries, label_map=label_map, masks=masks, scores=scores, steps=len(steps),
-                            mode=mode, timings=dict(timer.seconds), margin=float(margin.mean(dtype=np.float64)))
+            lut = np.array([0] + [q + 1 for q in index], dtype=np.int32)  # row k + 1 -> query + 1
+            working = lut[assemble_label_map(rows, row_scores)]
+        return Segmentation(queries=queries, label_map=resize_nearest(working, size),
+                            masks=QueryMasks(rows, tuple(index), len(queries), size), scores=scores,
+                            steps=len(steps), mode=mode, timings=dict(timer.seconds),
+                            margin=float(margin.mean(dtype=np.float64)))
 
 
 class StageTimer:
@@ -409,14 +424,6 @@ def _fit(rgb: np.ndarray, max_side: int | None) -> np.ndarray:
     scale = max_side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return np.ascontiguousarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA))
-
-
-def _resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of (Q, h, w) bool masks to (Q, H, W)."""
-    height, width = size
-    rows = np.minimum((np.arange(height) + 0.5) * masks.shape[1] / height, masks.shape[1] - 1).astype(int)
-    cols = np.minimum((np.arange(width) + 0.5) * masks.shape[2] / width, masks.shape[2] - 1).astype(int)
-    return masks[:, rows][:, :, cols]
 
 
 def _as_clip(model: ClipModel | torch.nn.Module | None) -> ClipModel | None:
