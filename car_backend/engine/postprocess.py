@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Callable
 
 import numpy as np
 
+from car_backend.engine.config import SAM_MODES
+from car_backend.engine.refiners import SamModel, mask_prompts
 from car_backend.engine.result import nearest_indices
-
-log = logging.getLogger(__name__)
 
 # deeplab-pytorch / CLIP-ES values used by the official code.
 CRF_ITERATIONS = 10
 CRF_GAUSSIAN = {"sxy": 1, "compat": 3}
 CRF_BILATERAL = {"sxy": 67, "srgb": 3, "compat": 4}
 UNARY_CLIP = 1e-5
-
-# The official segment-anything automatic mask generator settings.
-SAM_GENERATOR_SETTINGS = {
-    "points_per_side": 64,
-    "pred_iou_thresh": 0.88,
-    "stability_score_thresh": 0.95,
-    "box_nms_thresh": 0.7,
-    "crop_n_layers": 0,
-}
 
 REFERRING_MIN_AREA = 0.05
 
@@ -71,21 +60,28 @@ def pixel_winners(masks: np.ndarray, separate: bool, official: bool) -> tuple[np
     return aligned, np.arange(count) < len(rows)
 
 
-def crf_marginals(rgb: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """Marginals (K, H, W) of a fully connected CRF over (K, H, W) label probabilities.
+def crf_marginals(rgb: np.ndarray, probabilities: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """Marginals (K, H, W) float32 of a fully connected CRF over (K, H, W) label probabilities.
 
-    Fix of the official code: the bilateral term sees the plain RGB uint8 image. The official code passes a
-    BGR, mean-subtracted float image cast to uint8, whose negative values wrap around.
+    `rgb` is the image the bilateral term sees (see crf_image). `overwrite`: the unary is computed in the
+    caller's float32 `probabilities` buffer (which is then garbage), saving two (K, H, W) copies.
     """
     from pydensecrf import densecrf
 
     labels, height, width = probabilities.shape
-    unary = -np.log(np.clip(probabilities, UNARY_CLIP, 1.0)).reshape(labels, -1).astype(np.float32)
+    if overwrite and probabilities.dtype == np.float32 and probabilities.flags["C_CONTIGUOUS"]:
+        unary = probabilities.reshape(labels, -1)
+    else:
+        unary = probabilities.reshape(labels, -1).astype(np.float32)
+    np.clip(unary, UNARY_CLIP, 1.0, out=unary)
+    np.log(unary, out=unary)
+    np.negative(unary, out=unary)
     crf = densecrf.DenseCRF2D(width, height, labels)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary))
+    crf.setUnaryEnergy(unary)  # copied by pydensecrf
+    del unary
     crf.addPairwiseGaussian(**CRF_GAUSSIAN)
     crf.addPairwiseBilateral(rgbim=np.ascontiguousarray(rgb, dtype=np.uint8), **CRF_BILATERAL)
-    return np.asarray(crf.inference(CRF_ITERATIONS)).reshape(labels, height, width)
+    return np.asarray(crf.inference(CRF_ITERATIONS), dtype=np.float32).reshape(labels, height, width)
 
 
 def dense_crf(rgb: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
@@ -93,10 +89,17 @@ def dense_crf(rgb: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
     return crf_marginals(rgb, probabilities).argmax(axis=0)
 
 
+_MARGIN_CHUNK = 65536  # pixels per np.partition call: no full (K, H, W) copy of the marginals
+
+
 def top_two_margin(marginals: np.ndarray) -> np.ndarray:
     """(H, W) top-1 minus top-2 probability of (K >= 2, H, W) marginals: 1 = certain, 0 = tie."""
-    top_two = np.partition(marginals, -2, axis=0)[-2:]
-    return top_two[1] - top_two[0]
+    flat = marginals.reshape(len(marginals), -1)
+    margin = np.empty(flat.shape[1], dtype=marginals.dtype)
+    for start in range(0, flat.shape[1], _MARGIN_CHUNK):
+        top_two = np.partition(flat[:, start:start + _MARGIN_CHUNK], -2, axis=0)[-2:]
+        margin[start:start + _MARGIN_CHUNK] = top_two[1] - top_two[0]
+    return margin.reshape(marginals.shape[1:])
 
 
 def crf_masks(rgb: np.ndarray, proposals: np.ndarray, separate: bool) -> np.ndarray:
@@ -112,11 +115,16 @@ def crf_masks_with_margin(rgb: np.ndarray, proposals: np.ndarray, separate: bool
                           ) -> tuple[np.ndarray, np.ndarray]:
     """crf_masks' masks and the CRF's per-pixel top_two_margin (H, W); `separate`: the mean over proposals."""
     if separate:
-        marginals = (crf_marginals(rgb, np.stack([1.0 - p, p])) for p in proposals)
+        marginals = (crf_marginals(rgb, np.stack([1.0 - p, p]).astype(np.float32), overwrite=True)
+                     for p in proposals)
         decided = [(q.argmax(axis=0) == 1, top_two_margin(q)) for q in marginals]
         return np.stack([mask for mask, _ in decided]), np.mean([margin for _, margin in decided], axis=0)
-    background = 1.0 - proposals.max(axis=0, keepdims=True)
-    marginals = crf_marginals(rgb, np.concatenate([background, proposals]))
+    stacked = np.empty((len(proposals) + 1, *proposals.shape[1:]), dtype=np.float32)
+    np.max(proposals, axis=0, out=stacked[0])
+    np.subtract(1.0, stacked[0], out=stacked[0])
+    stacked[1:] = proposals
+    marginals = crf_marginals(rgb, stacked, overwrite=True)
+    del stacked
     labels = marginals.argmax(axis=0)
     return labels[None] == np.arange(1, len(proposals) + 1)[:, None, None], top_two_margin(marginals)
 
@@ -182,40 +190,52 @@ def match_sam_masks(
 
 
 class SamRefiner:
-    """segment-anything's automatic mask generator, loaded on first use, matched against CaR's masks."""
+    """Refines CaR's final masks with Segment Anything (any family, see engine.refiners), loaded on first use.
+
+    automatic (the paper's): the automatic mask generator's class-agnostic masks, matched to each CaR mask
+    by IoM (match_sam_masks, thresholds from the preset). prompted: each CaR mask prompts SAM with its box
+    and positive points, negative points from the other labels' masks (refiners.mask_prompts); the image is
+    encoded once, one decoder call per label, and SAM's masks replace CaR's.
+
+    `generate` replaces the automatic generator and `sam` the model (tests). Loading raises ModelLoadError
+    or ModelSpecError naming CAR_SAM_MODEL_TYPE, CAR_SAM_CHECKPOINT and the package.
+    """
 
     def __init__(self, checkpoint: str, model_type: str, device: str,
-                 generate: Callable[[np.ndarray], list[np.ndarray]] | None = None):
+                 generate: Callable[[np.ndarray], list[np.ndarray]] | None = None, mode: str = "automatic",
+                 sam: SamModel | None = None):
+        if mode not in SAM_MODES:
+            raise ValueError(f"CAR_SAM_MODE must be one of {SAM_MODES}, got {mode!r}")
         self.checkpoint = checkpoint
         self.model_type = model_type
         self.device = device
+        self.mode = mode
         self._generate = generate
+        self._sam = sam
+
+    @property
+    def sam(self) -> SamModel:
+        if self._sam is None:
+            self._sam = SamModel(self.model_type, self.checkpoint, self.device)
+        return self._sam
 
     def sam_masks(self, rgb: np.ndarray) -> list[np.ndarray]:
-        if self._generate is None:
-            self._generate = self._load()
-        return self._generate(rgb)
+        """SAM's automatic, class-agnostic masks of the image."""
+        if self._generate is not None:
+            return self._generate(rgb)
+        return self.sam.automatic_masks(rgb)
 
     def refine(self, rgb: np.ndarray, masks: np.ndarray, iom_threshold: float, min_pred_threshold: float,
                iou_threshold: float) -> np.ndarray:
+        """Refined (K, H, W) masks for CaR's (K, H, W) masks of the kept labels on `rgb` (H, W, 3)."""
+        if self.mode == "prompted":
+            nonempty = [k for k, mask in enumerate(masks) if mask.any()]
+            refined = masks.copy()
+            predicted = self.sam.prompted_masks(rgb, mask_prompts(masks[nonempty]))
+            for k, mask in zip(nonempty, predicted, strict=True):
+                refined[k] = mask
+            return refined
         candidates = self.sam_masks(rgb)
         return np.stack([
             match_sam_masks(m, candidates, iom_threshold, min_pred_threshold, iou_threshold) for m in masks
         ])
-
-    def _load(self) -> Callable[[np.ndarray], list[np.ndarray]]:
-        try:
-            from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
-        except ImportError as exc:
-            raise RuntimeError(
-                "CAR_SAM_CHECKPOINT is set but segment-anything is not installed; "
-                "pip install 'car-backend[sam]' or unset CAR_SAM_CHECKPOINT"
-            ) from exc
-        if not os.path.isfile(self.checkpoint):
-            raise FileNotFoundError(f"CAR_SAM_CHECKPOINT={self.checkpoint}: no such file")
-        if self.model_type not in sam_model_registry:
-            raise ValueError(f"CAR_SAM_MODEL_TYPE={self.model_type!r}: use one of {', '.join(sam_model_registry)}")
-        log.info("loading SAM %s from %s", self.model_type, self.checkpoint)
-        sam = sam_model_registry[self.model_type](checkpoint=self.checkpoint).to(self.device)
-        generator = SamAutomaticMaskGenerator(sam, **SAM_GENERATOR_SETTINGS)
-        return lambda rgb: [m["segmentation"] for m in generator.generate(rgb)]

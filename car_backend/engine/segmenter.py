@@ -162,7 +162,8 @@ class Segmenter:
     def sam(self) -> SamRefiner | None:
         if self._sam is None and self.config.sam_checkpoint:
             s = self.config
-            self._sam = SamRefiner(s.sam_checkpoint, s.sam_model_type, str(resolve_device(s.device)))
+            self._sam = SamRefiner(s.sam_checkpoint, s.sam_model_type, str(resolve_device(s.device)),
+                                   mode=s.sam_mode)
         return self._sam
 
     # ------------------------------------------------------------------------------------------ images

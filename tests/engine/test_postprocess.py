@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from car_backend.engine import EngineConfig, Segmenter, get_preset
+from car_backend.engine import EngineConfig, ModelLoadError, ModelSpecError, Segmenter, get_preset
 from car_backend.engine.postprocess import (
     SamRefiner,
     assemble_label_map,
@@ -92,11 +92,11 @@ def test_sam_matching_keeps_high_iom_masks_and_replaces_on_high_iou():
 
 def test_sam_refiner_errors_name_the_setting(tmp_path):
     missing = SamRefiner(str(tmp_path / "sam.pth"), "vit_b", "cpu")
-    with pytest.raises(FileNotFoundError, match="CAR_SAM_CHECKPOINT"):
+    with pytest.raises(ModelLoadError, match="CAR_SAM_CHECKPOINT"):  # no such file, or no package
         missing.sam_masks(np.zeros((8, 8, 3), dtype=np.uint8))
     checkpoint = tmp_path / "present.pth"
     checkpoint.write_bytes(b"")
-    with pytest.raises(ValueError, match="CAR_SAM_MODEL_TYPE"):
+    with pytest.raises(ModelSpecError, match="CAR_SAM_MODEL_TYPE"):
         SamRefiner(str(checkpoint), "vit_z", "cpu").sam_masks(np.zeros((8, 8, 3), dtype=np.uint8))
 
 
