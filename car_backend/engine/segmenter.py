@@ -36,8 +36,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
 from car_backend.engine.classifier import MaskClassifier
-from car_backend.engine.config import EngineConfig
-from car_backend.engine.models import ClipModel, SharedTextCache, load_clip, resolve_device
+from car_backend.engine.config import PROPOSAL_MODES, EngineConfig
+from car_backend.engine.models import ClipModel, ModelLoadError, SharedTextCache, load_clip, resolve_device
 from car_backend.engine.postprocess import (
     SamRefiner,
     assemble_label_map,
@@ -49,6 +49,7 @@ from car_backend.engine.postprocess import (
 from car_backend.engine.presets import CAM_TEMPLATE, Preset, get_preset
 from car_backend.engine.proposals import ProposalGenerator, ProposalImage
 from car_backend.engine.result import QueryMasks, Segmentation, resize_nearest
+from car_backend.engine.two_stage import assign, class_probabilities, label_masks, mask_prompted_inputs
 from car_backend.engine.visual_prompts import VISUAL_PROMPTS, prompt_background
 
 log = logging.getLogger(__name__)
@@ -202,8 +203,13 @@ class Segmenter:
         preset: str | Preset | None = None,
         mode: str = "semantic",
         background: Sequence[str] | None = None,
+        proposals: str | None = None,
     ) -> Segmentation:
-        """Run CaR. `preset` None means config.preset; `background` None means the preset's words."""
+        """Run CaR. `preset` None means config.preset; `background` None means the preset's words.
+
+        `proposals` None means config.proposals: `car` (CaR's masks) or `sam` (two-stage, semantic mode only:
+        SAM's masks classified over the labels CaR kept; referring mode always uses CaR's masks).
+        """
         start = time.perf_counter()
         queries = _check_queries(queries)
         if mode not in MODES:
@@ -213,8 +219,14 @@ class Segmenter:
         timer = StageTimer(self.proposal_clip.device)
         prepared, fresh = (image, False) if isinstance(image, PreparedImage) else self._prepare(image)
         timer.add("trunk", prepared.trunk_seconds if fresh else 0.0)
+        proposals = proposals or self.config.proposals
+        if proposals not in PROPOSAL_MODES:
+            raise ValueError(f"proposals must be one of {PROPOSAL_MODES}, got {proposals!r}")
         steps = self._recur(prepared, queries, preset, mode, background, timer)
-        result = self._finish(prepared, queries, preset, mode, steps, timer)
+        if proposals == "sam" and mode == "semantic":
+            result = self._finish_two_stage(prepared, queries, preset, background, steps, timer)
+        else:
+            result = self._finish(prepared, queries, preset, mode, steps, timer)
         result.timings["total"] = time.perf_counter() - start
         return result
 
@@ -367,18 +379,58 @@ class Segmenter:
             with timer("sam"):
                 rows = self.sam.refine(prepared.rgb, rows, preset.iom_threshold, preset.sam_min_pred_threshold,
                                        preset.sam_iou_threshold)
-        scores = np.zeros(len(queries), dtype=np.float32)
-        scores[index] = row_scores
-        size = prepared.original_size
-        if mode == "referring":
-            working = merge_referring(rows, row_scores, answered_size=size).astype(np.int32)
-        else:
-            lut = np.array([0] + [q + 1 for q in index], dtype=np.int32)  # row k + 1 -> query + 1
-            working = lut[assemble_label_map(rows, row_scores)]
-        return Segmentation(queries=queries, label_map=resize_nearest(working, size),
-                            masks=QueryMasks(rows, tuple(index), len(queries), size), scores=scores,
-                            steps=len(steps), mode=mode, timings=dict(timer.seconds),
-                            margin=float(margin.mean(dtype=np.float64)))
+        return _answer(prepared, queries, mode, index, rows, row_scores, len(steps), timer,
+                       float(margin.mean(dtype=np.float64)))
+
+    def _finish_two_stage(self, prepared: PreparedImage, queries: list[str], preset: Preset,
+                          background: tuple[str, ...], steps: list[StepRecord], timer: StageTimer) -> Segmentation:
+        """The two-stage answer (engine.two_stage): SAM's masks classified over the labels CaR kept."""
+        if self.sam is None:
+            raise ModelLoadError("proposals=sam (CAR_PROPOSALS or a control's car_proposals) needs Segment "
+                                 "Anything: set CAR_SAM_CHECKPOINT and CAR_SAM_MODEL_TYPE")
+        last = steps[-1]
+        survivors = [last.live[i] for i in last.kept]
+        with timer("sam"):
+            candidates = [np.asarray(m, dtype=bool) for m in self.sam.sam_masks(prepared.rgb)]
+        height, width = prepared.rgb.shape[:2]
+        stacked = np.stack(candidates) if candidates else np.zeros((0, height, width), dtype=bool)
+        classifier = self._classifier(preset)
+        names = [queries[i] for i in survivors] + list(background)
+        templates = preset.templates or (CAM_TEMPLATE,)
+        probabilities = np.zeros((0, len(names)), dtype=np.float32)
+        if candidates:
+            with timer("text"):
+                texts = classifier.clip.embed_texts([t.format(n) for t in templates for n in names])
+                texts = texts.reshape(len(templates), len(names), -1)
+            with timer("prompts"):
+                inputs = mask_prompted_inputs(classifier, prepared.pixels,
+                                              torch.as_tensor(stacked, device=prepared.pixels.device),
+                                              preset.visual_prompts)
+            with timer("classify"):
+                probabilities = class_probabilities(classifier, classifier.embed_images(inputs), texts,
+                                                    double_softmax=preset.templates is not None).cpu().numpy()
+        assignment = assign(probabilities, len(survivors), preset.confidence_threshold)
+        masks, label_scores = label_masks(stacked, assignment, len(survivors))
+        won = masks.reshape(len(masks), -1).any(axis=1)  # a label whose masks all lost their pixels is dropped
+        index = [q for q, kept in zip(survivors, won, strict=True) if kept]
+        return _answer(prepared, queries, "semantic", index, masks[won], label_scores[won], len(steps), timer, None)
+
+
+def _answer(prepared: PreparedImage, queries: list[str], mode: str, index: list[int], rows: np.ndarray,
+            row_scores: np.ndarray, steps: int, timer: StageTimer, margin: float | None) -> Segmentation:
+    """The Segmentation for the kept queries `index` with their (K, h, w) working-resolution masks `rows`
+    and scores; only the label map is resized to the image's size."""
+    scores = np.zeros(len(queries), dtype=np.float32)
+    scores[index] = row_scores
+    size = prepared.original_size
+    if mode == "referring":
+        working = merge_referring(rows, row_scores, answered_size=size).astype(np.int32)
+    else:
+        lut = np.array([0] + [q + 1 for q in index], dtype=np.int32)  # row k + 1 -> query + 1
+        working = lut[assemble_label_map(rows, row_scores)]
+    return Segmentation(queries=queries, label_map=resize_nearest(working, size),
+                        masks=QueryMasks(rows, tuple(index), len(queries), size), scores=scores, steps=steps,
+                        mode=mode, timings=dict(timer.seconds), margin=margin)
 
 
 class StageTimer:
