@@ -3,6 +3,7 @@
     python benchmarks/engine.py [--quick] [--device cpu|cuda] [--precision auto|fp32|fp16|bf16]
                                 [--classifier ViT-B-16|ViT-L-14] [--queries 5,10,20] [--images 3]
     python benchmarks/engine.py --memory [--memory-labels 100] [--memory-size 4000x3000] [--before-source DIR]
+    python benchmarks/engine.py --refiners [--refiner-types vit_b,hq_vit_b,sam2.1_hiera_t] [--size 320x240]
 
 Both models have random weights (no network here), with sharpened attention (see car_backend/engine/synthetic.py).
 For each query count: the fast engine segments one warm-up image (its first call: cold text cache), then
@@ -55,6 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", default="coco")
     p.add_argument("--no-literal", action="store_true", help="skip the literal implementation")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--refiners", action="store_true",
+                   help="only the refiner section: per-image SAM time per family and mode, random weights")
+    p.add_argument("--refiner-types", default="vit_b,hq_vit_b,sam2.1_hiera_t",
+                   help="CAR_SAM_MODEL_TYPEs of the refiner section (each family's smallest config)")
     p.add_argument("--memory", action="store_true",
                    help="only the memory section: peak RSS of one job, before/after the survivor-only masks")
     p.add_argument("--memory-labels", type=int, default=100)
@@ -80,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.memory:
         report = memory_section(args)
+        print(json.dumps(report))
+        return 0
+    if args.refiners:
+        report = refiner_section(args)
         print(json.dumps(report))
         return 0
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -154,6 +163,55 @@ def measure_fast(segmenter: Segmenter, images: list[np.ndarray], queries: list[s
              "stage_medians_s": {s: round(v, 4) for s, v in medians.items()},
              "steps": [r.steps for r in runs], "kept": [len(r.kept) for r in runs]}
     return entry, runs
+
+
+def refiner_section(args: argparse.Namespace) -> dict:
+    """Per-image refiner time (`sam` stage) for each family's model with random weights, in each mode:
+    automatic (the official 64 x 64 point grid), prompted (one decoder call per kept label) and the two-stage
+    proposals (automatic masks, then one classifier pass over them). CaR itself runs on the tiny random CLIPs
+    with theta lowered so that several labels are kept; its own time is reported apart."""
+    import dataclasses
+    import importlib
+
+    from car_backend.engine.postprocess import SamRefiner
+    from car_backend.engine.refiners import SamModel, SamSpec
+    from car_backend.testing.settings import TINY_CLIP_CONFIG
+
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    image = scene(0, height, width)
+    queries = list(VOCABULARY[:10])
+    preset = dataclasses.replace(get_preset("coco"), confidence_threshold=0.02)
+    proposal, proposal_tokenizer = random_clip(str(TINY_CLIP_CONFIG), seed=1)
+    classifier, classifier_tokenizer = random_clip(str(TINY_CLIP_CONFIG), seed=2)
+    clips = ClipModel(proposal, proposal_tokenizer, "p"), ClipModel(classifier, classifier_tokenizer, "c")
+    report: dict = {"image_size": [width, height], "queries": len(queries), "device": "cpu",
+                    "threads": torch.get_num_threads(), "families": {}}
+    for model_type in args.refiner_types.split(","):
+        spec = SamSpec.parse(model_type)
+        try:
+            importlib.import_module(spec.module)
+        except ImportError:
+            report["families"][model_type] = {"skipped": f"{spec.package} not installed"}
+            print(f"{model_type}: skipped ({spec.package} not installed)")
+            continue
+        sam = SamModel(model_type, "random")
+        sam.load()
+        entry: dict = {"family": spec.family}
+        for mode, proposals in (("automatic", "car"), ("prompted", "car"), ("automatic", "sam")):
+            segmenter = Segmenter(EngineConfig(device="cpu", proposals=proposals), proposal_model=clips[0],
+                                  classifier_model=clips[1],
+                                  sam_refiner=SamRefiner("random", model_type, "cpu", mode=mode, sam=sam))
+            result = segmenter.segment(image, queries, preset=preset)
+            name = "two_stage" if proposals == "sam" else mode
+            entry[f"{name}_s"] = round(result.timings.get("sam", 0.0), 2)
+            entry[f"{name}_total_s"] = round(result.timings["total"], 2)
+            entry[f"{name}_kept"] = len(result.kept)
+        entry["automatic_over_prompted"] = round(entry["automatic_s"] / max(entry["prompted_s"], 1e-9), 2)
+        report["families"][model_type] = entry
+        print(f"{model_type}: automatic {entry['automatic_s']:.1f} s, prompted {entry['prompted_s']:.1f} s "
+              f"({entry['prompted_kept']} labels) -> x{entry['automatic_over_prompted']}; two-stage "
+              f"{entry['two_stage_s']:.1f} s (SAM stage), {entry['two_stage_total_s']:.1f} s in all")
+    return report
 
 
 def memory_section(args: argparse.Namespace) -> dict:

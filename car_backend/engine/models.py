@@ -316,7 +316,13 @@ def _build(spec: ModelSpec, device: torch.device, dtype: torch.dtype, weights_di
                 force_quick_gelu=quick_gelu,
             )
         if mapped is not None:
-            model.load_state_dict(mapped, strict=True)
+            # Every weight of the CLIP must be there; extra keys under the prefix (OVSeg's mask-prompt-tuning
+            # tokens, which plain CLIP inference does not use) are left out, with a log line.
+            missing, unexpected = model.load_state_dict(mapped, strict=False)
+            if missing:
+                raise RuntimeError(f"Missing key(s) in the checkpoint's CLIP: {', '.join(missing[:8])}")
+            if unexpected:
+                log.info("%s=%s: checkpoint keys not used by the CLIP: %s", setting, spec, ", ".join(unexpected[:8]))
     except Exception as exc:  # open_clip raises bare RuntimeErrors; keep the cause, name the setting
         raise ModelLoadError(f"{setting}={spec}: could not build the model: {exc}") from exc
     return ClipModel(model, open_clip.get_tokenizer(architecture), name=str(spec))

@@ -165,3 +165,13 @@ def test_ovseg_style_checkpoint_loads_through_its_key_prefix(tiny_models, tmp_pa
     torch.save({"model": broken}, tmp_path / "broken.pth")
     with pytest.raises(ModelLoadError, match=r"(?s)CAR_CLASSIFIER_MODEL=.*broken.pth.*ln_final"):
         load_clip(f"{TINY_CLIP_CONFIG}:{tmp_path / 'broken.pth'}", "cpu", "fp32", setting="CAR_CLASSIFIER_MODEL")
+
+
+def test_extra_keys_under_the_prefix_are_ignored(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "_LOADED", {})
+    _, _, classifier, _ = tiny_models
+    wrapped = {f"clip_adapter.clip_model.{k}": v for k, v in classifier.state_dict().items()}
+    wrapped["clip_adapter.clip_model.visual.mask_embedding"] = torch.zeros(1, 3, 16, 16)  # mask prompt tuning
+    torch.save({"model": wrapped}, tmp_path / "mpt.pth")
+    loaded = load_clip(f"{TINY_CLIP_CONFIG}:{tmp_path / 'mpt.pth'}", "cpu", "fp32")
+    assert torch.equal(loaded.model.visual.conv1.weight, classifier.visual.conv1.weight)
