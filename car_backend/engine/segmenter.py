@@ -222,6 +222,9 @@ class Segmenter:
         proposals = proposals or self.config.proposals
         if proposals not in PROPOSAL_MODES:
             raise ValueError(f"proposals must be one of {PROPOSAL_MODES}, got {proposals!r}")
+        if proposals == "sam" and mode == "semantic" and self.sam is None:
+            raise ModelLoadError("proposals=sam (CAR_PROPOSALS or a control's car_proposals) needs Segment "
+                                 "Anything: set CAR_SAM_CHECKPOINT and CAR_SAM_MODEL_TYPE")
         steps = self._recur(prepared, queries, preset, mode, background, timer)
         if proposals == "sam" and mode == "semantic":
             result = self._finish_two_stage(prepared, queries, preset, background, steps, timer)
@@ -385,9 +388,6 @@ class Segmenter:
     def _finish_two_stage(self, prepared: PreparedImage, queries: list[str], preset: Preset,
                           background: tuple[str, ...], steps: list[StepRecord], timer: StageTimer) -> Segmentation:
         """The two-stage answer (engine.two_stage): SAM's masks classified over the labels CaR kept."""
-        if self.sam is None:
-            raise ModelLoadError("proposals=sam (CAR_PROPOSALS or a control's car_proposals) needs Segment "
-                                 "Anything: set CAR_SAM_CHECKPOINT and CAR_SAM_MODEL_TYPE")
         last = steps[-1]
         survivors = [last.live[i] for i in last.kept]
         with timer("sam"):
