@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only the refiner section: per-image SAM time per family and mode, random weights")
     p.add_argument("--refiner-types", default="vit_b,hq_vit_b,sam2.1_hiera_t",
                    help="CAR_SAM_MODEL_TYPEs of the refiner section (each family's smallest config)")
+    p.add_argument("--points-per-side", type=int, default=64,
+                   help="refiner section: the automatic generator's grid (64 = the official 4096 points; on a "
+                        "CPU a smaller grid finishes in minutes, the cost grows with its square)")
     p.add_argument("--memory", action="store_true",
                    help="only the memory section: peak RSS of one job, before/after the survivor-only masks")
     p.add_argument("--memory-labels", type=int, default=100)
@@ -174,7 +177,7 @@ def refiner_section(args: argparse.Namespace) -> dict:
     import importlib
 
     from car_backend.engine.postprocess import SamRefiner
-    from car_backend.engine.refiners import SamModel, SamSpec
+    from car_backend.engine.refiners import SAM_GENERATOR_SETTINGS, SamModel, SamSpec
     from car_backend.testing.settings import TINY_CLIP_CONFIG
 
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -184,8 +187,9 @@ def refiner_section(args: argparse.Namespace) -> dict:
     proposal, proposal_tokenizer = random_clip(str(TINY_CLIP_CONFIG), seed=1)
     classifier, classifier_tokenizer = random_clip(str(TINY_CLIP_CONFIG), seed=2)
     clips = ClipModel(proposal, proposal_tokenizer, "p"), ClipModel(classifier, classifier_tokenizer, "c")
+    settings = dict(SAM_GENERATOR_SETTINGS, points_per_side=args.points_per_side)
     report: dict = {"image_size": [width, height], "queries": len(queries), "device": "cpu",
-                    "threads": torch.get_num_threads(), "families": {}}
+                    "threads": torch.get_num_threads(), "points_per_side": args.points_per_side, "families": {}}
     for model_type in args.refiner_types.split(","):
         spec = SamSpec.parse(model_type)
         try:
@@ -194,7 +198,7 @@ def refiner_section(args: argparse.Namespace) -> dict:
             report["families"][model_type] = {"skipped": f"{spec.package} not installed"}
             print(f"{model_type}: skipped ({spec.package} not installed)")
             continue
-        sam = SamModel(model_type, "random")
+        sam = SamModel(model_type, "random", generator_settings=settings)
         sam.load()
         entry: dict = {"family": spec.family}
         for mode, proposals in (("automatic", "car"), ("prompted", "car"), ("automatic", "sam")):

@@ -78,15 +78,17 @@ class SamModel:
     """One SAM of any family, built on first use; thread-safe loading, one predictor call at a time.
 
     `checkpoint` None builds the model with random weights (tests and benchmarks only; `random` as the
-    setting's value means the same). `build` replaces the family's builder (tests).
+    setting's value means the same). `build` replaces the family's builder (tests). `generator_settings`
+    replaces SAM_GENERATOR_SETTINGS (benchmarks on a CPU use a smaller grid).
     """
 
     def __init__(self, model_type: str, checkpoint: str | None, device: str = "cpu",
-                 build: Callable[[], Any] | None = None):
+                 build: Callable[[], Any] | None = None, generator_settings: dict | None = None):
         self.spec = SamSpec.parse(model_type)
         self.checkpoint = None if checkpoint in (None, "", "random") else checkpoint
         self.device = device
         self._build = build
+        self.generator_settings = dict(SAM_GENERATOR_SETTINGS if generator_settings is None else generator_settings)
         self._model: Any = None
         self._predictor: Any = None
         self._lock = threading.RLock()
@@ -144,8 +146,9 @@ class SamModel:
 
     # ----------------------------------------------------------------------------------------- use
     def automatic_masks(self, rgb: np.ndarray, settings: dict | None = None) -> list[np.ndarray]:
-        """Class-agnostic (H, W) bool masks from the family's automatic mask generator (official settings)."""
-        settings = dict(SAM_GENERATOR_SETTINGS if settings is None else settings)
+        """Class-agnostic (H, W) bool masks from the family's automatic mask generator (`settings`, else
+        generator_settings: the official ones unless replaced)."""
+        settings = dict(self.generator_settings if settings is None else settings)
         model = self.model
         if self.spec.family == "sam2":
             from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator as Generator
