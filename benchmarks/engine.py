@@ -2,6 +2,8 @@
 
     python benchmarks/engine.py [--quick] [--device cpu|cuda] [--precision auto|fp32|fp16|bf16]
                                 [--classifier ViT-B-16|ViT-L-14] [--queries 5,10,20] [--images 3]
+    python benchmarks/engine.py --memory [--memory-labels 100] [--memory-size 4000x3000] [--before-source DIR]
+    python benchmarks/engine.py --refiners [--refiner-types vit_b,hq_vit_b,sam2.1_hiera_t] [--size 320x240]
 
 Both models have random weights (no network here), with sharpened attention (see car_backend/engine/synthetic.py).
 For each query count: the fast engine segments one warm-up image (its first call: cold text cache), then
@@ -54,6 +56,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", default="coco")
     p.add_argument("--no-literal", action="store_true", help="skip the literal implementation")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--refiners", action="store_true",
+                   help="only the refiner section: per-image SAM time per family and mode, random weights")
+    p.add_argument("--refiner-types", default="vit_b,hq_vit_b,sam2.1_hiera_t",
+                   help="CAR_SAM_MODEL_TYPEs of the refiner section (each family's smallest config)")
+    p.add_argument("--points-per-side", type=int, default=64,
+                   help="refiner section: the automatic generator's grid (64 = the official 4096 points; on a "
+                        "CPU a smaller grid finishes in minutes, the cost grows with its square)")
+    p.add_argument("--memory", action="store_true",
+                   help="only the memory section: peak RSS of one job, before/after the survivor-only masks")
+    p.add_argument("--memory-labels", type=int, default=100)
+    p.add_argument("--memory-size", default="4000x3000", help="WxH of the memory section's image")
+    p.add_argument("--memory-theta", type=float, default=0.3,
+                   help="theta of the memory section (coco preset otherwise; 0 keeps every label)")
+    p.add_argument("--before-source", help="memory section: a checkout of the version before, run for 'before'")
+    p.add_argument("--memory-child", choices=("before", "after"), help=argparse.SUPPRESS)
+    p.add_argument("--before-source-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.queries, args.images, args.size = "5,20", 1, "320x240"
@@ -65,6 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args)))
+        return 0
+    if args.memory:
+        report = memory_section(args)
+        print(json.dumps(report))
+        return 0
+    if args.refiners:
+        report = refiner_section(args)
+        print(json.dumps(report))
+        return 0
     width, height = (int(v) for v in args.size.lower().split("x"))
     counts = [int(q) for q in args.queries.split(",")]
     device = torch.device(args.device)
@@ -137,6 +166,133 @@ def measure_fast(segmenter: Segmenter, images: list[np.ndarray], queries: list[s
              "stage_medians_s": {s: round(v, 4) for s, v in medians.items()},
              "steps": [r.steps for r in runs], "kept": [len(r.kept) for r in runs]}
     return entry, runs
+
+
+def refiner_section(args: argparse.Namespace) -> dict:
+    """Per-image refiner time (`sam` stage) for each family's model with random weights, in each mode:
+    automatic (the official 64 x 64 point grid), prompted (one decoder call per kept label) and the two-stage
+    proposals (automatic masks, then one classifier pass over them). CaR itself runs on the tiny random CLIPs
+    with theta lowered so that several labels are kept; its own time is reported apart."""
+    import dataclasses
+    import importlib
+
+    from car_backend.engine.postprocess import SamRefiner
+    from car_backend.engine.refiners import SAM_GENERATOR_SETTINGS, SamModel, SamSpec
+    from car_backend.testing.settings import TINY_CLIP_CONFIG
+
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    image = scene(0, height, width)
+    queries = list(VOCABULARY[:10])
+    preset = dataclasses.replace(get_preset("coco"), confidence_threshold=0.02)
+    proposal, proposal_tokenizer = random_clip(str(TINY_CLIP_CONFIG), seed=1)
+    classifier, classifier_tokenizer = random_clip(str(TINY_CLIP_CONFIG), seed=2)
+    clips = ClipModel(proposal, proposal_tokenizer, "p"), ClipModel(classifier, classifier_tokenizer, "c")
+    settings = dict(SAM_GENERATOR_SETTINGS, points_per_side=args.points_per_side)
+    report: dict = {"image_size": [width, height], "queries": len(queries), "device": "cpu",
+                    "threads": torch.get_num_threads(), "points_per_side": args.points_per_side, "families": {}}
+    for model_type in args.refiner_types.split(","):
+        spec = SamSpec.parse(model_type)
+        try:
+            importlib.import_module(spec.module)
+        except ImportError:
+            report["families"][model_type] = {"skipped": f"{spec.package} not installed"}
+            print(f"{model_type}: skipped ({spec.package} not installed)")
+            continue
+        sam = SamModel(model_type, "random", generator_settings=settings)
+        sam.load()
+        entry: dict = {"family": spec.family}
+        for mode, proposals in (("automatic", "car"), ("prompted", "car"), ("automatic", "sam")):
+            segmenter = Segmenter(EngineConfig(device="cpu", proposals=proposals), proposal_model=clips[0],
+                                  classifier_model=clips[1],
+                                  sam_refiner=SamRefiner("random", model_type, "cpu", mode=mode, sam=sam))
+            result = segmenter.segment(image, queries, preset=preset)
+            name = "two_stage" if proposals == "sam" else mode
+            entry[f"{name}_s"] = round(result.timings.get("sam", 0.0), 2)
+            entry[f"{name}_total_s"] = round(result.timings["total"], 2)
+            entry[f"{name}_kept"] = len(result.kept)
+        entry["automatic_over_prompted"] = round(entry["automatic_s"] / max(entry["prompted_s"], 1e-9), 2)
+        report["families"][model_type] = entry
+        print(f"{model_type}: automatic {entry['automatic_s']:.1f} s, prompted {entry['prompted_s']:.1f} s "
+              f"({entry['prompted_kept']} labels) -> x{entry['automatic_over_prompted']}; two-stage "
+              f"{entry['two_stage_s']:.1f} s (SAM stage), {entry['two_stage_total_s']:.1f} s in all")
+    return report
+
+
+def memory_section(args: argparse.Namespace) -> dict:
+    """Memory of one job (`--memory-labels` labels on a `--memory-size` image), each variant in its own
+    process (ru_maxrss is a per-process high-water mark): the peak RSS during `segment` and what the result
+    still holds afterwards, both above the process's RSS before the call.
+
+    after: this checkout (masks only for the kept labels, at working resolution; the label map is the only
+    full-resolution array). before, with `--before-source DIR` (a checkout of the version before, e.g.
+    `git worktree add DIR add4876`): the same child run on that code, which returns full-resolution
+    (labels, H, W) masks; pipeline.compute.restrict's copy of them is included in both. Without it,
+    before is this checkout with that full array built from its result (`np.asarray(result.masks)`).
+    """
+    import subprocess
+
+    report: dict = {"labels": args.memory_labels, "image_size": args.memory_size, "theta": args.memory_theta,
+                    "models": "tiny random CLIPs (mask memory does not depend on the model size)",
+                    "before_source": args.before_source or "emulated"}
+    for variant in ("before", "after"):
+        script = Path(__file__).resolve()
+        if variant == "before" and args.before_source:
+            source = Path(args.before_source).resolve()
+            target = source / "benchmarks" / "_engine_memory_child.py"
+            target.write_text(script.read_text())  # this file's child, importing that checkout's car_backend
+            script = target
+        command = [sys.executable, str(script), "--memory-child", variant, "--memory-labels",
+                   str(args.memory_labels), "--memory-size", args.memory_size, "--memory-theta",
+                   str(args.memory_theta), "--threads", str(args.threads or 1)]
+        if variant == "before" and args.before_source:
+            command.append("--before-source-child")
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
+        if done.returncode:
+            raise SystemExit(f"memory child {variant} failed: {done.stderr[-2000:]}")
+        report[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    before, after = report["before"], report["after"]
+    report["peak_ratio_before_after"] = round(before["job_peak_mb"] / after["job_peak_mb"], 2)
+    report["held_ratio_before_after"] = round(before["held_mb"] / max(after["held_mb"], 1.0), 2)
+    print(f"memory, {args.memory_labels} labels on {args.memory_size} ({report['before_source']} before): "
+          f"peak above baseline before {before['job_peak_mb']:.0f} MB, after {after['job_peak_mb']:.0f} MB "
+          f"(x{report['peak_ratio_before_after']}); held by the result before {before['held_mb']:.0f} MB, after "
+          f"{after['held_mb']:.0f} MB (x{report['held_ratio_before_after']}); kept {before['kept']} / {after['kept']}")
+    return report
+
+
+def memory_child(args: argparse.Namespace) -> dict:
+    import dataclasses
+
+    import cv2
+
+    from car_backend.testing.settings import TINY_CLIP_CONFIG
+
+    width, height = (int(v) for v in args.memory_size.lower().split("x"))
+    proposal, proposal_tokenizer = random_clip(str(TINY_CLIP_CONFIG), seed=1)
+    classifier, classifier_tokenizer = random_clip(str(TINY_CLIP_CONFIG), seed=2)
+    segmenter = Segmenter(EngineConfig(device="cpu"), proposal_model=ClipModel(proposal, proposal_tokenizer, "p"),
+                          classifier_model=ClipModel(classifier, classifier_tokenizer, "c"))
+    # A small scene blown up: generating a 12-megapixel scene directly would set the high-water mark itself.
+    image = cv2.resize(scene(0, 750, 1000), (width, height), interpolation=cv2.INTER_NEAREST)
+    queries = [f"{VOCABULARY[i % len(VOCABULARY)]} {i}" for i in range(args.memory_labels)]
+    preset = dataclasses.replace(get_preset("coco"), confidence_threshold=args.memory_theta)
+    baseline, baseline_now = peak_rss_mb(), current_rss_mb()
+    start = time.perf_counter()
+    result = segmenter.segment(image, queries, preset=preset)
+    held = [result, result.masks[list(range(len(queries)))]]  # what restrict() keeps
+    if args.memory_child == "before" and not args.before_source_child:
+        held.append(np.asarray(result.masks))
+    seconds = time.perf_counter() - start
+    segmenter._prepared.clear()  # the prepared-image cache is the worker's, not the job's
+    return {"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "job_peak_mb": round(peak_rss_mb() - baseline, 1),
+            "held_mb": round(current_rss_mb() - baseline_now, 1), "kept": len(result.kept), "steps": result.steps,
+            "seconds": round(seconds, 1), "masks_type": type(result.masks).__name__, "objects_held": len(held)}
+
+
+def current_rss_mb() -> float:
+    """Resident memory now (Linux /proc)."""
+    with open("/proc/self/statm") as statm:
+        return round(int(statm.read().split()[1]) * resource.getpagesize() / 2 ** 20, 1)
 
 
 def compare(fast, reference) -> dict:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 
 from car_backend import __version__
+from car_backend.engine.config import COMPAT_MODES, PROPOSAL_MODES, SAM_MODEL_TYPES, SAM_MODES
 from car_backend.settings import PRESETS, Settings, SettingsError, settings_table
 
 log = logging.getLogger("car_backend")
@@ -178,6 +179,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", help="dataset split (default: val)")
     p.add_argument("--cache", help="folder for per-image results (default: <root>/.car-eval-cache)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--sam-model-type", choices=SAM_MODEL_TYPES, help="SAM refiner family and model "
+                   "(CAR_SAM_MODEL_TYPE); with --sam-checkpoint")
+    p.add_argument("--sam-checkpoint", help="SAM checkpoint (CAR_SAM_CHECKPOINT): refine with SAM")
+    p.add_argument("--sam-mode", choices=SAM_MODES, help="automatic (the paper's) or prompted (CAR_SAM_MODE)")
+    p.add_argument("--proposals", choices=PROPOSAL_MODES, help="car, or sam for two-stage (CAR_PROPOSALS)")
+    p.add_argument("--compat", choices=COMPAT_MODES, help="fixed or official (CAR_COMPAT)")
     p.set_defaults(handler=_run("car_backend.evaluation.cli", "main"))
 
 

@@ -20,7 +20,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from car_backend.engine.config import DEVICES, PRECISIONS, SAM_MODEL_TYPES, EngineConfig
+from car_backend.engine.config import (
+    COMPAT_MODES,
+    DEVICES,
+    PRECISIONS,
+    PROPOSAL_MODES,
+    SAM_MODEL_TYPES,
+    SAM_MODES,
+    EngineConfig,
+)
 from car_backend.engine.errors import CarError
 from car_backend.engine.presets import PRESETS as _PRESETS
 
@@ -82,15 +90,35 @@ class Settings:
     )
     sam_checkpoint: str = field(
         default="",
-        metadata=_meta("CAR_SAM_CHECKPOINT", "Path to a segment-anything checkpoint; set to refine masks with SAM."),
+        metadata=_meta("CAR_SAM_CHECKPOINT", "Path to a Segment Anything checkpoint of CAR_SAM_MODEL_TYPE; set to "
+                       "refine masks with SAM (`random`: random weights, tests and benchmarks only)."),
     )
     sam_model_type: str = field(
         default="vit_h",
-        metadata=_meta("CAR_SAM_MODEL_TYPE", "segment-anything model type of the checkpoint.", SAM_MODEL_TYPES),
+        metadata=_meta("CAR_SAM_MODEL_TYPE", "Segment Anything family and model of the checkpoint: vit_* = SAM "
+                       "(extra `sam`), hq_vit_* = HQ-SAM (`sam-hq`, the paper's), sam2*_hiera_* = SAM 2 / 2.1 "
+                       "(`sam2`).", SAM_MODEL_TYPES),
     )
     weights_dir: str = field(
         default="",
         metadata=_meta("CAR_WEIGHTS_DIR", "Cache folder for downloaded weights (open_clip's default when empty)."),
+    )
+    compat: str = field(
+        default="fixed",
+        metadata=_meta("CAR_COMPAT", "fixed = the project's fixes of the official code (README Deviations); "
+                       "official = its outputs, quirks included.", COMPAT_MODES),
+    )
+    sam_mode: str = field(
+        default="automatic",
+        metadata=_meta("CAR_SAM_MODE", "How SAM refines CaR's masks: automatic = the paper's automatic masks "
+                       "matched by IoM; prompted = each kept label's mask prompts SAM (box and points).",
+                       SAM_MODES),
+    )
+    proposals: str = field(
+        default="car",
+        metadata=_meta("CAR_PROPOSALS", "car = CaR's masks; sam = two-stage (OVSeg-style): SAM's masks "
+                       "classified over the labels CaR kept (needs CAR_SAM_CHECKPOINT). A control's "
+                       "`car_proposals` overrides it.", PROPOSAL_MODES),
     )
     # Label Studio results
     output: str = field(
@@ -307,6 +335,9 @@ class Settings:
             raise SettingsError(f"CAR_PREDICT_WAITERS must not be negative, got {self.predict_waiters!r}")
         if self.head_width % 4:
             raise SettingsError(f"CAR_HEAD_WIDTH must be a multiple of 4 (attention heads), got {self.head_width}")
+        if self.proposals == "sam" and not self.sam_checkpoint:
+            raise SettingsError("CAR_PROPOSALS=sam needs Segment Anything: set CAR_SAM_CHECKPOINT (and "
+                                "CAR_SAM_MODEL_TYPE)")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
@@ -317,7 +348,8 @@ class Settings:
         return EngineConfig(
             proposal_model=self.proposal_model, classifier_model=self.classifier_model, device=self.device,
             precision=self.precision, preset=self.preset, max_steps=self.max_steps,
-            sam_checkpoint=self.sam_checkpoint, sam_model_type=self.sam_model_type, weights_dir=self.weights_dir)
+            sam_checkpoint=self.sam_checkpoint, sam_model_type=self.sam_model_type, weights_dir=self.weights_dir,
+            compat=self.compat, sam_mode=self.sam_mode, proposals=self.proposals)
 
     @property
     def waiting_predicts(self) -> int:

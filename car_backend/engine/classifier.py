@@ -23,9 +23,11 @@ _ENCODE_BATCH = 32
 class MaskClassifier:
     """Prompts, preprocesses and encodes proposals with one CLIP, and scores them against query texts."""
 
-    def __init__(self, clip: ClipModel):
+    def __init__(self, clip: ClipModel, half_positions: bool = False):
+        """`half_positions`: round the position embeddings to fp16 (CAR_COMPAT=official; see embed_patches)."""
         check_plain_vit(clip)
         self.clip = clip
+        self.half_positions = half_positions
         size = clip.visual.image_size
         self.input_size = size[0] if isinstance(size, tuple) else size
 
@@ -61,7 +63,7 @@ class MaskClassifier:
 
     def _embed(self, inputs: torch.Tensor) -> torch.Tensor:
         visual = self.clip.visual
-        tokens = embed_patches(visual, normalise(visual, inputs, self.clip.dtype))
+        tokens = embed_patches(visual, normalise(visual, inputs, self.clip.dtype), self.half_positions)
         for block in visual.transformer.resblocks[:-1]:
             tokens, _ = block_forward(block, tokens, need_weights=False)
         embedding = visual.ln_post(tokens[:, 0]) @ visual.proj

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b")
+SAM_TYPES = ("vit_h", "vit_l", "vit_b")  # segment-anything
+HQ_SAM_TYPES = ("hq_vit_h", "hq_vit_l", "hq_vit_b", "hq_vit_tiny")  # segment-anything-hq
+SAM2_TYPES = tuple(f"{version}_hiera_{size}" for version in ("sam2", "sam2.1") for size in ("t", "s", "b+", "l"))
+SAM_MODEL_TYPES = SAM_TYPES + HQ_SAM_TYPES + SAM2_TYPES
+SAM_MODES = ("automatic", "prompted")
+PROPOSAL_MODES = ("car", "sam")
+COMPAT_MODES = ("fixed", "official")
 MAX_SIDE = 1024
 
 
@@ -24,10 +30,15 @@ class EngineConfig:
     proposal_model / classifier_model: `NAME:WEIGHTS` specs (see `engine.models.ModelSpec`).
     device: auto | cpu | cuda. precision: auto | fp32 | fp16 | bf16 (auto = fp16 on CUDA, fp32 on CPU).
     preset: the preset a call without one uses (`engine.presets.PRESETS`).
-    max_steps: cap on recurrent steps. sam_checkpoint / sam_model_type: segment-anything refinement, off
-    when the checkpoint is empty. weights_dir: where downloaded weights are cached (open_clip's default
+    max_steps: cap on recurrent steps. sam_checkpoint / sam_model_type: Segment Anything (family and model,
+    `engine.refiners`), off when the checkpoint is empty (`random`: random weights, tests and benchmarks).
+    sam_mode: automatic (the paper's IoM matching) | prompted (CaR's masks prompt SAM). proposals: car
+    (CaR's masks) | sam (two-stage: SAM's masks classified over the labels CaR kept; needs SAM). weights_dir: where downloaded weights are cached (open_clip's default
     when empty; it changes where weights come from, not what they are). max_side: images with a longer side
-    are processed at this size and answered at full size (None: never).
+    are processed at this size and answered at full size (None: never). compat: `fixed` (the project's
+    fixes of the official code, README "Deviations") or `official` (its outputs, quirks included: position
+    embeddings rounded to fp16, one-hot truncation of labels that win no CRF pixel, the CRF fed the wrapped
+    BGR-minus-mean uint8 image).
     """
 
     proposal_model: str = "ViT-B-16:openai"
@@ -40,6 +51,9 @@ class EngineConfig:
     sam_model_type: str = "vit_h"
     weights_dir: str = ""
     max_side: int | None = MAX_SIDE
+    compat: str = "fixed"
+    sam_mode: str = "automatic"
+    proposals: str = "car"
 
     def fingerprint(self) -> str:
         """16 hex digits naming the models and the step cap: what a worker must share with the server whose
@@ -51,5 +65,12 @@ class EngineConfig:
             "sam": os.path.basename(self.sam_checkpoint),
             "sam_type": self.sam_model_type if self.sam_checkpoint else "",
             "max_steps": self.max_steps,
+            # Part of every fingerprint since the fixed mode began dropping labels that win no CRF pixel
+            # (their results changed), so results cached before that are not reused.
+            "compat": self.compat,
         }
+        if self.sam_checkpoint and self.sam_mode != "automatic":
+            parts["sam_mode"] = self.sam_mode
+        if self.proposals != "car":
+            parts["proposals"] = self.proposals
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

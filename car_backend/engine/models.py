@@ -35,6 +35,10 @@ from car_backend.engine.errors import CarError
 log = logging.getLogger(__name__)
 
 RANDOM_WEIGHTS = "random"
+# Checkpoints that hold a CLIP under a prefix: the key prefix -> what open_clip calls it. OVSeg's full model
+# (e.g. ovseg_swinbase_vitL14_ft_mpt.pth) keeps its mask-adapted CLIP under `clip_adapter.clip_model.`; its
+# released CLIP alone (ovseg_clip_l_9a1909.pth) already has open_clip's (OpenAI's) names.
+CHECKPOINT_KEY_PREFIXES = {"clip_adapter.clip_model.": ""}
 TEXT_CACHE_SIZE = 50_000
 _TEXT_BATCH = 256
 # Texts are encoded in blocks of exactly this many rows (the last block padded with copies of a row), so that
@@ -298,6 +302,7 @@ def _build(spec: ModelSpec, device: torch.device, dtype: torch.dtype, weights_di
         # OpenAI's CLIPs were trained with QuickGELU; open_clip's plain names use nn.GELU.
         quick_gelu = bool(tag_cfg.get("quick_gelu", False))
         checkpoint = _fetch_pretrained(spec, architecture, tag_cfg, weights_dir, setting)
+    mapped = _prefixed_state_dict(checkpoint, spec, setting) if checkpoint and _looks_like_path(checkpoint) else None
     try:
         # Random weights are seeded so that every worker process builds the same model and a job's
         # answer does not depend on which worker ran it.
@@ -305,14 +310,45 @@ def _build(spec: ModelSpec, device: torch.device, dtype: torch.dtype, weights_di
             torch.manual_seed(0)
             model = open_clip.create_model(
                 architecture,
-                pretrained=checkpoint,
+                pretrained=None if mapped is not None else checkpoint,
                 precision=precision,
                 device=device,
                 force_quick_gelu=quick_gelu,
             )
+        if mapped is not None:
+            # Every weight of the CLIP must be there; extra keys under the prefix (OVSeg's mask-prompt-tuning
+            # tokens, which plain CLIP inference does not use) are left out, with a log line.
+            missing, unexpected = model.load_state_dict(mapped, strict=False)
+            if missing:
+                raise RuntimeError(f"Missing key(s) in the checkpoint's CLIP: {', '.join(missing[:8])}")
+            if unexpected:
+                log.info("%s=%s: checkpoint keys not used by the CLIP: %s", setting, spec, ", ".join(unexpected[:8]))
     except Exception as exc:  # open_clip raises bare RuntimeErrors; keep the cause, name the setting
         raise ModelLoadError(f"{setting}={spec}: could not build the model: {exc}") from exc
     return ClipModel(model, open_clip.get_tokenizer(architecture), name=str(spec))
+
+
+def _prefixed_state_dict(checkpoint: str, spec: ModelSpec, setting: str) -> dict[str, torch.Tensor] | None:
+    """The CLIP's state dict with CHECKPOINT_KEY_PREFIXES mapped, if the checkpoint stores it under one;
+    None for a checkpoint open_clip loads itself. Keys outside the prefix (the rest of OVSeg's model) are
+    ignored."""
+    if checkpoint.endswith(".safetensors"):
+        return None
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception:  # a TorchScript archive or another format: open_clip's own loader decides
+        return None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        return None
+    for prefix, replacement in CHECKPOINT_KEY_PREFIXES.items():
+        picked = {replacement + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if picked:
+            log.info("%s=%s: CLIP weights read from the checkpoint's %r keys", setting, spec, prefix)
+            return picked
+    return None
 
 
 def _register_architecture(spec: ModelSpec, setting: str) -> str:

@@ -64,9 +64,11 @@ class ProposalImage:
 class ProposalGenerator:
     """Soft masks (one per query, at image size, each min-max normalised) from a CLIP ViT."""
 
-    def __init__(self, clip: ClipModel):
+    def __init__(self, clip: ClipModel, half_positions: bool = False):
+        """`half_positions`: round the position embeddings to fp16 (CAR_COMPAT=official; see embed_patches)."""
         check_plain_vit(clip)
         self.clip = clip
+        self.half_positions = half_positions
         patch = clip.visual.patch_size
         self._patch = patch[0] if isinstance(patch, tuple) else patch
 
@@ -77,7 +79,8 @@ class ProposalGenerator:
         height, width = pixels.shape[-2:]
         grid = (math.ceil(height / self._patch), math.ceil(width / self._patch))
         resized = pil_bicubic_resize(pixels[None], (grid[0] * self._patch, grid[1] * self._patch))
-        tokens = embed_patches(self.clip.visual, normalise(self.clip.visual, resized, self.clip.dtype))
+        tokens = embed_patches(self.clip.visual, normalise(self.clip.visual, resized, self.clip.dtype),
+                               self.half_positions)
         blocks = self.clip.visual.transformer.resblocks
         first_with_weights = max(0, len(blocks) - AFFINITY_BLOCKS)
         attentions = []

@@ -10,8 +10,13 @@ What it does the way the official code does (spec sections 1-4), and the engine 
 - visual prompts are drawn per query with cv2 on numpy arrays, preprocessed with PIL;
 - the classifier encodes every prompted image once per template and every template's texts every step.
 
-It also applies the project's three fixes (spec section 9) so that its outputs are comparable: the CRF sees
-the plain RGB image, referring prompt lists are filtered as lists, and the loop stops at `max_steps`.
+`compat` picks which engine mode it stands for. `fixed` (default) applies the project's fixes (spec
+section 9, README "Deviations"): the CRF sees the plain RGB image, a survivor whose CRF mask is empty is
+dropped (score 0), position embeddings stay in the model's precision. `official` keeps the official
+quirks: position embeddings stored as fp16 (both CLIPs, every call), the CRF fed the BGR-minus-mean image
+cast to uint8, and `F.one_hot` of the CRF labels without a class count, zipped with the survivors (so
+trailing survivors that win no pixel are dropped, and in referring mode the masks shift). In both, referring
+prompt lists are filtered as lists and the loop stops at `max_steps`.
 The only engine module it imports is the presets' constants (allowed by the test plan).
 """
 
@@ -43,13 +48,14 @@ class LiteralResult:
 
 class LiteralCaR:
     def __init__(self, proposal_model, proposal_tokenizer, classifier_model, classifier_tokenizer, preset: Preset,
-                 max_steps: int = 10):
+                 max_steps: int = 10, compat: str = "fixed"):
         self.proposal_model = proposal_model.eval()
         self.proposal_tokenizer = proposal_tokenizer
         self.classifier_model = classifier_model.eval()
         self.classifier_tokenizer = classifier_tokenizer
         self.preset = preset
         self.max_steps = max_steps
+        self.official = compat == "official"
         self._background_features = None  # the official CLIPCAM encodes these once, at construction
         reference = next(proposal_model.parameters())
         self.device, self.dtype = reference.device, reference.dtype
@@ -89,9 +95,12 @@ class LiteralCaR:
         final_scores = np.zeros(len(queries), dtype=np.float32)
         masks = np.zeros((len(queries),) + rgb.shape[:2], dtype=bool)
         refined = self.crf(rgb, proposals[kept], separate=mode == "referring")
-        for row, i in enumerate(kept):
+        # zip() stops at the shorter: officially the one-hot may have fewer rows than there are survivors
+        for i, mask in zip(kept, refined, strict=False):
+            if not self.official and not mask.any():
+                continue  # fixed: a survivor that wins no CRF pixel is dropped
             final_scores[positions[i]] = scores[i]
-            masks[positions[i]] = refined[row]
+            masks[positions[i]] = mask
         if mode == "referring":
             weights = final_scores / final_scores.sum()
             merged = (weights[:, None, None] * masks).sum(0) >= 0.5
@@ -169,11 +178,7 @@ class LiteralCaR:
         """Trunk: patch embedding, upsampled positions, ln_pre, blocks 1..L-1 with attention, no grad."""
         visual = self.proposal_model.visual
         with torch.no_grad():
-            pos = visual.positional_embedding
-            side = int(np.sqrt(pos.shape[0] - 1))
-            grid = pos[1:].T.reshape(1, -1, side, side)
-            grid = F.interpolate(grid, size=(h // 16, w // 16), mode="bilinear")
-            pos = torch.cat([pos[:1], grid.reshape(pos.shape[1], -1).T])
+            pos = self.upsample_positions(visual.positional_embedding, (h // 16, w // 16))
             x = visual.conv1(tensor)
             x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
             zeros = torch.zeros(1, 1, x.shape[-1], device=x.device, dtype=x.dtype)
@@ -187,6 +192,14 @@ class LiteralCaR:
                 x = x + block.ls_2(block.mlp(block.ln_2(x)))
                 attentions.append(weights)
         return x, attentions
+
+    def upsample_positions(self, pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Bilinear resize of the patch positions (CLS kept); officially then stored as half."""
+        side = int(np.sqrt(pos.shape[0] - 1))
+        patches = pos[1:].T.reshape(1, -1, side, side)
+        patches = F.interpolate(patches, size=grid, mode="bilinear")
+        pos = torch.cat([pos[:1], patches.reshape(pos.shape[1], -1).T])
+        return pos.half() if self.official else pos
 
     def grad_cam(self, features, texts, idx, grid_h, grid_w):
         model = self.proposal_model
@@ -326,7 +339,8 @@ class LiteralCaR:
             x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
             zeros = torch.zeros(x.shape[0], 1, x.shape[-1], device=x.device, dtype=x.dtype)
             x = torch.cat([visual.class_embedding + zeros, x], dim=1)
-            x = visual.ln_pre(x + visual.positional_embedding)
+            side = int(np.sqrt(visual.positional_embedding.shape[0] - 1))
+            x = visual.ln_pre(x + self.upsample_positions(visual.positional_embedding, (side, side)).to(x.dtype))
             for block in visual.transformer.resblocks[:-1]:
                 y = block.ln_1(x)
                 out, _ = block.attn(y, y, y, need_weights=True)
@@ -338,17 +352,24 @@ class LiteralCaR:
             return F.softmax((model.logit_scale.exp() * image_features @ text_features.T).float(), dim=-1)
 
     # -------------------------------------------------------------------------------------------- CRF
-    @staticmethod
-    def crf(rgb: np.ndarray, cams: np.ndarray, separate: bool) -> np.ndarray:
+    def crf(self, rgb: np.ndarray, cams: np.ndarray, separate: bool) -> np.ndarray:
         from pydensecrf import densecrf, utils
+
+        if self.official:
+            shifted = rgb[:, :, ::-1].astype(np.float32) - np.array((104.008, 116.669, 122.675), np.float32)
+            image = np.ascontiguousarray(shifted.astype(np.uint8))
+        else:
+            image = np.ascontiguousarray(rgb)
 
         def apply(probabilities: np.ndarray) -> np.ndarray:
             c, h, w = probabilities.shape
             d = densecrf.DenseCRF2D(w, h, c)
             d.setUnaryEnergy(np.ascontiguousarray(utils.unary_from_softmax(probabilities)))
             d.addPairwiseGaussian(sxy=1, compat=3)
-            d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(rgb), compat=4)
+            d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=image, compat=4)
             labels = np.argmax(np.array(d.inference(10)).reshape((c, h, w)), axis=0)
+            if self.official:  # one_hot without num_classes: as many rows as the largest label present
+                return F.one_hot(torch.from_numpy(labels).long()).permute(2, 0, 1)[1:].numpy().astype(bool)
             return np.eye(c, dtype=bool)[labels].transpose(2, 0, 1)[1:]
 
         if separate:

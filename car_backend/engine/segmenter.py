@@ -37,18 +37,21 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
 from car_backend.engine.classifier import MaskClassifier
-from car_backend.engine.config import EngineConfig
+from car_backend.engine.config import PROPOSAL_MODES, EngineConfig
 from car_backend.engine.head import MaskHead
-from car_backend.engine.models import ClipModel, SharedTextCache, load_clip, resolve_device
+from car_backend.engine.models import ClipModel, ModelLoadError, SharedTextCache, load_clip, resolve_device
 from car_backend.engine.postprocess import (
     SamRefiner,
     assemble_label_map,
+    crf_image,
     crf_masks_with_margin,
     merge_referring,
+    pixel_winners,
 )
 from car_backend.engine.presets import CAM_TEMPLATE, Preset, get_preset
 from car_backend.engine.proposals import ProposalGenerator, ProposalImage
-from car_backend.engine.result import Segmentation
+from car_backend.engine.result import QueryMasks, Segmentation, resize_nearest
+from car_backend.engine.two_stage import assign, class_probabilities, label_masks, mask_prompted_inputs
 from car_backend.engine.visual_prompts import VISUAL_PROMPTS, prompt_background
 
 log = logging.getLogger(__name__)
@@ -146,21 +149,27 @@ class Segmenter:
             clip.shared_cache = self._text_cache
         return clip
 
+    @property
+    def _official(self) -> bool:
+        """CAR_COMPAT=official: reproduce the official code's quirks (see EngineConfig)."""
+        return self.config.compat == "official"
+
     def _generator(self) -> ProposalGenerator:
         clip = self.proposal_clip
         with self._lock:
-            return self._generators.setdefault(id(clip), ProposalGenerator(clip))
+            return self._generators.setdefault(id(clip), ProposalGenerator(clip, self._official))
 
     def _classifier(self, preset: Preset) -> MaskClassifier:
         clip = self.proposal_clip if preset.classify_with_proposal_model else self.classifier_clip
         with self._lock:
-            return self._classifiers.setdefault(id(clip), MaskClassifier(clip))
+            return self._classifiers.setdefault(id(clip), MaskClassifier(clip, self._official))
 
     @property
     def sam(self) -> SamRefiner | None:
         if self._sam is None and self.config.sam_checkpoint:
             s = self.config
-            self._sam = SamRefiner(s.sam_checkpoint, s.sam_model_type, str(resolve_device(s.device)))
+            self._sam = SamRefiner(s.sam_checkpoint, s.sam_model_type, str(resolve_device(s.device)),
+                                   mode=s.sam_mode)
         return self._sam
 
     # ------------------------------------------------------------------------------------------ images
@@ -199,11 +208,16 @@ class Segmenter:
         preset: str | Preset | None = None,
         mode: str = "semantic",
         background: Sequence[str] | None = None,
+        proposals: str | None = None,
         head: MaskHead | None = None,
     ) -> Segmentation:
-        """Run CaR. `preset` None means config.preset; `background` None means the preset's words. With a
-        `head` (trained on this proposal CLIP), its masks replace, or are blended with (`head.blend`), the
-        Grad-CAM proposals of every step; the classifier still decides which queries survive."""
+        """Run CaR. `preset` None means config.preset; `background` None means the preset's words.
+
+        `proposals` None means config.proposals: `car` (CaR's masks) or `sam` (two-stage, semantic mode only:
+        SAM's masks classified over the labels CaR kept; referring mode always uses CaR's masks).
+        With a `head` (trained on this proposal CLIP), its masks replace, or are blended with (`head.blend`),
+        the Grad-CAM proposals of every step; the classifier still decides which queries survive.
+        """
         start = time.perf_counter()
         queries = _check_queries(queries)
         if mode not in MODES:
@@ -213,12 +227,21 @@ class Segmenter:
         timer = StageTimer(self.proposal_clip.device)
         prepared, fresh = (image, False) if isinstance(image, PreparedImage) else self._prepare(image)
         timer.add("trunk", prepared.trunk_seconds if fresh else 0.0)
+        proposals = proposals or self.config.proposals
+        if proposals not in PROPOSAL_MODES:
+            raise ValueError(f"proposals must be one of {PROPOSAL_MODES}, got {proposals!r}")
+        if proposals == "sam" and mode == "semantic" and self.sam is None:
+            raise ModelLoadError("proposals=sam (CAR_PROPOSALS or a control's car_proposals) needs Segment "
+                                 "Anything: set CAR_SAM_CHECKPOINT and CAR_SAM_MODEL_TYPE")
         token = _HEAD.set(head)
         try:
             steps = self._recur(prepared, queries, preset, mode, background, timer)
         finally:
             _HEAD.reset(token)
-        result = self._finish(prepared, queries, preset, mode, steps, timer)
+        if proposals == "sam" and mode == "semantic":
+            result = self._finish_two_stage(prepared, queries, preset, background, steps, timer)
+        else:
+            result = self._finish(prepared, queries, preset, mode, steps, timer)
         result.timings["total"] = time.perf_counter() - start
         return result
 
@@ -352,6 +375,11 @@ class Segmenter:
 
     def _finish(self, prepared: PreparedImage, queries: list[str], preset: Preset, mode: str,
                 steps: list[StepRecord], timer: StageTimer) -> Segmentation:
+        """CRF (and refiner) on the survivors' final proposals, at working resolution; the answer.
+
+        Memory: masks exist only for survivors and stay at working resolution; only the label map is resized
+        to the image's size (`QueryMasks` resizes a mask when it is read).
+        """
         last = steps[-1]
         survivors = [last.live[i] for i in last.kept]
         proposals = last.proposals[last.kept]
@@ -360,28 +388,68 @@ class Segmenter:
             # The official loop reuses the previous step's proposals when a step's are all zero (taking their
             # first rows, which misaligns them when that step had more queries; here the survivors' rows).
             proposals = earlier.proposals[[earlier.live.index(i) for i in survivors]]
-        height, width = prepared.rgb.shape[:2]
+        official = self._official
+        separate = mode == "referring"
         with timer("crf"):
-            refined, margin = crf_masks_with_margin(prepared.rgb, proposals.float().cpu().numpy(),
-                                                    separate=mode == "referring")
-        scores = np.zeros(len(queries), dtype=np.float32)
-        scores[survivors] = last.scores[last.kept]
-        masks = np.zeros((len(queries), height, width), dtype=bool)
-        masks[survivors] = refined
-        if self.sam is not None:
+            refined, margin = crf_masks_with_margin(crf_image(prepared.rgb, official),
+                                                    proposals.float().cpu().numpy(), separate=separate)
+        refined, winners = pixel_winners(refined, separate, official)
+        index = [q for q, kept in zip(survivors, winners, strict=True) if kept]
+        rows = refined[winners]
+        row_scores = last.scores[last.kept][winners]
+        if self.sam is not None and len(rows):
             with timer("sam"):
-                masks[survivors] = self.sam.refine(
-                    prepared.rgb, masks[survivors], preset.iom_threshold, preset.sam_min_pred_threshold,
-                    preset.sam_iou_threshold,
-                )
-        if prepared.original_size != (height, width):
-            masks = _resize_masks(masks, prepared.original_size)
-        if mode == "referring":
-            label_map = merge_referring(masks, scores).astype(np.int32)
-        else:
-            label_map = assemble_label_map(masks, scores)
-        return Segmentation(queries=queries, label_map=label_map, masks=masks, scores=scores, steps=len(steps),
-                            mode=mode, timings=dict(timer.seconds), margin=float(margin.mean(dtype=np.float64)))
+                rows = self.sam.refine(prepared.rgb, rows, preset.iom_threshold, preset.sam_min_pred_threshold,
+                                       preset.sam_iou_threshold)
+        return _answer(prepared, queries, mode, index, rows, row_scores, len(steps), timer,
+                       float(margin.mean(dtype=np.float64)))
+
+    def _finish_two_stage(self, prepared: PreparedImage, queries: list[str], preset: Preset,
+                          background: tuple[str, ...], steps: list[StepRecord], timer: StageTimer) -> Segmentation:
+        """The two-stage answer (engine.two_stage): SAM's masks classified over the labels CaR kept."""
+        last = steps[-1]
+        survivors = [last.live[i] for i in last.kept]
+        with timer("sam"):
+            candidates = [np.asarray(m, dtype=bool) for m in self.sam.sam_masks(prepared.rgb)]
+        height, width = prepared.rgb.shape[:2]
+        stacked = np.stack(candidates) if candidates else np.zeros((0, height, width), dtype=bool)
+        classifier = self._classifier(preset)
+        names = [queries[i] for i in survivors] + list(background)
+        templates = preset.templates or (CAM_TEMPLATE,)
+        probabilities = np.zeros((0, len(names)), dtype=np.float32)
+        if candidates:
+            with timer("text"):
+                texts = classifier.clip.embed_texts([t.format(n) for t in templates for n in names])
+                texts = texts.reshape(len(templates), len(names), -1)
+            with timer("prompts"):
+                inputs = mask_prompted_inputs(classifier, prepared.pixels,
+                                              torch.as_tensor(stacked, device=prepared.pixels.device),
+                                              preset.visual_prompts)
+            with timer("classify"):
+                probabilities = class_probabilities(classifier, classifier.embed_images(inputs), texts,
+                                                    double_softmax=preset.templates is not None).cpu().numpy()
+        assignment = assign(probabilities, len(survivors), preset.confidence_threshold)
+        masks, label_scores = label_masks(stacked, assignment, len(survivors))
+        won = masks.reshape(len(masks), -1).any(axis=1)  # a label whose masks all lost their pixels is dropped
+        index = [q for q, kept in zip(survivors, won, strict=True) if kept]
+        return _answer(prepared, queries, "semantic", index, masks[won], label_scores[won], len(steps), timer, None)
+
+
+def _answer(prepared: PreparedImage, queries: list[str], mode: str, index: list[int], rows: np.ndarray,
+            row_scores: np.ndarray, steps: int, timer: StageTimer, margin: float | None) -> Segmentation:
+    """The Segmentation for the kept queries `index` with their (K, h, w) working-resolution masks `rows`
+    and scores; only the label map is resized to the image's size."""
+    scores = np.zeros(len(queries), dtype=np.float32)
+    scores[index] = row_scores
+    size = prepared.original_size
+    if mode == "referring":
+        working = merge_referring(rows, row_scores, answered_size=size).astype(np.int32)
+    else:
+        lut = np.array([0] + [q + 1 for q in index], dtype=np.int32)  # row k + 1 -> query + 1
+        working = lut[assemble_label_map(rows, row_scores)]
+    return Segmentation(queries=queries, label_map=resize_nearest(working, size),
+                        masks=QueryMasks(rows, tuple(index), len(queries), size), scores=scores, steps=steps,
+                        mode=mode, timings=dict(timer.seconds), margin=margin)
 
 
 class StageTimer:
@@ -428,14 +496,6 @@ def _fit(rgb: np.ndarray, max_side: int | None) -> np.ndarray:
     scale = max_side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return np.ascontiguousarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA))
-
-
-def _resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of (Q, h, w) bool masks to (Q, H, W)."""
-    height, width = size
-    rows = np.minimum((np.arange(height) + 0.5) * masks.shape[1] / height, masks.shape[1] - 1).astype(int)
-    cols = np.minimum((np.arange(width) + 0.5) * masks.shape[2] / width, masks.shape[2] - 1).astype(int)
-    return masks[:, rows][:, :, cols]
 
 
 def _as_clip(model: ClipModel | torch.nn.Module | None) -> ClipModel | None:

@@ -33,13 +33,22 @@ def normalise(visual: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype)
     return ((images.float() / 255.0 - mean) / std).to(dtype)
 
 
-def embed_patches(visual: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Tokens entering the first block for normalised images (B, 3, H, W): CLS + patches, positions, ln_pre."""
+def embed_patches(visual: torch.nn.Module, x: torch.Tensor, half_positions: bool = False) -> torch.Tensor:
+    """Tokens entering the first block for normalised images (B, 3, H, W): CLS + patches, positions, ln_pre.
+
+    `half_positions` (CAR_COMPAT=official): the position embeddings, resized or not, are rounded to fp16
+    before they are added, as the official wrapper stores them (`upsample_position_embedding` returns a
+    half Parameter, on every call and for both CLIPs). A no-op for fp16 models; in fp32 it moves the
+    tokens by ~1e-4 relative.
+    """
     patches = visual.conv1(x).flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(patches.dtype).view(1, 1, -1).expand(len(x), 1, -1)
     patch_h, patch_w = _pair(visual.patch_size)
     grid = (x.shape[-2] // patch_h, x.shape[-1] // patch_w)
-    positions = interpolate_positions(visual, grid).to(patches.dtype)
+    positions = interpolate_positions(visual, grid)
+    if half_positions:
+        positions = positions.half()
+    positions = positions.to(patches.dtype)
     return visual.ln_pre(torch.cat([cls, patches], dim=1) + positions)
 
 

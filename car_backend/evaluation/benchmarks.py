@@ -53,6 +53,7 @@ class Benchmark:
     labels: tuple[str, ...] = ()  # semantic: class names by label id, 0 = background
     passes: tuple[QueryPass, ...] = ()  # semantic only; referring queries are each sample's sentences
     paper: Mapping[str, PaperFigure] = field(default_factory=dict)  # by split
+    paper_sam: Mapping[str, PaperFigure] = field(default_factory=dict)  # CaR+SAM rows, by split
 
     @property
     def num_classes(self) -> int:
@@ -76,6 +77,7 @@ def _context_passes() -> tuple[QueryPass, ...]:
 
 
 _TABLE1 = "CaR paper (CVPR 2024) Table 1, CaR w/o SAM"
+_TABLE1_SAM = "CaR paper (CVPR 2024) Table 1, CaR+SAM (HQ-SAM ViT-H, automatic masks matched by IoM)"
 _TABLE7_PAPER = "CaR paper (CVPR 2024) Table 7"
 _TABLE7 = f"{_TABLE7_PAPER}, RefCOCO (UNC)"
 
@@ -86,17 +88,20 @@ BENCHMARKS: dict[str, Benchmark] = {
             name="voc", title="Pascal VOC 2012 (VOC-21)", mode="semantic", preset="voc", default_split="val",
             read=read_voc, labels=names.VOC_LABELS, passes=_single_pass(names.VOC_QUERIES),
             paper={"val": PaperFigure(67.6, f"{_TABLE1}, VOC-21 mIoU")},
+            paper_sam={"val": PaperFigure(70.2, f"{_TABLE1_SAM}, VOC-21 mIoU")},
         ),
         Benchmark(
             name="coco-object", title="COCO-Object (81 classes)", mode="semantic", preset="coco",
             default_split="val", read=read_coco_object, labels=names.COCO_OBJECT_LABELS,
             passes=_single_pass(names.COCO_OBJECT_QUERIES),
             paper={"val": PaperFigure(36.6, f"{_TABLE1}, COCO-Object mIoU")},
+            paper_sam={"val": PaperFigure(37.6, f"{_TABLE1_SAM}, COCO-Object mIoU")},
         ),
         Benchmark(
             name="context", title="Pascal Context (PC-60)", mode="semantic", preset="context", default_split="val",
             read=read_context, labels=names.CONTEXT_LABELS, passes=_context_passes(),
             paper={"val": PaperFigure(30.5, f"{_TABLE1}, PC-60 mIoU")},
+            paper_sam={"val": PaperFigure(31.1, f"{_TABLE1_SAM}, PC-60 mIoU")},
         ),
         Benchmark(
             name="refcoco", title="RefCOCO (UNC split)", mode="referring", preset="refcoco", default_split="val",

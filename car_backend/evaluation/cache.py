@@ -27,7 +27,8 @@ from car_backend.engine.presets import get_preset
 log = logging.getLogger(__name__)
 
 # The engine config fields that change what the engine predicts (device and the weights folder do not).
-ENGINE_SETTINGS = ("proposal_model", "classifier_model", "precision", "max_steps", "sam_checkpoint", "sam_model_type")
+ENGINE_SETTINGS = ("proposal_model", "classifier_model", "precision", "max_steps", "sam_checkpoint", "sam_model_type",
+                   "sam_mode", "proposals", "compat")
 
 
 @dataclass(frozen=True)

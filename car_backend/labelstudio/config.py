@@ -8,7 +8,7 @@ logs can show.
 Attributes CaR reads from a config (all optional):
 - on a Label: `predicted_values="a,b"` (the prompt sent to CLIP instead of the value), `car_skip="true"`
   (never predict this label, e.g. a catch-all "background" label);
-- on a control: `car_preset="refcoco"`, `car_background="sky,wall"`, `car_referring="expression"` (the Text
+- on a control: `car_preset="refcoco"`, `car_background="sky,wall"`, `car_proposals="sam"` (two-stage), `car_referring="expression"` (the Text
   tag name or `$key` holding referring sentences; `car_referring="false"` turns the guess below off).
 
 Without `car_referring`, a control with exactly one static Label reads its sentences from the config's
@@ -26,6 +26,7 @@ from typing import Any
 
 from label_studio_sdk.label_interface import LabelInterface
 
+from car_backend.engine.config import PROPOSAL_MODES
 from car_backend.engine.errors import CarError
 from car_backend.engine.presets import PRESETS
 
@@ -59,6 +60,7 @@ class Target:
     referring_key: str | None = None
     preset: str | None = None
     background: tuple[str, ...] | None = None
+    proposals: str | None = None  # `car_proposals` on the control: "car" | "sam"; None = CAR_PROPOSALS
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,18 @@ def _target(control, to_name: str, obj, text_keys: dict[str, str], skipped: list
         referring_key=_referring_key(control, labels, dynamic_key, text_keys),
         preset=_preset(control.attr.get("car_preset"), f"{control.name} car_preset"),
         background=_words(control.attr.get("car_background")),
+        proposals=_proposals(control.attr.get("car_proposals"), f"{control.name} car_proposals"),
     )
+
+
+def _proposals(raw: Any, where: str) -> str | None:
+    """`car_proposals="sam"` (two-stage) or `"car"`; None when absent."""
+    if raw is None or not str(raw).strip():
+        return None
+    proposals = str(raw).strip().lower()
+    if proposals not in PROPOSAL_MODES:
+        raise LabelConfigError(f"{where}={raw!r} is not a proposal mode; use one of: {', '.join(PROPOSAL_MODES)}")
+    return proposals
 
 
 def _referring_key(control, labels, dynamic_key, text_keys: dict[str, str]) -> str | None:

@@ -80,8 +80,9 @@ def segment_run(segmenter: Any, image: Any, run: Run, thresholds: dict[str, floa
     preset: Any = run.preset
     if thresholds:
         preset = replace(get_preset(run.preset or segmenter.config.preset), **thresholds)
+    extra = {"proposals": run.proposals} if run.proposals else {}  # only when a control asked
     return segmenter.segment(image, list(run.queries), preset=preset, mode=run.mode,
-                             background=list(run.background) if run.background else None, head=head)
+                             background=list(run.background) if run.background else None, head=head, **extra)
 
 
 def restrict(seg: Segmentation, prompts: list[str]) -> Segmentation:

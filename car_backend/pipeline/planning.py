@@ -123,12 +123,13 @@ def _runs(targets: list[Target], data: dict, project: Project, settings: Setting
         kind = target.kind
         preset = target.preset or config.preset
         background = target.background or config.background
+        group = (preset, background, target.proposals)
         sentences = prompt or task_sentences(target, data)
         named = label_named_by(prompt[0], labels) if prompt and len(prompt) == 1 else None
         selected = _selected(labels, request)
         if named is not None:
             # A typed label name asks for that label alone, in semantic mode.
-            semantic.setdefault((preset, background), []).append(TargetOutput(target, (named,), kind))
+            semantic.setdefault(group, []).append(TargetOutput(target, (named,), kind))
         elif sentences:
             # Referring mode: the sentences describe one object, returned with the label the annotator
             # selected (the control's first label when none is).
@@ -136,13 +137,12 @@ def _runs(targets: list[Target], data: dict, project: Project, settings: Setting
                             (TargetOutput(target, (selected or labels[0],), kind),)))
         elif pointed:
             # Keypoints or a rectangle alone ask for the selected label's mask, narrowed to what they pick.
-            semantic.setdefault((preset, background), []).append(
-                TargetOutput(target, (selected or labels[0],), kind))
+            semantic.setdefault(group, []).append(TargetOutput(target, (selected or labels[0],), kind))
         else:
-            semantic.setdefault((preset, background), []).append(TargetOutput(target, labels, kind))
-    for (preset, background), outputs in semantic.items():
+            semantic.setdefault(group, []).append(TargetOutput(target, labels, kind))
+    for (preset, background, proposals), outputs in semantic.items():
         queries = tuple(dict.fromkeys(label.prompt for out in outputs for label in out.labels))
-        runs.append(Run("semantic", queries, preset, background, tuple(outputs)))
+        runs.append(Run("semantic", queries, preset, background, tuple(outputs), proposals=proposals))
     return [_shared(run) for run in runs]
 
 

@@ -35,6 +35,7 @@ class Run:
     preset: str | None
     background: tuple[str, ...] | None
     outputs: tuple[TargetOutput, ...]
+    proposals: str | None = None  # a control's car_proposals ("car" | "sam"); None = the engine's setting
 
     @cached_property
     def json_text(self) -> str:

@@ -147,3 +147,31 @@ def test_a_text_embedding_does_not_depend_on_what_it_is_encoded_with(tiny_models
     together = crowded.embed_texts(others + texts)[len(others):]
     assert torch.equal(single[0], together[0])
     assert torch.equal(alone.embed_texts(texts), together)
+
+
+def test_ovseg_style_checkpoint_loads_through_its_key_prefix(tiny_models, tmp_path, monkeypatch):
+    """OVSeg's full model keeps its mask-adapted CLIP under `clip_adapter.clip_model.` (with the rest of the
+    model beside it, inside "model"): the prefix map gives open_clip the CLIP's own keys."""
+    monkeypatch.setattr(models, "_LOADED", {})
+    _, _, classifier, _ = tiny_models
+    wrapped = {f"clip_adapter.clip_model.{k}": v for k, v in classifier.state_dict().items()}
+    wrapped["sem_seg_head.predictor.weight"] = torch.zeros(3)
+    path = tmp_path / "ovseg_like.pth"
+    torch.save({"model": wrapped, "iteration": 7}, path)
+    loaded = load_clip(f"{TINY_CLIP_CONFIG}:{path}", "cpu", "fp32", setting="CAR_CLASSIFIER_MODEL")
+    for name, value in classifier.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    broken = {k: v for k, v in wrapped.items() if "ln_final" not in k}
+    torch.save({"model": broken}, tmp_path / "broken.pth")
+    with pytest.raises(ModelLoadError, match=r"(?s)CAR_CLASSIFIER_MODEL=.*broken.pth.*ln_final"):
+        load_clip(f"{TINY_CLIP_CONFIG}:{tmp_path / 'broken.pth'}", "cpu", "fp32", setting="CAR_CLASSIFIER_MODEL")
+
+
+def test_extra_keys_under_the_prefix_are_ignored(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "_LOADED", {})
+    _, _, classifier, _ = tiny_models
+    wrapped = {f"clip_adapter.clip_model.{k}": v for k, v in classifier.state_dict().items()}
+    wrapped["clip_adapter.clip_model.visual.mask_embedding"] = torch.zeros(1, 3, 16, 16)  # mask prompt tuning
+    torch.save({"model": wrapped}, tmp_path / "mpt.pth")
+    loaded = load_clip(f"{TINY_CLIP_CONFIG}:{tmp_path / 'mpt.pth'}", "cpu", "fp32")
+    assert torch.equal(loaded.model.visual.conv1.weight, classifier.visual.conv1.weight)

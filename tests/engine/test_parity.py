@@ -1,7 +1,8 @@
 """The fast engine against the literal official-order implementation (car_backend/engine/reference.py).
 
 Same random-weight models, images and queries: the same kept queries and steps, scores within 1e-4 and
-masks agreeing on >= 99.5% of pixels. The cases use presets with lowered theta (random weights give
+masks agreeing on >= 99.5% of pixels. Every case runs in both modes (CAR_COMPAT=fixed against the literal
+implementation with the fixes, CAR_COMPAT=official against it with the official quirks). The cases use presets with lowered theta (random weights give
 near-uniform scores) chosen so that queries get dropped, several survive, and the loop runs > 2 steps;
 `test_cases_exercise_branching` checks that they still do.
 """
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from car_backend.engine import ClipModel, EngineConfig, Segmenter, get_preset
+from car_backend.engine.config import COMPAT_MODES
 from car_backend.engine.reference import LiteralCaR
 from tests.support.engine import random_clip, scene
 
@@ -65,19 +67,22 @@ def compare(fast, literal) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def outcomes(tiny_models, tiny_clips):
+@pytest.fixture(scope="module", params=COMPAT_MODES)
+def outcomes(request, tiny_models, tiny_clips):
+    compat = request.param
     proposal, proposal_tokenizer, classifier, classifier_tokenizer = tiny_models
-    segmenter = Segmenter(EngineConfig(device="cpu"), proposal_model=tiny_clips[0], classifier_model=tiny_clips[1])
+    segmenter = Segmenter(EngineConfig(device="cpu", compat=compat), proposal_model=tiny_clips[0],
+                          classifier_model=tiny_clips[1])
     results = []
     for case in CASES:
         preset = case.resolved_preset()
         image = scene(case.seed, 96, 128)
         fast = segmenter.segment(image, list(case.queries), preset=preset, mode=case.mode)
         if preset.classify_with_proposal_model:
-            literal_car = LiteralCaR(proposal, proposal_tokenizer, proposal, proposal_tokenizer, preset)
+            literal_car = LiteralCaR(proposal, proposal_tokenizer, proposal, proposal_tokenizer, preset, compat=compat)
         else:
-            literal_car = LiteralCaR(proposal, proposal_tokenizer, classifier, classifier_tokenizer, preset)
+            literal_car = LiteralCaR(proposal, proposal_tokenizer, classifier, classifier_tokenizer, preset,
+                                     compat=compat)
         results.append((case, fast, compare(fast, literal_car.segment(image, list(case.queries), case.mode))))
     return results
 

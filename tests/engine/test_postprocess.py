@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from car_backend.engine import EngineConfig, Segmenter, get_preset
+from car_backend.engine import EngineConfig, ModelLoadError, ModelSpecError, Segmenter, get_preset
 from car_backend.engine.postprocess import (
     SamRefiner,
     assemble_label_map,
@@ -14,6 +14,7 @@ from car_backend.engine.postprocess import (
     match_sam_masks,
     merge_referring,
 )
+from car_backend.engine.result import QueryMasks, resize_nearest
 from tests.support.engine import scene
 
 
@@ -91,11 +92,11 @@ def test_sam_matching_keeps_high_iom_masks_and_replaces_on_high_iou():
 
 def test_sam_refiner_errors_name_the_setting(tmp_path):
     missing = SamRefiner(str(tmp_path / "sam.pth"), "vit_b", "cpu")
-    with pytest.raises(FileNotFoundError, match="CAR_SAM_CHECKPOINT"):
+    with pytest.raises(ModelLoadError, match="CAR_SAM_CHECKPOINT"):  # no such file, or no package
         missing.sam_masks(np.zeros((8, 8, 3), dtype=np.uint8))
     checkpoint = tmp_path / "present.pth"
     checkpoint.write_bytes(b"")
-    with pytest.raises(ValueError, match="CAR_SAM_MODEL_TYPE"):
+    with pytest.raises(ModelSpecError, match="CAR_SAM_MODEL_TYPE"):
         SamRefiner(str(checkpoint), "vit_z", "cpu").sam_masks(np.zeros((8, 8, 3), dtype=np.uint8))
 
 
@@ -124,3 +125,39 @@ def test_segmenter_refines_final_masks_with_sam(tiny_clips):
     assert not np.array_equal(grown, before.masks[kept])
     assert np.array_equal(result.masks[kept], grown)
     assert result.label_map[grown].tolist() == [kept + 1] * int(grown.sum())
+
+
+def test_query_masks_read_like_the_full_array():
+    rng = np.random.default_rng(0)
+    rows = rng.random((2, 3, 4)) > 0.5
+    masks = QueryMasks(rows, (1, 3), count=4, size=(6, 8))
+    full = np.zeros((4, 6, 8), dtype=bool)
+    full[[1, 3]] = rows.repeat(2, axis=1).repeat(2, axis=2)
+    assert masks.shape == (4, 6, 8) and len(masks) == 4 and masks.dtype == bool
+    assert np.array_equal(np.asarray(masks), full)
+    assert np.array_equal(masks[3], full[3]) and np.array_equal(masks[-1], full[3]) and not masks[0].any()
+    picked = masks[[3, 0, 3]]
+    assert isinstance(picked, QueryMasks) and picked.rows.shape == (2, 3, 4)  # nothing resized
+    assert np.array_equal(np.asarray(picked), full[[3, 0, 3]])
+    assert np.array_equal(np.asarray(masks[np.array([False, True, False, False])]), full[[1]])
+    assert np.array_equal(masks[:, 2], full[:, 2])
+    assert np.array_equal(masks & full[::-1], full & full[::-1]) and (masks == full).all()
+    assert masks.sum() == full.sum() and masks.any() and not masks[[0, 2]].any()
+    with pytest.raises(IndexError):
+        masks[4]
+
+
+@pytest.mark.parametrize("size", [(50, 70), (120, 90)])
+def test_referring_merge_before_the_resize_equals_merge_after_it(size):
+    """The 5% area rule is measured on the answered grid, so merging at working resolution changes nothing."""
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        masks = np.zeros((2, 20, 30), dtype=bool)
+        for mask in masks:
+            y, x = rng.integers(0, 18), rng.integers(0, 28)
+            mask[y:y + rng.integers(1, 6), x:x + rng.integers(1, 6)] = True
+        scores = np.array([0.7, 0.3])
+        early = resize_nearest(merge_referring(masks, scores, answered_size=size), size)
+        late = merge_referring(resize_nearest(masks, size), scores)
+        assert np.array_equal(early, late)
+    assert not merge_referring(masks, np.zeros(2)).any()

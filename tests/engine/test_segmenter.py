@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from car_backend.engine import EngineConfig, PreparedImage, Segmenter, get_preset
-from car_backend.engine.postprocess import crf_masks
+from car_backend.engine import segmenter as segmenter_module
+from car_backend.engine.postprocess import crf_masks, crf_masks_with_margin
+from car_backend.engine.result import QueryMasks
 from tests.support.engine import scene
 
 QUERIES = ["cat", "dog", "car", "boat", "sofa"]
@@ -99,14 +101,27 @@ def test_all_zero_proposals_at_the_last_step_reuse_the_previous_steps(segmenter,
         step_one.append(maps)
         return maps if len(step_one) == 1 else torch.zeros_like(maps)
 
+    crf_inputs = []
+
+    def crf(rgb, proposals, separate):
+        crf_inputs.append(proposals)
+        return crf_masks_with_margin(rgb, proposals, separate)
+
     monkeypatch.setattr(generator, "refine", refine)
+    monkeypatch.setattr(segmenter_module, "crf_masks_with_margin", crf)
     image = scene(3, 64, 80)
     queries = ["cat", "dog", "car"]
     result = segmenter.segment(image, queries, preset=LOW_THETA)
-    survivors = [queries.index(q) for q in result.kept]
-    assert result.steps >= 2 and survivors
-    expected = crf_masks(image, step_one[0][survivors].numpy(), separate=False)
-    assert expected.any() and np.array_equal(result.masks[survivors], expected)
+    assert result.steps >= 2 and result.kept and len(step_one) == result.steps
+    (given,) = crf_inputs
+    rows = [i for i in range(len(queries)) if any(np.array_equal(given[j], step_one[0][i].numpy())
+                                                  for j in range(len(given)))]
+    assert len(rows) == len(given) and given.any()
+    assert np.array_equal(given, step_one[0][rows].numpy())
+    kept = [queries.index(q) for q in result.kept]
+    assert set(kept) <= set(rows)
+    expected = crf_masks(image, step_one[0][rows].numpy(), separate=False)
+    assert np.array_equal(np.asarray(result.masks)[rows], expected)
 
 
 def test_referring_mode_merges_sentence_masks(segmenter):
@@ -137,6 +152,10 @@ def test_large_images_are_processed_at_max_side_and_answered_at_full_size(tiny_c
                        classifier_model=tiny_clips[1]).segment(reduced, QUERIES, preset=LOW_THETA)
     assert direct.kept == result.kept
     assert np.array_equal(direct.label_map.repeat(2, axis=0).repeat(2, axis=1), result.label_map)
+    # Memory bound: masks only for the kept queries, held at working resolution, resized when read.
+    assert isinstance(result.masks, QueryMasks) and result.masks.rows.shape == (len(result.kept), 48, 64)
+    assert [QUERIES[i] for i in result.masks.index] == result.kept
+    assert np.array_equal(np.asarray(result.masks), np.asarray(direct.masks).repeat(2, axis=1).repeat(2, axis=2))
 
 
 def test_plain_open_clip_models_can_be_injected(tiny_models):

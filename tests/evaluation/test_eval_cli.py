@@ -95,3 +95,25 @@ def test_tiny_random_engine_end_to_end(voc_root, monkeypatch, capsys):
     assert 0 <= summary["metrics"]["mIoU"] <= 100
     assert cli.main(args) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["computed"] == 0
+
+
+def test_refiner_and_proposal_mode_are_printed_next_to_the_papers_sam_figure(voc_root, oracle, capsys, tmp_path):
+    checkpoint = tmp_path / "sam_hq_vit_h.pth"
+    assert cli.main(["eval", "--dataset", "voc", "--root", str(voc_root), "--json", "--sam-model-type", "hq_vit_h",
+                     "--sam-checkpoint", str(checkpoint)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert ("setting: refiner: HQ-SAM hq_vit_h (automatic, sam_hq_vit_h.pth); proposals: car; compat: fixed; "
+            "paper for it: 70.20 (CaR paper (CVPR 2024) Table 1, CaR+SAM (HQ-SAM ViT-H, automatic masks matched "
+            "by IoM), VOC-21 mIoU) (the paper's setting)") in out
+    summary = json.loads(out[-1])
+    assert summary["engine_setting"]["refiner"]["family"] == "HQ-SAM" and summary["paper_sam"]["mIoU"] == 70.2
+    assert cli.main(["eval", "--dataset", "voc", "--root", str(voc_root), "--sam-model-type", "sam2.1_hiera_l",
+                     "--sam-checkpoint", str(checkpoint), "--sam-mode", "prompted", "--proposals", "sam"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("setting:")][0]
+    assert "SAM 2 sam2.1_hiera_l (prompted" in line and "proposals: sam" in line and "70.20" in line
+    assert "differs" in line
+    assert cli.main(["eval", "--dataset", "voc", "--root", str(voc_root)]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("setting:")][0]
+    assert line.startswith("setting: refiner: none; proposals: car") and "67.60" in line
+    assert cli.main(["eval", "--dataset", "voc", "--root", str(voc_root), "--proposals", "sam"]) == 2
+    assert "CAR_SAM_CHECKPOINT" in capsys.readouterr().err
