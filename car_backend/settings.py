@@ -252,12 +252,12 @@ class Settings:
     max_labels: int = field(
         default=200,
         metadata=_meta("CAR_MAX_LABELS", "Most distinct labels (queries) one task may ask for; a task with more "
-                       "gets an error entry of its own."),
+                       "is answered pending with the reason (no empty prediction: raising the limit predicts it)."),
     )
     max_label_length: int = field(
         default=256,
         metadata=_meta("CAR_MAX_LABEL_LENGTH", "Longest label, prompt or referring sentence, in characters; a "
-                       "task with a longer one gets an error entry of its own."),
+                       "task with a longer one is answered pending with the reason (no empty prediction: raising the limit predicts it)."),
     )
     # HTTP server
     max_request_bytes: int = field(

@@ -35,6 +35,9 @@ class TaskPlan:
     task_id: int | None
     specs: list[JobSpec] = field(default_factory=list)
     failure: str | None = None  # a permanent problem found while planning: no job is needed
+    # A problem a setting decides (CAR_MAX_LABELS, CAR_MAX_LABEL_LENGTH): no job now, and the task is answered
+    # pending with this reason (never an empty prediction), so raising the limit predicts it on the next ask.
+    pending: str | None = None
 
     @property
     def keys(self) -> list[str]:
@@ -67,7 +70,7 @@ def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str
     for target in output_targets(config, settings):
         by_image.setdefault(target.data_key, []).append(target)
     plan = TaskPlan(task_id)
-    problems = []
+    problems, limited = [], []
     for data_key, targets in by_image.items():
         ref = data.get(data_key)
         if not isinstance(ref, str) or not ref.strip():
@@ -79,7 +82,7 @@ def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str
             continue
         too_many = label_limit_problem(runs, settings)
         if too_many:
-            problems.append(too_many)
+            limited.append(too_many)
             continue
         relative = not ref.strip().lower().startswith(("http://", "https://", "s3://", "gs://", "azure-blob://"))
         plan.specs.append(JobSpec(
@@ -88,10 +91,12 @@ def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str
             polygon_tolerance=settings.polygon_tolerance, score=settings.score,
             focus=focus_of(request, request.label if request else None), thresholds=project.thresholds,
             head=project.head))
-    if not plan.specs:
-        plan.failure = "; ".join(problems) or "nothing to predict"
-    elif problems:
-        log.warning("task %s: %s", task_id, "; ".join(problems))
+    if not plan.specs and limited and not problems:
+        plan.pending = "; ".join(limited)
+    elif not plan.specs:
+        plan.failure = "; ".join(problems + limited) or "nothing to predict"
+    elif problems or limited:
+        log.warning("task %s: %s", task_id, "; ".join(problems + limited))
     return plan
 
 

@@ -157,7 +157,10 @@ class Predictor:
             return plan.failure is not None or all(k in results for k in plan.keys)
 
         def pending_failure(plan: TaskPlan) -> str | None:
-            """Why a finished task cannot be answered now: a setting or an outage failed one of its jobs."""
+            """Why a finished task cannot be answered now: a setting refused it while planning, or a setting or
+            an outage failed one of its jobs."""
+            if plan.pending is not None:
+                return plan.pending
             found = [results[k].error or "failed" for k in plan.keys if k in results and results[k].pending]
             return found[0] if found else None
 

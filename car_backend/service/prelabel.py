@@ -130,7 +130,7 @@ class ProjectRun:
         self.owner = f"prelabel:{socket.gethostname()}:{os.getpid()}"
         self.deliverer = Deliverer(self.store, client, settings, owner=self.owner)
         self.plans = [plan_task(task, project, settings) for task in tasks if isinstance(task.get("id"), int)]
-        self.open = {p.task_id: p for p in self.plans if p.failure is None}
+        self.open = {p.task_id: p for p in self.plans if p.failure is None and p.pending is None}
         self.records = {tid: LateRecord(tid, self.version, tuple(p.keys), self.project_id,
                                         tuple(dict.fromkeys(s.image for s in p.specs)))
                         for tid, p in self.open.items()}
@@ -144,6 +144,9 @@ class ProjectRun:
             if plan.failure is not None and self._write_empty(plan):
                 self.progress.delivered += 1
                 self.progress.empty += 1
+            elif plan.pending is not None:  # a setting refuses it: nothing is written, a later run predicts it
+                log.warning("task %s: not predicted: %s", plan.task_id, plan.pending)
+                self.progress.failed += 1
         self.store.add_late(self.records.values())
         self.store.track(self.project_id, [(r.task, r.version, r.keys, "late", "") for r in self.records.values()])
         bar = tqdm(total=len(self.plans), initial=self.progress.finished, unit="task", desc="prelabel",
@@ -327,7 +330,7 @@ def segment_image(path: Path, name: str, project: Project, segmenter, fetcher: M
     source = str(path.resolve())
     plan = plan_task({"data": {"image": source}}, project, settings)
     if plan.failure is not None or len(plan.specs) != 1 or len(plan.specs[0].runs) != 1:
-        raise MediaError(plan.failure or "the import config plans more than one run", retryable=False)
+        raise MediaError(plan.failure or plan.pending or "the import config plans more than one run", retryable=False)
     spec = plan.specs[0]
     run = spec.runs[0]
     image = fetcher.fetch(spec.image, None)

@@ -99,6 +99,8 @@ def test_too_many_tasks_is_a_413_that_names_the_setting(make_client, service_set
 
 
 def test_too_many_or_too_long_labels_fail_that_task_only(make_client, service_settings, task_ids):
+    """Each is that task's own answer, pending with the reason (a setting decides it, so it must not become a
+    permanent empty prediction); raising the limits plans it."""
     client = make_client(service_settings(max_labels=5, max_label_length=40, predict_wait=0.0))
     ok, many, long_label = task_ids(3)
     tasks = [{"id": ok, "data": {"image": "/data/upload/1/a.png", "options": ["dog", "car"]}},
@@ -108,8 +110,11 @@ def test_too_many_or_too_long_labels_fail_that_task_only(make_client, service_se
     assert resp.status_code == 200
     first, second, third = resp.get_json()["results"]
     assert "error" not in first  # planned and queued (pending: no worker here)
-    assert second["result"] == [] and "11 labels" in second["error"] and "CAR_MAX_LABELS=5" in second["error"]
-    assert third["result"] == [] and "41 characters" in third["error"] and "CAR_MAX_LABEL_LENGTH=40" in third["error"]
+    assert "result" not in second and "11 labels" in second["reason"] and "CAR_MAX_LABELS=5" in second["reason"]
+    assert "result" not in third and "41 characters" in third["reason"] and "CAR_MAX_LABEL_LENGTH=40" in third["reason"]
+    raised = make_client(service_settings(max_labels=50, max_label_length=80, predict_wait=0.0))
+    again = raised.post("/predict", json={"tasks": tasks, "label_config": DYNAMIC}).get_json()["results"]
+    assert all("CAR_MAX_LABEL" not in entry.get("reason", "") and "error" not in entry for entry in again), again
 
 
 # ---- exposure ----
