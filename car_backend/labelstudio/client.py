@@ -301,7 +301,7 @@ class LabelStudioClient:
 
 def task_strings(task: dict) -> set[str]:
     """The string values of a task's `data` as Label Studio stores it: where its image references are, to
-    check that a task read back holds the image a prediction or a review was made for."""
+    check that a task read back holds the image a prediction was made for."""
     data = task.get("data") if isinstance(task.get("data"), dict) else {}
     return {v for v in data.values() if isinstance(v, str)}
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from car_backend.engine.presets import get_preset
-from car_backend.labelstudio.client import LabelStudioAPIError, LabelStudioClient, task_strings
+from car_backend.labelstudio.client import LabelStudioAPIError, LabelStudioClient
 from car_backend.labelstudio.media import MediaError
 from car_backend.labelstudio.regions import RegionSizeError, add_mask, label_masks, shrink
 from car_backend.pipeline.compute import restrict, segment_run
@@ -122,8 +122,9 @@ def _sha(text: str) -> str:
 def read_back(settings: Any, event: AnnotationEvent) -> list[dict] | tuple[str, str]:
     """The annotation's result as Label Studio stores it, or (outcome, why) when the event is not believed:
     Label Studio does not know the annotation or the project, the annotation belongs to another task or
-    project, was cancelled, the project's label config is not the one the event was planned with, or the
-    task's data in Label Studio does not hold the images the event's specs would fetch.
+    project, was cancelled, or the project's label config is not the one the event was planned with.
+    The task itself is not read back: Label Studio's GET /api/tasks/<id>/ asks this backend's /predict for a
+    task without a current prediction, which would wait on the worker running this job.
     Raises LabelStudioAPIError (retryable: RQ retries) when Label Studio cannot answer now."""
     client = LabelStudioClient(settings)
     stored = client.annotation(event.annotation)
@@ -144,14 +145,6 @@ def read_back(settings: Any, event: AnnotationEvent) -> list[dict] | tuple[str, 
         return "unknown", f"project {event.project} cannot be read: {exc}"
     if not isinstance(config, str) or _sha(config) != event.label_config_sha:
         return "config_changed", f"project {event.project}'s label config is not the one the event carried"
-    try:
-        task = client.task(event.task)
-    except LabelStudioAPIError as exc:
-        if exc.retryable:
-            raise
-        return "unknown", f"task {event.task} cannot be read: {exc}"
-    if not {spec.image for spec in event.specs} <= task_strings(task):
-        return "mismatch", f"task {event.task} holds other images in Label Studio than the event said"
     return stored["result"]
 
 

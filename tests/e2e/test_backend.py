@@ -35,9 +35,12 @@ CALIBRATE_AFTER = 4
 def backend(label_studio, tmp_path_factory):
     """`car-backend serve` (inline worker, embedded Redis) with Label Studio's URL and token."""
     port = free_port()
-    log = tmp_path_factory.mktemp("backend") / "serve.log"
+    folder = tmp_path_factory.mktemp("backend")
+    log = folder / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAR_", "LABEL_STUDIO_", "REDIS_"))}
-    env.update(CAR_PROPOSAL_MODEL=TINY, CAR_CLASSIFIER_MODEL=TINY, CAR_DEVICE="cpu", CAR_PREDICT_WAIT="60",
+    # The embedded Redis keeps its data in CAR_DATA_DIR: a folder of this session's, so that projects of an
+    # earlier Label Studio with the same ids (calibrations, delivery marks) are not found here.
+    env.update(CAR_DATA_DIR=str(folder / "data"), CAR_PROPOSAL_MODEL=TINY, CAR_CLASSIFIER_MODEL=TINY, CAR_DEVICE="cpu", CAR_PREDICT_WAIT="60",
                CAR_CALIBRATE_AFTER=str(CALIBRATE_AFTER), LABEL_STUDIO_URL=label_studio.url,
                LABEL_STUDIO_API_KEY=label_studio.pat, LOG_LEVEL="INFO")
     with open(log, "w") as out:
