@@ -24,22 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from car_backend.testing.faults import SCENARIOS, ls_down  # noqa: E402
-from car_backend.testing.redis import claim_redis_db, free_port, port_open, start_redis_server  # noqa: E402
-
-
-@contextlib.contextmanager
-def a_redis():
-    """A database of its own on 127.0.0.1:6379, else a private redis-server."""
-    if port_open("127.0.0.1", 6379):
-        yield from claim_redis_db()
-        return
-    port = free_port()
-    server = start_redis_server(port)
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.terminate()
-        server.wait(10)
+from car_backend.testing.redis import redis_for_tests  # noqa: E402
 
 
 def main() -> int:
@@ -53,7 +38,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(unknown)}")
     rows = []
-    with a_redis() as redis_url, tempfile.TemporaryDirectory(prefix="car-faults-") as tmp:
+    with contextlib.contextmanager(redis_for_tests)() as redis_url, tempfile.TemporaryDirectory(prefix="car-faults-") as tmp:
         for name in names:
             run = functools.partial(ls_down, down_s=args.down) if name == "ls_down" else SCENARIOS[name]
             rows.append(run(redis_url, Path(tmp), args.tasks))

@@ -23,22 +23,13 @@ from car_backend.service.backend import Backend  # noqa: E402
 from car_backend.settings import Settings  # noqa: E402
 from tests.support.fake_label_studio import FakeLabelStudio  # noqa: E402
 from tests.support.processes import WorkerProcess, start_worker  # noqa: E402
-from tests.support.redis import claim_redis_db, free_port, port_open, start_redis_server  # noqa: E402
+from tests.support.redis import redis_for_tests  # noqa: E402
 from tests.support.settings import tiny_settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    if port_open("127.0.0.1", 6379):
-        yield from claim_redis_db()
-        return
-    port = free_port()
-    private = start_redis_server(port)
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        private.terminate()
-        private.wait(10)
+    yield from redis_for_tests()
 
 
 @pytest.fixture

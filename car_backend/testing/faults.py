@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from car_backend.queue.jobqueue import lock_ttl
 from car_backend.settings import Settings
 from car_backend.testing.fake_label_studio import FakeLabelStudio
 from car_backend.testing.processes import WorkerProcess, start_worker
-from car_backend.testing.redis import free_port, port_open, redis_server_binary
+from car_backend.testing.redis import free_port, start_redis_server
 from car_backend.testing.settings import tiny_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -237,7 +236,7 @@ def redis_restarted(redis_url: str, log_dir: Path, tasks: int) -> ScenarioResult
     port = free_port()
     data = log_dir / f"redis-aof-{port}"
     data.mkdir(parents=True, exist_ok=True)
-    server = _aof_redis(port, data)
+    server = start_redis_server(port, append_only_dir=data)
     with FakeLabelStudio() as fake:
         run = _world("redis_restarted", f"redis://127.0.0.1:{port}/0", log_dir, tasks, fake, "/slow/0.5")
         try:
@@ -250,26 +249,13 @@ def redis_restarted(redis_url: str, log_dir: Path, tasks: int) -> ScenarioResult
             server.terminate()
             server.wait(10)
             time.sleep(1.0)
-            server = _aof_redis(port, data)
+            server = start_redis_server(port, append_only_dir=data)
             run.wait_for_writes()
             return run.result(1, "Redis (appendonly yes) stopped and started again after the first write")
         finally:
             run.stop()
             server.terminate()
             server.wait(10)
-
-
-def _aof_redis(port: int, folder: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "yes", "--dir", str(folder)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not port_open("127.0.0.1", port):
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"redis-server did not start on port {port}")
-        time.sleep(0.05)
-    return proc
 
 
 SCENARIOS: dict[str, Callable[[str, Path, int], ScenarioResult]] = {

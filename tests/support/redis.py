@@ -4,8 +4,9 @@ from car_backend.testing.redis import (
     claim_redis_db,
     free_port,
     port_open,
+    redis_for_tests,
     redis_server_binary,
     start_redis_server,
 )
 
-__all__ = ["claim_redis_db", "free_port", "port_open", "redis_server_binary", "start_redis_server"]
+__all__ = ["claim_redis_db", "free_port", "port_open", "redis_for_tests", "redis_server_binary", "start_redis_server"]
