@@ -50,7 +50,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
                    help="do not run a worker: exit 0 when this host's worker (or --name) has a recent heartbeat in "
                    "Redis, 1 otherwise (a container health check)")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # the embedded worker exits with its server
-    p.set_defaults(handler=_run("car_backend.queue.health", "worker_command"))
+    p.set_defaults(handler=_run("car_backend.worker.health", "worker_command"))
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:

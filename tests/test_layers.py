@@ -8,9 +8,10 @@ Order (a package may import only packages on lower floors; packages on one floor
     floor 2: pipeline          job specs, planning, computing, versions
              evaluation        the paper's benchmarks
              exports           COCO / PNG / YOLO / Label Studio exports, the review gallery
-    floor 3: queue             Redis, stores, RQ jobs, the worker
-    floor 4: review            agreement, calibration, review store, report
-    floor 5: service           Flask app, predictor, projects, metrics, gunicorn, prelabel
+    floor 3: queue             Redis and RQ: key owners, results, delivery ledger, job queue, delivery
+    floor 4: review            webhook events, corrections, calibration, mask-head training, review store
+    floor 5: service           Flask app, predictor, projects, metrics, gunicorn, prelabel, embedded worker
+             worker            the worker process: its context (composition root), RQ entry points
     floor 6: cli, bench        entry points
              testing           the harness of tests and benchmarks (fake Label Studio, Redis, workers)
 
@@ -36,14 +37,14 @@ FLOORS = {
     "pipeline": 2, "evaluation": 2, "exports": 2,
     "queue": 3,
     "review": 4,
-    "service": 5,
+    "service": 5, "worker": 5,
     "cli": 6, "bench": 6, "testing": 6,
 }
 MAX_FLOORS = 7
 
 
 def layer_of(module: str) -> str | None:
-    """`car_backend.queue.jobs` -> "queue"; the root package -> None."""
+    """`car_backend.queue.ledger` -> "queue"; the root package -> None."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else None
 
@@ -199,7 +200,9 @@ def test_every_layer_is_listed():
     ("car_backend.engine.segmenter", "car_backend.service.app"),
     ("car_backend.engine.models", "car_backend.settings"),
     ("car_backend.labelstudio.media", "car_backend.settings"),
-    ("car_backend.queue.jobs", "car_backend.review.store"),
+    ("car_backend.queue.ledger", "car_backend.review.store"),
+    ("car_backend.review.corrections", "car_backend.worker.context"),
+    ("car_backend.worker.tasks", "car_backend.service.backend"),
 ])
 def test_an_import_against_the_order_is_caught(importer, imported):
     graph = import_graph()
@@ -209,7 +212,7 @@ def test_an_import_against_the_order_is_caught(importer, imported):
 
 def test_a_cycle_is_caught():
     graph = import_graph()
-    graph["car_backend.queue.store"] = graph["car_backend.queue.store"] | {"car_backend.queue.jobqueue"}
+    graph["car_backend.queue.results"] = graph["car_backend.queue.results"] | {"car_backend.queue.jobqueue"}
     assert cycles(graph)
 
 

@@ -14,6 +14,7 @@ from functools import cached_property
 
 from car_backend.labelstudio.config import LabelSpec, ProjectConfig, Target
 from car_backend.labelstudio.interactive import Focus
+from car_backend.pipeline.identity import ProjectId
 from car_backend.pipeline.plain import from_plain, to_plain
 
 
@@ -63,7 +64,7 @@ class JobSpec:
     score: str  # "confidence" | "uncertainty"
     focus: Focus | None = None  # interactive keypoints/rectangles that narrow the returned masks
     thresholds: tuple[tuple[str, float], ...] = ()  # the project's calibrated preset values, if any
-    head: str = ""  # the project's adopted mask head: "<Redis key>#<sha256 of its blob>" (review.heads)
+    head: str = ""  # the project's adopted mask head: the sha256 of its weights (review.store.ReviewStore.put_head)
 
     @cached_property
     def key(self) -> str:
@@ -133,5 +134,5 @@ class Project:
     config: ProjectConfig
     version: str
     thresholds: tuple[tuple[str, float], ...] = ()  # calibrated preset values for every run of the project
-    ls_project: int | None = None  # Label Studio's id of the project (from /predict's "project"), if known
-    head: str = ""  # the adopted mask head's reference (JobSpec.head), "" for none
+    project: ProjectId | None = None  # which project of which Label Studio (from /predict's "project"), if known
+    head: str = ""  # the adopted mask head's reference (JobSpec.head: sha256 of its weights), "" for none

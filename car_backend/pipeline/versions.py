@@ -9,11 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
 
 from car_backend import __version__
 from car_backend.labelstudio.config import ProjectConfig
 from car_backend.settings import Settings
+
+# What engine_fingerprint covers (engine.config.EngineConfig.fingerprint): a worker must share these with the
+# server (CAR_SAM_MODE and CAR_PROPOSALS only where they are not the default).
+FINGERPRINT_SETTINGS = ("CAR_PROPOSAL_MODEL", "CAR_CLASSIFIER_MODEL", "CAR_SAM_CHECKPOINT", "CAR_SAM_MODEL_TYPE",
+                        "CAR_MAX_STEPS", "CAR_COMPAT", "CAR_SAM_MODE", "CAR_PROPOSALS")
 
 
 def engine_fingerprint(settings: Settings) -> str:
@@ -55,9 +59,3 @@ def model_version(settings: Settings, config: ProjectConfig | None = None, gener
     suffix += f"-fit{fit_generation}" if fit_generation > 0 else ""
     return f"car-{__version__}-{preset}-{digest}{suffix}"
 
-
-def project_id(raw: Any) -> str | None:
-    """Label Studio sends "<id>.<created timestamp>"; the id is the part before the first dot."""
-    if raw is None or str(raw).strip() == "":
-        return None
-    return str(raw).split(".", 1)[0]

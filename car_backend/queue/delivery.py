@@ -1,26 +1,27 @@
 """Writing finished late tasks into Label Studio: exactly once, in batches, retried apart from computing.
 
 A late task (its /predict stopped waiting, or `prelabel --project` enqueued it) is a `LateRecord` on each of
-its job keys. When its last job finishes, `stage_ready` moves it into its project's outbox
-(`car:outbox:<project>`); a `Deliverer` then writes the project's outbox, batch by batch:
+its job keys (queue.ledger). When its last job finishes, `stage_ready` moves it into its project's outbox; a
+`Deliverer` then writes the project's outbox, batch by batch:
 
 1. the project's lease (`car:outbox:lease:<p>`, renewed before each call to Label Studio) makes one
    deliverer at a time write a project; a lease whose holder died expires and the next one takes over;
-2. each task's delivery claim is taken ("deliver:<owner>"), or taken over from a deliverer that died:
-   /predict never answers a task while its write is in flight;
+2. each task's delivery claim is taken (TaskState.WRITING, owner "deliver:<name>"), or taken over from a
+   deliverer that died: /predict never answers a task while its write is in flight; a record whose task now
+   holds a newer model_version is superseded and never written;
 3. each task is read back (GET /api/tasks/<id>/): it is written only when it belongs to the project whose
    config planned the job and its data holds the predicted image (else dropped, logged, counted as
    `deliveries:refused`); a task that already has a prediction of this model_version (an earlier write
    whose answer was lost: a timeout, a reset after sending, a killed worker) counts as confirmed, unwritten;
 4. the rest go in one request (`POST /api/projects/<p>/import/predictions`), or one by one
    (`POST /api/predictions/`) where Label Studio lacks the bulk endpoint (404/405);
-5. only what Label Studio confirmed is marked delivered ("delivered:<owner>" claim, `car:delivered:<task>`)
-   and leaves the outbox and the late sets.
+5. only what Label Studio confirmed is marked delivered (`DeliveryLedger.confirm`) and leaves the outbox
+   and the late sets.
 
 A failed batch (Label Studio down, 5xx, timeout, refused key) keeps its claims and is tried again after
 an exponential backoff with jitter (1 s doubling up to CAR_DELIVERY_RETRY_MAX), for CAR_DELIVERY_WINDOW
 seconds from the first failure; the results stay cached, nothing is computed again. Due outboxes are
-written by workers between jobs (`CarWorker.run_maintenance_tasks`) and right after a job finishes.
+written by workers between jobs (worker maintenance) and right after a job finishes.
 """
 
 from __future__ import annotations
@@ -38,13 +39,17 @@ from car_backend.labelstudio.client import (
     task_strings,
 )
 from car_backend.pipeline.compute import task_entry
+from car_backend.pipeline.identity import ProjectId
 from car_backend.pipeline.spec import JobResult
-from car_backend.queue.store import WRITING_PREFIX, LateRecord, Store
+from car_backend.queue.ledger import DeliveryLedger, LateRecord, Outcome
+from car_backend.queue.results import ResultCache
+from car_backend.queue.stats import CounterFamily, DeliveryOutcome, Stats
 from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 1.0
+WRITING_PREFIX = "deliver:"  # names a deliverer in claims and leases
 MAX_BATCHES_PER_TURN = 50  # a deliverer writes at most this many batches of a project before looking elsewhere
 
 
@@ -65,67 +70,68 @@ class BatchOutcome:
     dropped: list[tuple[LateRecord, str]] = field(default_factory=list)
 
 
-def stage_ready(store: Store, key: str, now: float | None = None) -> set[int]:
+def stage_ready(ledger: DeliveryLedger, results: ResultCache, key: str, now: float | None = None
+                ) -> set[ProjectId]:
     """Move the late records waiting on `key` whose every job has a result into their project's outbox;
     the projects concerned. A record whose jobs ended in a pending failure (a setting or an outage) leaves
     the late sets unwritten: Label Studio asks for the task again and gets the pending answer."""
     ready: list[LateRecord] = []
-    for record in store.late(key):
-        results = store.results(record.keys)
-        if any(r is None for r in results):
+    for record in ledger.late(key):
+        found = results.get_many(record.keys)
+        if any(r is None for r in found):
             continue  # the job finishing last stages it
-        pending = [r.error or "failed" for r in results if r.pending]
-        if pending or record.project is None:
-            reason = pending[0] if pending else "no project id was known for the task (an older late record)"
-            store.outbox_done([record])
-            if record.project is not None:
-                store.track(record.project, [(record.task, record.version, record.keys, "pending", reason)])
-            log.warning("task %s is not written into Label Studio: %s", record.task, reason)
+        pending = [r.error or "failed" for r in found if r.pending]
+        if pending:
+            ledger.pend(record, pending[0])
+            log.warning("task %s is not written into Label Studio: %s", record.task, pending[0])
             continue
         ready.append(record)
-    store.outbox_put(ready, due=time.time() if now is None else now)
-    return {r.project for r in ready}
+    outcomes = ledger.stage(ready, due=time.time() if now is None else now)
+    return {r.project for r, o in zip(ready, outcomes, strict=True) if o is Outcome.WRITTEN}
 
 
 class Deliverer:
     """Writes projects' outboxes into Label Studio (see the module docstring).
 
-    `store`: the Redis stores; `ls`: the API client; `settings`: CAR_DELIVERY_* and CAR_LS_TIMEOUT;
-    `owner`: names this deliverer in claims and leases (WRITING_PREFIX is added). Methods raise RedisError
-    when Redis is unavailable; Label Studio's failures never escape (they schedule a retry).
+    `ledger`, `results`, `stats`: the Redis state; `ls`: the API client; `settings`: CAR_DELIVERY_* and
+    CAR_LS_TIMEOUT; `owner`: names this deliverer in claims and leases (WRITING_PREFIX is added). Methods
+    raise RedisError when Redis is unavailable; Label Studio's failures never escape (they schedule a retry).
     """
 
-    def __init__(self, store: Store, ls: LabelStudioClient, settings: Settings, owner: str):
-        self.store = store
+    def __init__(self, ledger: DeliveryLedger, results: ResultCache, stats: Stats, ls: LabelStudioClient,
+                 settings: Settings, owner: str):
+        self.ledger = ledger
+        self.results = results
+        self.stats = stats
         self.ls = ls
         self.settings = settings
         self.owner = owner if owner.startswith(WRITING_PREFIX) else WRITING_PREFIX + owner
         self.lease_ttl = 2 * settings.ls_timeout + 10  # longer than any one call to Label Studio
         self.bulk_missing = False  # this Label Studio answered 404/405 to the bulk endpoint
-        self._leased: int | None = None  # the project whose lease this deliverer holds now
+        self._leased: ProjectId | None = None  # the project whose lease this deliverer holds now
 
-    def deliver_due(self, now: float | None = None, projects: Iterable[int] | None = None) -> int:
+    def deliver_due(self, now: float | None = None, projects: Iterable[ProjectId] | None = None) -> int:
         """Write every outbox that is due (or those of `projects`, unless they wait for a retry); how many
         predictions this call saw confirmed in Label Studio (written now, or found there by the read-back)."""
         now = time.time() if now is None else now
         if projects is None:
-            chosen = self.store.due_projects(now)
+            chosen = self.ledger.due_projects(now)
         else:
-            chosen = [p for p in projects if self.store.retry_state(p)[0] == 0]
+            chosen = [p for p in projects if self.ledger.retry_state(p)[0] == 0]
         return sum(self.deliver_project(p) for p in chosen)
 
-    def deliver_project(self, project: int) -> int:
+    def deliver_project(self, project: ProjectId) -> int:
         """Write project `project`'s outbox, batch by batch, if this deliverer gets its lease; the number of
         predictions confirmed here (written, or found already there)."""
-        if not self.store.take_lease(project, self.owner, self.lease_ttl):
+        if not self.ledger.take_lease(project, self.owner, self.lease_ttl):
             return 0
         self._leased = project
         written = 0
         try:
             for _ in range(MAX_BATCHES_PER_TURN):
-                records = self.store.outbox(project, self.settings.delivery_batch)
+                records = self.ledger.outbox(project, self.settings.delivery_batch)
                 if not records:
-                    self.store.set_due(project, None)
+                    self.ledger.set_due(project, None)
                     break
                 try:
                     outcome = self._batch(project, records)
@@ -134,29 +140,29 @@ class Deliverer:
                     break
                 self._finish(project, outcome)
                 written += len(outcome.confirmed)
-                self.store.put_retry_state(project, 0, time.time())
+                self.ledger.put_retry_state(project, 0, time.time())
             else:
-                self.store.set_due(project, time.time())  # more is left: due again at once
+                self.ledger.set_due(project, time.time())  # more is left: due again at once
         except LeaseLost:
             log.warning("project %s: the delivery lease expired during a call to Label Studio; the next "
                         "deliverer takes the writes over", project)
         finally:
             self._leased = None
-            self.store.release_lease(project, self.owner)
+            self.ledger.release_lease(project, self.owner)
         return written
 
     # -- one batch --
 
-    def _batch(self, project: int, records: Sequence[LateRecord]) -> BatchOutcome:
+    def _batch(self, project: ProjectId, records: Sequence[LateRecord]) -> BatchOutcome:
         outcome = BatchOutcome()
         candidates: list[tuple[LateRecord, list[JobResult]]] = []
         for record in records:
-            results = self.store.results(record.keys)
+            results = self.results.get_many(record.keys)
             if any(r is None for r in results) or any(r.pending for r in results):
                 outcome.dropped.append((record, "its results expired or became a pending failure before the write"))
                 continue
-            state = self.store.claim_for_delivery(record.task, record.version, self.owner)
-            if state in ("delivered", "other"):
+            claim = self.ledger.claim_for_delivery(record, self.owner)
+            if claim in (Outcome.CLAIMED, Outcome.SUPERSEDED):
                 outcome.elsewhere.append(record)
             else:
                 candidates.append((record, results))
@@ -168,7 +174,6 @@ class Deliverer:
             elif verdict == "write":
                 to_write.append((record, results))
             else:
-                self.store.release_claim(record.task, record.version, self.owner)
                 outcome.dropped.append((record, verdict))
         self._write(project, to_write, outcome)
         return outcome
@@ -182,17 +187,17 @@ class Deliverer:
             if exc.retryable:
                 raise DeliveryDeferred(f"reading task {record.task} back: {exc}") from None
             return f"Label Studio could not give the task back ({exc})"
-        if task.get("project") != record.project or not set(record.images) <= task_strings(task):
-            self.store.record_delivery("refused")
+        if task.get("project") != record.project.id or not set(record.images) <= task_strings(task):
+            self.stats.count(CounterFamily.DELIVERIES, DeliveryOutcome.REFUSED)
             log.warning("refused to write a prediction into task %s: in Label Studio it belongs to project %s "
                         "and holds other images than the one predicted (planned for project %s)",
-                        record.task, task.get("project"), record.project)
+                        record.task, task.get("project"), record.project.id)
             return "refused: the task in Label Studio is not the one that was predicted (project or image differ)"
         if record.version in prediction_versions(task):
             return "present"
         return "write"
 
-    def _write(self, project: int, to_write: list[tuple[LateRecord, list[JobResult]]],
+    def _write(self, project: ProjectId, to_write: list[tuple[LateRecord, list[JobResult]]],
                outcome: BatchOutcome) -> None:
         if not to_write:
             return
@@ -200,7 +205,7 @@ class Deliverer:
         if not self.bulk_missing:
             self._renew()
             try:
-                self.ls.import_predictions(project, bodies)
+                self.ls.import_predictions(project.id, bodies)
             except LabelStudioAPIError as exc:
                 if exc.status in (404, 405):
                     self.bulk_missing = True
@@ -223,7 +228,6 @@ class Deliverer:
                     outcome.elsewhere.clear()
                     outcome.dropped.clear()
                     raise DeliveryDeferred(f"writing task {record.task}: {exc}") from None
-                self.store.release_claim(record.task, record.version, self.owner)
                 outcome.dropped.append((record, f"Label Studio refused the prediction: {exc}"))
             else:
                 outcome.confirmed.append(record)
@@ -235,43 +239,36 @@ class Deliverer:
                 "model_version": entry["model_version"]}
 
     def _renew(self) -> None:
-        if self._leased is None or not self.store.renew_lease(self._leased, self.owner, self.lease_ttl):
+        if self._leased is None or not self.ledger.renew_lease(self._leased, self.owner, self.lease_ttl):
             raise LeaseLost()
 
     # -- bookkeeping --
 
-    def _finish(self, project: int, outcome: BatchOutcome) -> None:
-        for record in outcome.confirmed:
-            self.store.confirm_delivered(record.task, record.version, self.owner)
+    def _finish(self, project: ProjectId, outcome: BatchOutcome) -> None:
+        self.ledger.confirm(outcome.confirmed, self.owner)
         if outcome.confirmed:
-            self.store.record_delivery("api", len(outcome.confirmed))
-            self.store.record_delivered([(r.task, r.version, r.keys) for r in outcome.confirmed])
+            self.stats.count(CounterFamily.DELIVERIES, DeliveryOutcome.API, len(outcome.confirmed))
             log.info("project %s: %d predictions confirmed in Label Studio", project, len(outcome.confirmed))
-        self.store.track(project, [(r.task, r.version, r.keys, "delivered", "") for r in outcome.confirmed]
-                         + [(r.task, r.version, r.keys, "delivered", "by /predict") for r in outcome.elsewhere]
-                         + [(r.task, r.version, r.keys, "dropped", why) for r, why in outcome.dropped])
+        self.ledger.done(outcome.elsewhere)
+        self.ledger.drop(outcome.dropped, self.owner)
         if outcome.dropped:
-            self.store.record_delivery("dropped", len(outcome.dropped))
-        self.store.outbox_done([*outcome.confirmed, *outcome.elsewhere, *(r for r, _ in outcome.dropped)])
+            self.stats.count(CounterFamily.DELIVERIES, DeliveryOutcome.DROPPED, len(outcome.dropped))
 
-    def _retry_later(self, project: int, reason: str) -> None:
-        attempt, since = self.store.retry_state(project)
+    def _retry_later(self, project: ProjectId, reason: str) -> None:
+        attempt, since = self.ledger.retry_state(project)
         now = time.time()
         since = since if attempt and since is not None else now
         waited = now - since
         if waited >= self.settings.delivery_window:
-            records = self.store.outbox(project, limit=1 << 30)
+            records = self.ledger.outbox(project, limit=1 << 30)
             why = f"Label Studio did not take the writes for {waited:.0f} s (CAR_DELIVERY_WINDOW): {reason}"
             log.error("project %s: giving up %d predictions: %s", project, len(records), why)
-            for record in records:
-                self.store.release_claim(record.task, record.version, self.owner)
-            self.store.record_delivery("abandoned", len(records))
-            self.store.track(project, [(r.task, r.version, r.keys, "dropped", why) for r in records])
-            self.store.outbox_done(records)
-            self.store.set_due(project, None)
+            self.stats.count(CounterFamily.DELIVERIES, DeliveryOutcome.ABANDONED, len(records))
+            self.ledger.drop([(r, why) for r in records], self.owner)
+            self.ledger.set_due(project, None)
             return
         delay = min(self.settings.delivery_retry_max, BACKOFF_FIRST_S * 2 ** attempt) * random.uniform(0.5, 1.0)
-        self.store.put_retry_state(project, attempt + 1, since)
-        self.store.set_due(project, now + delay)
+        self.ledger.put_retry_state(project, attempt + 1, since)
+        self.ledger.set_due(project, now + delay)
         log.warning("project %s: writing into Label Studio failed (try %d, %.0f s so far): %s; next try in %.1f s",
                     project, attempt + 1, waited, reason, delay)

@@ -22,8 +22,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from enum import Enum
 
 from redis import Redis, WatchError
 from rq import Queue, Retry
@@ -34,23 +35,23 @@ from rq.serializers import JSONSerializer
 from rq.utils import as_text, utcparse
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
-from car_backend.pipeline.compute import failure_conditions
 from car_backend.pipeline.spec import JobSpec
-from car_backend.queue.jobs import run_job
-from car_backend.queue.store import Store
+from car_backend.queue.results import JobLocks
 from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
-LIVE = {JobStatus.QUEUED.value, JobStatus.STARTED.value, JobStatus.DEFERRED.value, JobStatus.SCHEDULED.value}
-TERMINAL = {JobStatus.FAILED.value, JobStatus.STOPPED.value, JobStatus.CANCELED.value, JobStatus.FINISHED.value}
+LIVE = frozenset({JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED})
+TERMINAL = frozenset({JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, JobStatus.FINISHED})
 SERIALIZER = JSONSerializer
 RQ_RESULT_TTL = 600  # RQ's own copy of the return value; the result itself lives in car:result:<K>
 FAILURE_TTL = 24 * 3600
 # Idle workers block on the interactive queue and look at the batch queue this often (seconds).
 BATCH_POLL_S = 0.1
 SUBMIT_CHUNK = 500  # keys per WATCH/MULTI transaction of submit_many
-SUBMIT_ATTEMPTS = 3  # a chunk whose locks keep changing under it falls back to one transaction per key
+SUBMIT_ATTEMPTS = 3
+WORKER_TTL_S = 20  # an idle worker's registration lives this long between heartbeats (RQ adds 60 s)
+MAX_SILENCE_S = WORKER_TTL_S + 5  # a worker silent for longer is not counted as alive  # a chunk whose locks keep changing under it falls back to one transaction per key
 
 # KEYS: batch list, interactive list, job hash, queues set; ARGV: job id, interactive queue name.
 _PROMOTE = """
@@ -64,14 +65,28 @@ return 0
 """
 
 
-def lock_ttl(settings: Settings) -> int:
-    """How long a dedup lock may outlive a job that never cleans it up: every attempt, plus margin."""
-    return settings.job_timeout * (settings.job_retries + 1) + 300
+@dataclass(frozen=True)
+class QueueDepth:
+    """Jobs waiting on each queue, running (`started`), and in the failed registries."""
+
+    interactive: int
+    batch: int
+    started: int
+    failed: int
 
 
-def make_store(redis: Redis, settings: Settings) -> Store:
-    return Store(redis, result_ttl=settings.result_ttl, lock_ttl=lock_ttl(settings), late_ttl=settings.late_ttl,
-                 pending_ttl=settings.pending_ttl, conditions=failure_conditions(settings))
+class JobName(str, Enum):
+    """Every job car-backend queues, by the one stable import path RQ stores with it (the worker's entry
+    points, `car_backend.worker.tasks`; tests/test_jobs.py resolves each). A dequeued job naming anything
+    else (queued by an older version) is failed with the reason, never run."""
+
+    SEGMENT = "car_backend.worker.tasks.segment"
+    REVIEW = "car_backend.worker.tasks.review"
+    CALIBRATE = "car_backend.worker.tasks.calibrate"
+    FIT = "car_backend.worker.tasks.fit"
+
+
+JOB_NAMES = frozenset(name.value for name in JobName)
 
 
 def queue_names(settings: Settings) -> tuple[str, str]:
@@ -120,19 +135,20 @@ class CarQueue(Queue):
 
 
 def _readable(job: Job) -> bool:
+    """Whether `job` is one this version runs: JSON data naming one of JOB_NAMES."""
     try:
-        return job.func_name is not None  # deserializes the job's data (function, arguments)
+        return job.func_name in JOB_NAMES  # deserializes the job's data (function, arguments)
     except DeserializationError:
         return False
 
 
 def _fail_unreadable(connection: Redis, job: Job, queue: Queue) -> None:
-    """Fail a dequeued job whose data is not JSON for good: off the intermediate list, into the failed
-    registry (with a failure result saying why), no retries."""
-    reason = ("the job was queued by an older car-backend version (its data is not JSON) and cannot run; "
-              "submit it again")
-    log.error("job %s on queue %s was queued by an older version of car-backend (pickled, not JSON): moved to "
-              "the failed registry; it must be resubmitted (a /predict of its task submits a new job)",
+    """Fail a dequeued job this version cannot run (pickled data, or a function an older version named) for
+    good: off the intermediate list, into the failed registry (with a failure result saying why), no retries."""
+    reason = ("the job was queued by an older car-backend version (its data is not JSON, or it names a function "
+              "this version does not have) and cannot run; submit it again")
+    log.error("job %s on queue %s was queued by an older version of car-backend: moved to the failed registry; "
+              "it must be resubmitted (a /predict of its task submits a new job, a new annotation a new review)",
               job.id, queue.name)
     ttl = job.failure_ttl if job.failure_ttl is not None else FAILURE_TTL
     with connection.pipeline() as pipe:
@@ -151,14 +167,14 @@ def _wait_for_push(connection: Redis, key: str, seconds: float) -> None:
 class JobQueue:
     """Submits jobs (deduplicated by key) and reports on them.
 
-    `redis` is the process's client (passed in), `store` the Store on it. Methods raise RedisError when
+    `redis` is the process's client (passed in), `locks` the JobLocks on it. Methods raise RedisError when
     Redis is unavailable.
     """
 
-    def __init__(self, settings: Settings, redis: Redis, store: Store):
+    def __init__(self, settings: Settings, redis: Redis, locks: JobLocks):
         self.settings = settings
         self.redis = redis
-        self.store = store
+        self.locks = locks
         interactive, batch = queue_names(settings)
         self.interactive = CarQueue(interactive, connection=redis)
         self.batch = CarQueue(batch, connection=redis)
@@ -167,7 +183,7 @@ class JobQueue:
         """(RQ job id, whether a new job was created) for `spec`'s key; an existing live job is reused (and
         promoted to the interactive queue when `interactive` and it is still queued as batch work)."""
         key = spec.key
-        lock = self.store.job_lock_key(key)
+        lock = self.locks.key(key)
         queue = self.interactive if interactive else self.batch
         while True:
             with self.redis.pipeline() as pipe:
@@ -177,15 +193,16 @@ class JobQueue:
                     if current is not None:
                         current = current.decode()
                         status = pipe.hget(Job.key_for(current), "status")
-                        if status is not None and status.decode() in LIVE:
+                        if status is not None and JobStatus(status.decode()) in LIVE:
                             if interactive:
                                 self.promote([current])
                             return current, False
                     job_id = f"car-{key[:24]}-{uuid.uuid4().hex[:8]}"
                     pipe.multi()
-                    pipe.set(lock, job_id, ex=self.store.lock_ttl)
-                    queue.enqueue_call(run_job, args=(spec.to_dict(),), job_id=job_id, description=f"segment {key[:12]}",
-                                       pipeline=pipe, **self._job_options(self.settings.job_timeout))
+                    pipe.set(lock, job_id, ex=self.locks.ttl)
+                    queue.enqueue_call(JobName.SEGMENT.value, args=(spec.to_dict(),), job_id=job_id,
+                                       description=f"segment {key[:12]}", pipeline=pipe,
+                                       **self._job_options(self.settings.job_timeout))
                     pipe.execute()
                     return job_id, True
                 except WatchError:
@@ -204,7 +221,7 @@ class JobQueue:
 
     def _submit_chunk(self, specs: list[JobSpec], interactive: bool) -> list[tuple[str, bool]]:
         keys = [spec.key for spec in specs]
-        locks = [self.store.job_lock_key(k) for k in keys]
+        locks = [self.locks.key(k) for k in keys]
         queue = self.interactive if interactive else self.batch
         options = self._job_options(self.settings.job_timeout)
         for _ in range(SUBMIT_ATTEMPTS):
@@ -213,8 +230,9 @@ class JobQueue:
                     pipe.watch(*locks)
                     current = [c.decode() if c is not None else None for c in pipe.mget(locks)]
                     # Job statuses through the other connection: the WATCH guards the locks, as in `submit`.
-                    statuses = iter(self.statuses([c for c in current if c is not None]))
-                    live = [c is not None and next(statuses) in LIVE for c in current]
+                    named = [c for c in current if c is not None]
+                    status_of = dict(zip(named, self.statuses(named), strict=True))
+                    live = [c is not None and status_of[c] in LIVE for c in current]
                     out = []
                     pipe.multi()
                     for spec, key, lock, job_id, alive in zip(specs, keys, locks, current, live, strict=True):
@@ -222,8 +240,8 @@ class JobQueue:
                             out.append((job_id, False))
                             continue
                         job_id = f"car-{key[:24]}-{uuid.uuid4().hex[:8]}"
-                        pipe.set(lock, job_id, ex=self.store.lock_ttl)
-                        queue.enqueue_call(run_job, args=(spec.to_dict(),), job_id=job_id,
+                        pipe.set(lock, job_id, ex=self.locks.ttl)
+                        queue.enqueue_call(JobName.SEGMENT.value, args=(spec.to_dict(),), job_id=job_id,
                                            description=f"segment {key[:12]}", pipeline=pipe, **options)
                         out.append((job_id, True))
                     pipe.execute()
@@ -249,10 +267,10 @@ class JobQueue:
             log.info("moved %d queued batch job(s) to the interactive queue: a person is waiting for them", moved)
         return moved
 
-    def submit_call(self, func: Callable, args: tuple, description: str, timeout: int | None = None) -> str:
-        """Queue a plain function on the batch queue (review and calibration jobs); its RQ job id.
+    def submit_call(self, name: JobName, args: tuple, description: str, timeout: int | None = None) -> str:
+        """Queue job `name` on the batch queue (review, calibration and training jobs); its RQ job id.
         `args` must be JSON values (dicts, lists, strings, numbers)."""
-        job = self.batch.enqueue_call(func, args=args, description=description,
+        job = self.batch.enqueue_call(name.value, args=args, description=description,
                                       **self._job_options(timeout or self.settings.job_timeout))
         return job.id
 
@@ -261,14 +279,14 @@ class JobQueue:
         return {"timeout": timeout, "result_ttl": RQ_RESULT_TTL, "failure_ttl": FAILURE_TTL,
                 "retry": Retry(max=self.settings.job_retries) if self.settings.job_retries else None}
 
-    def statuses(self, job_ids: list[str]) -> list[str | None]:
-        """RQ status of each job (None when the job is gone)."""
+    def statuses(self, job_ids: list[str]) -> list[JobStatus | None]:
+        """RQ status of each job (None when the job is gone); one Redis round trip."""
         if not job_ids:
             return []
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hget(Job.key_for(job_id), "status")
-            return [s.decode() if s is not None else None for s in pipe.execute()]
+            return [JobStatus(s.decode()) if s is not None else None for s in pipe.execute()]
 
     def failure(self, job_id: str) -> str:
         """The last line of a failed job's error, for logs and pending-entry reasons."""
@@ -281,8 +299,8 @@ class JobQueue:
         text = (getattr(result, "exc_string", None) or "").strip()
         return text.splitlines()[-1] if text else "the job failed"
 
-    def depth(self) -> dict[str, int]:
-        """Jobs waiting per queue, plus the number running."""
+    def depth(self) -> QueueDepth:
+        """Jobs waiting per queue, running, and in the failed registries; one Redis round trip."""
         with self.redis.pipeline(transaction=False) as pipe:
             for queue in (self.interactive, self.batch):
                 pipe.llen(queue.key)
@@ -291,7 +309,7 @@ class JobQueue:
             for queue in (self.interactive, self.batch):
                 pipe.zcard(queue.failed_job_registry.key)
             wi, wb, si, sb, fi, fb = pipe.execute()
-        return {"interactive": wi, "batch": wb, "started": si + sb, "failed": fi + fb}
+        return QueueDepth(interactive=wi, batch=wb, started=si + sb, failed=fi + fb)
 
     def live_workers(self, max_silence_s: float) -> int:
         """Workers on our queues that sent a heartbeat in the last `max_silence_s` seconds."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from car_backend.pipeline.spec import JobResult, JobSpec
 from car_backend.queue.jobqueue import TERMINAL, JobQueue
-from car_backend.queue.store import Store
+from car_backend.queue.results import ResultCache
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,12 @@ class Settled:
 class JobWatch:
     """Jobs submitted for keys, followed until each key has a result or its job is over.
 
-    `queue` and `store` wrap the process's Redis client; every method raises RedisError when it is down.
+    `queue` and `results` wrap the process's Redis client; every method raises RedisError when it is down.
     """
 
-    def __init__(self, queue: JobQueue, store: Store):
+    def __init__(self, queue: JobQueue, results: ResultCache):
         self.queue = queue
-        self.store = store
+        self.results = results
         self.jobs: dict[str, str] = {}  # key -> RQ job id
 
     def submit(self, spec: JobSpec, interactive: bool = False) -> bool:
@@ -61,19 +61,18 @@ class JobWatch:
         no longer followed (their job ids are forgotten), so each failure is looked up and logged once."""
         settled = Settled()
         keys = list(keys)
-        for key, result in zip(keys, self.store.results(keys), strict=True):
+        for key, result in zip(keys, self.results.get_many(keys), strict=True):
             if result is not None:
                 settled.results[key] = result
         followed = [k for k in keys if k not in settled.results and k in self.jobs]
-        statuses = self.queue.statuses([self.jobs[k] for k in followed])
-        ended = [k for k, status in zip(followed, statuses, strict=True) if status is None or status in TERMINAL]
+        status_of = dict(zip(followed, self.queue.statuses([self.jobs[k] for k in followed]), strict=True))
+        ended = [k for k in followed if status_of[k] is None or status_of[k] in TERMINAL]
         # Re-read: a job writes its result before RQ marks it finished.
-        for key, result in zip(ended, self.store.results(ended), strict=True):
+        for key, result in zip(ended, self.results.get_many(ended), strict=True):
             if result is not None:
                 settled.results[key] = result
                 continue
-            status = statuses[followed.index(key)]
-            settled.failed[key] = self.queue.failure(self.jobs[key]) if status else "the job disappeared"
+            settled.failed[key] = self.queue.failure(self.jobs[key]) if status_of[key] else "the job disappeared"
             log.warning("job %s for key %s ended without a result: %s", self.jobs[key], key[:12],
                         settled.failed[key])
         for key in (*settled.results, *settled.failed):

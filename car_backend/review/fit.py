@@ -1,7 +1,7 @@
 """Learning from corrections: train a project's mask head (engine.head) and adopt it only when it is better.
 
-`fit_project` is the RQ job (batch queue, queued by `review.heads.queue_fit` from START_TRAINING at /webhook,
-from CAR_FIT_AFTER corrected tasks, or from `car-backend fit --project ID`):
+`fit_project` is the training job (batch queue, queued by `review.triggers.queue_fit` from START_TRAINING at
+/webhook, from CAR_FIT_AFTER corrected tasks, or from `car-backend fit --project ID`):
 
 1. The project's corrected tasks are split by a hash of their task id: about one in HELD_OUT_EVERY is held
    out, always the same ones, and never trained on.
@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -45,17 +45,16 @@ from car_backend.engine.head import (
 )
 from car_backend.engine.presets import CAM_TEMPLATE
 from car_backend.labelstudio.regions import add_mask, shrink
+from car_backend.pipeline.identity import ProjectId
 from car_backend.pipeline.spec import Run
-from car_backend.queue.jobs import WorkerContext, current_context
 from car_backend.review.agreement import ProjectAgreement, compare
-from car_backend.review.heads import FitStatus, HeadStore
-from car_backend.review.jobs import (
-    CALIBRATION_LOCK_S,
-    calibrate_project,
-    predicted_masks,
-    prepared_corrections,
-)
-from car_backend.review.store import ReviewStore
+from car_backend.review.calibration import predicted_masks, prepared_corrections
+from car_backend.review.runtime import ReviewRuntime
+from car_backend.review.store import FitState, FitStatus, ReviewStore
+from car_backend.review.triggers import queue_calibration
+
+if TYPE_CHECKING:
+    from car_backend.engine.segmenter import PreparedImage, Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ class FitItem:
 
     task: int
     masks: dict[str, np.ndarray]
-    images: list[tuple[tuple[Run, ...], Any]]  # (runs, engine PreparedImage)
+    images: list[tuple[tuple[Run, ...], PreparedImage]]
 
 
 @dataclass
@@ -94,7 +93,7 @@ class Judgement:
         return (self.after.mean_score or 0.0) > (self.before.mean_score or 0.0) + MIN_GAIN
 
 
-def examples_of(segmenter: Any, items: Sequence[FitItem]) -> list[HeadExample]:
+def examples_of(segmenter: Segmenter, items: Sequence[FitItem]) -> list[HeadExample]:
     """Training examples of the items (see the module docstring, step 2)."""
     clip = segmenter.proposal_clip
     examples = []
@@ -120,7 +119,7 @@ def examples_of(segmenter: Any, items: Sequence[FitItem]) -> list[HeadExample]:
     return examples
 
 
-def agreement_of(segmenter: Any, items: Sequence[FitItem], thresholds: dict[str, float],
+def agreement_of(segmenter: Segmenter, items: Sequence[FitItem], thresholds: dict[str, float],
                  head: MaskHead | None) -> ProjectAgreement:
     """How the items' annotations agree with what the engine predicts (with these thresholds and head)."""
     total = ProjectAgreement()
@@ -139,7 +138,7 @@ def mean_iou(agreement: ProjectAgreement) -> float | None:
     return float(np.mean(labels)) if labels else None
 
 
-def judge_head(segmenter: Any, train: Sequence[FitItem], held: Sequence[FitItem], config: HeadConfig,
+def judge_head(segmenter: Segmenter, train: Sequence[FitItem], held: Sequence[FitItem], config: HeadConfig,
                epochs: int, seed: int, seconds: float | None = None, thresholds: dict[str, float] | None = None,
                current: MaskHead | None = None, state: TrainingState | None = None,
                on_epoch: Callable[[TrainingState], None] | None = None) -> Judgement:
@@ -157,90 +156,89 @@ def judge_head(segmenter: Any, train: Sequence[FitItem], held: Sequence[FitItem]
 
 
 # ------------------------------------------------------------------------------------------------ the job
-def fit_project(project: str) -> dict:
-    """The RQ job (see the module docstring). Returns the FitStatus as a dict."""
-    ctx = current_context()
-    heads = HeadStore(ctx.store.redis)
+def fit_project(project: ProjectId, rt: ReviewRuntime) -> FitStatus:
+    """The training job (see the module docstring); the project's FitStatus after it. A failure is recorded
+    in the status and raised; the project's training lock is released either way."""
+    review = rt.review
     try:
-        return _fit(ctx, heads, project)
+        return _fit(rt, project)
     except Exception as exc:
-        status = heads.status(project) or FitStatus()
-        status.state, status.reason, status.updated = "failed", f"{type(exc).__name__}: {exc}"[:300], time.time()
-        heads.put_status(project, status)
+        status = review.fit_status(project) or FitStatus()
+        status.state, status.reason, status.updated = FitState.FAILED, f"{type(exc).__name__}: {exc}"[:300], time.time()
+        review.put_fit_status(project, status)
         raise
     finally:
-        heads.unlock(project)
+        review.unlock_fit(project)
 
 
-def _fit(ctx: WorkerContext, heads: HeadStore, project: str) -> dict:
+def _fit(rt: ReviewRuntime, project: ProjectId) -> FitStatus:
     started = time.monotonic()
-    review = ReviewStore(ctx.store.redis)
-    settings = ctx.settings
-    status = heads.status(project) or FitStatus()
+    review = rt.review
+    settings = rt.settings
+    status = review.fit_status(project) or FitStatus()
     corrections = review.corrections(project)
     status.corrected_tasks = len(corrections)
     train = [c for c in corrections if not held_out(c.task)]
     held = [c for c in corrections if held_out(c.task)]
     status.train_tasks, status.held_out_tasks, status.adopted = len(train), len(held), False
     if len(train) < MIN_TRAIN_TASKS or len(held) < MIN_HELD_OUT_TASKS:
-        return _finish(heads, project, status, "done",
+        return _finish(review, project, status,
                        f"needs {MIN_TRAIN_TASKS} training and {MIN_HELD_OUT_TASKS} held-out corrected tasks, has "
                        f"{len(train)} and {len(held)}")
-    status.state, status.reason, status.updated = "training", "", time.time()
+    status.state, status.reason, status.updated = FitState.TRAINING, "", time.time()
     status.epochs_planned = settings.fit_epochs
-    heads.put_status(project, status)
+    review.put_fit_status(project, status)
 
     def items(corrections: list) -> list[FitItem]:
         return [FitItem(c.task, c.masks, [(spec.runs, image) for spec, image in prepared])
-                for c, prepared in prepared_corrections(ctx, project, corrections, "mask-head training")]
+                for c, prepared in prepared_corrections(rt, project, corrections, "mask-head training")]
 
     train_items, held_items = items(train), items(held)
-    segmenter = ctx.segmenter
+    segmenter = rt.segmenter()
     clip = segmenter.proposal_clip
     config = HeadConfig.for_clip(clip, width=settings.head_width, depth=settings.head_depth)
     calibration = review.calibration(project)
     thresholds = dict(calibration.thresholds) if calibration and calibration.generation > 0 else {}
 
     def checkpoint(state: TrainingState) -> None:
-        heads.put_checkpoint(project, state_to_bytes(state))
+        review.put_checkpoint(project, state_to_bytes(state))
         status.epochs, status.losses = state.epochs, [round(v, 6) for v in state.losses]
         status.updated = time.time()
-        heads.put_status(project, status)
+        review.put_fit_status(project, status)
 
     try:
         judgement = judge_head(segmenter, train_items, held_items, config, settings.fit_epochs, settings.fit_seed,
-                               settings.fit_seconds, thresholds, ctx.head(status.head),
-                               _resumed(heads, project, clip.name, config), checkpoint)
+                               settings.fit_seconds, thresholds, rt.head(status.head),
+                               _resumed(review, project, clip.name, config), checkpoint)
     except ValueError as exc:  # no example: every image failed to load
-        return _finish(heads, project, status, "done", str(exc))
+        return _finish(review, project, status, str(exc))
     state = judgement.state
     if state.epochs >= settings.fit_epochs:
-        heads.drop_checkpoint(project)
+        review.drop_checkpoint(project)
     status.epochs, status.losses = state.epochs, [round(v, 6) for v in state.losses]
     status.seconds_per_epoch = round(judgement.seconds_per_epoch, 4)
     status.seconds = round(time.monotonic() - started, 3)
     status.before, status.after = (_round(judgement.before.mean_score), _round(judgement.after.mean_score))
     status.miou_before, status.miou_after = _round(mean_iou(judgement.before)), _round(mean_iou(judgement.after))
     if not judgement.adopt:
-        return _finish(heads, project, status, "done",
+        return _finish(review, project, status,
                        f"the trained head does not beat the model in use on {len(held_items)} held-out tasks "
                        f"({status.before} -> {status.after}; needs +{MIN_GAIN})")
     head = state.head.cpu()
     head.generation = status.generation + 1
-    status.head = heads.put_head(project, head.generation, head_to_bytes(head))
+    status.head = review.put_head(status, head_to_bytes(head))
     status.generation, status.adopted = head.generation, True
-    result = _finish(heads, project, status, "done", "")
+    _finish(review, project, status, "")
     log.info("project %s: mask head generation %d adopted (held-out agreement %s -> %s, %d epochs)",
              project, head.generation, status.before, status.after, state.epochs)
-    if settings.calibrate_after and review.try_lock_calibration(project, ctx.name, CALIBRATION_LOCK_S):
-        ctx.queue.submit_call(calibrate_project, (project,), description=f"calibrate project {project}",
-                              timeout=max(settings.job_timeout, CALIBRATION_LOCK_S))
-    return result
+    if settings.calibrate_after:
+        queue_calibration(rt.queue, review, project, rt.name, settings)
+    return status
 
 
-def _resumed(heads: HeadStore, project: str, identity: str, config: HeadConfig) -> TrainingState | None:
+def _resumed(review: ReviewStore, project: ProjectId, identity: str, config: HeadConfig) -> TrainingState | None:
     """The stored checkpoint, if it is one for this CLIP and head shape (else it is ignored, with a log line)."""
-    blob = heads.checkpoint(project)
+    blob = review.checkpoint(project)
     if blob is None:
         return None
     try:
@@ -255,12 +253,12 @@ def _resumed(heads: HeadStore, project: str, identity: str, config: HeadConfig) 
     return state
 
 
-def _finish(heads: HeadStore, project: str, status: FitStatus, state: str, reason: str) -> dict:
-    status.state, status.reason, status.updated = state, reason, time.time()
-    heads.put_status(project, status)
+def _finish(review: ReviewStore, project: ProjectId, status: FitStatus, reason: str) -> FitStatus:
+    status.state, status.reason, status.updated = FitState.DONE, reason, time.time()
+    review.put_fit_status(project, status)
     if reason:
         log.info("project %s: mask head not adopted: %s", project, reason)
-    return {"project": project, **status.__dict__}
+    return status
 
 
 def _round(value: float | None) -> float | None:

@@ -1,41 +1,52 @@
-"""The active-learning loop's state in Redis: what we delivered, what annotators corrected, calibrations.
+"""The active-learning state in Redis, one owner for every `car:review:` key (`ReviewStore`).
 
     car:review:<p>:agreement          hash task -> JSON {version, fields}: each corrected task's agreement with
                                       our prediction (agreement.ProjectAgreement fields of that one task); an
                                       updated annotation replaces its task's entry, so nothing counts twice
-    car:review:<p>:corrections        hash task -> JSON Correction (Correction.to_json): what calibration
-                                      re-runs the engine on; plus the field `format` (JSON "json"), set by the
-                                      first write of this version, which then drops the entries an older
-                                      version left (pickles), so that they count for nothing. An entry that
-                                      does not read as a Correction is skipped with a warning
+    car:review:<p>:corrections        hash task -> JSON Correction (Correction.to_json): what calibration and
+                                      training re-run the engine on; plus the field `format` (JSON "json"),
+                                      set by the first write of this version, which then drops the entries an
+                                      older version left (pickles). An entry that does not read as a
+                                      Correction is skipped with a warning
     car:review:<p>:calibration        JSON Calibration: the project's current thresholds
     car:review:<p>:calibrating        lock: a calibration job is queued or running
-    car:review:projects               set of the projects with agreement figures or a calibration (/metrics)
+    car:review:<p>:calibration-progress  JSON CalibrationProgress: the candidates a sliced calibration scored
+    car:review:<p>:fit                JSON FitStatus: the adopted mask head and the last training's figures
+    car:review:<p>:fit:checkpoint     a training checkpoint (engine.head.state_to_bytes) the next one resumes
+    car:review:<p>:fitting            lock: a training is queued or running
+    car:review:head:<sha256>          zlib-compressed safetensors of an adopted mask head, named by the digest
+                                      of its bytes: what `JobSpec.head` references (no key name in it)
+    car:review:projects               set of project keys with review figures (/metrics)
 
-All keys of a project expire PROJECT_TTL_S after their last write, but the calibrating lock, which lives
-CALIBRATION_LOCK_S (review.jobs) at most.
+<p> is a `ProjectId.key` (Label Studio instance, id and creation stamp). Everything expires PROJECT_TTL_S
+after its last write, but the locks and the calibration progress (their own lifetimes).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import zlib
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
 from redis import Redis
 
-from car_backend.pipeline.plain import PlainError
+from car_backend.pipeline.identity import ProjectId
+from car_backend.pipeline.plain import PlainError, from_plain, to_plain
 from car_backend.pipeline.spec import JobSpec
-from car_backend.queue.store import PREFIX, PROJECT_TTL_S
+from car_backend.queue.keys import PROJECT_TTL_S, KeyFamily
 from car_backend.review.agreement import Bounds, ProjectAgreement, TaskAgreement
 
 log = logging.getLogger(__name__)
 
+FIT_LOCK_S = 4 * 3600
+KEPT_GENERATIONS = 2  # jobs queued just before an adoption still find the previous head
 # A field of the corrections hash (task ids are integers): the hash holds only what this version wrote.
 FORMAT_FIELD, FORMAT = "format", '"json"'  # JSON too, like every value in the hash
 
@@ -112,43 +123,121 @@ class Calibration:
         return cls(**json.loads(raw))
 
 
+class FitState(str, Enum):
+    QUEUED = "queued"
+    TRAINING = "training"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class FitStatus:
+    """A project's mask-head state: what is adopted, and how the last training went.
+
+    state: a FitState. generation / head: the adopted head (0 / "" for none; `head` is the sha256 of its
+    bytes, the `JobSpec.head` reference).
+    before / after: mean agreement of the held-out corrected tasks with the model in use and with the
+    trained head (mIoU likewise, over labels); adopted: whether the last training's head was adopted.
+    """
+
+    generation: int = 0
+    head: str = ""
+    state: FitState = FitState.QUEUED
+    reason: str = ""  # why a training was not adopted, or why it failed
+    train_tasks: int = 0
+    held_out_tasks: int = 0
+    epochs: int = 0
+    epochs_planned: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds_per_epoch: float = 0.0
+    seconds: float = 0.0
+    before: float | None = None
+    after: float | None = None
+    miou_before: float | None = None
+    miou_after: float | None = None
+    adopted: bool = False
+    corrected_tasks: int = 0  # corrected tasks the project had when the last training started
+    kept: list[str] = field(default_factory=list)  # digests of the stored heads, oldest first
+    updated: float = 0.0  # unix time of the last write
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> FitStatus:
+        data = json.loads(raw)
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["state"] = FitState(known.get("state", FitState.QUEUED.value))
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class CalibrationProgress:
+    """The candidates a sliced calibration scored so far: the corrected tasks and start thresholds it runs
+    on, the seconds spent, and each scored candidate's agreement fields (JSON of its sorted threshold pairs
+    -> ProjectAgreement fields)."""
+
+    tasks: tuple[int, ...]
+    start: dict[str, float]
+    seconds: float
+    evaluated: dict[str, dict[str, float]]
+
+    def to_json(self) -> str:
+        return json.dumps(to_plain(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> CalibrationProgress:
+        return from_plain(cls, json.loads(raw))
+
+
 class ReviewStore:
     """The active-learning state of every project (see the module docstring); `redis` is passed in.
     Methods raise RedisError when Redis is unavailable."""
 
+    AGREEMENT = KeyFamily("car:review:<p>:agreement", "ReviewStore", "PROJECT_TTL_S after the last write")
+    CORRECTIONS = KeyFamily("car:review:<p>:corrections", "ReviewStore", "PROJECT_TTL_S after the last write")
+    CALIBRATION = KeyFamily("car:review:<p>:calibration", "ReviewStore", "PROJECT_TTL_S")
+    CALIBRATING = KeyFamily("car:review:<p>:calibrating", "ReviewStore",
+                            "CALIBRATION_LOCK_S = 3600 s; deleted when calibration ends")
+    PROGRESS = KeyFamily("car:review:<p>:calibration-progress", "ReviewStore",
+                         "CALIBRATION_LOCK_S; deleted when calibration ends")
+    FIT = KeyFamily("car:review:<p>:fit", "ReviewStore", "PROJECT_TTL_S")
+    CHECKPOINT = KeyFamily("car:review:<p>:fit:checkpoint", "ReviewStore",
+                           "PROJECT_TTL_S; deleted when a training finishes its epochs")
+    FITTING = KeyFamily("car:review:<p>:fitting", "ReviewStore", "FIT_LOCK_S = 4 h; deleted when the training ends")
+    HEAD = KeyFamily("car:review:head:<sha256>", "ReviewStore",
+                     "PROJECT_TTL_S; the KEPT_GENERATIONS latest of a project kept")
+    PROJECTS = KeyFamily("car:review:projects", "ReviewStore", "PROJECT_TTL_S")
+
     def __init__(self, redis: Redis):
         self.redis = redis
 
-    @staticmethod
-    def _key(project: str, what: str) -> str:
-        return f"{PREFIX}:review:{project}:{what}"
-
     # agreement of corrected tasks with our predictions
-    def put_agreement(self, project: str, task: int, version: str, agreement: TaskAgreement) -> None:
+    def put_agreement(self, project: ProjectId, task: int, version: str, agreement: TaskAgreement) -> None:
         single = ProjectAgreement()
         single.add(agreement)
-        key = self._key(project, "agreement")
+        key = self.AGREEMENT.key(project.key)
         with self.redis.pipeline() as pipe:
             pipe.hset(key, str(task), json.dumps({"version": version, "fields": single.to_fields()}))
             pipe.expire(key, PROJECT_TTL_S)
             self._register(pipe, project)
             pipe.execute()
 
-    def agreement(self, project: str) -> dict[str, ProjectAgreement]:
+    def agreement(self, project: ProjectId) -> dict[str, ProjectAgreement]:
         """Per model_version: the sum over the project's corrected tasks predicted with that version."""
         totals: dict[str, dict[str, float]] = {}
-        for raw in self.redis.hvals(self._key(project, "agreement")):
+        for raw in self.redis.hvals(self.AGREEMENT.key(project.key)):
             entry = json.loads(raw)
             fields = totals.setdefault(entry["version"], {})
             for name, value in entry["fields"].items():
                 fields[name] = fields.get(name, 0.0) + value
         return {version: ProjectAgreement.from_fields(fields) for version, fields in totals.items()}
 
-    # corrections (calibration's input)
-    def put_correction(self, project: str, correction: Correction) -> int:
+    # corrections (calibration's and training's input)
+    def put_correction(self, project: ProjectId, correction: Correction) -> int:
         """Store a corrected task; the number of corrected tasks the project now has. The first write of
         this version to a project's hash drops what an older version left there (see the module docstring)."""
-        key = self._key(project, "corrections")
+        key = self.CORRECTIONS.key(project.key)
         with self.redis.pipeline() as pipe:
             pipe.hset(key, str(correction.task), correction.to_json())
             pipe.hsetnx(key, FORMAT_FIELD, FORMAT)
@@ -159,14 +248,14 @@ class ReviewStore:
             count = self._drop_unreadable(project, key)
         return int(count) - 1  # the format field
 
-    def corrections(self, project: str) -> list[Correction]:
+    def corrections(self, project: ProjectId) -> list[Correction]:
         """The project's corrected tasks, by task; entries that do not read as a Correction (pickles left by
         an older version) are skipped, one warning each."""
-        entries = self.redis.hgetall(self._key(project, "corrections"))
+        entries = self.redis.hgetall(self.CORRECTIONS.key(project.key))
         found = [c for task, raw in entries.items() if (c := self._read(project, task, raw, "skipping")) is not None]
         return sorted(found, key=lambda c: c.task)
 
-    def _drop_unreadable(self, project: str, key: str) -> int:
+    def _drop_unreadable(self, project: ProjectId, key: str) -> int:
         """Delete the entries of the corrections hash that do not read as a Correction; its length after."""
         def drop(pipe: Any) -> None:  # re-run by redis-py when another write to the hash comes between
             entries = pipe.hgetall(key)
@@ -180,7 +269,7 @@ class ReviewStore:
         return int(self.redis.transaction(drop, key)[-1])
 
     @staticmethod
-    def _read(project: str, task: bytes, raw: bytes, action: str) -> Correction | None:
+    def _read(project: ProjectId, task: bytes, raw: bytes, action: str) -> Correction | None:
         """The Correction in one hash entry; None, with a warning, for one that is not (the format field
         is neither, silently)."""
         if task == FORMAT_FIELD.encode():
@@ -194,38 +283,100 @@ class ReviewStore:
             return None
 
     # calibrations
-    def calibration(self, project: str) -> Calibration | None:
-        raw = self.redis.get(self._key(project, "calibration"))
+    def calibration(self, project: ProjectId) -> Calibration | None:
+        raw = self.redis.get(self.CALIBRATION.key(project.key))
         return Calibration.from_json(raw) if raw is not None else None
 
-    def put_calibration(self, project: str, calibration: Calibration) -> None:
+    def put_calibration(self, project: ProjectId, calibration: Calibration) -> None:
         with self.redis.pipeline() as pipe:
-            pipe.set(self._key(project, "calibration"), calibration.to_json(), ex=PROJECT_TTL_S)
+            pipe.set(self.CALIBRATION.key(project.key), calibration.to_json(), ex=PROJECT_TTL_S)
             self._register(pipe, project)
             pipe.execute()
 
-    def try_lock_calibration(self, project: str, owner: str, ttl: int) -> bool:
-        return bool(self.redis.set(self._key(project, "calibrating"), owner, nx=True, ex=ttl))
+    def try_lock_calibration(self, project: ProjectId, owner: str, ttl: int) -> bool:
+        return bool(self.redis.set(self.CALIBRATING.key(project.key), owner, nx=True, ex=ttl))
 
-    def unlock_calibration(self, project: str) -> None:
-        self.redis.delete(self._key(project, "calibrating"))
+    def unlock_calibration(self, project: ProjectId) -> None:
+        self.redis.delete(self.CALIBRATING.key(project.key))
 
-    # a calibration's progress between its slices (review.jobs): the candidates scored so far
-    def calibration_progress(self, project: str) -> dict | None:
-        raw = self.redis.get(self._key(project, "calibration-progress"))
-        return json.loads(raw) if raw is not None else None
+    def calibration_locked(self, project: ProjectId) -> bool:
+        return bool(self.redis.exists(self.CALIBRATING.key(project.key)))
 
-    def put_calibration_progress(self, project: str, progress: dict, ttl: int) -> None:
-        self.redis.set(self._key(project, "calibration-progress"), json.dumps(progress), ex=ttl)
+    def calibration_progress(self, project: ProjectId) -> CalibrationProgress | None:
+        raw = self.redis.get(self.PROGRESS.key(project.key))
+        if raw is None:
+            return None
+        try:
+            return CalibrationProgress.from_json(raw)
+        except (ValueError, PlainError):  # written by an older version: start the search over
+            return None
 
-    def clear_calibration_progress(self, project: str) -> None:
-        self.redis.delete(self._key(project, "calibration-progress"))
+    def put_calibration_progress(self, project: ProjectId, progress: CalibrationProgress, ttl: int) -> None:
+        self.redis.set(self.PROGRESS.key(project.key), progress.to_json(), ex=ttl)
 
-    def projects(self) -> list[str]:
+    def clear_calibration_progress(self, project: ProjectId) -> None:
+        self.redis.delete(self.PROGRESS.key(project.key))
+
+    # the mask head: status, checkpoint, lock and adopted weights
+    def fit_status(self, project: ProjectId) -> FitStatus | None:
+        """The project's mask-head status; None before any training was queued (or unreadable)."""
+        raw = self.redis.get(self.FIT.key(project.key))
+        if raw is None:
+            return None
+        try:
+            return FitStatus.from_json(raw)
+        except (ValueError, TypeError):
+            return None
+
+    def put_fit_status(self, project: ProjectId, status: FitStatus) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.set(self.FIT.key(project.key), status.to_json(), ex=PROJECT_TTL_S)
+            self._register(pipe, project)
+            pipe.execute()
+
+    def put_head(self, status: FitStatus, blob: bytes) -> str:
+        """Store an adopted head's weights; their reference (the sha256 of `blob`, for `JobSpec.head`).
+        `status.kept` gains it and loses (deleting their blobs) all but the KEPT_GENERATIONS latest."""
+        digest = hashlib.sha256(blob).hexdigest()
+        kept = [*status.kept, digest][-KEPT_GENERATIONS:]
+        with self.redis.pipeline() as pipe:
+            pipe.set(self.HEAD.key(digest), blob, ex=PROJECT_TTL_S)
+            for old in status.kept:
+                if old not in kept:
+                    pipe.delete(self.HEAD.key(old))
+            pipe.execute()
+        status.kept = kept
+        return digest
+
+    def head_blob(self, reference: str) -> bytes | None:
+        """The weights `reference` (a sha256) names, if they are still stored."""
+        return self.redis.get(self.HEAD.key(reference))
+
+    def checkpoint(self, project: ProjectId) -> bytes | None:
+        return self.redis.get(self.CHECKPOINT.key(project.key))
+
+    def put_checkpoint(self, project: ProjectId, blob: bytes) -> None:
+        self.redis.set(self.CHECKPOINT.key(project.key), blob, ex=PROJECT_TTL_S)
+
+    def drop_checkpoint(self, project: ProjectId) -> None:
+        self.redis.delete(self.CHECKPOINT.key(project.key))
+
+    def try_lock_fit(self, project: ProjectId, owner: str) -> bool:
+        return bool(self.redis.set(self.FITTING.key(project.key), owner, nx=True, ex=FIT_LOCK_S))
+
+    def unlock_fit(self, project: ProjectId) -> None:
+        self.redis.delete(self.FITTING.key(project.key))
+
+    def projects(self) -> list[ProjectId]:
         """Projects with review figures (for /metrics): one set read, not a scan of the keyspace."""
-        return sorted(p.decode() for p in self.redis.smembers(f"{PREFIX}:review:projects"))
+        found = []
+        for raw in self.redis.smembers(self.PROJECTS.key()):
+            try:
+                found.append(ProjectId.from_key(raw.decode()))
+            except ValueError:  # a bare id an older version registered
+                continue
+        return sorted(found)
 
-    @staticmethod
-    def _register(pipe: Any, project: str) -> None:
-        pipe.sadd(f"{PREFIX}:review:projects", project)
-        pipe.expire(f"{PREFIX}:review:projects", PROJECT_TTL_S)
+    def _register(self, pipe: Any, project: ProjectId) -> None:
+        pipe.sadd(self.PROJECTS.key(), project.key)
+        pipe.expire(self.PROJECTS.key(), PROJECT_TTL_S)

@@ -32,7 +32,6 @@ from car_backend.service.backend import Backend
 from car_backend.service.metrics import Metrics
 from car_backend.service.parsing import RequestError, RequestTooLarge
 from car_backend.service.predictor import Predictor
-from car_backend.service.projects import Projects
 from car_backend.service.routes import EXTENSION, Service, blueprint, json_response
 from car_backend.settings import Settings
 
@@ -46,8 +45,8 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
     metrics.watch(backend.snapshot, backend.review_reports)
     service = Service(
         settings=settings, backend=backend, metrics=metrics,
-        projects=Projects(settings, backend.store, backend.review),
-        predictor=Predictor(settings, backend.queue, backend.store, metrics,
+        projects=backend.projects,
+        predictor=Predictor(settings, backend.queue, backend.state, metrics,
                             owner=f"predict:{socket.gethostname()}:{os.getpid()}",
                             workers_available=backend.workers_available),
         default_version=model_version(settings))

@@ -1,9 +1,9 @@
-"""The service's shared pieces for one process: Redis (real or embedded), the stores, the job queue.
+"""The service's shared pieces for one process: Redis (real or embedded), its state, the job queue, projects.
 
 Built once per process and passed to everything that needs them. With REDIS_URL unset, the process also
-starts the embedded worker: a `car-backend worker` child process on the embedded Redis (queue.worker
-.EmbeddedWorkerProcess), so `serve` and `prelabel --project` work alone with the same queue code as a
-deployment with separate workers, and a job holding the GIL never stalls the HTTP threads.
+starts the embedded worker: a `car-backend worker` child process on the embedded Redis
+(service.embedded.EmbeddedWorkerProcess), so `serve` and `prelabel --project` work alone with the same queue
+code as a deployment with separate workers, and a job holding the GIL never stalls the HTTP threads.
 """
 
 from __future__ import annotations
@@ -11,12 +11,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 
 from car_backend.queue.connection import connect
-from car_backend.queue.jobqueue import JobQueue, make_store
-from car_backend.queue.worker import WORKER_TTL_S, EmbeddedWorkerProcess
-from car_backend.review.report import project_report
+from car_backend.queue.jobqueue import MAX_SILENCE_S, JobQueue, QueueDepth
+from car_backend.queue.state import RedisState
+from car_backend.queue.stats import WorkerCounters
+from car_backend.review.report import ProjectReport, project_report
 from car_backend.review.store import ReviewStore
+from car_backend.service.embedded import EmbeddedWorkerProcess
+from car_backend.service.projects import Projects
 from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,10 +29,28 @@ log = logging.getLogger(__name__)
 WORKERS_CACHE_S = 1.0
 
 
-class Backend:
-    """One process's Redis clients, stores and queue, and the embedded worker when REDIS_URL is unset.
+@dataclass(frozen=True)
+class Health:
+    """What /health reports of the queue: depths, live workers, and what is wrong (`warnings`)."""
 
-    `store`, `queue`, `review` use the server client (fast-failing); `health`, `snapshot` and
+    depth: QueueDepth
+    workers: int
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What /metrics reads from Redis at each scrape: queue depths, live workers, worker counters."""
+
+    depth: QueueDepth
+    workers: int
+    counters: WorkerCounters
+
+
+class Backend:
+    """One process's Redis clients, state, queue and projects, and the embedded worker when REDIS_URL is unset.
+
+    `state`, `queue`, `review` and `projects` use the server client (fast-failing); `health`, `snapshot` and
     `review_reports` read through the probe client, which gives up within about half a second (they raise
     RedisError then). Raises RedisError / OSError when the embedded Redis cannot start. `close()` stops the
     embedded worker and Redis.
@@ -39,11 +61,12 @@ class Backend:
         self.connection = connect(settings)
         self.redis = self.connection.redis
         self.probe = self.connection.client("probe")
-        self.store = make_store(self.redis, settings)
-        self.queue = JobQueue(settings, self.redis, self.store)
+        self.state = RedisState.on(self.redis, settings)
+        self.queue = JobQueue(settings, self.redis, self.state.locks)
         self.review = ReviewStore(self.redis)
-        self._probe_store = make_store(self.probe, settings)
-        self._probe_queue = JobQueue(settings, self.probe, self._probe_store)
+        self.projects = Projects(settings, self.state.projects, self.review)
+        self._probe_state = RedisState.on(self.probe, settings)
+        self._probe_queue = JobQueue(settings, self.probe, self._probe_state.locks)
         self._probe_review = ReviewStore(self.probe)
         self._workers_lock = threading.Lock()
         self._workers_seen: tuple[float, int] | None = None
@@ -54,10 +77,9 @@ class Backend:
     def mode(self) -> str:
         return "embedded" if self._embedded is not None else "redis"
 
-    def health(self) -> dict:
-        """What /health reports, in a constant number of Redis calls (whatever the projects or results):
-        {"depth": JobQueue.depth(), "workers": live workers, "warnings": [str, ...]}."""
-        workers = self._probe_queue.live_workers(max_silence_s=WORKER_TTL_S + 5)
+    def health(self) -> Health:
+        """What /health reports, in a constant number of Redis calls (whatever the projects or results)."""
+        workers = self._probe_queue.live_workers(max_silence_s=MAX_SILENCE_S)
         warnings = []
         if self._embedded is not None and not self._embedded.alive():
             warnings.append(f"the embedded worker process exited ({self._embedded.exit_code()}); jobs wait until "
@@ -65,7 +87,7 @@ class Backend:
         elif self._embedded is None and workers == 0:
             warnings.append("no live worker serves the queue: start `car-backend worker` with the same settings; "
                             "/predict answers every task pending until one runs")
-        return {"depth": self._probe_queue.depth(), "workers": workers, "warnings": warnings}
+        return Health(self._probe_queue.depth(), workers, warnings)
 
     def workers_available(self) -> bool:
         """Whether a worker can run jobs now: the embedded process is alive, or (REDIS_URL set) some worker
@@ -77,20 +99,17 @@ class Backend:
             seen = self._workers_seen
         if seen is not None and now - seen[0] < WORKERS_CACHE_S:
             return seen[1] > 0
-        count = self.queue.live_workers(max_silence_s=WORKER_TTL_S + 5)
+        count = self.queue.live_workers(max_silence_s=MAX_SILENCE_S)
         with self._workers_lock:
             self._workers_seen = (now, count)
         return count > 0
 
-    def snapshot(self) -> dict:
-        """Queue depths, live workers and worker statistics, read through the fast-failing probe client."""
-        return {
-            "depth": self._probe_queue.depth(),
-            "workers": self._probe_queue.live_workers(max_silence_s=WORKER_TTL_S + 5),
-            "stats": self._probe_store.stats(),
-        }
+    def snapshot(self) -> Snapshot:
+        """Queue depths, live workers and worker counters, read through the fast-failing probe client."""
+        return Snapshot(self._probe_queue.depth(), self._probe_queue.live_workers(max_silence_s=MAX_SILENCE_S),
+                        self._probe_state.stats.read())
 
-    def review_reports(self) -> list[dict]:
+    def review_reports(self) -> list[ProjectReport]:
         """`car-backend report` of every project with review data (work grows with the corrected tasks:
         /metrics caches it, /health never calls it)."""
         return [project_report(self._probe_review, p) for p in self._probe_review.projects()]

@@ -13,13 +13,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from redis import RedisError
 
-from car_backend.queue.store import DURATION_BUCKETS
-from car_backend.review.jobs import EVENT_OUTCOMES
+from car_backend.queue.stats import DURATION_BUCKETS, CounterFamily, DeliveryOutcome, JobOutcome, TextLookup
+from car_backend.review.report import ProjectReport
+from car_backend.review.webhook import WebhookOutcome
+
+if TYPE_CHECKING:
+    from car_backend.service.backend import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +49,10 @@ class Metrics:
         self.deliveries = Counter("car_predict_deliveries", "Predictions returned by /predict.", registry=r)
         self.redis_errors = Counter("car_redis_errors", "Requests that found Redis unavailable.", registry=r)
 
-    def watch(self, snapshot: Callable[[], dict], review_reports: Callable[[], list[dict]] | None = None) -> None:
-        """Add the Redis-side figures; `snapshot()` returns {"depth", "workers", "stats"} or raises RedisError;
-        `review_reports()` the per-project reports of car_backend.review.report (cached REVIEW_CACHE_S)."""
+    def watch(self, snapshot: Callable[[], Snapshot],
+              review_reports: Callable[[], list[ProjectReport]] | None = None) -> None:
+        """Add the Redis-side figures; `snapshot()` (service.backend.Backend.snapshot) raises RedisError when
+        Redis is down; `review_reports()` the per-project reports of review.report (cached REVIEW_CACHE_S)."""
         self.registry.register(_RedisCollector(snapshot, _CachedReports(review_reports or list)))
 
     def render(self) -> bytes:
@@ -57,13 +63,13 @@ class _CachedReports:
     """`reports()` called at most every REVIEW_CACHE_S seconds, by one caller at a time (the others get the
     previous answer meanwhile; only the first call waits). Raises what `reports()` raises."""
 
-    def __init__(self, reports: Callable[[], list[dict]]):
+    def __init__(self, reports: Callable[[], list[ProjectReport]]):
         self._reports = reports
         self._lock = threading.Lock()
-        self._value: list[dict] | None = None
+        self._value: list[ProjectReport] | None = None
         self._at = float("-inf")
 
-    def get(self) -> list[dict]:
+    def get(self) -> list[ProjectReport]:
         if time.monotonic() - self._at < REVIEW_CACHE_S:
             return self._value or []
         if not self._lock.acquire(blocking=self._value is None):
@@ -78,7 +84,7 @@ class _CachedReports:
 
 
 class _RedisCollector:
-    def __init__(self, snapshot: Callable[[], dict], reports: _CachedReports):
+    def __init__(self, snapshot: Callable[[], Snapshot], reports: _CachedReports):
         self._snapshot = snapshot
         self._reports = reports
 
@@ -98,49 +104,49 @@ class _RedisCollector:
         up.add_metric([], 1)
         yield up
         depth = GaugeMetricFamily("car_queue_depth", "Jobs waiting, per queue.", labels=["queue"])
-        for queue in ("interactive", "batch"):
-            depth.add_metric([queue], snap["depth"][queue])
+        depth.add_metric(["interactive"], snap.depth.interactive)
+        depth.add_metric(["batch"], snap.depth.batch)
         yield depth
-        yield GaugeMetricFamily("car_jobs_running", "Jobs being executed.", value=snap["depth"]["started"])
+        yield GaugeMetricFamily("car_jobs_running", "Jobs being executed.", value=snap.depth.started)
         yield GaugeMetricFamily("car_jobs_failed_registry", "Jobs in RQ's failed registries.",
-                                value=snap["depth"]["failed"])
-        yield GaugeMetricFamily("car_workers", "Workers with a recent heartbeat.", value=snap["workers"])
-        stats = snap["stats"]
+                                value=snap.depth.failed)
+        yield GaugeMetricFamily("car_workers", "Workers with a recent heartbeat.", value=snap.workers)
+        stats = snap.counters
         outcomes = CounterMetricFamily("car_jobs", "Job attempts by outcome (worker side): ok, failed "
                                        "(permanent, e.g. undecodable image), error (transient, retried).",
                                        labels=["outcome"])
-        for outcome in ("ok", "failed", "error"):
-            outcomes.add_metric([outcome], stats.get(f"jobs:{outcome}", 0.0))
+        for outcome in JobOutcome:
+            outcomes.add_metric([outcome.value], stats.get(CounterFamily.JOBS, outcome))
         yield outcomes
         text = CounterMetricFamily("car_text_cache", "Text-embedding lookups in the shared Redis cache (workers).",
                                    labels=["outcome"])
-        for outcome in ("hit", "miss"):
-            text.add_metric([outcome], stats.get(f"text:{outcome}", 0.0))
+        for lookup in TextLookup:
+            text.add_metric([lookup.value], stats.get(CounterFamily.TEXT, lookup))
         yield text
         yield CounterMetricFamily("car_api_deliveries", "Predictions written into Label Studio by workers.",
-                                  value=stats.get("deliveries:api", 0.0))
+                                  value=stats.get(CounterFamily.DELIVERIES, DeliveryOutcome.API))
         webhook = CounterMetricFamily("car_webhook_annotations", "Annotation events by how their review job ended: "
                                       "reviewed (read back from Label Studio and used), or ignored: unknown (no "
                                       "such annotation or project), mismatch, cancelled, config_changed, "
                                       "too_large, unreadable.", labels=["outcome"])
-        for outcome in EVENT_OUTCOMES:
-            webhook.add_metric([outcome], stats.get(f"webhook:{outcome}", 0.0))
+        for event in WebhookOutcome:
+            webhook.add_metric([event.value], stats.get(CounterFamily.WEBHOOK, event))
         yield webhook
-        for outcome, meaning in (("refused", "Late predictions not written: the task read back from Label Studio is "
+        for delivery, meaning in ((DeliveryOutcome.REFUSED, "Late predictions not written: the task read back from Label Studio is "
                                   "of another project or holds another image than the one predicted."),
-                                 ("dropped", "Late predictions not written: refused, task gone or results expired ("
+                                 (DeliveryOutcome.DROPPED, "Late predictions not written: refused, task gone or results expired ("
                                   "given-up ones are counted apart)."),
-                                 ("abandoned", "Late predictions given up after CAR_DELIVERY_WINDOW of failed writes.")):
-            yield CounterMetricFamily(f"car_api_deliveries_{outcome}", meaning,
-                                      value=stats.get(f"deliveries:{outcome}", 0.0))
+                                 (DeliveryOutcome.ABANDONED, "Late predictions given up after CAR_DELIVERY_WINDOW of failed writes.")):
+            yield CounterMetricFamily(f"car_api_deliveries_{delivery.value}", meaning,
+                                      value=stats.get(CounterFamily.DELIVERIES, delivery))
         yield from _review_families(reviews)
-        buckets = [(str(b), stats.get(f"seconds:le:{b}", 0.0)) for b in DURATION_BUCKETS]
-        buckets.append(("+Inf", stats.get("seconds:count", 0.0)))
+        buckets = [(str(b), stats.buckets.get(b, 0.0)) for b in DURATION_BUCKETS]
+        buckets.append(("+Inf", stats.seconds_count))
         yield HistogramMetricFamily("car_job_seconds", "Job durations (fetch + segmentation), worker side.",
-                                    buckets=buckets, sum_value=stats.get("seconds:sum", 0.0))
+                                    buckets=buckets, sum_value=stats.seconds_sum)
 
 
-def _review_families(reports: list[dict]) -> Iterator:
+def _review_families(reports: list[ProjectReport]) -> Iterator:
     """The active-learning figures of `car-backend report`, per project (car_backend.review.report)."""
     tasks = GaugeMetricFamily("car_review_tasks", "Corrected tasks compared with our prediction, per model_version.",
                               labels=["project", "model_version"])
@@ -156,27 +162,26 @@ def _review_families(reports: list[dict]) -> Iterator:
     generation = GaugeMetricFamily("car_calibration_generation", "Calibrations that changed a project's "
                                    "thresholds (its model_version ends in -cal<generation>).", labels=["project"])
     for report in reports:
-        project = report["project"]
-        for entry in report["versions"]:
-            version = entry["model_version"]
-            tasks.add_metric([project, version], entry["tasks"])
-            agreement.add_metric([project, version], entry["mean_agreement"])
-            for row in entry["labels"]:
-                label_iou.add_metric([project, version, row["label"]], row["iou"])
-        calibration = report["calibration"]
+        project = str(report.project)
+        for entry in report.versions:
+            tasks.add_metric([project, entry.model_version], entry.tasks)
+            agreement.add_metric([project, entry.model_version], entry.mean_agreement)
+            for row in entry.labels:
+                label_iou.add_metric([project, entry.model_version, row.label], row.iou)
+        calibration = report.calibration
         if calibration is not None:
-            for name, value in calibration["thresholds"].items():
+            for name, value in calibration.thresholds.items():
                 threshold.add_metric([project, name, "after"], value)
-                threshold.add_metric([project, name, "before"], calibration["previous"].get(name, value))
-            calibrated.add_metric([project, "before"], calibration["before"])
-            calibrated.add_metric([project, "after"], calibration["after"])
-            generation.add_metric([project], calibration["generation"])
+                threshold.add_metric([project, name, "before"], calibration.previous.get(name, value))
+            calibrated.add_metric([project, "before"], calibration.before)
+            calibrated.add_metric([project, "after"], calibration.after)
+            generation.add_metric([project], calibration.generation)
     yield from (tasks, agreement, label_iou, threshold, calibrated, generation)
     yield from _fit_families(reports)
 
 
-def _fit_families(reports: list[dict]) -> Iterator:
-    """The mask-head figures of `car-backend report` (review.heads.FitStatus), per project."""
+def _fit_families(reports: list[ProjectReport]) -> Iterator:
+    """The mask-head figures of `car-backend report` (review.store.FitStatus), per project."""
     fit_generation = GaugeMetricFamily("car_fit_generation", "Adopted mask heads of a project (its model_version "
                                        "ends in -fit<generation>).", labels=["project"])
     fit_agreement = GaugeMetricFamily("car_fit_agreement", "Held-out agreement of the last mask-head training: the "
@@ -187,16 +192,16 @@ def _fit_families(reports: list[dict]) -> Iterator:
     fit_seconds = GaugeMetricFamily("car_fit_seconds_per_epoch", "Seconds per epoch of the last mask-head training.",
                                     labels=["project"])
     for report in reports:
-        fit = report.get("fit")
+        fit = report.fit
         if fit is None:
             continue
-        project = report["project"]
-        fit_generation.add_metric([project], fit["generation"])
-        fit_epochs.add_metric([project], fit["epochs"])
-        fit_seconds.add_metric([project], fit["seconds_per_epoch"])
-        for stage in ("before", "after"):
-            if fit[stage] is not None:
-                fit_agreement.add_metric([project, stage], fit[stage])
-            if fit[f"miou_{stage}"] is not None:
-                fit_miou.add_metric([project, stage], fit[f"miou_{stage}"])
+        project = str(report.project)
+        fit_generation.add_metric([project], fit.generation)
+        fit_epochs.add_metric([project], fit.epochs)
+        fit_seconds.add_metric([project], fit.seconds_per_epoch)
+        for stage, agreement, miou in (("before", fit.before, fit.miou_before), ("after", fit.after, fit.miou_after)):
+            if agreement is not None:
+                fit_agreement.add_metric([project, stage], agreement)
+            if miou is not None:
+                fit_miou.add_metric([project, stage], miou)
     yield from (fit_generation, fit_agreement, fit_miou, fit_epochs, fit_seconds)

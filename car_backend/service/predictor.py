@@ -33,10 +33,12 @@ from redis import RedisError
 from car_backend.labelstudio.interactive import InteractiveRequest, parse_context
 from car_backend.labelstudio.results import failed_entry, pending_entry
 from car_backend.pipeline.compute import task_entry
+from car_backend.pipeline.identity import ProjectId
 from car_backend.pipeline.planning import TaskPlan, plan_task, typed_prompt
 from car_backend.pipeline.spec import JobResult, Project
 from car_backend.queue.jobqueue import JobQueue
-from car_backend.queue.store import LateRecord, Store
+from car_backend.queue.ledger import LateRecord, TaskState
+from car_backend.queue.state import RedisState
 from car_backend.queue.wait import JobWatch
 from car_backend.service.metrics import Metrics
 from car_backend.settings import Settings
@@ -58,16 +60,16 @@ BUSY = ("the server has {n} /predict calls waiting for jobs already (CAR_PREDICT
 class Predictor:
     """Answers /predict calls (see the module docstring); one per server process, shared by its threads.
 
-    `queue`, `store`: the process's job queue and store (one Redis client); `metrics`: where calls are
+    `queue`, `state`: the process's job queue and Redis state (one Redis client); `metrics`: where calls are
     counted; `owner`: written into the delivery claims this process wins; `workers_available()`: whether a
     worker can run jobs now (Backend.workers_available; default: always).
     """
 
-    def __init__(self, settings: Settings, queue: JobQueue, store: Store, metrics: Metrics, owner: str,
+    def __init__(self, settings: Settings, queue: JobQueue, state: RedisState, metrics: Metrics, owner: str,
                  workers_available: Callable[[], bool] | None = None):
         self.settings = settings
         self.queue = queue
-        self.store = store
+        self.state = state
         self.metrics = metrics
         self.owner = owner
         self.can_post_late = settings.can_write_predictions
@@ -90,7 +92,7 @@ class Predictor:
         try:
             not_waited = self._collect(plans, results, errors, started, priority=interactive or len(tasks) == 1)
             entries = self._answer(plans, results, errors, version, stored=not interactive,
-                                   project=project.ls_project, not_waited=not_waited)
+                                   project=project.project, not_waited=not_waited)
         except RedisError as exc:
             log.error("/predict: Redis is unavailable (%s); every unfinished task stays pending", exc)
             self.metrics.redis_errors.inc()
@@ -118,14 +120,14 @@ class Predictor:
         if not specs:
             return None
         keys = list(specs)
-        for key, result in zip(keys, self.store.results(keys), strict=True):
+        for key, result in zip(keys, self.state.results.get_many(keys), strict=True):
             if result is not None:
                 results[key] = result
         self.metrics.cache.labels(outcome="hit").inc(len(results))
         self.metrics.cache.labels(outcome="miss").inc(len(keys) - len(results))
         # Waiting, and queueing too, end early enough to build the answer in time; a short wait still queues.
         deadline = started + self.settings.predict_wait - ANSWER_RESERVE_S - ANSWER_S_PER_TASK * len(plans)
-        watch = JobWatch(self.queue, self.store)
+        watch = JobWatch(self.queue, self.state.results)
         missing = [k for k in keys if k not in results]
         created = watch.submit_many([specs[k] for k in missing], interactive=priority,
                                     deadline=max(deadline, started + QUEUE_AT_LEAST_S))
@@ -151,66 +153,55 @@ class Predictor:
         return None
 
     def _answer(self, plans: list[TaskPlan], results: dict[str, JobResult], errors: dict[str, str],
-                version: str, stored: bool, project: int | None = None, not_waited: str | None = None
+                version: str, stored: bool, project: ProjectId | None = None, not_waited: str | None = None
                 ) -> list[dict]:
-        def finished(plan: TaskPlan) -> bool:
-            return plan.failure is not None or all(k in results for k in plan.keys)
-
-        def pending_failure(plan: TaskPlan) -> str | None:
-            """Why a finished task cannot be answered now: a setting refused it while planning, or a setting or
-            an outage failed one of its jobs."""
-            if plan.pending is not None:
-                return plan.pending
-            found = [results[k].error or "failed" for k in plan.keys if k in results and results[k].pending]
-            return found[0] if found else None
-
-        if stored and self.can_post_late and project is not None:
-            self._register_late([p for p in plans if not finished(p) and p.task_id is not None], version, results,
-                                project)
-        claimed = [p.task_id for p in plans if stored and finished(p) and p.task_id is not None
-                   and pending_failure(p) is None]
-        won = iter(self.store.claim(claimed, version, self.owner))
-        entries, tracked = [], []
-        for plan in plans:
-            blocked = pending_failure(plan) if finished(plan) else None
-            if not finished(plan):
+        """One entry per plan. Stored calls with a project go through the delivery ledger: unfinished tasks
+        are registered for a late write, finished ones are answered only where this call wins the claim."""
+        ledgered = stored and project is not None
+        if ledgered and self.can_post_late:
+            self._register_late([p for p in plans if not _finished(p, results) and p.task_id is not None],
+                                version, results, project)
+        answers: dict[int, tuple[dict, TaskState, str]] = {}  # plan index -> (entry, state, reason)
+        entries: list[dict | None] = []
+        for index, plan in enumerate(plans):
+            blocked = _pending_failure(plan, results) if _finished(plan, results) else None
+            if not _finished(plan, results):
                 entries.append(pending_entry(version, self._pending_reason(plan, errors, not_waited)))
             elif blocked is not None:
                 self.pending_failures.note(blocked)
-                tracked.append((plan, "pending", blocked))
                 entries.append(pending_entry(version, f"not predicted for a reason a setting or an outage can "
                                                       f"change (asked again, it is tried again): {blocked}"))
-            elif stored and plan.task_id is not None and not next(won):
-                entries.append(pending_entry(version, "this task's prediction was already delivered"))
-            elif plan.failure is not None:
-                tracked.append((plan, "empty", plan.failure))
-                entries.append(failed_entry(version, plan.failure))
+                if ledgered and plan.task_id is not None:
+                    self.state.ledger.settle(project, [(plan.task_id, version, plan.keys, TaskState.PENDING, blocked)])
             else:
-                entries.append(task_entry([results[k] for k in plan.keys], version))
-                tracked.append((plan, "delivered" if entries[-1]["result"] else "empty",
-                                "" if entries[-1]["result"] else entries[-1].get("error", "")))
+                entry = failed_entry(version, plan.failure) if plan.failure is not None else \
+                    task_entry([results[k] for k in plan.keys], version)
+                state = TaskState.DELIVERED if entry["result"] else TaskState.EMPTY
+                answers[index] = (entry, state, "" if entry["result"] else entry.get("error", ""))
+                entries.append(None if ledgered and plan.task_id is not None else entry)
+        claimed = [i for i in answers if entries[i] is None]
+        won = self.state.ledger.answer(project, [(plans[i].task_id, version, plans[i].keys, answers[i][1],
+                                                  answers[i][2]) for i in claimed], self.owner) if claimed else []
+        for index, ok in zip(claimed, won, strict=True):
+            entries[index] = answers[index][0] if ok else \
+                pending_entry(version, "this task's prediction was already delivered")
         delivered = sum(1 for e in entries if "result" in e)
         if delivered:
             self.metrics.deliveries.inc(delivered)
-        self.store.record_delivered([(p.task_id, version, p.keys) for p, e in zip(plans, entries, strict=True)
-                                      if stored and p.task_id is not None and p.specs and "result" in e])
-        if stored and project is not None:
-            self.store.track(project, [(p.task_id, version, p.keys, state, reason) for p, state, reason in tracked
-                                       if p.task_id is not None])
         return entries
 
     def _register_late(self, plans: list[TaskPlan], version: str, results: dict[str, JobResult],
-                       project: int) -> None:
+                       project: ProjectId) -> None:
         """Have the workers write these tasks through the API when their jobs finish."""
         if not plans:
             return
-        self.store.add_late([LateRecord(p.task_id, version, tuple(p.keys), project,
-                                        tuple(dict.fromkeys(spec.image for spec in p.specs))) for p in plans])
-        self.store.track(project, [(p.task_id, version, p.keys, "late", "") for p in plans])
+        self.state.ledger.register_late([LateRecord(p.task_id, version, tuple(p.keys), project,
+                                                    tuple(dict.fromkeys(spec.image for spec in p.specs)))
+                                         for p in plans])
         # A job may have finished between the last look and the registration, its worker missing the
         # record: look once more, and deliver here what finished (the claim settles who delivers).
         keys = list(dict.fromkeys(k for p in plans for k in p.keys if k not in results))
-        for key, result in zip(keys, self.store.results(keys), strict=True):
+        for key, result in zip(keys, self.state.results.get_many(keys), strict=True):
             if result is not None:
                 results[key] = result
 
@@ -227,9 +218,30 @@ class Predictor:
         return "still running; ask again later"
 
 
+def _finished(plan: TaskPlan, results: dict[str, JobResult]) -> bool:
+    return plan.failure is not None or all(k in results for k in plan.keys)
+
+
+def _pending_failure(plan: TaskPlan, results: dict[str, JobResult]) -> str | None:
+    """Why a finished task cannot be answered now: a setting refused it while planning, or a setting or an
+    outage failed one of its jobs."""
+    if plan.pending is not None:
+        return plan.pending
+    found = [results[k].error or "failed" for k in plan.keys if k in results and results[k].pending]
+    return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class PendingCount:
+    """Entries answered pending because a setting or an outage failed their job, and the last reason."""
+
+    count: int
+    last_reason: str
+
+
 @dataclass
 class PendingFailures:
-    """Entries answered pending because a setting or an outage failed their job (shown by /health)."""
+    """The running count of such entries in this process (shown by /health)."""
 
     count: int = 0
     last_reason: str = ""
@@ -240,9 +252,9 @@ class PendingFailures:
             self.count += 1
             self.last_reason = reason[:300]
 
-    def to_dict(self) -> dict:
+    def snapshot(self) -> PendingCount:
         with self._lock:
-            return {"count": self.count, "last_reason": self.last_reason}
+            return PendingCount(self.count, self.last_reason)
 
 
 def _entry_kind(entry: dict) -> str:

@@ -36,14 +36,13 @@ from car_backend.labelstudio.config import LabelConfigError, parse_label_config
 from car_backend.labelstudio.media import MediaError, MediaFetcher
 from car_backend.labelstudio.results import failed_entry
 from car_backend.pipeline.compute import restrict, segment_run, task_score
-from car_backend.pipeline.planning import plan_task
+from car_backend.pipeline.planning import TaskPlan, plan_task
 from car_backend.pipeline.spec import Project
 from car_backend.pipeline.versions import model_version
 from car_backend.queue.delivery import Deliverer
-from car_backend.queue.store import LateRecord
+from car_backend.queue.ledger import CLAIMED, LateRecord, TaskState
 from car_backend.queue.wait import JobWatch
 from car_backend.service.backend import Backend
-from car_backend.service.projects import Projects
 from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,7 +87,8 @@ def prelabel_project(project_id: int, settings: Settings) -> int:
     started = time.monotonic()
     client = LabelStudioClient(settings, settings.ls_timeout)
     try:
-        label_config = client.project(project_id)["label_config"]
+        info = client.project(project_id)
+        label_config = info["label_config"]
         ml_backends = client.ml_backends(project_id)
         extra_params = ml_backends[0].get("extra_params") if ml_backends else None
         backend = Backend(settings)
@@ -96,7 +96,9 @@ def prelabel_project(project_id: int, settings: Settings) -> int:
         print(f"car-backend prelabel: cannot read project {project_id}: {exc}", file=sys.stderr)
         return 1
     try:
-        project = Projects(settings, backend.store, backend.review).setup(project_id, label_config, extra_params)
+        pid = backend.projects.identify_api(info)
+        project = backend.projects.setup(f"{pid.id}.{pid.created}" if pid.created is not None else pid.id,
+                                         label_config, extra_params)
         tasks = list(client.tasks(project_id))
         todo = [t for t in tasks if project.version not in prediction_versions(t)]
         log.info("project %s: %d tasks, %d without a %s prediction", project_id, len(tasks), len(todo),
@@ -118,24 +120,29 @@ class ProjectRun:
     """The tasks of one `prelabel --project` run, followed until each is written or has failed.
 
     Finished tasks go through the project's outbox like every late write (queue.delivery: claims, read-back,
-    bulk import, retries), written by this process as well as by the workers.
+    bulk import, retries), written by this process as well as by the workers; where each task stands is read
+    from the delivery ledger (one call per look, whatever the number of tasks).
     """
 
     def __init__(self, tasks: list[dict], project: Project, settings: Settings, backend: Backend,
                  client: LabelStudioClient):
+        if project.project is None:
+            raise ValueError("prelabel needs the project's identity")
         self.version = project.version
-        self.project_id = project.ls_project
+        self.project = project.project
         self.backend = backend
-        self.store, self.queue, self.client = backend.store, backend.queue, client
+        self.state, self.queue, self.client = backend.state, backend.queue, client
+        self.ledger = self.state.ledger
         self.owner = f"prelabel:{socket.gethostname()}:{os.getpid()}"
-        self.deliverer = Deliverer(self.store, client, settings, owner=self.owner)
+        self.deliverer = Deliverer(self.ledger, self.state.results, self.state.stats, client, settings,
+                                   owner=self.owner)
         self.plans = [plan_task(task, project, settings) for task in tasks if isinstance(task.get("id"), int)]
         self.open = {p.task_id: p for p in self.plans if p.failure is None and p.pending is None}
-        self.records = {tid: LateRecord(tid, self.version, tuple(p.keys), self.project_id,
+        self.records = {tid: LateRecord(tid, self.version, tuple(p.keys), self.project,
                                         tuple(dict.fromkeys(s.image for s in p.specs)))
                         for tid, p in self.open.items()}
         self.specs = {spec.key: spec for p in self.open.values() for spec in p.specs}
-        self.watch = JobWatch(self.queue, self.store)
+        self.watch = JobWatch(self.queue, self.state.results)
         self.progress = Progress()
 
     def run(self) -> Progress:
@@ -147,8 +154,7 @@ class ProjectRun:
             elif plan.pending is not None:  # a setting refuses it: nothing is written, a later run predicts it
                 log.warning("task %s: not predicted: %s", plan.task_id, plan.pending)
                 self.progress.failed += 1
-        self.store.add_late(self.records.values())
-        self.store.track(self.project_id, [(r.task, r.version, r.keys, "late", "") for r in self.records.values()])
+        self.ledger.register_late(list(self.records.values()))
         bar = tqdm(total=len(self.plans), initial=self.progress.finished, unit="task", desc="prelabel",
                    file=sys.stderr)
         heard_from_workers = time.monotonic()
@@ -159,7 +165,7 @@ class ProjectRun:
                 bar.set_postfix(done=self.progress.delivered, failed=self.progress.failed, remaining=len(self.open))
                 if not self.open:
                     break
-                if self.backend.snapshot()["workers"] > 0:
+                if self.backend.snapshot().workers > 0:
                     heard_from_workers = time.monotonic()
                 elif time.monotonic() - heard_from_workers > NO_WORKER_WARNING_S:
                     tqdm.write("no live worker is serving the queue: start `car-backend worker`", file=sys.stderr)
@@ -169,61 +175,67 @@ class ProjectRun:
             bar.close()
         return self.progress
 
-    def _write_empty(self, plan) -> bool:
+    def _write_empty(self, plan: TaskPlan) -> bool:
         """The empty prediction of a task that has nothing to predict, if this run wins its claim."""
-        if not self.store.claim([plan.task_id], self.version, self.owner)[0]:
+        reason = plan.failure or ""
+        if not self.ledger.answer(self.project, [(plan.task_id, self.version, (), TaskState.EMPTY, reason)],
+                                  self.owner)[0]:
             return True  # delivered by someone else
-        entry = failed_entry(self.version, plan.failure)
         try:
-            self.client.create_prediction(plan.task_id, entry)
+            self.client.create_prediction(plan.task_id, failed_entry(self.version, reason))
         except LabelStudioAPIError as exc:
-            self.store.release_claim(plan.task_id, self.version, self.owner)
+            self.ledger.settle(self.project, [(plan.task_id, self.version, (), TaskState.DROPPED,
+                                               f"could not write its empty prediction: {exc}")], self.owner)
             log.warning("task %s: could not write its empty prediction: %s", plan.task_id, exc)
             self.progress.failed += 1
             return False
-        self.store.track(self.project_id, [(plan.task_id, self.version, (), "empty", plan.failure)])
         return True
 
     def _look(self) -> None:
         """Count what got written, stage what is ready, submit what is missing, give up on dead jobs."""
-        task_ids = list(self.open)
-        tracked = self.store.tracked(self.project_id)
-        staged = False
-        for task_id, state in zip(task_ids, self.store.delivery_states(task_ids, self.version), strict=True):
-            plan = self.open[task_id]
-            results = self.store.results(plan.keys)
-            finished = all(r is not None for r in results)
-            note = tracked.get(task_id, {})
-            if state == "delivered":
+        entries = self.ledger.state_of(self.project, list(self.open))
+        keys = list(dict.fromkeys(k for p in self.open.values() for k in p.keys))
+        results = dict(zip(keys, self.state.results.get_many(keys), strict=True))
+        ready = []
+        for task_id, plan in list(self.open.items()):
+            entry = entries.get(task_id)
+            found = [results[k] for k in plan.keys]
+            finished = all(r is not None for r in found)
+            state = entry.state if entry is not None and entry.version == self.version else None
+            if state is not None and state.delivered:
                 self.progress.delivered += 1
-                self.progress.empty += finished and not any(r.ok for r in results)
+                self.progress.empty += finished and not any(r.ok for r in found)
                 del self.open[task_id]
-            elif note.get("state") in ("dropped", "pending") and note.get("version") == self.version:
-                log.warning("task %s: not written: %s", task_id, note.get("reason"))
+            elif state in (TaskState.DROPPED, TaskState.PENDING):
+                log.warning("task %s: not written: %s", task_id, entry.reason)
                 self.progress.failed += 1
-                self.store.outbox_done([self.records[task_id]])
+                self.ledger.done([self.records[task_id]])
                 del self.open[task_id]
-            elif finished and state is None:
+            elif finished and state in (None, TaskState.LATE):
                 # Cached before this run, or its job ended before the late record was there: stage it here.
-                self.store.outbox_put([self.records[task_id]], due=time.time())
-                staged = True
+                ready.append(self.records[task_id])
             elif not finished:
-                for key, result in zip(plan.keys, results, strict=True):
+                for key, result in zip(plan.keys, found, strict=True):
                     if result is None and key not in self.watch.jobs:
                         self.watch.submit(self.specs[key])
-        if staged or self.store.outbox_size(self.project_id):
-            self.deliverer.deliver_due(projects=[self.project_id])
+        if ready:
+            self.ledger.stage(ready, due=time.time())
+        if ready or self.ledger.outbox_size(self.project):
+            self.deliverer.deliver_due(projects=[self.project])
         self._drop_failed()
 
     def _drop_failed(self) -> None:
         dead = self.watch.poll(list(self.watch.jobs)).failed
-        for task_id in [t for t, p in self.open.items() if dead.keys() & set(p.keys)]:
-            if self.store.delivery_states([task_id], self.version)[0] is not None:
+        failed = [t for t, p in self.open.items() if dead.keys() & set(p.keys)]
+        entries = self.ledger.state_of(self.project, failed)
+        for task_id in failed:
+            entry = entries.get(task_id)
+            if entry is not None and entry.version == self.version and entry.state in CLAIMED:
                 continue  # written meanwhile (a /predict computed it again); counted on the next look
             reasons = "; ".join(dead[k] for k in self.open[task_id].keys if k in dead)
             log.warning("task %s: its job failed: %s", task_id, reasons)
             self.progress.failed += 1
-            self.store.outbox_done([self.records[task_id]])
+            self.ledger.done([self.records[task_id]])
             del self.open[task_id]
 
 

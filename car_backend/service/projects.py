@@ -1,9 +1,13 @@
-"""Per-project state of the server: the parsed label config, calibrated thresholds, the model_version.
+"""Per-project state of the server: the project's identity, the parsed label config, calibrated thresholds,
+the adopted mask head and the model_version.
 
-The model version is computed from settings, the project's overrides and its calibration only, never from
-loaded models, so /setup answers within milliseconds and /setup and /predict always agree. /predict does
-not carry `extra_params` (only /setup does), so the server remembers them per project, in memory and in
-Redis. A calibration (car_backend.review.jobs) is read from Redis at most every few seconds per project.
+A project is a `ProjectId`: this deployment's Label Studio (LABEL_STUDIO_URL), Label Studio's id and the
+project's creation stamp (from "<id>.<created>" on the wire, `created_at` in webhook payloads; a caller that
+gives the bare id gets the stamp last seen with it). The model version is computed from settings, the
+project's overrides, its calibration and its mask head only, never from loaded models, so /setup answers
+within milliseconds and /setup and /predict always agree. /predict does not carry `extra_params` (only
+/setup does), so the server remembers them per project, in memory and in Redis. A calibration
+(review.calibration) and a mask head (review.fit) are read from Redis at most every few seconds per project.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ from typing import Any
 from redis import RedisError
 
 from car_backend.labelstudio.config import config_hash, parse_label_config
+from car_backend.pipeline.identity import ProjectId, instance_of
 from car_backend.pipeline.spec import Project
-from car_backend.pipeline.versions import model_version, project_id
-from car_backend.queue.store import Store
-from car_backend.review.heads import FitStatus, HeadStore
-from car_backend.review.store import Calibration, ReviewStore
+from car_backend.pipeline.versions import model_version
+from car_backend.queue.projects import ProjectRegistry
+from car_backend.review.store import Calibration, FitStatus, ReviewStore
 from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,41 +39,68 @@ class Projects:
     """The server's per-project cache: parsed configs (by config hash and calibration), the extra_params
     of each project's /setup, and calibrations (re-read every CALIBRATION_REFRESH_S).
 
-    `store` and `review` wrap the process's one Redis client. `setup`/`for_predict` raise LabelConfigError
+    `registry` and `review` wrap the process's one Redis client. `setup`/`for_predict` raise LabelConfigError
     for a config that cannot be used; Redis errors are logged and fall back to what is cached.
     """
 
-    def __init__(self, settings: Settings, store: Store, review: ReviewStore | None = None):
+    def __init__(self, settings: Settings, registry: ProjectRegistry, review: ReviewStore):
         self.settings = settings
-        self.store = store
+        self.instance = instance_of(settings.label_studio_url)
+        self.registry = registry
+        self.review = review
         self._lock = threading.Lock()
         self._parsed: OrderedDict[tuple, Project] = OrderedDict()
-        self._params: dict[str, Any] = {}
-        self._calibrations: dict[str, tuple[float, Calibration | None]] = {}
-        self.review = review or ReviewStore(store.redis)
-        self.heads = HeadStore(store.redis)
-        self._fits: dict[str, tuple[float, FitStatus | None]] = {}
+        self._params: dict[ProjectId, Any] = {}
+        self._calibrations: dict[ProjectId, tuple[float, Calibration | None]] = {}
+        self._fits: dict[ProjectId, tuple[float, FitStatus | None]] = {}
+
+    def identify(self, raw: Any) -> ProjectId | None:
+        """The project a /setup or /predict `project` field names ("<id>.<created>" or a bare id); None for no
+        project. A bare id gets the creation stamp last seen with it; a stamped one is remembered."""
+        return self._known(ProjectId.from_wire(raw, self.instance))
+
+    def identify_api(self, project: dict) -> ProjectId | None:
+        """The project a Label Studio project object (API, webhook payload) describes; None without an id."""
+        return self._known(ProjectId.from_api(project, self.instance))
+
+    def by_id(self, project: int) -> ProjectId:
+        """The project Label Studio calls `project` now (`/status?project=ID`, command lines)."""
+        return self._known(ProjectId(self.instance, project))
+
+    def _known(self, pid: ProjectId | None) -> ProjectId | None:
+        if pid is None:
+            return None
+        try:
+            if pid.created is None:
+                return self.registry.resolve(pid)
+            self.registry.seen(pid)
+        except RedisError as exc:
+            log.warning("could not look up project %s's creation stamp in Redis: %s", pid, exc)
+        return pid
 
     def setup(self, project: Any, label_config: str, extra_params: Any) -> Project:
         """Parse (or reuse) the config of a /setup call and remember its extra_params for /predict."""
-        pid = project_id(project)
+        pid = self.identify(project)
         parsed = self._parse(label_config, extra_params, self._calibration(pid), self._fit(pid))
         if pid is not None:
             with self._lock:
                 self._params[pid] = extra_params
             try:
-                self.store.save_project_params(pid, extra_params)
+                self.registry.save_params(pid, extra_params)
             except RedisError as exc:
                 log.warning("could not keep project %s's extra_params in Redis: %s", pid, exc)
-        return _with_id(parsed, pid)
+        return replace(parsed, project=pid)
 
     def for_predict(self, project: Any, label_config: str) -> Project:
         """The config of a /predict call, with the extra_params its project's /setup sent."""
-        pid = project_id(project)
-        return _with_id(self._parse(label_config, self._extra_params(pid), self._calibration(pid), self._fit(pid)),
-                        pid)
+        return self.for_project(self.identify(project), label_config)
 
-    def _calibration(self, pid: str | None) -> Calibration | None:
+    def for_project(self, pid: ProjectId | None, label_config: str) -> Project:
+        """The config of project `pid`, with the extra_params its /setup sent."""
+        return replace(self._parse(label_config, self._extra_params(pid), self._calibration(pid), self._fit(pid)),
+                       project=pid)
+
+    def _calibration(self, pid: ProjectId | None) -> Calibration | None:
         if pid is None:
             return None
         now = time.monotonic()
@@ -86,7 +117,7 @@ class Projects:
             self._calibrations[pid] = (now, calibration)
         return calibration
 
-    def _fit(self, pid: str | None) -> FitStatus | None:
+    def _fit(self, pid: ProjectId | None) -> FitStatus | None:
         """The project's mask-head status (review.heads), re-read like the calibration."""
         if pid is None:
             return None
@@ -96,7 +127,7 @@ class Projects:
         if cached is not None and now - cached[0] < CALIBRATION_REFRESH_S:
             return cached[1]
         try:
-            status = self.heads.status(pid)
+            status = self.review.fit_status(pid)
         except RedisError as exc:
             log.warning("could not read project %s's mask head from Redis: %s", pid, exc)
             return cached[1] if cached else None
@@ -104,14 +135,14 @@ class Projects:
             self._fits[pid] = (now, status)
         return status
 
-    def _extra_params(self, pid: str | None) -> Any:
+    def _extra_params(self, pid: ProjectId | None) -> Any:
         if pid is None:
             return None
         with self._lock:
             if pid in self._params:
                 return self._params[pid]
         try:
-            params = self.store.project_params(pid)
+            params = self.registry.params(pid)
         except RedisError as exc:
             log.warning("could not read project %s's extra_params from Redis: %s", pid, exc)
             return None
@@ -142,7 +173,3 @@ class Projects:
                 self._parsed.popitem(last=False)
         return project
 
-
-def _with_id(project: Project, pid: str | None) -> Project:
-    """`project` with Label Studio's project id, when `pid` is one (late writes are checked against it)."""
-    return replace(project, ls_project=int(pid)) if pid is not None and pid.isdigit() else project

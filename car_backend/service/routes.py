@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -12,9 +12,9 @@ from redis import RedisError
 
 from car_backend.labelstudio.config import LabelConfigError
 from car_backend.pipeline.planning import output_targets
-from car_backend.pipeline.versions import project_id
-from car_backend.review.heads import queue_fit
-from car_backend.review.jobs import REVIEWED_ACTIONS, annotation_event, fit_timeout, review_annotation
+from car_backend.queue.jobqueue import JobName
+from car_backend.review.triggers import queue_fit
+from car_backend.review.webhook import REVIEWED_ACTIONS, annotation_event, parse_event
 from car_backend.service.backend import Backend
 from car_backend.service.metrics import Metrics
 from car_backend.service.parsing import RequestError, predict_request, setup_request, webhook_body
@@ -75,11 +75,12 @@ def health() -> Response:
         body.update(status="DEGRADED", redis="down", detail=detail)
         body["warnings"].append(detail)
     else:
-        body.update(redis="ok", queue={"name": service.settings.queue, **state["depth"]}, workers=state["workers"])
-        body["warnings"].extend(state["warnings"])
-        if state["warnings"]:
+        body.update(redis="ok", queue={"name": service.settings.queue, **asdict(state.depth)},
+                    workers=state.workers)
+        body["warnings"].extend(state.warnings)
+        if state.warnings:
             body["status"] = "DEGRADED"
-    body["pending_failures"] = service.predictor.pending_failures.to_dict()  # answered pending: a setting or outage
+    body["pending_failures"] = asdict(service.predictor.pending_failures.snapshot())  # answered pending: a setting or outage
     return json_response(body)
 
 
@@ -126,14 +127,16 @@ def webhook() -> Response:
         return json_response({"status": "ignored", "action": action,
                               "detail": "CaR needs no training; only annotation events are used (to calibrate)"})
     try:
-        event = annotation_event(body, service.projects, service.settings)
+        ids = parse_event(body, service.settings)
+        if isinstance(ids, str):
+            return json_response({"status": "ignored", "action": action, "detail": ids})
+        project = service.projects.for_project(service.projects.identify_api(ids.project), ids.label_config)
+        event = annotation_event(ids, project, service.settings)
     except ValueError as exc:
         raise RequestError(str(exc)) from exc
     except LabelConfigError as exc:
         raise RequestError(f"the project's label config cannot be used: {exc}") from exc
-    if isinstance(event, str):
-        return json_response({"status": "ignored", "action": action, "detail": event})
-    job = service.backend.queue.submit_call(review_annotation, (event.to_dict(),),
+    job = service.backend.queue.submit_call(JobName.REVIEW, (event.to_dict(),),
                                             description=f"review task {event.task} of project {event.project}")
     return json_response({"status": "queued", "action": action, "job": job})
 
@@ -145,14 +148,14 @@ def _start_training(service: Service, body: dict) -> Response:
     """"Start Training" (or N annotations): queue a training of the project's mask head from the corrected
     tasks the review store already holds (nothing is read from the payload but the project id)."""
     project = body.get("project")
-    pid = project_id(project.get("id") if isinstance(project, dict) else project)
+    pid = service.projects.identify_api(project) if isinstance(project, dict) else service.projects.identify(project)
     if pid is None:
         raise RequestError("START_TRAINING needs a 'project' object with an 'id'")
-    job = queue_fit(service.backend.queue, service.backend.redis, pid, "webhook", fit_timeout(service.settings))
+    job = queue_fit(service.backend.queue, service.backend.review, pid, "webhook", service.settings)
     status = "queued" if job is not None else "already training"
     log.info("/webhook: START_TRAINING for project %s: %s", pid, status)
     # not "job": Label Studio would record a TrainJob it never follows
-    return json_response({"status": status, "action": TRAINING_ACTION, "project": pid, "fit_job": job})
+    return json_response({"status": status, "action": TRAINING_ACTION, "project": str(pid), "fit_job": job})
 
 
 @blueprint.get("/versions")
@@ -174,4 +177,6 @@ def status() -> Response:
         task = int(request.args["task"]) if "task" in request.args else None
     except ValueError:
         raise RequestError("/status needs ?project=<Label Studio project id> (and optionally &task=<id>)") from None
-    return json_response(project_status(service.backend.store, service.backend.queue, project, task))
+    backend = service.backend
+    progress = project_status(backend.state, backend.queue, backend.review, service.projects.by_id(project), task)
+    return json_response(progress.to_dict())

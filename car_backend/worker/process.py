@@ -18,8 +18,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -29,9 +27,10 @@ from rq.exceptions import StopRequested
 from rq.worker import SimpleWorker, WorkerStatus
 
 from car_backend.queue.connection import redis_client
-from car_backend.queue.jobqueue import SERIALIZER, CarQueue, JobQueue, make_store, queue_names
-from car_backend.queue.jobs import WorkerContext, deliver_due, install
+from car_backend.queue.jobqueue import SERIALIZER, WORKER_TTL_S, CarQueue, queue_names
 from car_backend.settings import Settings
+from car_backend.worker.context import WorkerContext
+from car_backend.worker.tasks import deliver_due, install
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,6 @@ HEARTBEAT_INTERVAL_S = 3
 # thread into a false "abandoned": that would run the job twice (never deliver twice: claims decide).
 HEARTBEAT_TTL_S = 30
 MAINTENANCE_INTERVAL_S = 5
-WORKER_TTL_S = 20  # an idle worker's registration lives this long between heartbeats (RQ adds 60 s)
 RESTART_DELAY_S = 2.0
 PARENT_POLL_S = 1.0  # an embedded worker looks this often whether its server still runs
 PARENT_GONE_GRACE_S = 10.0  # then lets its job finish this long at most
@@ -98,58 +96,6 @@ def make_worker(cls: type[CarWorker], settings: Settings, redis: Redis, name: st
                maintenance_interval=MAINTENANCE_INTERVAL_S, job_monitoring_interval=HEARTBEAT_INTERVAL_S)
 
 
-def worker_context(settings: Settings, redis: Redis, name: str) -> WorkerContext:
-    """The one WorkerContext of a worker process, on its one Redis client."""
-    store = make_store(redis, settings)
-    return WorkerContext(settings, store, JobQueue(settings, redis, store), name=name)
-
-
-class EmbeddedWorkerProcess:
-    """The embedded worker of `serve` and `prelabel --project` without REDIS_URL: a `car-backend worker`
-    child process (the same code path as a deployment's workers) on the embedded Redis at `redis_url`.
-
-    A job holding the GIL (dense CRF on a large image) runs in that process, so it cannot stall the HTTP
-    threads. The child dies with this process: `stop()` warm-stops it (SIGTERM, then SIGKILL after
-    `timeout`), and it watches its parent (`--parent-pid`), exiting when the parent is gone (killed, crashed).
-    """
-
-    def __init__(self, settings: Settings, redis_url: str):
-        env = {k: v for k, v in os.environ.items() if k not in settings.to_env()}
-        env.update(settings.to_env())
-        env["REDIS_URL"] = redis_url
-        self.name = f"embedded-{socket.gethostname()}-{os.getpid()}"
-        self._args = [sys.executable, "-m", "car_backend.cli", "worker", "--name", self.name,
-                      "--parent-pid", str(os.getpid())]
-        self._env = env
-        self._proc: subprocess.Popen | None = None
-
-    def start(self) -> EmbeddedWorkerProcess:
-        self._proc = subprocess.Popen(self._args, env=self._env, stdin=subprocess.DEVNULL)
-        log.info("embedded worker started (process %d)", self._proc.pid)
-        return self
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def exit_code(self) -> int | None:
-        return self._proc.poll() if self._proc is not None else None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            return
-        self._proc.send_signal(signal.SIGTERM)
-        try:
-            self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("embedded worker %d did not stop within %.0f s; killing it", self._proc.pid, timeout)
-            self._proc.kill()
-            self._proc.wait(10)
-
-
 def _exit_with(parent: int) -> None:
     """Warm-stop this worker when process `parent` is gone (it was re-parented), then force the exit."""
     def watch() -> None:
@@ -172,7 +118,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         _exit_with(args.parent_pid)
     redis = redis_client(settings.redis_url, "worker")
     base_name = args.name or f"{socket.gethostname()}-{os.getpid()}"
-    install(worker_context(settings, redis, name=base_name))
+    install(WorkerContext(settings, redis, name=base_name))
     generation = 0
     try:
         while True:

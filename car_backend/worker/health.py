@@ -19,12 +19,10 @@ from rq.worker import Worker
 from rq.worker_registration import REDIS_WORKER_KEYS
 
 from car_backend.queue.connection import redis_client
-from car_backend.queue.worker import WORKER_TTL_S
+from car_backend.queue.jobqueue import MAX_SILENCE_S
 from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
-
-MAX_SILENCE_S = WORKER_TTL_S + 5
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ def check(settings: Settings, prefix: str) -> tuple[bool, str]:
 def worker_command(args: argparse.Namespace, settings: Settings) -> int:
     """`car-backend worker`: with --check, exit 0 when this host's worker is alive (1 otherwise); else run one."""
     if not args.check:
-        from car_backend.queue.worker import main
+        from car_backend.worker.process import main
 
         return main(args, settings)
     alive, message = check(settings, args.name or socket.gethostname())
