@@ -43,6 +43,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -160,9 +161,12 @@ class FakeLabelStudio:
 
     # ---- for tests ----
 
-    def add_project(self, project_id: int, label_config: str, tasks: list[dict], extra_params=None) -> None:
+    def add_project(self, project_id: int, label_config: str, tasks: list[dict], extra_params=None,
+                    created: int | None = None) -> None:
+        """`created`: the project's creation time (unix seconds), served as `created_at` when given."""
         with self.lock:
-            self.projects[project_id] = {"label_config": label_config, "tasks": tasks, "extra_params": extra_params}
+            self.projects[project_id] = {"label_config": label_config, "tasks": tasks, "extra_params": extra_params,
+                                         "created": created}
         self.add_tasks(project_id, tasks)
 
     def predictions_for(self, task_id: int) -> list[dict]:
@@ -331,7 +335,12 @@ class FakeLabelStudio:
             project_id = int(parts[2])
             if project_id not in self.projects:
                 return _json(404, {"detail": "Not found."})
-            return _json(200, {"id": project_id, "label_config": self.projects[project_id]["label_config"]})
+            project = self.projects[project_id]
+            body = {"id": project_id, "label_config": project["label_config"]}
+            if project.get("created") is not None:
+                body["created_at"] = datetime.fromtimestamp(project["created"], timezone.utc).isoformat().replace(
+                    "+00:00", "Z")
+            return _json(200, body)
         if parts == ["api", "ml"]:
             found = self.projects.get(_int(args.get("project")))
             if not found or found["extra_params"] is None:

@@ -28,7 +28,9 @@ from pathlib import Path
 
 from redis import Redis
 
-from car_backend.queue.jobqueue import lock_ttl
+from car_backend.pipeline.identity import ProjectId, instance_of
+from car_backend.queue.ledger import DeliveryLedger
+from car_backend.queue.state import lock_ttl
 from car_backend.settings import Settings
 from car_backend.testing.fake_label_studio import FakeLabelStudio
 from car_backend.testing.processes import WorkerProcess, start_worker
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LABEL_CONFIG = (ROOT / "label_config" / "brush.xml").read_text()
 DEADLINE_S = 240.0  # a scenario gives up waiting for its writes after this long
 SETTLE_S = 2.0  # after the last task got its prediction, copies arriving this late still count
+CREATED = 1700000000  # the creation stamp of every scenario's project (sent as "<id>.<created>")
 
 
 @dataclass
@@ -79,7 +82,7 @@ class Run:
         backend = Backend(self.settings)
         try:
             client = create_app(self.settings, backend).test_client()
-            body = {"tasks": self.tasks, "label_config": LABEL_CONFIG, "project": f"{self.project}.1700000000"}
+            body = {"tasks": self.tasks, "label_config": LABEL_CONFIG, "project": f"{self.project}.{CREATED}"}
             answer = client.post("/predict", json=body).get_json()
             self.version = answer["model_version"]
             answered = [e for e in answer["results"] if "result" in e]
@@ -185,7 +188,8 @@ def worker_killed(redis_url: str, log_dir: Path, tasks: int) -> ScenarioResult:
             run.spawn()
             run.started = time.time()
             run.predict()
-            lease = f"car:outbox:lease:{run.project}"
+            lease = DeliveryLedger.LEASE.key(
+                ProjectId(instance_of(run.settings.label_studio_url), run.project, CREATED).key)
             deadline = time.monotonic() + DEADLINE_S / 2
             while time.monotonic() < deadline and kills == 0:
                 holder = redis.get(lease)
@@ -220,7 +224,7 @@ def late_outlives_ttl(redis_url: str, log_dir: Path, tasks: int) -> ScenarioResu
             run.predict()  # no worker yet: the jobs wait in the queue
             old_ttl = lock_ttl(run.settings)  # what late records used to live (35 minutes by default)
             deleted = advance_expiry(redis, old_ttl + 60)
-            late = sum(1 for _ in redis.scan_iter(match="car:late:*"))
+            late = sum(1 for _ in redis.scan_iter(match=DeliveryLedger.LATE.pattern()))
             run.spawn()
             run.wait_for_writes()
             return run.result(late if deleted else 0, f"Redis clock advanced {old_ttl + 60} s ({deleted} keys "
