@@ -39,7 +39,7 @@ from car_backend.labelstudio.client import (
     task_strings,
 )
 from car_backend.pipeline.compute import task_entry
-from car_backend.pipeline.identity import ProjectId
+from car_backend.pipeline.identity import ProjectId, instance_of
 from car_backend.pipeline.spec import JobResult
 from car_backend.queue.ledger import DeliveryLedger, LateRecord, Outcome
 from car_backend.queue.results import ResultCache
@@ -107,17 +107,20 @@ class Deliverer:
         self.settings = settings
         self.owner = owner if owner.startswith(WRITING_PREFIX) else WRITING_PREFIX + owner
         self.lease_ttl = 2 * settings.ls_timeout + 10  # longer than any one call to Label Studio
+        self.instance = instance_of(settings.label_studio_url)  # the Label Studio this deliverer writes to
         self.bulk_missing = False  # this Label Studio answered 404/405 to the bulk endpoint
         self._leased: ProjectId | None = None  # the project whose lease this deliverer holds now
 
     def deliver_due(self, now: float | None = None, projects: Iterable[ProjectId] | None = None) -> int:
         """Write every outbox that is due (or those of `projects`, unless they wait for a retry); how many
-        predictions this call saw confirmed in Label Studio (written now, or found there by the read-back)."""
+        predictions this call saw confirmed in Label Studio (written now, or found there by the read-back).
+        Only projects of this deliverer's Label Studio are written: another instance's outboxes (a second
+        Label Studio served from the same Redis) are left to its own workers."""
         now = time.time() if now is None else now
         if projects is None:
-            chosen = self.ledger.due_projects(now)
+            chosen = self.ledger.due_projects(now, instance=self.instance)
         else:
-            chosen = [p for p in projects if self.ledger.retry_state(p)[0] == 0]
+            chosen = [p for p in projects if p.instance == self.instance and self.ledger.retry_state(p)[0] == 0]
         return sum(self.deliver_project(p) for p in chosen)
 
     def deliver_project(self, project: ProjectId) -> int:

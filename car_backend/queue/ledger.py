@@ -383,14 +383,20 @@ class DeliveryLedger:
     def outbox_size(self, project: ProjectId) -> int:
         return self.redis.hlen(self.OUTBOX.key(project.key))
 
-    def due_projects(self, now: float, limit: int = 20) -> list[ProjectId]:
-        """Projects whose outbox is due at `now`; members an older version wrote are forgotten."""
+    def due_projects(self, now: float, instance: str, limit: int = 20) -> list[ProjectId]:
+        """Up to `limit` projects of Label Studio `instance` whose outbox is due at `now`; members an older
+        version wrote (no project key) are forgotten."""
         found = []
-        for raw in self.redis.zrangebyscore(self.DUE.key(), "-inf", now, start=0, num=limit):
+        for raw in self.redis.zrangebyscore(self.DUE.key(), "-inf", now):
             try:
-                found.append(ProjectId.from_key(raw.decode()))
+                project = ProjectId.from_key(raw.decode())
             except ValueError:
                 self.redis.zrem(self.DUE.key(), raw)
+                continue
+            if project.instance == instance:
+                found.append(project)
+                if len(found) >= limit:
+                    break
         return found
 
     def set_due(self, project: ProjectId, due: float | None) -> None:
