@@ -99,8 +99,9 @@ class CarQueue(Queue):
             for queue in queues:
                 moved = rqcompat.move_to_intermediate(cls, connection, queue.key)
                 if moved is not None:
-                    fetched = rqcompat.fetch_dequeued(cls, connection, *moved, job_class=job_class, serializer=serializer,
-                                                      death_penalty_class=death_penalty_class)
+                    fetched = rqcompat.fetch_dequeued(
+                        cls, connection, *moved, job_class=job_class, serializer=serializer,
+                        death_penalty_class=death_penalty_class)
                     if fetched is not None:
                         if _readable(fetched[0]):
                             return fetched
