@@ -34,6 +34,6 @@ def test_the_installed_rq_has_every_internal_used(redis):
 
 
 def test_the_installed_rq_takes_the_parameters_used():
-    wrong = [f"{func.__qualname__}: {sorted(set(names) - set(inspect.signature(func).parameters))}"
-             for func, names in rqcompat.SIGNATURES if not set(names) <= set(inspect.signature(func).parameters)]
-    assert wrong == []
+    lacking = {func.__qualname__: sorted(set(names) - set(inspect.signature(func).parameters))
+               for func, names in rqcompat.SIGNATURES}
+    assert {name: params for name, params in lacking.items() if params} == {}
