@@ -30,12 +30,10 @@ from redis import Redis, WatchError
 from rq import Queue, Retry
 from rq.exceptions import DequeueTimeout, DeserializationError, NoSuchJobError
 from rq.job import Job, JobStatus
-from rq.results import Result
 from rq.serializers import JSONSerializer
-from rq.utils import as_text, utcparse
-from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from car_backend.pipeline.spec import JobSpec
+from car_backend.queue import rqcompat
 from car_backend.queue.results import JobLocks
 from car_backend.settings import Settings
 
@@ -114,11 +112,11 @@ class CarQueue(Queue):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             for queue in queues:
-                moved = cls.lmove(connection, queue.key, None)
+                moved = rqcompat.move_to_intermediate(cls, connection, queue.key)
                 if moved is not None:
-                    fetched = cls._fetch_dequeued_job(
-                        connection, as_text(moved[0]), as_text(moved[1]), job_class=job_class,
-                        serializer=serializer, death_penalty_class=death_penalty_class)
+                    fetched = rqcompat.fetch_dequeued(
+                        cls, connection, *moved, job_class=job_class, serializer=serializer,
+                        death_penalty_class=death_penalty_class)
                     if fetched is not None:
                         if _readable(fetched[0]):
                             return fetched
@@ -152,10 +150,9 @@ def _fail_unreadable(connection: Redis, job: Job, queue: Queue) -> None:
               job.id, queue.name)
     ttl = job.failure_ttl if job.failure_ttl is not None else FAILURE_TTL
     with connection.pipeline() as pipe:
-        pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+        pipe.lrem(rqcompat.intermediate_key(queue), 1, job.id)
         job.set_status(JobStatus.FAILED, pipeline=pipe)
-        queue.failed_job_registry.add(job, ttl=ttl, exc_string=reason, pipeline=pipe)
-        Result.create_failure(job, ttl, exc_string=reason, pipeline=pipe)
+        rqcompat.record_failure(job, queue, ttl, reason, pipe)
         pipe.execute()
 
 
@@ -260,7 +257,7 @@ class JobQueue:
         keys = (self.batch.key, self.interactive.key)
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.eval(_PROMOTE, 4, *keys, Job.key_for(job_id), Queue.redis_queues_keys, job_id,
+                pipe.eval(_PROMOTE, 4, *keys, Job.key_for(job_id), rqcompat.QUEUES_KEY, job_id,
                           self.interactive.name)
             moved = sum(pipe.execute())
         if moved:
@@ -315,7 +312,8 @@ class JobQueue:
         """Workers on our queues that sent a heartbeat in the last `max_silence_s` seconds."""
         keys = set()
         for queue in (self.interactive, self.batch):
-            keys.update(as_text(k) for k in self.redis.smembers(WORKERS_BY_QUEUE_KEY % queue.name))
+            members = self.redis.smembers(rqcompat.queue_workers_key(queue.name))
+            keys.update(rqcompat.as_text(k) for k in members)
         if not keys:
             return 0
         with self.redis.pipeline(transaction=False) as pipe:
@@ -326,6 +324,6 @@ class JobQueue:
         alive = 0
         for last, death in beats:
             if last is not None and death is None:
-                if (now - utcparse(as_text(last))).total_seconds() <= max_silence_s:
+                if (now - rqcompat.beat_time(last)).total_seconds() <= max_silence_s:
                     alive += 1
         return alive

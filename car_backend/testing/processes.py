@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redis import Redis
-from rq import Worker
-from rq.worker_registration import REDIS_WORKER_KEYS
 
+from car_backend.queue import rqcompat
 from car_backend.settings import Settings
 from car_backend.testing.settings import settings_env
 
@@ -68,7 +67,7 @@ def wait_for_worker(redis_url: str, worker: WorkerProcess) -> None:
     client = Redis.from_url(redis_url)
     deadline = time.monotonic() + WORKER_START_TIMEOUT_S
     try:
-        while not client.sismember(REDIS_WORKER_KEYS, Worker.redis_worker_namespace_prefix + worker.name):
+        while not client.sismember(rqcompat.WORKERS_KEY, rqcompat.WORKER_KEY_PREFIX + worker.name):
             if worker.proc.poll() is not None:
                 raise RuntimeError(f"worker {worker.name} exited ({worker.proc.returncode}):\n{worker.output()}")
             if time.monotonic() > deadline:

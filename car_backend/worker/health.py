@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from redis import Redis, RedisError
-from rq.utils import as_text, utcparse
-from rq.worker import Worker
-from rq.worker_registration import REDIS_WORKER_KEYS
 
+from car_backend.queue import rqcompat
 from car_backend.queue.connection import redis_client
 from car_backend.queue.jobqueue import MAX_SILENCE_S
 from car_backend.settings import Settings
@@ -35,8 +33,8 @@ class Beat:
 
 def worker_beats(redis: Redis, prefix: str) -> list[Beat]:
     """The registered workers whose name is `prefix` or starts with `prefix-`; RedisError passes through."""
-    namespace = Worker.redis_worker_namespace_prefix
-    keys = sorted(as_text(k) for k in redis.smembers(REDIS_WORKER_KEYS))
+    namespace = rqcompat.WORKER_KEY_PREFIX
+    keys = sorted(rqcompat.as_text(k) for k in redis.smembers(rqcompat.WORKERS_KEY))
     keys = [k for k in keys if k[len(namespace):] == prefix or k[len(namespace):].startswith(prefix + "-")]
     if not keys:
         return []
@@ -47,7 +45,8 @@ def worker_beats(redis: Redis, prefix: str) -> list[Beat]:
     now = datetime.now(timezone.utc)
     beats = []
     for key, (last, death) in zip(keys, found, strict=True):
-        silence = None if last is None or death is not None else (now - utcparse(as_text(last))).total_seconds()
+        alive = last is not None and death is None
+        silence = (now - rqcompat.beat_time(last)).total_seconds() if alive else None
         beats.append(Beat(key[len(namespace):], silence))
     return beats
 

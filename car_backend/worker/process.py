@@ -22,10 +22,10 @@ import threading
 import time
 
 from redis import Redis, RedisError
-from rq import worker_registration
 from rq.exceptions import StopRequested
 from rq.worker import SimpleWorker, WorkerStatus
 
+from car_backend.queue import rqcompat
 from car_backend.queue.connection import redis_client
 from car_backend.queue.jobqueue import SERIALIZER, WORKER_TTL_S, CarQueue, queue_names
 from car_backend.settings import Settings
@@ -56,7 +56,7 @@ class CarWorker(SimpleWorker):
         """RQ's heartbeat, plus the registration sets: a Redis that restarted empty learns of this worker
         again at its next heartbeat (else /health and /predict would see no live worker)."""
         super().heartbeat(timeout, pipeline)
-        worker_registration.register(self, pipeline)
+        rqcompat.register(self, pipeline)
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return HEARTBEAT_TTL_S
@@ -67,7 +67,7 @@ class CarWorker(SimpleWorker):
         beat = threading.Thread(target=self._beat, args=(job, execution, done), name="car-heartbeat", daemon=True)
         beat.start()
         try:
-            self.perform_job(job, queue, execution)
+            rqcompat.perform(self, job, queue, execution)
         finally:
             done.set()
             beat.join()
@@ -76,7 +76,7 @@ class CarWorker(SimpleWorker):
     def _beat(self, job, execution, done: threading.Event) -> None:
         while not done.wait(HEARTBEAT_INTERVAL_S):
             try:
-                self.maintain_heartbeats(job, execution)
+                rqcompat.maintain_heartbeats(self, job, execution)
             except RedisError as exc:
                 log.warning("heartbeat for job %s failed: %s", job.id, exc)
 
@@ -129,7 +129,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 worker.work(burst=args.burst, logging_level=None)
             except RedisError as exc:  # Redis vanished before or while the worker registered
                 log.error("worker %s: Redis is unavailable (%s)", name, exc)
-            if args.burst or (worker is not None and worker._shutdown_requested_date is not None):
+            if args.burst or (worker is not None and rqcompat.stop_requested(worker)):
                 return 0
             # RQ's work loop gives up on Redis errors outside its dequeue wait; come back when Redis does.
             log.warning("worker %s stopped unexpectedly; starting again in %.0f s", name, RESTART_DELAY_S)
