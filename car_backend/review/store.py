@@ -190,6 +190,13 @@ class CalibrationProgress:
         return from_plain(cls, json.loads(raw))
 
 
+def _legacy_status(raw: bytes) -> FitStatus | None:
+    try:
+        return FitStatus.from_json(raw)
+    except (ValueError, TypeError):
+        return None
+
+
 class ReviewStore:
     """The active-learning state of every project (see the module docstring); `redis` is passed in.
     Methods raise RedisError when Redis is unavailable."""
@@ -208,6 +215,10 @@ class ReviewStore:
     HEAD = KeyFamily("car:review:head:<sha256>", "ReviewStore",
                      "PROJECT_TTL_S; the KEPT_GENERATIONS latest of a project kept")
     PROJECTS = KeyFamily("car:review:projects", "ReviewStore", "PROJECT_TTL_S")
+    # What the previous version kept under Label Studio's bare project id; `adopt_legacy` renames it.
+    LEGACY = KeyFamily("car:review:<id>:<what>", "ReviewStore",
+                       "as the previous version left it; renamed by adopt_legacy when the project is first seen")
+    LEGACY_PARTS = ("agreement", "corrections", "calibration", "fit:checkpoint")
 
     def __init__(self, redis: Redis):
         self.redis = redis
@@ -376,6 +387,41 @@ class ReviewStore:
             except ValueError:  # a bare id an older version registered
                 continue
         return sorted(found)
+
+    def adopt_legacy(self, project: ProjectId) -> bool:
+        """Move what the previous version kept under `project`'s bare id (agreement, corrections, calibration,
+        mask head and its status) to `project`'s keys, where these do not exist yet; True when anything
+        moved. The head's blob moves to its digest's key and the status names it by digest (the project's
+        model_version changes once). The first project seen with that id after the upgrade adopts it."""
+        moved = False
+        for part, family in zip(self.LEGACY_PARTS, (self.AGREEMENT, self.CORRECTIONS, self.CALIBRATION,
+                                                    self.CHECKPOINT), strict=True):
+            source = self.LEGACY.key(project.id, part)
+            if self.redis.exists(source) and self.redis.renamenx(source, family.key(project.key)):
+                moved = True
+        with self.redis.pipeline() as pipe:  # taken by one process only
+            pipe.get(self.LEGACY.key(project.id, "fit"))
+            pipe.delete(self.LEGACY.key(project.id, "fit"))
+            raw, _ = pipe.execute()
+        status = _legacy_status(raw) if raw is not None and self.fit_status(project) is None else None
+        if status is not None:
+            key = status.head.rpartition("#")[0]
+            blob = self.redis.get(key) if key.startswith(self.LEGACY.key(project.id, "head") + ":") else None
+            if blob is None:  # its weights are gone: no head in use
+                status.generation, status.head, status.kept = 0, "", []
+            else:
+                status.kept = []
+                status.head = self.put_head(status, blob)
+                self.redis.delete(key)
+            self.put_fit_status(project, status)
+            moved = True
+        if moved:
+            with self.redis.pipeline() as pipe:
+                pipe.srem(self.PROJECTS.key(), str(project.id))
+                self._register(pipe, project)
+                pipe.execute()
+            log.info("project %s: adopted the review state an older version kept under its bare id", project)
+        return moved
 
     def _register(self, pipe: Any, project: ProjectId) -> None:
         pipe.sadd(self.PROJECTS.key(), project.key)

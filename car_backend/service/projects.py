@@ -53,6 +53,7 @@ class Projects:
         self._params: dict[ProjectId, Any] = {}
         self._calibrations: dict[ProjectId, tuple[float, Calibration | None]] = {}
         self._fits: dict[ProjectId, tuple[float, FitStatus | None]] = {}
+        self._seen: set[ProjectId] = set()  # stamped projects this process has registered
 
     def identify(self, raw: Any) -> ProjectId | None:
         """The project a /setup or /predict `project` field names ("<id>.<created>" or a bare id); None for no
@@ -73,9 +74,15 @@ class Projects:
         try:
             if pid.created is None:
                 return self.registry.resolve(pid)
+            with self._lock:
+                if pid in self._seen:
+                    return pid
             self.registry.seen(pid)
+            self.review.adopt_legacy(pid)  # state an older version kept under the bare id, once
+            with self._lock:
+                self._seen.add(pid)
         except RedisError as exc:
-            log.warning("could not look up project %s's creation stamp in Redis: %s", pid, exc)
+            log.warning("could not look up project %s's identity in Redis: %s", pid, exc)
         return pid
 
     def setup(self, project: Any, label_config: str, extra_params: Any) -> Project:

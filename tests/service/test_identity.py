@@ -3,6 +3,7 @@ never share calibrations, mask heads, delivery claims or outboxes (project ident
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import pytest
@@ -145,3 +146,35 @@ def test_two_label_studios_on_one_redis_each_get_their_own_prediction(redis_url,
         written = studio.predictions_for(task)
         assert [p["model_version"] for p in written] == [version]
         assert studio.hits[f"img/{image.rsplit('/img/', 1)[1]}"] == 1  # each computed from its own image
+
+
+def test_the_first_project_seen_after_an_upgrade_adopts_what_an_older_version_kept_under_its_id(backends,
+                                                                                                 task_ids):
+    first, second = backends
+    (pid,) = task_ids(1)
+    review, redis = first.review, first.redis
+    calibration = Calibration(generation=3, thresholds={"confidence_threshold": 0.4}, previous={}, tasks=9,
+                              before=0.1, after=0.3)
+    blob = b"weights of generation 2"
+    digest = hashlib.sha256(blob).hexdigest()
+    legacy_head = review.LEGACY.key(pid, "head:2")
+    old_status = FitStatus(generation=2, head=f"{legacy_head}#{digest}", state=FitState.DONE)
+    with redis.pipeline() as pipe:  # what the previous version left under the bare id
+        pipe.set(review.LEGACY.key(pid, "calibration"), calibration.to_json())
+        pipe.hset(review.LEGACY.key(pid, "corrections"), "5", "{}")
+        pipe.set(review.LEGACY.key(pid, "fit"), old_status.to_json())
+        pipe.set(legacy_head, blob)
+        pipe.execute()
+    project = first.projects.identify(f"{pid}.{CREATED}")
+    assert review.calibration(project) == calibration
+    assert redis.hget(review.CORRECTIONS.key(project.key), "5") == b"{}"
+    status = review.fit_status(project)
+    assert (status.generation, status.head, status.kept) == (2, digest, [digest])
+    assert review.head_blob(digest) == blob and not redis.exists(legacy_head)
+    assert not redis.exists(review.LEGACY.key(pid, "calibration"), review.LEGACY.key(pid, "fit"))
+    assert project in review.projects()
+    version = first.projects.for_predict(f"{pid}.{CREATED}", BRUSH)
+    assert version.version.endswith("-cal3-fit2") and version.head == digest
+    # Adopted once: the other Label Studio's project with the same id starts empty.
+    other = second.projects.identify(f"{pid}.{CREATED}")
+    assert second.review.calibration(other) is None and second.review.fit_status(other) is None
