@@ -1,6 +1,6 @@
 """Computing a job: fetch the image, run the engine, turn its answer into Label Studio regions.
 
-Pure with respect to the service: no Redis, no queue. A worker (car_backend.queue.jobs) and offline
+Pure with respect to the service: no Redis, no queue. A worker (car_backend.worker.tasks) and offline
 `prelabel --images` call `compute`; calibration calls `segment_run` on prepared images.
 """
 
@@ -47,7 +47,7 @@ def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher, head: Any = No
     """Fetch and segment the image (with the project's mask head `head`, an engine.head.MaskHead, if any); a
     non-retryable media failure (a property of the image itself) becomes a failed result, a retryable one (a setting or an outage: host not allowed, size limit, 401/403/5xx,
     timeout) and any other exception raise: the job is retried, and its last attempt records a
-    `pending_failure` (queue.jobs.run_job)."""
+    `pending_failure` (worker.tasks.segment)."""
     started = time.monotonic()
     try:
         image = fetcher.fetch(spec.image, spec.task_id)

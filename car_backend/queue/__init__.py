@@ -1,7 +1,9 @@
-"""The job queue on Redis: the connection (one factory; embedded Redis), the stores (results, dedup locks,
-late records, delivery claims and marks, text embeddings), RQ jobs and the worker.
+"""Redis and RQ infrastructure: the connection (one factory; embedded Redis), one owner class per Redis key
+family, the job queue, late deliveries and waiting on jobs.
 
-Owns: every `car:` key but the review's (store), `JobQueue` (jobqueue), `run_job`/`WorkerContext` (jobs),
-`JobWatch` (wait), `CarWorker` (worker), `connect`/`redis_client` (connection).
-May import: engine, labelstudio, pipeline, settings. Never review or service.
+Owns: the key families (keys), the result cache and job locks (results), the delivery ledger (ledger),
+worker counters (stats), the text-embedding cache (textcache), per-project parameters and creation stamps
+(projects), those owners on one client (state), `JobQueue`/`JobName` (jobqueue), every use of RQ internals
+(rqcompat), `Deliverer` (delivery), `JobWatch` (wait), `connect`/`redis_client` (connection).
+May import: engine, labelstudio, pipeline, settings. Never review, service or worker.
 """

@@ -3,7 +3,7 @@
     GET  /, /health  {"status": "UP"|"DEGRADED", "model_version", "mode", "redis", "queue", "workers", "warnings"}
     POST /setup      {"model_version", "targets": [...], "skipped": [...]}      (parses the config only)
     POST /predict    {"results": [one entry per task, in order], "model_version"}
-    POST /webhook    {"status": "queued"|"ignored", ...}  annotation events queue a review (review.jobs)
+    POST /webhook    {"status": "queued"|"ignored", ...}  annotation events queue a review (review.corrections)
     GET  /versions   {"versions": [...]}
     GET  /metrics    Prometheus text
 

@@ -51,6 +51,11 @@ ANSWER_RESERVE_S = 0.5
 ANSWER_S_PER_TASK = 0.0005
 # Jobs are queued for at least this long whatever CAR_PREDICT_WAIT (0 = answer without waiting, yet queue).
 QUEUE_AT_LEAST_S = 2.0
+# Why a finished task is answered pending: the state of whoever holds its claim (DeliveryLedger.state_of).
+LOST_CLAIM = {TaskState.WRITING: "this task's prediction is being written into Label Studio (already delivered "
+                                 "once the write is confirmed)",
+              TaskState.DELIVERED: "this task's prediction was already delivered",
+              TaskState.EMPTY: "this task's prediction was already delivered (empty: the image cannot be used)"}
 NO_WORKER = "no worker is running (start `car-backend worker`); the job is queued and runs when one starts"
 NOT_QUEUED = "not queued: this request had more jobs than can be queued within CAR_PREDICT_WAIT"
 BUSY = ("the server has {n} /predict calls waiting for jobs already (CAR_PREDICT_WAITERS); the job is queued "
@@ -182,9 +187,12 @@ class Predictor:
         claimed = [i for i in answers if entries[i] is None]
         won = self.state.ledger.answer(project, [(plans[i].task_id, version, plans[i].keys, answers[i][1],
                                                   answers[i][2]) for i in claimed], self.owner) if claimed else []
+        lost = [index for index, ok in zip(claimed, won, strict=True) if not ok]
+        holders = self.state.ledger.state_of(project, [plans[i].task_id for i in lost]) if lost else {}
         for index, ok in zip(claimed, won, strict=True):
-            entries[index] = answers[index][0] if ok else \
-                pending_entry(version, "this task's prediction was already delivered")
+            holder = holders.get(plans[index].task_id)
+            entries[index] = answers[index][0] if ok else pending_entry(version, LOST_CLAIM.get(
+                holder.state if holder is not None else None, LOST_CLAIM[TaskState.DELIVERED]))
         delivered = sum(1 for e in entries if "result" in e)
         if delivered:
             self.metrics.deliveries.inc(delivered)

@@ -125,7 +125,7 @@ class Projects:
         return calibration
 
     def _fit(self, pid: ProjectId | None) -> FitStatus | None:
-        """The project's mask-head status (review.heads), re-read like the calibration."""
+        """The project's mask-head status (review.store.FitStatus), re-read like the calibration."""
         if pid is None:
             return None
         now = time.monotonic()

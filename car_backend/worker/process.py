@@ -45,8 +45,12 @@ PARENT_GONE_GRACE_S = 10.0  # then lets its job finish this long at most
 
 
 class CarWorker(SimpleWorker):
+    """RQ's SimpleWorker with a heartbeat thread during jobs, JSON jobs only, and this process's
+    `WorkerContext` (`context`, set by make_worker) for the maintenance's due deliveries."""
+
     queue_class = CarQueue
     max_connection_wait_time = 10.0  # while Redis is away, look for it at least this often (RQ: 60 s)
+    context: WorkerContext | None = None
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("serializer", SERIALIZER)  # jobs are JSON; a pickle-reading worker would fail them all
@@ -82,18 +86,24 @@ class CarWorker(SimpleWorker):
 
     def run_maintenance_tasks(self):
         super().run_maintenance_tasks()
-        deliver_due()  # writes into Label Studio waiting for their retry (queue.delivery)
+        if self.context is not None:
+            deliver_due(self.context)  # writes into Label Studio waiting for their retry (queue.delivery)
 
     def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
         # CarQueue parks every dequeued job in its queue's intermediate list, whatever the queue count.
         super().prepare_job_execution(job, remove_from_intermediate_queue=True)
 
 
-def make_worker(cls: type[CarWorker], settings: Settings, redis: Redis, name: str | None) -> CarWorker:
+def make_worker(cls: type[CarWorker], settings: Settings, redis: Redis, name: str | None,
+                context: WorkerContext | None = None) -> CarWorker:
+    """A worker on the interactive and batch queues; `context`: the process's WorkerContext, whose deliverer
+    the maintenance uses (none: no deliveries in maintenance)."""
     queues = [CarQueue(q, connection=redis) for q in queue_names(settings)]
-    return cls(queues, name=name, connection=redis, queue_class=CarQueue, serializer=SERIALIZER,
-               log_job_description=False, worker_ttl=WORKER_TTL_S,
-               maintenance_interval=MAINTENANCE_INTERVAL_S, job_monitoring_interval=HEARTBEAT_INTERVAL_S)
+    worker = cls(queues, name=name, connection=redis, queue_class=CarQueue, serializer=SERIALIZER,
+                 log_job_description=False, worker_ttl=WORKER_TTL_S,
+                 maintenance_interval=MAINTENANCE_INTERVAL_S, job_monitoring_interval=HEARTBEAT_INTERVAL_S)
+    worker.context = context
+    return worker
 
 
 def _exit_with(parent: int) -> None:
@@ -118,14 +128,15 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         _exit_with(args.parent_pid)
     redis = redis_client(settings.redis_url, "worker")
     base_name = args.name or f"{socket.gethostname()}-{os.getpid()}"
-    install(WorkerContext(settings, redis, name=base_name))
+    context = WorkerContext(settings, redis, name=base_name)
+    install(context)
     generation = 0
     try:
         while True:
             name = base_name if generation == 0 else f"{base_name}-{generation}"
             worker = None
             try:
-                worker = make_worker(CarWorker, settings, redis, name)
+                worker = make_worker(CarWorker, settings, redis, name, context)
                 worker.work(burst=args.burst, logging_level=None)
             except RedisError as exc:  # Redis vanished before or while the worker registered
                 log.error("worker %s: Redis is unavailable (%s)", name, exc)

@@ -119,13 +119,13 @@ def fit(project: str) -> dict:
     return to_plain(fit_project(ProjectId.from_key(project), current().review_runtime))
 
 
-def deliver_due() -> int:
-    """Write the outboxes that are due, in this process's worker context if it has one (worker maintenance);
-    never raises: a failure is logged and the next maintenance tries again."""
-    if _context is None or _context.deliverer is None:
+def deliver_due(context: WorkerContext) -> int:
+    """Write the outboxes that are due with `context`'s deliverer, if it has one (worker maintenance); never
+    raises: a failure is logged and the next maintenance tries again."""
+    if context.deliverer is None:
         return 0
     try:
-        return _context.deliverer.deliver_due()
+        return context.deliverer.deliver_due()
     except RedisError as exc:
         log.warning("could not look for due deliveries: Redis is unavailable (%s)", exc)
     except Exception:  # the worker must go on serving jobs whatever a delivery does
