@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from car_backend.pipeline.identity import ProjectId
 from car_backend.queue.connection import connect
 from car_backend.queue.jobqueue import MAX_SILENCE_S, JobQueue, QueueDepth
 from car_backend.queue.state import RedisState
@@ -110,9 +111,15 @@ class Backend:
                         self._probe_state.stats.read())
 
     def review_reports(self) -> list[ProjectReport]:
-        """`car-backend report` of every project with review data (work grows with the corrected tasks:
-        /metrics caches it, /health never calls it)."""
-        return [project_report(self._probe_review, p) for p in self._probe_review.projects()]
+        """`car-backend report` of every project of this deployment's Label Studio with review data: per
+        Label Studio id the newest project (a reset Label Studio's older one is left out, so /metrics has one
+        series per id). Work grows with the corrected tasks: /metrics caches it, /health never calls it."""
+        newest: dict[int, ProjectId] = {}
+        for project in self._probe_review.projects():
+            if project.instance == self.projects.instance and (
+                    project.id not in newest or (project.created or 0) > (newest[project.id].created or 0)):
+                newest[project.id] = project
+        return [project_report(self._probe_review, p) for p in newest.values()]
 
     def close(self) -> None:
         if self._embedded is not None:

@@ -21,8 +21,8 @@ from PIL import Image
 from car_backend.engine import Segmentation
 from car_backend.labelstudio.config import parse_label_config
 from car_backend.labelstudio.results import segmentation_to_regions
+from car_backend.pipeline.identity import ProjectId, instance_of
 from car_backend.review.fit import held_out
-from car_backend.review.heads import fit_status
 from car_backend.review.store import ReviewStore
 from car_backend.testing.scenes import SceneClass, labelled_scene
 from tests.support.label_studio import REPO, wait_for_http
@@ -99,7 +99,9 @@ def _versions(client, task_ids: list[int]) -> dict[int, list[str]]:
 def test_start_training_in_label_studio_gives_fit1_predictions(label_studio, fit_backend, tmp_path, redis):
     url, _ = fit_backend
     client = label_studio.client
-    project_id = client.create_project(LABEL_CONFIG, title="e2e fit")["id"]
+    project = client.create_project(LABEL_CONFIG, title="e2e fit")
+    project_id = project["id"]
+    pid = ProjectId.from_api(project, instance_of(label_studio.url))  # id and creation stamp, as the backend keys it
     # one object each, the classes in turn, so that every class is among the corrected tasks
     scenes = [labelled_scene(9000 + i, (CLASSES[i % len(CLASSES)],), SIZE) for i in range(SCENES)]
     # uploaded as files (served by Label Studio itself), then their labels set through the task data
@@ -140,8 +142,9 @@ def test_start_training_in_label_studio_gives_fit1_predictions(label_studio, fit
         if generation or _metric(url, f'car_fit_agreement{{project="{project_id}",stage="after"}}') is not None:
             break  # adopted, or judged and not adopted
         time.sleep(1)
-    status = fit_status(redis, str(project_id))
-    corrections = ReviewStore(redis).corrections(str(project_id))
+    review = ReviewStore(redis)
+    status = review.fit_status(pid)
+    corrections = review.corrections(pid)
     assert generation == 1.0, (status, [(c.task, {k: int(v.sum()) for k, v in c.masks.items()},
                                          [r.queries for s in c.specs for r in s.runs]) for c in corrections])
 

@@ -22,12 +22,12 @@ from PIL import Image
 
 from car_backend.labelstudio.config import parse_label_config
 from car_backend.labelstudio.regions import label_masks
+from car_backend.pipeline.identity import ProjectId, instance_of
 from car_backend.pipeline.planning import plan_task
 from car_backend.pipeline.spec import Project
 from car_backend.pipeline.versions import model_version
 from car_backend.review.agreement import compare
-from car_backend.review.heads import HeadStore, fit_status
-from car_backend.review.store import Correction, ReviewStore
+from car_backend.review.store import Correction, FitState, ReviewStore
 from car_backend.testing.fake_label_studio import Reply
 from car_backend.testing.scenes import SceneClass, labelled_scene
 from tests.support.settings import settings_env
@@ -60,6 +60,7 @@ def test_start_training_fits_a_head_that_predicts_held_out_tasks_better(service_
     project = str(ids[0])
     settings = service_settings(calibrate_after=0, fit_after=0, fit_epochs=15, head_width=64, head_depth=1,
                                 predict_wait=60.0, queue=f"fit-{project}", task_labels_key="labels")
+    pid = ProjectId(instance_of(settings.label_studio_url), int(project), 1)  # /setup's "<id>.1"
     spawn_worker(settings)
     scenes = [labelled_scene(7000 + i, CLASSES, SIZE, most=1) for i in range(len(ids))]
     tasks = []
@@ -80,7 +81,7 @@ def test_start_training_fits_a_head_that_predicts_held_out_tasks_better(service_
     planned = Project(config, model_version(settings, config))
     review = ReviewStore(redis)
     for task, scene in zip(tasks[:CORRECTED], scenes[:CORRECTED], strict=True):
-        review.put_correction(project, Correction(task["id"], tuple(plan_task(task, planned, settings).specs),
+        review.put_correction(pid, Correction(task["id"], tuple(plan_task(task, planned, settings).specs),
                                                   scene.masks))
 
     resp = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": int(project)}})
@@ -89,14 +90,14 @@ def test_start_training_fits_a_head_that_predicts_held_out_tasks_better(service_
     assert again.get_json()["status"] == "already training"  # one training at a time
 
     deadline = time.monotonic() + FIT_TIMEOUT_S
-    status = fit_status(redis, project)
-    while status["state"] in ("queued", "training") and time.monotonic() < deadline:
+    status = review.fit_status(pid)
+    while status.state in (FitState.QUEUED, FitState.TRAINING) and time.monotonic() < deadline:
         time.sleep(0.5)
-        status = fit_status(redis, project)
-    assert status["state"] == "done", status
-    assert status["adopted"] and status["generation"] == 1, status
-    assert status["epochs"] == 15 and status["after"] > status["before"]
-    assert HeadStore(redis).checkpoint(project) is None  # a finished training leaves no checkpoint
+        status = review.fit_status(pid)
+    assert status.state is FitState.DONE, status
+    assert status.adopted and status.generation == 1, status
+    assert status.epochs == 15 and status.after > status.before
+    assert review.checkpoint(pid) is None  # a finished training leaves no checkpoint
 
     fresh = make_client(settings)  # no cached fit status in this server process
     new_version = fresh.post("/setup", json=setup).get_json()["model_version"]

@@ -1,4 +1,4 @@
-"""The fit job and the head's life in Redis, run in this process (jobs.install) on the test Redis: too few
+"""The fit job and the head's life in Redis, run in this process (tasks.install) on the test Redis: too few
 tasks, a training cut by its time budget and resumed, CAR_FIT_AFTER, START_TRAINING at /webhook, and a
 worker that ignores a corrupt or foreign head with a log line."""
 
@@ -19,13 +19,15 @@ from car_backend.engine import Segmentation
 from car_backend.engine.head import HeadConfig, MaskHead, head_to_bytes, new_head
 from car_backend.labelstudio.config import parse_label_config
 from car_backend.labelstudio.results import segmentation_to_regions
+from car_backend.pipeline.identity import ProjectId, instance_of
 from car_backend.pipeline.planning import plan_task
 from car_backend.pipeline.spec import Project
 from car_backend.pipeline.versions import model_version
+from car_backend.queue.jobqueue import JobName
+from car_backend.review.corrections import review_annotation
 from car_backend.review.fit import fit_project, held_out
-from car_backend.review.heads import FIT_JOB, HeadStore, fit_status
-from car_backend.review.jobs import AnnotationEvent, review_annotation
-from car_backend.review.store import Correction, ReviewStore
+from car_backend.review.store import Correction, FitState, FitStatus, ReviewStore
+from car_backend.review.webhook import AnnotationEvent
 from car_backend.testing.fake_label_studio import Reply
 from car_backend.testing.scenes import SceneClass, labelled_scene
 from tests.support.settings import settings_env
@@ -40,19 +42,19 @@ FAST = {"fit_epochs": 3, "head_width": 32, "head_depth": 1, "calibrate_after": 0
 @pytest.fixture
 def context(service_settings, redis):
     """install(**overrides) -> the WorkerContext that jobs run with in this process."""
-    from car_backend.queue import jobs
-    from car_backend.queue.worker import worker_context
+    from car_backend.worker import tasks
+    from car_backend.worker.context import WorkerContext
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
 
     def install(**overrides):
-        ctx = worker_context(service_settings(**{**FAST, **overrides}), redis, name="test")
-        jobs.install(ctx)
+        ctx = WorkerContext(service_settings(**{**FAST, **overrides}), redis, name="test")
+        tasks.install(ctx)
         return ctx
 
     yield install
-    jobs.install(None)
+    tasks.install(None)
     torch.set_num_threads(previous)
 
 
@@ -71,6 +73,11 @@ def _corrections(ctx, fake_ls, ids: list[int]) -> list[Correction]:
     return out
 
 
+def _project(ctx, project_id: int) -> ProjectId:
+    """The ProjectId of Label Studio project `project_id` (no creation stamp), as this worker sees it."""
+    return ProjectId(instance_of(ctx.settings.label_studio_url), project_id)
+
+
 def _ids(task_ids, train: int, held: int) -> list[int]:
     """Fresh task ids with `train` outside and `held` inside the held-out split."""
     picked, kept = [], {True: held, False: train}
@@ -85,43 +92,42 @@ def _ids(task_ids, train: int, held: int) -> list[int]:
 def test_too_few_corrections_train_nothing(context, fake_ls, task_ids):
     ctx = context()
     ids = _ids(task_ids, 2, 1)
-    project = str(ids[0])
+    project = _project(ctx, ids[0])
     for correction in _corrections(ctx, fake_ls, ids):
-        ReviewStore(ctx.store.redis).put_correction(project, correction)
-    outcome = fit_project(project)
-    assert outcome["state"] == "done" and not outcome["adopted"] and "needs 4 training" in outcome["reason"]
-    assert HeadStore(ctx.store.redis).checkpoint(project) is None
+        ctx.review.put_correction(project, correction)
+    outcome = fit_project(project, ctx.review_runtime)
+    assert outcome.state is FitState.DONE and not outcome.adopted and "needs 4 training" in outcome.reason
+    assert ctx.review.checkpoint(project) is None
 
 
 def test_a_training_cut_by_its_time_budget_resumes_from_its_checkpoint(context, fake_ls, task_ids):
     ctx = context(fit_seconds=1e-6)  # stops after its first epoch
     ids = _ids(task_ids, 5, 2)
-    project = str(ids[0])
+    project = _project(ctx, ids[0])
     for correction in _corrections(ctx, fake_ls, ids):
-        ReviewStore(ctx.store.redis).put_correction(project, correction)
-    cut = fit_project(project)
-    assert cut["epochs"] == 1 and cut["train_tasks"] == 5 and cut["held_out_tasks"] == 2
-    heads = HeadStore(ctx.store.redis)
-    assert heads.checkpoint(project) is not None
-    context(fit_seconds=600.0)
-    resumed = fit_project(project)
-    assert resumed["epochs"] == 3 and resumed["losses"][0] == cut["losses"][0]
-    assert heads.checkpoint(project) is None
-    assert fit_status(ctx.store.redis, project)["epochs"] == 3
-    heads.put_checkpoint(project, b"corrupt")  # a bad checkpoint is ignored: the training starts afresh
-    context(fit_epochs=1)
-    assert fit_project(project)["epochs"] == 1
+        ctx.review.put_correction(project, correction)
+    cut = fit_project(project, ctx.review_runtime)
+    assert cut.epochs == 1 and cut.train_tasks == 5 and cut.held_out_tasks == 2
+    cut_losses = list(cut.losses)
+    review = ctx.review
+    assert review.checkpoint(project) is not None
+    resumed = fit_project(project, context(fit_seconds=600.0).review_runtime)
+    assert resumed.epochs == 3 and resumed.losses[0] == cut_losses[0]
+    assert review.checkpoint(project) is None
+    assert review.fit_status(project).epochs == 3
+    review.put_checkpoint(project, b"corrupt")  # a bad checkpoint is ignored: the training starts afresh
+    assert fit_project(project, context(fit_epochs=1).review_runtime).epochs == 1
 
 
 def test_fit_after_queues_a_training_once_enough_tasks_are_corrected(context, fake_ls, task_ids):
     ctx = context(fit_after=2, queue=f"fit-after-{task_ids(1)[0]}")
     ids = task_ids(3)
-    project = str(ids[0])
+    project = _project(ctx, ids[0])
     queued = []
     (target,) = parse_label_config(LABEL_CONFIG).targets
     corrections = _corrections(ctx, fake_ls, ids)
     # What the review job reads back (it never believes the webhook's payload): the project, tasks, annotations.
-    fake_ls.add_project(int(project), LABEL_CONFIG,
+    fake_ls.add_project(project.id, LABEL_CONFIG,
                         [{"id": c.task, "data": {"image": c.specs[0].image}} for c in corrections])
     for correction in corrections:
         names = [c.name for c in CLASSES]
@@ -131,14 +137,15 @@ def test_fit_after_queues_a_training_once_enough_tasks_are_corrected(context, fa
         seg = Segmentation(names, label_map, np.stack([label_map == i + 1 for i in range(len(names))]),
                            np.ones(len(names), np.float32), steps=2)
         regions = segmentation_to_regions(seg, target, list(target.labels), kind="brush")
-        fake_ls.add_annotation(correction.task, correction.task, int(project), regions)
+        fake_ls.add_annotation(correction.task, correction.task, project.id, regions)
         event = AnnotationEvent(project, correction.task, correction.task,
                                 hashlib.sha256(LABEL_CONFIG.encode()).hexdigest(), correction.specs)
-        queued.append(review_annotation(event.to_dict()).get("fit_queued"))
+        queued.append(review_annotation(event, ctx.review_runtime).fit_queued)
     assert queued == [False, True, False]  # the third finds the lock of the queued one
     jobs = ctx.queue.batch.get_jobs()
-    assert [job.func_name for job in jobs if job.func_name == FIT_JOB] == [FIT_JOB]
-    assert fit_status(ctx.store.redis, project)["state"] == "queued"
+    fit_jobs = [job for job in jobs if job.func_name == JobName.FIT.value]
+    assert len(fit_jobs) == 1 and list(fit_jobs[0].args) == [project.key]
+    assert ctx.review.fit_status(project).state is FitState.QUEUED
 
 
 def test_start_training_at_the_webhook(service_settings, make_client, redis, task_ids):
@@ -156,34 +163,39 @@ def test_start_training_at_the_webhook(service_settings, make_client, redis, tas
 
 def test_the_worker_ignores_a_corrupt_missing_or_foreign_head_with_a_log_line(context, caplog):
     ctx = context()
-    heads = HeadStore(ctx.store.redis)
-    clip = ctx.segmenter.proposal_clip
+    review = ctx.review
+    clip = ctx.segmenter().proposal_clip
     config = HeadConfig.for_clip(clip, width=32, depth=1, heads=2)
-    good = heads.put_head("heads-test", 1, head_to_bytes(new_head(config, 0, clip.name)))
-    foreign = heads.put_head("heads-test-foreign", 1, head_to_bytes(new_head(config, 0, "another-clip")))
-    corrupt = heads.put_head("heads-test-corrupt", 1, b"\x00 not a head")
-    key, _, digest = good.rpartition("#")
-    swapped = f"{key}#{'0' * len(digest)}"
-    with caplog.at_level(logging.WARNING, logger="car_backend.queue.jobs"):
+    good_blob = head_to_bytes(new_head(config, 0, clip.name))
+    good = review.put_head(FitStatus(), good_blob)
+    assert good == hashlib.sha256(good_blob).hexdigest()  # content-addressed: the reference is the digest
+    foreign_status = FitStatus()
+    foreign = review.put_head(foreign_status, head_to_bytes(new_head(config, 0, "another-clip")))
+    corrupt = review.put_head(FitStatus(), b"\x00 not a head")
+    swapped = "0" * len(good)  # a reference whose stored blob is not the weights it names
+    review.redis.set(ReviewStore.HEAD.key(swapped), good_blob)
+    missing = hashlib.sha256(b"never stored").hexdigest()
+    with caplog.at_level(logging.WARNING, logger="car_backend.worker.context"):
         assert isinstance(ctx.head(good), MaskHead)
-        for ref in (foreign, corrupt, swapped, "car:review:heads-test:head:99#00"):
+        for ref in (foreign, corrupt, swapped, missing):
             assert ctx.head(ref) is None
     assert len([r for r in caplog.records if "mask head" in r.getMessage()]) == 4
-    ctx.store.redis.delete(key)
+    review.redis.delete(ReviewStore.HEAD.key(good))
     assert isinstance(ctx.head(good), MaskHead)  # loaded once per worker: not read again
-    for generation in (2, 3):  # the two latest generations are kept
-        heads.put_head("heads-test-foreign", generation, b"x")
-    assert [heads.redis.exists(HeadStore.key("heads-test-foreign", f"head:{g}")) for g in (1, 2, 3)] == [0, 1, 1]
+    later = [review.put_head(foreign_status, blob) for blob in (b"x2", b"x3")]  # the two latest generations are kept
+    generations = [foreign, *later]
+    assert [review.redis.exists(ReviewStore.HEAD.key(ref)) for ref in generations] == [0, 1, 1]
+    assert foreign_status.kept == later
 
 
 def test_an_adopted_head_gets_its_own_version_and_keys(service_settings):
     settings = service_settings()
     config = parse_label_config(LABEL_CONFIG)
     plain = model_version(settings, config)
-    fitted = model_version(settings, config, fit_generation=1, head="car:review:1:head:1#ab")
-    other = model_version(settings, config, fit_generation=1, head="car:review:1:head:1#cd")
+    fitted = model_version(settings, config, fit_generation=1, head="ab" * 32)  # heads are named by sha256
+    other = model_version(settings, config, fit_generation=1, head="cd" * 32)
     assert fitted.endswith("-fit1") and len({plain, fitted, other}) == 3
-    project = Project(config, fitted, head="car:review:1:head:1#ab")
+    project = Project(config, fitted, head="ab" * 32)
     spec = plan_task({"id": 1, "data": {"image": "http://127.0.0.1/a.png"}}, project, settings).specs[0]
     assert spec.head == project.head
     without = plan_task({"id": 1, "data": {"image": "http://127.0.0.1/a.png"}}, Project(config, plain), settings).specs[0]
@@ -199,7 +211,9 @@ def test_fit_command_queues_a_training(service_settings, redis, task_ids):
     run = [sys.executable, "-m", "car_backend.cli", "fit", "--project", str(project)]
     out = subprocess.run(run, capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0 and "queued as job" in out.stdout, out.stderr
-    assert fit_status(redis, str(project))["state"] == "queued"
+    # the command names the project by Label Studio's id: this deployment's Label Studio, no creation stamp seen
+    pid = ProjectId(instance_of(settings.label_studio_url), project)
+    assert ReviewStore(redis).fit_status(pid).state is FitState.QUEUED
     again = subprocess.run(run, capture_output=True, text=True, env=env, timeout=60)
     assert again.returncode == 0 and "already queued or running" in again.stdout
     env.pop("REDIS_URL")

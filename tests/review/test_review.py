@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from car_backend.labelstudio.config import parse_label_config
+from car_backend.pipeline.identity import ProjectId, instance_of
 from car_backend.review.store import ReviewStore
 from tests.support.label_configs import label_config
 from tests.support.review import annotated_regions, mean_agreement, review_image
@@ -37,6 +38,7 @@ def test_corrections_are_compared_and_calibrate_a_new_model_version(service_sett
     ids = task_ids(TRAINING + HELD_OUT)
     project = str(ids[0])  # a project of its own in the shared test database
     settings = service_settings(calibrate_after=TRAINING, predict_wait=60.0, queue=f"review-{project}")
+    pid = ProjectId(instance_of(settings.label_studio_url), int(project), 1)  # /setup's "<id>.1"
     spawn_worker(settings)
     client = make_client(settings)
     tasks = [{"id": t, "data": {"image": f"{fake_ls.url}/img/review-{i}.png"}} for i, t in enumerate(ids)]
@@ -58,13 +60,13 @@ def test_corrections_are_compared_and_calibrate_a_new_model_version(service_sett
 
     review = ReviewStore(redis)
     deadline = time.monotonic() + CALIBRATION_TIMEOUT_S
-    while review.calibration(project) is None and time.monotonic() < deadline:
+    while review.calibration(pid) is None and time.monotonic() < deadline:
         time.sleep(0.5)
-    calibration = review.calibration(project)
+    calibration = review.calibration(pid)
     assert calibration is not None, "no calibration within the timeout"
 
     # the comparison of the corrected tasks with what we had delivered
-    stats = review.agreement(project)
+    stats = review.agreement(pid)
     assert list(stats) == [first_version] and stats[first_version].tasks == TRAINING
     expected = mean_agreement([e["result"] for e in first[:TRAINING]], wanted[:TRAINING])
     assert stats[first_version].mean_score == pytest.approx(expected, abs=0.02)  # masks compared at <=256 px
@@ -102,29 +104,30 @@ def test_corrections_are_compared_and_calibrate_a_new_model_version(service_sett
 
 @pytest.fixture
 def in_process_worker(service_settings, redis):
-    """run review jobs in this process (jobs.install), as the embedded worker thread does."""
-    from car_backend.queue import jobs
-    from car_backend.queue.worker import worker_context
+    """run review jobs in this process (tasks.install), as the embedded worker thread does."""
+    from car_backend.worker import tasks
+    from car_backend.worker.context import WorkerContext
 
     def install(**overrides):
         settings = service_settings(**overrides)
-        context = worker_context(settings, redis, name="test")
-        jobs.install(context)
+        context = WorkerContext(settings, redis, name="test")
+        tasks.install(context)
         return context
 
     yield install
-    jobs.install(None)
+    tasks.install(None)
 
 
 def test_a_correction_without_our_prediction_is_kept_but_not_compared(in_process_worker, fake_ls, task_ids):
     from car_backend.pipeline.planning import plan_task
     from car_backend.pipeline.spec import Project
     from car_backend.pipeline.versions import model_version
-    from car_backend.review.jobs import AnnotationEvent, review_annotation
+    from car_backend.review.corrections import review_annotation
+    from car_backend.review.webhook import AnnotationEvent
 
     ctx = in_process_worker(calibrate_after=0)
     (task_id,) = task_ids(1)
-    project = str(task_id)
+    project = ProjectId(instance_of(ctx.settings.label_studio_url), task_id)
     config = parse_label_config(BRUSH)
     task = {"id": task_id, "data": {"image": f"{fake_ls.url}/img/review-0.png"}}
     spec = plan_task(task, Project(config, model_version(ctx.settings, config)), ctx.settings).specs[0]
@@ -132,11 +135,12 @@ def test_a_correction_without_our_prediction_is_kept_but_not_compared(in_process
     fake_ls.add_project(task_id, BRUSH, [task])
     fake_ls.add_annotation(task_id, task_id, task_id, regions)
     outcome = review_annotation(AnnotationEvent(project, task_id, task_id, sha256(BRUSH.encode()).hexdigest(),
-                                                (spec,)).to_dict())
-    assert outcome["compared"] is False and outcome["corrected_tasks"] == 1
-    assert outcome["calibration_queued"] is False  # CAR_CALIBRATE_AFTER=0: never
-    assert ReviewStore(ctx.store.redis).agreement(project) == {}
-    (stored,) = ReviewStore(ctx.store.redis).corrections(project)
+                                                (spec,)), ctx.review_runtime)
+    assert outcome.ignored is None
+    assert outcome.compared is False and outcome.corrected_tasks == 1
+    assert outcome.calibration_queued is False  # CAR_CALIBRATE_AFTER=0: never
+    assert ctx.review.agreement(project) == {}
+    (stored,) = ctx.review.corrections(project)
     assert set(stored.masks) == {r["value"]["brushlabels"][0] for r in regions}
 
 
@@ -148,13 +152,13 @@ def test_a_calibration_that_finds_nothing_better_keeps_the_version(in_process_wo
     from car_backend.pipeline.planning import plan_task
     from car_backend.pipeline.spec import Project
     from car_backend.pipeline.versions import model_version
-    from car_backend.review.jobs import calibrate_project
+    from car_backend.review.calibration import calibrate_project
     from car_backend.review.store import Correction
     from car_backend.service.projects import Projects
 
     ctx = in_process_worker()
     ids = task_ids(3)
-    project = str(ids[0])
+    project = ProjectId(instance_of(ctx.settings.label_studio_url), ids[0], 1)  # /setup's "<id>.1" below
     config = parse_label_config(BRUSH)
     (target,) = config.targets
     version = model_version(ctx.settings, config)
@@ -165,16 +169,16 @@ def test_a_calibration_that_finds_nothing_better_keeps_the_version(in_process_wo
         image = np.array(Image.open(io.BytesIO(review_image(i))).convert("RGB"))
         seg = segmenter.segment(image, [label.prompt for label in target.labels])
         regions = segmentation_to_regions(seg, target, list(target.labels), kind="brush")
-        ReviewStore(ctx.store.redis).put_correction(project, Correction(task_id, (spec,), shrink(label_masks(regions, (64, 96)))))
+        ctx.review.put_correction(project, Correction(task_id, (spec,), shrink(label_masks(regions, (64, 96)))))
     for _ in range(100):  # a slow machine may need more than one slice (CALIBRATION_SLICE_S); each queues the next
-        if not (result := calibrate_project(project)).get("continued"):
+        if not (result := calibrate_project(project, ctx.review_runtime)).continued:
             break
-    calibration = ReviewStore(ctx.store.redis).calibration(project)
-    assert result["calibrated"] is False and calibration.generation == 0
+    calibration = ctx.review.calibration(project)
+    assert result.calibrated is False and calibration.generation == 0
     assert calibration.thresholds == calibration.previous and calibration.after == calibration.before
     assert calibration.tasks == 3
-    projects = Projects(ctx.settings, ctx.store)
-    assert projects.setup(f"{project}.1", BRUSH, None).version == version
+    projects = Projects(ctx.settings, ctx.state.projects, ctx.review)
+    assert projects.setup(f"{project.id}.1", BRUSH, None).version == version
 
 
 def test_a_calibration_in_one_candidate_slices_ends_where_one_job_does(in_process_worker, fake_ls, task_ids,
@@ -187,36 +191,42 @@ def test_a_calibration_in_one_candidate_slices_ends_where_one_job_does(in_proces
     from car_backend.pipeline.planning import plan_task
     from car_backend.pipeline.spec import Project
     from car_backend.pipeline.versions import model_version
-    from car_backend.review import jobs
+    from car_backend.queue.jobqueue import JobName
+    from car_backend.review import calibration
+    from car_backend.review.calibration import calibrate_project
     from car_backend.review.store import Correction
+    from car_backend.review.triggers import CALIBRATION_LOCK_S
 
     ctx = in_process_worker(queue=f"slices-{uuid.uuid4().hex[:8]}")
-    review = ReviewStore(ctx.store.redis)
+    review = ctx.review
     ids = task_ids(1)
     config = parse_label_config(BRUSH)
     version = model_version(ctx.settings, config)
     annotated = annotated_regions(BRUSH, [review_image(i) for i in range(1)])
-    whole, sliced = f"{ids[0]}-whole", f"{ids[0]}-sliced"
+    instance = instance_of(ctx.settings.label_studio_url)
+    whole, sliced = (ProjectId(instance, project) for project in task_ids(2))
     for project in (whole, sliced):
         for i, (task_id, regions) in enumerate(zip(ids, annotated, strict=True)):
             task = {"id": task_id, "data": {"image": f"{fake_ls.url}/img/review-{i}.png"}}
             spec = plan_task(task, Project(config, version), ctx.settings).specs[0]
             review.put_correction(project, Correction(task_id, (spec,), shrink(label_masks(regions, (64, 96)))))
-    monkeypatch.setattr(jobs, "CALIBRATION_SLICE_S", 1e9)
-    assert jobs.calibrate_project(whole)["calibrated"] is True
+    monkeypatch.setattr(calibration, "CALIBRATION_SLICE_S", 1e9)
+    assert calibrate_project(whole, ctx.review_runtime).calibrated is True
     expected = review.calibration(whole)
 
-    monkeypatch.setattr(jobs, "CALIBRATION_SLICE_S", 0.0)
-    assert review.try_lock_calibration(sliced, "test", jobs.CALIBRATION_LOCK_S)
+    monkeypatch.setattr(calibration, "CALIBRATION_SLICE_S", 0.0)
+    assert review.try_lock_calibration(sliced, "test", CALIBRATION_LOCK_S)
     slices = 0
-    while (outcome := jobs.calibrate_project(sliced)).get("continued"):
+    while (outcome := calibrate_project(sliced, ctx.review_runtime)).continued:
         slices += 1
         assert slices <= expected.evaluations, "the slices make no progress"
-        assert review.redis.exists(f"car:review:{sliced}:calibrating")  # held between slices
+        assert review.redis.exists(ReviewStore.CALIBRATING.key(sliced.key))  # held between slices
         assert ctx.queue.batch.count == slices  # each slice queued the next one
+        assert ctx.queue.batch.get_jobs()[-1].func_name == JobName.CALIBRATE.value
+        assert list(ctx.queue.batch.get_jobs()[-1].args) == [sliced.key]
     got = review.calibration(sliced)
-    assert outcome["calibrated"] is True and slices == expected.evaluations - 1
+    assert outcome.calibrated is True and slices == expected.evaluations - 1
     assert (got.thresholds, got.before, got.after, got.evaluations, got.labels_after) == (
         expected.thresholds, expected.before, expected.after, expected.evaluations, expected.labels_after)
-    assert not review.redis.exists(f"car:review:{sliced}:calibrating")
+    assert not review.redis.exists(ReviewStore.CALIBRATING.key(sliced.key))
     assert review.calibration_progress(sliced) is None

@@ -17,12 +17,14 @@ from rq.job import Job, JobStatus
 
 from car_backend.labelstudio.config import parse_label_config
 from car_backend.labelstudio.regions import RegionSizeError, label_masks
+from car_backend.pipeline.identity import ProjectId, instance_of
 from car_backend.pipeline.planning import plan_task
 from car_backend.pipeline.spec import Project
 from car_backend.pipeline.versions import model_version
 from car_backend.queue.jobqueue import SERIALIZER
-from car_backend.review.jobs import AnnotationEvent, review_annotation
+from car_backend.review.corrections import review_annotation
 from car_backend.review.store import ReviewStore
+from car_backend.review.webhook import AnnotationEvent, WebhookOutcome
 from tests.support.label_configs import label_config
 
 pytestmark = pytest.mark.integration
@@ -117,10 +119,11 @@ def test_forged_events_change_nothing_and_are_counted(service_settings, make_cli
     assert all(job.get_status() == JobStatus.FINISHED for job in finished), [j.exc_info for j in finished]
     assert [o.get("ignored") for o in outcomes] == (
         ["unknown"] * 15 + ["mismatch"] * 3 + ["cancelled", "too_large", "config_changed", "mismatch", "unknown"])
-    assert all(o["compared"] is False and "corrected_tasks" not in o for o in outcomes)
+    assert all(o["compared"] is False and o["corrected_tasks"] is None for o in outcomes)
 
     review = ReviewStore(redis)
-    assert review.corrections(str(project)) == [] and review.calibration(str(project)) is None
+    pid = ProjectId(instance_of(settings.label_studio_url), project, 1)  # /setup's "<id>.1"
+    assert review.corrections(pid) == [] and review.calibration(pid) is None
     assert client.post("/setup", json={"project": f"{project}.1", "schema": BRUSH}).get_json()[
         "model_version"] == version
     assert fake_ls.annotation_reads[str(base + 50)] == 1  # every event was looked up
@@ -131,11 +134,12 @@ def test_forged_events_change_nothing_and_are_counted(service_settings, make_cli
 
 def test_the_stored_annotation_is_reviewed_not_the_payload(service_settings, redis, fake_ls, task_ids):
     """The genuine case: the correction keeps what Label Studio stores, whatever the webhook said."""
-    from car_backend.queue import jobs
-    from car_backend.queue.worker import worker_context
+    from car_backend.worker import tasks
+    from car_backend.worker.context import WorkerContext
 
     settings = service_settings(calibrate_after=0)
-    jobs.install(worker_context(settings, redis, name="test"))
+    ctx = WorkerContext(settings, redis, name="test")
+    tasks.install(ctx)
     try:
         (task_id,) = task_ids(1)
         task = {"id": task_id, "data": {"image": f"{fake_ls.url}/img/genuine.png"}}
@@ -144,21 +148,22 @@ def test_the_stored_annotation_is_reviewed_not_the_payload(service_settings, red
         fake_ls.add_annotation(task_id, task_id, task_id, [polygon(first, [[0, 0], [50, 0], [50, 100], [0, 100]])])
         config = parse_label_config(BRUSH)
         spec = plan_task(task, Project(config, model_version(settings, config)), settings).specs[0]
-        ev = AnnotationEvent(str(task_id), task_id, task_id, sha256(BRUSH.encode()).hexdigest(), (spec,))
-        outcome = review_annotation(ev.to_dict())
-        assert "ignored" not in outcome and outcome["corrected_tasks"] == 1
-        (stored,) = ReviewStore(redis).corrections(str(task_id))
+        pid = ProjectId(instance_of(settings.label_studio_url), task_id)
+        ev = AnnotationEvent(pid, task_id, task_id, sha256(BRUSH.encode()).hexdigest(), (spec,))
+        outcome = review_annotation(ev, ctx.review_runtime)
+        assert outcome.ignored is None and outcome.corrected_tasks == 1
+        (stored,) = ReviewStore(redis).corrections(pid)
         assert set(stored.masks) == {first} and second not in stored.masks
         mask = stored.masks[first]
         assert mask[:, : mask.shape[1] // 2 - 1].all() and not mask[:, mask.shape[1] // 2 + 1:].any()
     finally:
-        jobs.install(None)
+        tasks.install(None)
 
 
 def test_a_100000_squared_event_is_answered_fast_with_bounded_memory(service_settings, make_client, fake_ls,
                                                                       redis, task_ids):
-    from car_backend.queue import jobs
-    from car_backend.queue.worker import worker_context
+    from car_backend.worker import tasks
+    from car_backend.worker.context import WorkerContext
 
     (task_id,) = task_ids(1)
     settings = service_settings(calibrate_after=1)
@@ -175,22 +180,22 @@ def test_a_100000_squared_event_is_answered_fast_with_bounded_memory(service_set
         started = time.monotonic()
         resp = client.post("/webhook", json=body)
         answered = time.monotonic() - started
-        jobs.install(worker_context(settings, redis, name="test"))
-        try:
-            outcome = review_annotation(Job.fetch(resp.get_json()["job"], connection=redis,
-                                                  serializer=SERIALIZER).args[0])
+        tasks.install(WorkerContext(settings, redis, name="test"))
+        try:  # the queued job's argument, run through the RQ entry point
+            outcome = tasks.review(Job.fetch(resp.get_json()["job"], connection=redis,
+                                             serializer=SERIALIZER).args[0])
         finally:
-            jobs.install(None)
+            tasks.install(None)
         _, traced_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
     assert resp.status_code == 200 and resp.get_json()["status"] == "queued"
     assert answered < 1.0
-    assert outcome["ignored"] == "too_large" and "CAR_MAX_IMAGE_PIXELS" in outcome["detail"]
+    assert outcome["ignored"] == WebhookOutcome.TOO_LARGE and "CAR_MAX_IMAGE_PIXELS" in outcome["detail"]
     assert traced_peak < 50 * 2**20  # 100000^2 masks would be 10 GB
     assert grown_kib < 200 * 1024
-    assert ReviewStore(redis).corrections(str(task_id)) == []
+    assert ReviewStore(redis).corrections(ProjectId(instance_of(settings.label_studio_url), task_id)) == []
 
 
 def test_region_sizes_and_rle_are_checked_before_decoding():
