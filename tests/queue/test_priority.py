@@ -18,7 +18,6 @@ from rq.job import Job
 from car_backend.pipeline.planning import plan_task
 from car_backend.queue.jobqueue import SERIALIZER
 from car_backend.service.backend import Backend
-from car_backend.service.projects import Projects
 from tests.support.label_configs import label_config
 from tests.support.service import DELIVERY_TIMEOUT_S, predict
 
@@ -43,7 +42,7 @@ def test_an_interactive_job_starts_before_the_waiting_batch_jobs(service_setting
     worker = spawn_worker(settings)
     backend = Backend(settings)
     try:
-        project = Projects(settings, backend.store).for_predict(None, INTERACTIVE)
+        project = backend.projects.for_predict(None, INTERACTIVE)
 
         def submit(task_id: int, image: str, interactive: bool = False) -> str:
             (spec,) = plan_task({"id": task_id, "data": {"image": f"{fake_ls.url}/{image}"}}, project, settings).specs
@@ -107,7 +106,7 @@ def test_an_interactive_call_for_a_queued_batch_image_starts_before_the_batch(se
     worker = spawn_worker(settings)
     backend = Backend(settings)
     try:
-        project = Projects(settings, backend.store).for_predict(None, INTERACTIVE)
+        project = backend.projects.for_predict(None, INTERACTIVE)
 
         def task(task_id: int, image: str) -> dict:
             return {"id": task_id, "data": {"image": f"{fake_ls.url}/{image}"}}

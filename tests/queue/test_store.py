@@ -3,25 +3,43 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from rq.job import Job
 
+from car_backend.pipeline.identity import ProjectId
 from car_backend.pipeline.planning import plan_task
 from car_backend.pipeline.spec import JobResult
-from car_backend.queue.jobqueue import SERIALIZER, JobQueue, make_store
-from car_backend.queue.store import CLAIM_TTL_S, LateRecord
+from car_backend.queue.jobqueue import SERIALIZER, JobQueue
+from car_backend.queue.ledger import CLAIM_TTL_S, LateRecord, TaskState
+from car_backend.queue.results import ResultCache
+from car_backend.queue.state import RedisState
+from car_backend.queue.stats import Stats
+from car_backend.review.store import ReviewStore
 from car_backend.service.projects import Projects
 from tests.support.label_configs import label_config
 from tests.support.settings import tiny_settings
 
+PROJECT = ProjectId("local", 1, 1700000000)
+
+
+def _answer(task: int, version: str) -> tuple:
+    """A /predict answer of (task, version) for `DeliveryLedger.answer`: delivered, holding one job key."""
+    return task, version, (f"key-{task}-{version}",), TaskState.DELIVERED, ""
+
+
+def _release(task: int, version: str) -> tuple:
+    """Giving a claim back after the delivery failed (the old `release_claim`): the entry settles as pending."""
+    return task, version, (f"key-{task}-{version}",), TaskState.PENDING, "the delivery failed"
+
 
 def test_only_one_caller_wins_a_delivery_claim(redis, redis_url, task_ids):
-    store = make_store(redis, tiny_settings(redis_url=redis_url))
+    ledger = RedisState.on(redis, tiny_settings(redis_url=redis_url)).ledger
     (task,) = task_ids(1)
     wins = []
 
     def contend(owner: str) -> None:
-        wins.append(store.claim([task], "v1", owner)[0])
+        wins.append(ledger.answer(PROJECT, [_answer(task, "v1")], owner)[0])
 
     threads = [threading.Thread(target=contend, args=(f"owner-{i}",)) for i in range(8)]
     for t in threads:
@@ -29,25 +47,30 @@ def test_only_one_caller_wins_a_delivery_claim(redis, redis_url, task_ids):
     for t in threads:
         t.join()
     assert wins.count(True) == 1
-    assert store.claim([task], "v2", "x") == [True]  # another model version is another delivery
-    assert 0 < redis.ttl(store.claim_key(task, "v1")) <= CLAIM_TTL_S
-    store.release_claim(task, "v1", "not-the-owner")
-    assert store.claimed([task], "v1") == [True]
+    # The claim lives in the task's ledger entry now (no claim key with a TTL): it lasts CLAIM_TTL_S.
+    entry = ledger.state_of(PROJECT, [task])[task]
+    assert entry.state is TaskState.DELIVERED and entry.owner.startswith("owner-")
+    assert 0 < entry.until - time.time() <= CLAIM_TTL_S
+    ledger.settle(PROJECT, [_release(task, "v1")], owner="not-the-owner")
+    assert ledger.state_of(PROJECT, [task])[task] == entry  # still claimed: only its owner releases it
+    assert ledger.answer(PROJECT, [_answer(task, "v1")], "x") == [False]
+    # Checked after the release above: a task holds one entry, its newest version, so v2 supersedes v1.
+    assert ledger.answer(PROJECT, [_answer(task, "v2")], "x") == [True]  # another model version is another delivery
 
 
 def test_released_claims_can_be_won_again(redis, redis_url, task_ids):
-    store = make_store(redis, tiny_settings(redis_url=redis_url))
+    ledger = RedisState.on(redis, tiny_settings(redis_url=redis_url)).ledger
     (task,) = task_ids(1)
-    assert store.claim([task, task], "v1", "a") == [True, False]
-    store.release_claim(task, "v1", "a")
-    assert store.claim([task], "v1", "b") == [True]
+    assert ledger.answer(PROJECT, [_answer(task, "v1"), _answer(task, "v1")], "a") == [True, False]
+    ledger.settle(PROJECT, [_release(task, "v1")], owner="a")
+    assert ledger.answer(PROJECT, [_answer(task, "v1")], "b") == [True]
 
 
 def test_submitting_a_key_twice_makes_one_job(redis, redis_url, task_ids):
     settings = tiny_settings(redis_url=redis_url, queue=f"q-{task_ids(1)[0]}")
-    store = make_store(redis, settings)
-    queue = JobQueue(settings, redis, store)
-    project = Projects(settings, store).setup(None, label_config("brush"), None)
+    state = RedisState.on(redis, settings)
+    queue = JobQueue(settings, redis, state.locks)
+    project = Projects(settings, state.projects, ReviewStore(redis)).setup(None, label_config("brush"), None)
     spec = plan_task({"id": 1, "data": {"image": "http://h/x.png"}}, project, settings).specs[0]
     results = []
     threads = [threading.Thread(target=lambda: results.append(queue.submit(spec))) for _ in range(6)]
@@ -66,21 +89,21 @@ def test_submitting_a_key_twice_makes_one_job(redis, redis_url, task_ids):
 
 
 def test_late_records_round_trip(redis, redis_url, task_ids):
-    store = make_store(redis, tiny_settings(redis_url=redis_url))
+    ledger = RedisState.on(redis, tiny_settings(redis_url=redis_url)).ledger
     (task,) = task_ids(1)
-    record = LateRecord(task, "v1", ("k1", "k2"))
-    store.add_late([record])
-    assert store.late("k1") == [record] and store.late("k2") == [record]
-    store.remove_late(record)
-    assert store.late("k1") == [] and store.late("k2") == []
+    record = LateRecord(task, "v1", ("k1", "k2"), PROJECT)
+    ledger.register_late([record])
+    assert ledger.late("k1") == [record] and ledger.late("k2") == [record]
+    ledger.done([record])  # what took a record off its keys (remove_late) once it was delivered
+    assert ledger.late("k1") == [] and ledger.late("k2") == []
 
 
 def test_results_round_trip(redis, redis_url):
-    store = make_store(redis, tiny_settings(redis_url=redis_url, result_ttl=60))
+    results = RedisState.on(redis, tiny_settings(redis_url=redis_url, result_ttl=60)).results
     result = JobResult(ok=False, regions=[], error="cannot decode", seconds=0.2)
-    store.put_result("some-key", result)
-    assert store.results(["some-key", "other"]) == [result, None]
-    assert 0 < redis.ttl("car:result:some-key") <= 60
+    results.put("some-key", result)
+    assert results.get_many(["some-key", "other"]) == [result, None]
+    assert 0 < redis.ttl(ResultCache.RESULT.key("some-key")) <= 60
 
 
 def _counting_clip(name: str, encoded: list[str]):
@@ -102,9 +125,9 @@ def test_text_embeddings_are_shared_between_processes_through_redis(redis):
     import numpy as np
     import torch
 
-    from car_backend.queue.store import STATS_KEY, RedisTextCache
+    from car_backend.queue.textcache import RedisTextCache
 
-    redis.delete(STATS_KEY)
+    redis.delete(Stats.STATS.key())
     cache = RedisTextCache(redis, ttl=60)
     first_encoded: list[str] = []
     second_encoded: list[str] = []
@@ -117,7 +140,7 @@ def test_text_embeddings_are_shared_between_processes_through_redis(redis):
     assert second_encoded == ["a bird"]  # the other two came from Redis
     assert torch.allclose(b[0], a[1]) and torch.allclose(b[1], a[0])
     assert 0 < redis.ttl(cache.key(first.identity, "a cat")) <= 60
-    stats = {k.decode(): int(float(v)) for k, v in redis.hgetall(STATS_KEY).items()}
+    stats = {k.decode(): int(float(v)) for k, v in redis.hgetall(Stats.STATS.key()).items()}
     assert stats["text:hit"] == 2 and stats["text:miss"] == 3
     # another model (or precision) never reads these rows; a wrong-width row is a miss, not a crash
     other_encoded: list[str] = []
@@ -133,7 +156,7 @@ def test_text_embeddings_are_shared_between_processes_through_redis(redis):
 def test_an_unreachable_text_cache_falls_back_to_encoding():
     from redis import Redis
 
-    from car_backend.queue.store import RedisTextCache
+    from car_backend.queue.textcache import RedisTextCache
 
     dead = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     encoded: list[str] = []

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from car_backend.queue.stats import CounterFamily, DeliveryOutcome, Stats
 from car_backend.testing.fake_label_studio import image_bytes
 from car_backend.testing.faults import SCENARIOS
 from tests.support.service import BRUSH, DELIVERY_TIMEOUT_S, predict
@@ -67,6 +68,10 @@ def test_a_host_not_allowed_is_pending_never_empty_and_allowing_it_predicts(
     assert all("result" in e and "error" not in e for e in body["results"]), body  # computed, not failed
 
 
+def _refused(redis) -> float:
+    return Stats(redis).read().get(CounterFamily.DELIVERIES, DeliveryOutcome.REFUSED)
+
+
 def test_a_forged_predict_writes_nothing_and_the_real_late_task_is_written(
         service_settings, make_client, spawn_worker, fake_ls, redis, task_ids):
     real, forged = task_ids(2)
@@ -74,16 +79,16 @@ def test_a_forged_predict_writes_nothing_and_the_real_late_task_is_written(
     fake_ls.add_tasks(1, [{"id": real, "data": {"image": f"{fake_ls.url}/img/real-{real}.png"}},
                           {"id": forged, "data": {"image": f"{fake_ls.url}/img/theirs-{forged}.png"}}])
     settings = service_settings(queue=f"forged-{real}", predict_wait=0.0)
-    before = float(redis.hget("car:stats", "deliveries:refused") or 0)
+    before = _refused(redis)
     predict(make_client(settings), [{"id": real, "data": {"image": f"{fake_ls.url}/img/real-{real}.png"}},
                                     {"id": forged, "data": {"image": f"{fake_ls.url}/img/mine-{forged}.png"}}])
     spawn_worker(settings)
     assert len(fake_ls.wait_for_predictions([real], DELIVERY_TIMEOUT_S)[real]) == 1  # the control
     deadline = time.monotonic() + DELIVERY_TIMEOUT_S
-    while float(redis.hget("car:stats", "deliveries:refused") or 0) == before and time.monotonic() < deadline:
+    while _refused(redis) == before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert fake_ls.predictions_for(forged) == []
-    assert float(redis.hget("car:stats", "deliveries:refused")) - before == 1
+    assert _refused(redis) - before == 1
     metrics = make_client(settings).get("/metrics").get_data(as_text=True)
     assert 'car_api_deliveries_refused' in metrics
 
@@ -124,8 +129,10 @@ def test_embedded_mode_resumes_its_queue_and_late_writes_after_a_restart(service
                                                                           tmp_path):
     from car_backend.pipeline.planning import plan_task
     from car_backend.queue.connection import connect
-    from car_backend.queue.jobqueue import JobQueue, make_store
-    from car_backend.queue.store import LateRecord
+    from car_backend.queue.jobqueue import JobQueue
+    from car_backend.queue.ledger import LateRecord
+    from car_backend.queue.state import RedisState
+    from car_backend.review.store import ReviewStore
     from car_backend.service.backend import Backend
     from car_backend.service.projects import Projects
 
@@ -135,10 +142,12 @@ def test_embedded_mode_resumes_its_queue_and_late_writes_after_a_restart(service
     settings = service_settings(redis_url="", data_dir=str(tmp_path / "data"))
     # A server queued the job and registered the late write, then stopped before any worker ran it.
     first = connect(settings)
-    store = make_store(first.redis, settings)
-    plan = plan_task(task, Projects(settings, store).for_predict("5.1", BRUSH), settings)
-    JobQueue(settings, first.redis, store).submit(plan.specs[0])
-    store.add_late([LateRecord(task_id, plan.specs[0].model_version, tuple(plan.keys), 5, (plan.specs[0].image,))])
+    state = RedisState.on(first.redis, settings)
+    project = Projects(settings, state.projects, ReviewStore(first.redis)).for_predict("5.1", BRUSH)
+    plan = plan_task(task, project, settings)
+    JobQueue(settings, first.redis, state.locks).submit(plan.specs[0])
+    state.ledger.register_late([LateRecord(task_id, plan.specs[0].model_version, tuple(plan.keys), project.project,
+                                           (plan.specs[0].image,))])
     first.close()
     assert (tmp_path / "data").exists() and any((tmp_path / "data").rglob("*.aof"))
     backend = Backend(settings)  # restarted: same CAR_DATA_DIR, its embedded worker finds the job

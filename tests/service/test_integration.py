@@ -18,6 +18,8 @@ import pytest
 from rq.registry import FailedJobRegistry
 
 from car_backend.queue.jobqueue import SERIALIZER
+from car_backend.queue.stats import CounterFamily, JobOutcome, Stats, TextLookup
+from car_backend.queue.textcache import RedisTextCache
 from car_backend.service.app import create_app
 from car_backend.service.backend import Backend
 from tests.support.label_configs import label_config
@@ -86,8 +88,8 @@ def test_workers_share_text_embeddings_through_redis(service_settings, make_clie
     client = make_client(settings)
 
     def text_stats() -> tuple[float, float]:
-        stats = {k.decode(): float(v) for k, v in redis.hgetall("car:stats").items()}
-        return stats.get("text:hit", 0.0), stats.get("text:miss", 0.0)
+        stats = Stats(redis).read()
+        return stats.get(CounterFamily.TEXT, TextLookup.HIT), stats.get(CounterFamily.TEXT, TextLookup.MISS)
 
     for task_id in task_ids(2):  # each image on a fresh worker process: no in-process cache to help
         worker = spawn_worker(settings)
@@ -96,7 +98,7 @@ def test_workers_share_text_embeddings_through_redis(service_settings, make_clie
         assert "result" in body["results"][0]
         worker.stop()
     hits, misses = (after - start for after, start in zip(text_stats(), before, strict=True))
-    assert redis.keys("car:text:*")
+    assert redis.keys(RedisTextCache.TEXT.pattern())
     assert hits > misses  # the templates of the whole vocabulary at least came from Redis
     assert 'car_text_cache_total{outcome="hit"}' in client.get("/metrics").get_data(as_text=True)
 
@@ -151,12 +153,12 @@ def test_retries_run_out_then_the_error_is_recorded(shared_workers, service_sett
     (task_id,) = task_ids(1)
     name = f"flaky-always-{task_id}.png"
     settings = service_settings(job_retries=1)
-    before = float(redis.hget("car:stats", "jobs:error") or 0)
+    before = Stats(redis).read().get(CounterFamily.JOBS, JobOutcome.ERROR)
     body = predict(make_client(settings), [{"id": task_id, "data": {"image": f"{fake_ls.url}/flaky/100/{name}"}}])
     entry = body["results"][0]
     assert "result" not in entry and "503" in entry["reason"]  # pending: the next request tries again
     assert fake_ls.hits[f"flaky/{name}"] == 2  # the first attempt and one retry
-    assert float(redis.hget("car:stats", "jobs:error")) - before == 2
+    assert Stats(redis).read().get(CounterFamily.JOBS, JobOutcome.ERROR) - before == 2
     failed = FailedJobRegistry(settings.queue + "-interactive", connection=redis, serializer=SERIALIZER)
     assert any("503" in (job.latest_result().exc_string or "") for job in
                (failed.get_queue().fetch_job(i) for i in failed.get_job_ids()) if job is not None)

@@ -16,6 +16,7 @@ import redis.client
 from rq.job import Job
 
 from car_backend.pipeline import spec as spec_module
+from car_backend.pipeline.identity import ProjectId, instance_of
 from car_backend.queue.jobqueue import SERIALIZER
 from car_backend.review.agreement import compare
 from car_backend.review.store import ReviewStore
@@ -48,7 +49,7 @@ class RedisCalls:
         return self.commands - before
 
 
-def _review_data(redis_client, projects: list[str]) -> None:
+def _review_data(redis_client, projects: list[ProjectId]) -> None:
     mask = np.zeros((8, 8), bool)
     mask[:4] = True
     agreement = compare({"car": mask}, {"car": mask, "dog": ~mask})
@@ -59,19 +60,22 @@ def _review_data(redis_client, projects: list[str]) -> None:
 
 def test_health_makes_the_same_few_redis_calls_with_1000_projects_of_review_data(
         service_settings, make_client, redis, monkeypatch):
-    client = make_client(service_settings())
+    settings = service_settings()
+    client = make_client(settings)
     calls = RedisCalls(monkeypatch)
-    tag = uuid.uuid4().hex[:6]
-    _review_data(redis, [f"{tag}-first"])
+    # Projects of their own (/metrics labels a project by its Label Studio id): ids no other test uses.
+    base = 10**9 + uuid.uuid4().int % 10**9 * 10**4
+    instance = instance_of(settings.label_studio_url)
+    _review_data(redis, [ProjectId(instance, base - 1, 1700000000)])
     few = calls.during(lambda: client.get("/health"))
-    _review_data(redis, [f"{tag}-{i}" for i in range(1000)])
+    _review_data(redis, [ProjectId(instance, base + i, 1700000000) for i in range(1000)])
     many = calls.during(lambda: client.get("/health"))
     assert many == few <= 10, (few, many)
 
     # The review figures are at /metrics, built once and then served from the cache.
     first = calls.during(lambda: client.get("/metrics"))
     text = client.get("/metrics").get_data(as_text=True)
-    assert f'car_review_tasks{{model_version="car-test",project="{tag}-999"}} 1.0' in text
+    assert f'car_review_tasks{{model_version="car-test",project="{base + 999}"}} 1.0' in text
     assert first > 1000 and calls.during(lambda: client.get("/metrics")) < 20
 
 
@@ -101,14 +105,19 @@ def test_predict_computes_each_job_key_once(service_settings, make_client, task_
 
 
 @pytest.mark.integration
-def test_health_answers_while_an_embedded_job_holds_the_gil(service_settings):
+def test_health_answers_while_an_embedded_job_holds_the_gil(service_settings, tmp_path, monkeypatch):
+    from car_backend.queue.jobqueue import JobName
+    from tests.support.gil import HOLD, worker_pythonpath
+
+    # A worker runs only JobName jobs now: the embedded worker's segment jobs given {HOLD: s} hold the GIL.
+    monkeypatch.setenv("PYTHONPATH", worker_pythonpath(tmp_path / "gil"))
     settings = service_settings(redis_url="", predict_wait=5.0)
     backend = Backend(settings)
     try:
         client = create_app(settings, backend).test_client()
         worker = backend._embedded
         assert worker.alive() and worker.pid != os.getpid()
-        job = backend.queue.batch.enqueue("tests.support.gil.hold_gil", 3.0, result_ttl=60)
+        job = backend.queue.batch.enqueue(JobName.SEGMENT.value, {HOLD: 3.0}, result_ttl=60)
         deadline = time.monotonic() + 60  # the worker process starts (imports) first
         while Job.fetch(job.id, connection=backend.redis, serializer=SERIALIZER).get_status() != "started":
             assert time.monotonic() < deadline and worker.alive()
@@ -124,6 +133,10 @@ def test_health_answers_while_an_embedded_job_holds_the_gil(service_settings):
         assert Job.fetch(job.id, connection=backend.redis, serializer=SERIALIZER).get_status() == "started"
         assert max(answered) < 1.0, answered
         assert client.get("/health").get_json()["workers"] == 1
+        while Job.fetch(job.id, connection=backend.redis, serializer=SERIALIZER).get_status() == "started":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert Job.fetch(job.id, connection=backend.redis, serializer=SERIALIZER).return_value() == 3.0  # held it
     finally:
         backend.close()
     assert not worker.alive()
@@ -274,13 +287,16 @@ def test_jobs_left_unqueued_at_the_deadline_are_pending_and_unclaimed(service_se
                                                                      monkeypatch):
     """No time left to queue (CAR_PREDICT_WAIT 0, no queueing grace): every task is pending with the reason,
     and no delivery claim is taken for a task that is not answered."""
-    from car_backend.queue.store import Store
+    from car_backend.queue.ledger import CLAIMED, DeliveryLedger
     from car_backend.service import predictor
 
     monkeypatch.setattr(predictor, "QUEUE_AT_LEAST_S", 0.0)
-    client = make_client(service_settings(predict_wait=0.0, queue=f"late-{uuid.uuid4().hex[:8]}"))
+    settings = service_settings(predict_wait=0.0, queue=f"late-{uuid.uuid4().hex[:8]}")
+    client = make_client(settings)
     ids = task_ids(4)
     body = predict(client, [{"id": t, "data": {"image": f"{t}.png"}} for t in ids])
     assert all("result" not in e and "not queued" in e["reason"] for e in body["results"]), body
-    assert not any(redis.exists(Store.claim_key(t, body["model_version"])) for t in ids)
+    # The claims live in the project's ledger entries (predict() names project "1.1"): none holds one.
+    entries = DeliveryLedger(redis).state_of(ProjectId(instance_of(settings.label_studio_url), 1, 1), ids)
+    assert not any(e.state in CLAIMED and e.version == body["model_version"] for e in entries.values()), entries
     assert client.get("/health").get_json()["queue"]["batch"] == 0

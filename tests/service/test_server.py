@@ -13,7 +13,6 @@ import pytest
 from car_backend.pipeline.planning import plan_task
 from car_backend.pipeline.spec import JobResult, JobSpec
 from car_backend.service.backend import Backend
-from car_backend.service.projects import Projects
 from tests.support.label_configs import label_config
 from tests.support.redis import free_port, start_redis_server
 
@@ -30,9 +29,9 @@ def _cache(settings, task: dict, regions: list[dict], xml: str = BRUSH) -> JobSp
     """Put a finished result for `task` into the result cache, as a worker would."""
     backend = Backend(settings)
     try:
-        project = Projects(settings, backend.store).setup(None, xml, None)
+        project = backend.projects.setup(None, xml, None)
         spec = plan_task(task, project, settings).specs[0]
-        backend.store.put_result(spec.key, JobResult(ok=True, regions=regions, score=0.7))
+        backend.state.results.put(spec.key, JobResult(ok=True, regions=regions, score=0.7))
         return spec
     finally:
         backend.close()
