@@ -16,7 +16,7 @@ is never staged nor written, so two versions of one task never overwrite each ot
 written after the newer. Every change of an entry is one Lua script (`_TRANSITION`), whose mode says what
 happens; the states that hold a delivery claim and the claim's owner are its arguments.
 
-A claim (`TaskState.CLAIMED`: writing, delivered, empty) decides between /predict answering with the result
+A claim (`CLAIMED`: writing, delivered, empty) decides between /predict answering with the result
 and a worker writing it through the API: it lives CLAIM_TTL_S, so a task whose prediction was deleted in
 Label Studio can be delivered again when Label Studio asks for it again.
 """
@@ -48,7 +48,7 @@ class TaskState(str, Enum):
     STAGED = "staged"  # every job has a result: in the project's outbox
     WRITING = "writing"  # a deliverer holds it: a write in flight, or waiting for its retry
     DELIVERED = "delivered"  # Label Studio has it (answered by /predict, or a write it confirmed)
-    EMPTY = "empty"  # delivered as an empty prediction (a permanent failure)
+    EMPTY = "empty"  # delivered as an empty prediction (a permanent failure, or no region)
     PENDING = "pending"  # not delivered: a failure a setting or an outage may change
     DROPPED = "dropped"  # not written: refused by the read-back check, or given up
 
@@ -136,75 +136,98 @@ class LateRecord:
                    images=tuple(data.get("images") or ()))
 
 
-# KEYS: tasks hash, outbox hash, due zset. ARGV: mode, task, entry JSON (version, keys, state, reason,
-# delivered), owner, claim ttl, late record JSON ("" for none), project key, due, then the claimed states.
-# Returns an Outcome value.
+# KEYS: tasks hash, outbox hash, due zset. ARGV: mode, owner, claim ttl, project key, due, the number n of
+# claimed states, the n claimed states, then per task three values: task id, entry JSON (version, keys,
+# state, reason), late record JSON ("" for none). Returns one Outcome value per task.
 _TRANSITION = """
-local mode, task, owner, ttl = ARGV[1], ARGV[2], ARGV[4], tonumber(ARGV[5])
-local record, project, due = ARGV[6], ARGV[7], ARGV[8]
+local mode, owner, ttl, project, due = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local n = tonumber(ARGV[6])
 local claimed_states = {}
-for i = 9, #ARGV do claimed_states[ARGV[i]] = true end
+for i = 7, 6 + n do claimed_states[ARGV[i]] = true end
 local t = redis.call('time')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local new = cjson.decode(ARGV[3])
-local raw = redis.call('hget', KEYS[1], task)
-local cur = raw and cjson.decode(raw) or nil
-local same = cur ~= nil and cur['version'] == new['version']
-local held = same and claimed_states[cur['state']] and tonumber(cur['until'] or 0) > now
+local outcomes = {}
 
-local function write(state, claim)
-  new['state'] = state
-  new['owner'] = claim and owner or ''
-  new['until'] = claim and (now + ttl) or 0
-  if new['delivered'] == nil and cur ~= nil then new['delivered'] = cur['delivered'] end
-  redis.call('hset', KEYS[1], task, cjson.encode(new))
-end
-local function unstage()
-  local slot = redis.call('hget', KEYS[2], task)
-  if slot and slot == record then redis.call('hdel', KEYS[2], task) end
+local function transition(task, new, record)
+  local raw = redis.call('hget', KEYS[1], task)
+  local cur = raw and cjson.decode(raw) or nil
+  local same = cur ~= nil and cur['version'] == new['version']
+  local held = same and claimed_states[cur['state']] and tonumber(cur['until'] or 0) > now
+
+  local function write(state, claim)
+    new['state'] = state
+    new['owner'] = claim and owner or ''
+    new['until'] = claim and (now + ttl) or 0
+    if new['delivered'] == nil and cur ~= nil then new['delivered'] = cur['delivered'] end
+    redis.call('hset', KEYS[1], task, cjson.encode(new))
+  end
+  local function unstage()
+    local slot = redis.call('hget', KEYS[2], task)
+    if slot and slot == record then redis.call('hdel', KEYS[2], task) end
+  end
+
+  if mode == 'answer' then
+    if held then return 'claimed' end
+    if #new['keys'] > 0 then new['delivered'] = {version = new['version'], keys = new['keys']} end
+    write(new['state'], true)
+    return 'won'
+  elseif mode == 'register' then
+    if held or (same and cur['state'] == 'staged') then return 'kept' end
+    write('late', false)
+    return 'written'
+  elseif mode == 'stage' then
+    if cur ~= nil and not same then return 'superseded' end
+    if held then return 'claimed' end
+    write('staged', false)
+    redis.call('hset', KEYS[2], task, record)
+    redis.call('zadd', KEYS[3], 'NX', due, project)
+    return 'written'
+  elseif mode == 'deliver' then
+    if cur ~= nil and not same then unstage() return 'superseded' end
+    if held and cur['state'] ~= 'writing' then return 'claimed' end
+    local other = held and cur['owner'] ~= owner
+    write('writing', true)
+    if other then return 'taken_over' end
+    return 'won'
+  elseif mode == 'confirm' then
+    unstage()
+    if cur ~= nil and not same then return 'superseded' end
+    new['delivered'] = {version = new['version'], keys = new['keys']}
+    write('delivered', true)
+    return 'won'
+  elseif mode == 'settle' then
+    unstage()
+    if cur ~= nil and not same then return 'superseded' end
+    if held and cur['owner'] ~= owner then return 'claimed' end
+    write(new['state'], false)
+    return 'written'
+  elseif mode == 'done' then
+    unstage()
+    return 'kept'
+  end
+  return nil
 end
 
-if mode == 'answer' then
-  if held then return 'claimed' end
-  if #new['keys'] > 0 then new['delivered'] = {version = new['version'], keys = new['keys']} end
-  write(new['state'], true)
-  return 'won'
-elseif mode == 'register' then
-  if held or (same and cur['state'] == 'staged') then return 'kept' end
-  write('late', false)
-  return 'written'
-elseif mode == 'stage' then
-  if cur ~= nil and not same then return 'superseded' end
-  if held then return 'claimed' end
-  write('staged', false)
-  redis.call('hset', KEYS[2], task, record)
-  redis.call('zadd', KEYS[3], 'NX', due, project)
-  return 'written'
-elseif mode == 'deliver' then
-  if cur ~= nil and not same then unstage() return 'superseded' end
-  if held and cur['state'] ~= 'writing' then return 'claimed' end
-  local other = held and cur['owner'] ~= owner
-  write('writing', true)
-  if other then return 'taken_over' end
-  return 'won'
-elseif mode == 'confirm' then
-  unstage()
-  if cur ~= nil and not same then return 'superseded' end
-  new['delivered'] = {version = new['version'], keys = new['keys']}
-  write('delivered', true)
-  return 'won'
-elseif mode == 'settle' then
-  unstage()
-  if cur ~= nil and not same then return 'superseded' end
-  if held and cur['owner'] ~= owner then return 'claimed' end
-  write(new['state'], false)
-  return 'written'
-elseif mode == 'done' then
-  unstage()
-  return 'kept'
+for i = 7 + n, #ARGV, 3 do
+  local outcome = transition(ARGV[i], cjson.decode(ARGV[i + 1]), ARGV[i + 2])
+  if outcome == nil then return redis.error_reply('unknown ledger mode ' .. mode) end
+  outcomes[#outcomes + 1] = outcome
 end
-return redis.error_reply('unknown ledger mode ' .. mode)
+return outcomes
 """
+SCRIPT_CHUNK = 500  # tasks per script call
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One task of a ledger transition: the entry it asks for, and the late record concerned (if any)."""
+
+    task: int
+    version: str
+    keys: Sequence[str]
+    state: TaskState = TaskState.LATE
+    reason: str = ""
+    record: LateRecord | None = None
 
 
 class DeliveryLedger:
@@ -230,41 +253,40 @@ class DeliveryLedger:
 
     # -- entries --
 
-    def _apply(self, pipe, mode: str, project: ProjectId, task: int, version: str, keys: Sequence[str],
-               state: TaskState | None = None, reason: str = "", owner: str = "", record: LateRecord | None = None,
-               due: float = 0.0) -> None:
-        entry = {"version": version, "keys": list(keys), "state": (state or TaskState.LATE).value, "reason": reason}
-        self._transition(keys=[self.TASKS.key(project.key), self.OUTBOX.key(project.key), self.DUE.key()],
-                         args=[mode, str(task), json.dumps(entry), owner, CLAIM_TTL_S,
-                               record.to_json() if record is not None else "", project.key, due,
-                               *(s.value for s in CLAIMED)], client=pipe)
-
-    def _run(self, project: ProjectId, calls: Iterable[dict]) -> list[Outcome]:
-        calls = list(calls)
-        if not calls:
+    def _run(self, project: ProjectId, mode: str, items: Iterable[_Item], owner: str = "",
+             due: float = 0.0) -> list[Outcome]:
+        """Apply `mode` to each item's task of `project` (SCRIPT_CHUNK tasks per script call, one pipeline);
+        the outcome of each, in order."""
+        items = list(items)
+        if not items:
             return []
+        keys = [self.TASKS.key(project.key), self.OUTBOX.key(project.key), self.DUE.key()]
+        head = [mode, owner, CLAIM_TTL_S, project.key, due, len(CLAIMED), *(s.value for s in CLAIMED)]
         with self.redis.pipeline(transaction=False) as pipe:
-            for call in calls:
-                self._apply(pipe, project=project, **call)
-            pipe.expire(self.TASKS.key(project.key), self.entry_ttl)
+            for start in range(0, len(items), SCRIPT_CHUNK):
+                args = list(head)
+                for item in items[start:start + SCRIPT_CHUNK]:
+                    entry = {"version": item.version, "keys": list(item.keys), "state": item.state.value,
+                             "reason": item.reason}
+                    args += [str(item.task), json.dumps(entry), item.record.to_json() if item.record else ""]
+                self._transition(keys=keys, args=args, client=pipe)
+            pipe.expire(keys[0], self.entry_ttl)
             found = pipe.execute()[:-1]
-        return [Outcome(r.decode() if isinstance(r, bytes) else r) for r in found]
+        return [Outcome(o.decode() if isinstance(o, bytes) else o) for chunk in found for o in chunk]
 
     def answer(self, project: ProjectId, answers: Sequence[tuple[int, str, Sequence[str], TaskState, str]],
                owner: str) -> list[bool]:
         """Claim each (task, version, keys, state, reason) for a /predict answer (state DELIVERED or EMPTY);
         True where this caller won (it then answers with the prediction: the entry says so), False where
         someone holds the claim of that version (a write in flight, or delivered within CLAIM_TTL_S)."""
-        outcomes = self._run(project, ({"mode": "answer", "task": t, "version": v, "keys": k, "state": s,
-                                        "reason": r, "owner": owner} for t, v, k, s, r in answers))
+        outcomes = self._run(project, "answer", (_Item(t, v, k, s, r) for t, v, k, s, r in answers), owner)
         return [o is Outcome.WON for o in outcomes]
 
     def settle(self, project: ProjectId, settled: Sequence[tuple[int, str, Sequence[str], TaskState, str]],
                owner: str = "") -> None:
         """Record (task, version, keys, state, reason) with a state that holds no claim (PENDING, DROPPED),
         releasing `owner`'s claim; an entry of another version, or claimed by someone else, is left alone."""
-        self._run(project, ({"mode": "settle", "task": t, "version": v, "keys": k, "state": s, "reason": r,
-                             "owner": owner, "record": None} for t, v, k, s, r in settled))
+        self._run(project, "settle", (_Item(t, v, k, s, r) for t, v, k, s, r in settled), owner)
 
     def state_of(self, project: ProjectId, tasks: Sequence[int] | None = None) -> dict[int, TaskEntry]:
         """The entries of `tasks` (all of the project's with None) that exist; one Redis call."""
@@ -295,8 +317,7 @@ class DeliveryLedger:
                     pipe.expire(late(key), self.late_ttl)
             pipe.execute()
         for project, chunk in _by_project(records).items():
-            self._run(project, ({"mode": "register", "task": r.task, "version": r.version, "keys": r.keys}
-                                for r in chunk))
+            self._run(project, "register", (_Item(r.task, r.version, r.keys) for r in chunk))
 
     def touch_late(self, key: str) -> None:
         """Renew the late records waiting on `key` (its job was submitted again, or starts)."""
@@ -318,8 +339,8 @@ class DeliveryLedger:
         dropped from the late sets) or CLAIMED (delivered meanwhile: dropped too)."""
         outcomes = []
         for project, chunk in _by_project(records).items():
-            found = self._run(project, ({"mode": "stage", "task": r.task, "version": r.version, "keys": r.keys,
-                                         "record": r, "due": due} for r in chunk))
+            found = self._run(project, "stage", (_Item(r.task, r.version, r.keys, record=r) for r in chunk),
+                              due=due)
             outcomes.extend(found)
             self._unlate([r for r, o in zip(chunk, found, strict=True) if o is not Outcome.WRITTEN])
         return outcomes
@@ -334,30 +355,28 @@ class DeliveryLedger:
         TAKEN_OVER (another deliverer's, whose write may or may not have reached Label Studio: the caller
         reads the task back before writing), CLAIMED (delivered), SUPERSEDED (another version is current:
         the record left the outbox)."""
-        return self._run(record.project, [{"mode": "deliver", "task": record.task, "version": record.version,
-                                           "keys": record.keys, "owner": owner, "record": record}])[0]
+        return self._run(record.project, "deliver", [_Item(record.task, record.version, record.keys,
+                                                           record=record)], owner)[0]
 
     def confirm(self, records: Sequence[LateRecord], owner: str) -> None:
         """Label Studio has `records`: delivered (claimed CLAIM_TTL_S), out of the outbox and the late sets."""
         for project, chunk in _by_project(records).items():
-            self._run(project, ({"mode": "confirm", "task": r.task, "version": r.version, "keys": r.keys,
-                                 "owner": owner, "record": r} for r in chunk))
+            self._run(project, "confirm", (_Item(r.task, r.version, r.keys, record=r) for r in chunk), owner)
         self._unlate(records)
 
     def drop(self, dropped: Sequence[tuple[LateRecord, str]], owner: str) -> None:
-        """`records` are not written (refused, given up): DROPPED with the reason, `owner`'s claim released."""
+        """The (record, reason) pairs of `dropped` are not written (refused, given up): DROPPED with the reason,
+        `owner`'s claim released."""
         for project, chunk in _by_project([r for r, _ in dropped]).items():
             reasons = {id(r): why for r, why in dropped}
-            self._run(project, ({"mode": "settle", "task": r.task, "version": r.version, "keys": r.keys,
-                                 "state": TaskState.DROPPED, "reason": reasons[id(r)], "owner": owner, "record": r}
-                                for r in chunk))
+            self._run(project, "settle", (_Item(r.task, r.version, r.keys, TaskState.DROPPED, reasons[id(r)], r)
+                                          for r in chunk), owner)
         self._unlate([r for r, _ in dropped])
 
     def done(self, records: Sequence[LateRecord]) -> None:
         """`records` were delivered by someone else: out of the outbox and the late sets, entries unchanged."""
         for project, chunk in _by_project(records).items():
-            self._run(project, ({"mode": "done", "task": r.task, "version": r.version, "keys": r.keys,
-                                 "record": r} for r in chunk))
+            self._run(project, "done", (_Item(r.task, r.version, r.keys, record=r) for r in chunk))
         self._unlate(records)
 
     def _unlate(self, records: Sequence[LateRecord]) -> None:

@@ -67,8 +67,8 @@ def test_claim_owners_and_states_reach_the_script_as_arguments():
     for literal in ("predict:", "deliver:", "delivered:", "prelabel:"):
         assert literal not in source
     assert "claimed_states[ARGV[i]]" in source
-    apply = inspect.getsource(ledger_module.DeliveryLedger._apply)
-    assert "CLAIMED" in apply and "owner" in apply
+    run = inspect.getsource(ledger_module.DeliveryLedger._run)
+    assert "CLAIMED" in run and "owner" in run
 
 
 def test_an_older_version_is_never_staged_nor_written_after_a_newer_one(redis_url, ls, task_ids):
