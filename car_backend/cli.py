@@ -27,9 +27,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="run the Label Studio ML backend HTTP server (gunicorn)",
-        description="Serve the ML backend protocol (/health, /setup, /predict, /webhook, /versions, /metrics) with "
-        "gunicorn. Without REDIS_URL, jobs run on an embedded worker process with an embedded Redis; with REDIS_URL, "
-        "they go to the queue that `car-backend worker` processes serve.",
+        description="Serve the ML backend protocol (/health, /setup, /predict, /webhook, /versions, /metrics,"
+        " /status) with gunicorn. Without REDIS_URL, jobs run on an embedded worker process with an embedded "
+        "Redis; with REDIS_URL, they go to the queue that `car-backend worker` processes serve.",
     )
     p.add_argument("--host", help="address to bind (default: HOST or 0.0.0.0)")
     p.add_argument("--port", type=int, help="port to listen on (default: PORT or 9090)")
@@ -39,7 +39,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _add_worker(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "worker",
-        help="run an RQ worker that loads the models once and executes segmentation jobs",
+        help="run an RQ worker that loads the models once and executes segmentation, review, calibration and "
+        "training jobs",
         description="Pull jobs from the Redis queue at REDIS_URL and run CaR on them in this process "
         "(models load once, no fork per job). Start any number of workers on any number of machines; "
         "interactive jobs are always served before batch jobs.",
@@ -76,7 +77,8 @@ def _add_prelabel(sub: argparse._SubParsersAction) -> None:
         help="pre-label a whole Label Studio project, or an image folder into an import file",
         description="With --project: enqueue every task of the project that lacks a prediction for the current "
         "model version and write predictions through the Label Studio API (resumable). With --images: segment "
-        "a folder offline and write a Label Studio import file with predictions.",
+        "a folder offline and write a Label Studio import file with predictions (or, with --export, COCO, "
+        "PNG label maps or YOLO).",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--project", type=int, help="Label Studio project id (needs LABEL_STUDIO_URL and _API_KEY)")
@@ -117,7 +119,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="run a benchmark (engine or service) and print figures; the last line is one JSON object",
+        help="run a benchmark (engine, service, calibration or fit) and print figures; the last line is one "
+        "JSON object",
         description="Benchmarks print per-stage medians and ratios against a baseline measured in the same run.",
     )
     p.add_argument("which", choices=("engine", "service", "calibration", "fit"), help="what to measure")
@@ -128,12 +131,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report",
-        help="print a project's agreement with annotators' corrections and its calibrated thresholds",
+        help="print a project's agreement with annotators' corrections, its calibrated thresholds and its "
+        "mask head",
         description="Per model_version, how the predictions compare with the annotations submitted on them (IoU "
         "per label, labels missed, labels added), and the project's calibration: the thresholds before and "
-        "after, and the agreement they give on the corrected tasks. Reads the backend's Redis (REDIS_URL).",
+        "after, and the agreement they give on the corrected tasks; and the mask head's last training. Reads "
+        "the backend's Redis (REDIS_URL).",
     )
-    p.add_argument("--project", required=True, help="Label Studio project id")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(handler=_run("car_backend.review.report", "main"))
 
@@ -157,7 +162,7 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
         "Training does. A worker trains it on the corrected tasks (CAR_FIT_EPOCHS, CAR_FIT_SECONDS) and adopts it "
         "only if it beats the model in use on held-out corrected tasks. Reads the backend's Redis (REDIS_URL).",
     )
-    p.add_argument("--project", required=True, help="Label Studio project id")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
     p.add_argument("--wait", action="store_true", help="wait for the training to end and print its figures")
     p.set_defaults(handler=_run("car_backend.review.report", "fit_main"))
 

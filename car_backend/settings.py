@@ -6,7 +6,7 @@ variables, see labelstudio/media.py). The layers take what they need:
 - the engine takes an `EngineConfig` (`Settings.engine_config()`), never `Settings`;
 - `labelstudio` takes any object with the Label Studio access fields (`labelstudio.access.Access`, which
   `Settings` satisfies);
-- pipeline, queue, review and service take `Settings` itself.
+- pipeline, queue, review, service and worker take `Settings` itself.
 
 This module imports only the engine (its config, presets and errors): it is on floor 1 of the layers, beside
 labelstudio (see tests/test_layers.py).

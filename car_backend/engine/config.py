@@ -56,9 +56,11 @@ class EngineConfig:
     proposals: str = "car"
 
     def fingerprint(self) -> str:
-        """16 hex digits naming the models and the step cap: what a worker must share with the server whose
-        model_version it computes. Device, precision and the weights folder are left out (the same weights
-        give the same predictions up to rounding); the preset is part of the model_version on its own."""
+        """16 hex digits naming the models, the step cap and CAR_COMPAT (with SAM, its mode where not
+        automatic; the proposal source where not car): what a worker must share with the server whose
+        model_version it computes (pipeline.versions.FINGERPRINT_SETTINGS). Device, precision and the weights
+        folder are left out (the same weights give the same predictions up to rounding); the preset is part of
+        the model_version on its own."""
         parts = {
             "proposal": self.proposal_model,
             "classifier": self.classifier_model,

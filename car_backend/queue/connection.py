@@ -8,7 +8,8 @@ Clients by role (`Connection.client`):
 - "server": the HTTP process's client: short timeouts, one retry, so a dead Redis answers fast;
 - "probe": /health and /metrics: must answer within Label Studio's 1 s even when Redis is unreachable;
 - "worker": RQ sets its read timeout; reconnects retry with backoff;
-- "cli": one-shot commands (`car-backend report`): patient timeouts for a remote Redis.
+- "cli": one-shot commands (`car-backend report`, `status`, `fit`, `worker --check`): patient timeouts for a
+  remote Redis.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ class Deliverer:
         if task.get("project") != record.project.id or not set(record.images) <= task_strings(task):
             self.stats.count(CounterFamily.DELIVERIES, DeliveryOutcome.REFUSED)
             log.warning("refused to write a prediction into task %s: in Label Studio it belongs to project %s "
-                        "and holds other images than the one predicted (planned for project %s)",
+                        "(planned for project %s) or lacks the image that was predicted",
                         record.task, task.get("project"), record.project.id)
             return "refused: the task in Label Studio is not the one that was predicted (project or image differ)"
         if record.version in prediction_versions(task):

@@ -1,11 +1,13 @@
 """The job queue: RQ on REDIS_URL, or on a private embedded Redis when REDIS_URL is unset.
 
-Two RQ queues: `<CAR_QUEUE>-interactive` (a person is waiting: single-task /predict) and `<CAR_QUEUE>`
-(batches: multi-task /predict, prelabel). Workers serve the interactive one first.
+Two RQ queues: `<CAR_QUEUE>-interactive` (a person is waiting: a single-task or interactive /predict) and
+`<CAR_QUEUE>` (batches: multi-task /predict, prelabel, review, calibration and training jobs). Workers serve
+the interactive one first.
 
 Jobs are serialized as JSON (RQ's JSONSerializer): a job's arguments are plain dicts (`JobSpec.to_dict()`),
-so nothing a worker reads from Redis is a pickle. A job whose data is not JSON (pickled by an older version)
-is never run: CarQueue moves it to the failed registry when it is dequeued, and the worker goes on.
+so nothing a worker reads from Redis is a pickle. A job whose data is not JSON (pickled by an older version),
+or that names a function other than a `JobName`, is never run: CarQueue moves it to the failed registry when
+it is dequeued, and the worker goes on.
 
 Submission is deduplicated per job key: `car:job:<K>` names the live RQ job computing K; it is written in
 the same MULTI/EXEC as the job itself (WATCHed), so two requests for the same key never create two jobs,
@@ -47,9 +49,9 @@ FAILURE_TTL = 24 * 3600
 # Idle workers block on the interactive queue and look at the batch queue this often (seconds).
 BATCH_POLL_S = 0.1
 SUBMIT_CHUNK = 500  # keys per WATCH/MULTI transaction of submit_many
-SUBMIT_ATTEMPTS = 3
+SUBMIT_ATTEMPTS = 3  # a chunk whose locks keep changing under it falls back to one transaction per key
 WORKER_TTL_S = 20  # an idle worker's registration lives this long between heartbeats (RQ adds 60 s)
-MAX_SILENCE_S = WORKER_TTL_S + 5  # a worker silent for longer is not counted as alive  # a chunk whose locks keep changing under it falls back to one transaction per key
+MAX_SILENCE_S = WORKER_TTL_S + 5  # a worker silent for longer is not counted as alive
 
 # KEYS: batch list, interactive list, job hash, queues set; ARGV: job id, interactive queue name.
 _PROMOTE = """

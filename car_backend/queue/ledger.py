@@ -271,7 +271,9 @@ class DeliveryLedger:
                     args += [str(item.task), json.dumps(entry), item.record.to_json() if item.record else ""]
                 self._transition(keys=keys, args=args, client=pipe)
             pipe.expire(keys[0], self.entry_ttl)
-            found = pipe.execute()[:-1]
+            if mode == "stage":
+                pipe.expire(keys[1], self.late_ttl)
+            found = pipe.execute()[:-2 if mode == "stage" else -1]
         return [Outcome(o.decode() if isinstance(o, bytes) else o) for chunk in found for o in chunk]
 
     def answer(self, project: ProjectId, answers: Sequence[tuple[int, str, Sequence[str], TaskState, str]],
@@ -320,7 +322,7 @@ class DeliveryLedger:
             self._run(project, "register", (_Item(r.task, r.version, r.keys) for r in chunk))
 
     def touch_late(self, key: str) -> None:
-        """Renew the late records waiting on `key` (its job was submitted again, or starts)."""
+        """Renew the late records waiting on `key` (worker.tasks.segment calls it when the job starts)."""
         self.redis.expire(self.LATE.key(key), self.late_ttl)
 
     def late(self, key: str) -> list[LateRecord]:

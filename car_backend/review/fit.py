@@ -11,9 +11,10 @@
 3. `train_head` runs at most CAR_FIT_EPOCHS epochs and CAR_FIT_SECONDS seconds, storing a checkpoint after
    each epoch; a training that ran out of time leaves it for the next one to resume.
 4. The held-out tasks are predicted with the model in use (its head, if any, and its thresholds) and with the
-   trained head. Only a head whose mean agreement is higher by MIN_GAIN is adopted: it becomes fit
-   generation g + 1, stored under its own key, the project's model_version gets `-fit<g+1>`, and a
-   calibration is queued to re-choose the thresholds on top of it.
+   trained head. Only a head whose mean agreement is higher by more than MIN_GAIN is adopted: it becomes fit
+   generation g + 1, stored under the digest of its bytes (`car:review:head:<sha256>`), the project's
+   model_version gets `-fit<g+1>`, and a calibration is queued (CAR_CALIBRATE_AFTER > 0) to re-choose the
+   thresholds on top of it.
 
 `judge_head` (steps 3-4 on prepared items) is what the job runs and what tests call on generated scenes.
 """

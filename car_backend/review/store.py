@@ -17,6 +17,8 @@
     car:review:head:<sha256>          zlib-compressed safetensors of an adopted mask head, named by the digest
                                       of its bytes: what `JobSpec.head` references (no key name in it)
     car:review:projects               set of project keys with review figures (/metrics)
+    car:review:<id>:<what>            what an older version kept under Label Studio's bare project id;
+                                      `adopt_legacy` moves it to the project's keys
 
 <p> is a `ProjectId.key` (Label Studio instance, id and creation stamp). Everything expires PROJECT_TTL_S
 after its last write, but the locks and the calibration progress (their own lifetimes).
@@ -399,11 +401,13 @@ class ReviewStore:
             source = self.LEGACY.key(project.id, part)
             if self.redis.exists(source) and self.redis.renamenx(source, family.key(project.key)):
                 moved = True
-        with self.redis.pipeline() as pipe:  # taken by one process only
-            pipe.get(self.LEGACY.key(project.id, "fit"))
-            pipe.delete(self.LEGACY.key(project.id, "fit"))
-            raw, _ = pipe.execute()
-        status = _legacy_status(raw) if raw is not None and self.fit_status(project) is None else None
+        raw = None
+        if self.fit_status(project) is None:
+            with self.redis.pipeline() as pipe:  # taken by one process only
+                pipe.get(self.LEGACY.key(project.id, "fit"))
+                pipe.delete(self.LEGACY.key(project.id, "fit"))
+                raw, _ = pipe.execute()
+        status = _legacy_status(raw) if raw is not None else None
         if status is not None:
             key = status.head.rpartition("#")[0]
             blob = self.redis.get(key) if key.startswith(self.LEGACY.key(project.id, "head") + ":") else None

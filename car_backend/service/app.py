@@ -1,9 +1,12 @@
 """The HTTP side of the Label Studio ML backend protocol: the Flask app (`create_app`).
 
-    GET  /, /health  {"status": "UP"|"DEGRADED", "model_version", "mode", "redis", "queue", "workers", "warnings"}
+    GET  /, /health  {"status": "UP"|"DEGRADED", "model_version", "mode", "redis", "queue", "workers",
+                      "warnings", "pending_failures"}
     POST /setup      {"model_version", "targets": [...], "skipped": [...]}      (parses the config only)
     POST /predict    {"results": [one entry per task, in order], "model_version"}
-    POST /webhook    {"status": "queued"|"ignored", ...}  annotation events queue a review (review.corrections)
+    POST /webhook    {"status": "queued"|"ignored"|"already training", ...}  annotation events queue a review
+                     (review.corrections), START_TRAINING a mask-head training (review.triggers.queue_fit)
+    GET  /status     ?project=ID[&task=ID]: where a project's tasks are (service.status)
     GET  /versions   {"versions": [...]}
     GET  /metrics    Prometheus text
 

@@ -1,4 +1,5 @@
-"""Request parsing: a /setup, /predict or /webhook body -> a typed request, or a RequestError (HTTP 400).
+"""Request parsing: a /setup, /predict or /webhook body -> a typed request, or a RequestError (HTTP 400;
+RequestTooLarge, HTTP 413, for more tasks than CAR_MAX_TASKS).
 
 Nothing here touches Redis, the queue or the engine; the routes act on what these functions return.
 """

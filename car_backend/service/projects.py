@@ -36,8 +36,10 @@ CALIBRATION_REFRESH_S = 5.0
 
 
 class Projects:
-    """The server's per-project cache: parsed configs (by config hash and calibration), the extra_params
-    of each project's /setup, and calibrations (re-read every CALIBRATION_REFRESH_S).
+    """The server's per-project cache: parsed configs (by config hash, calibration and mask head), the
+    extra_params of each project's /setup, and calibrations and mask-head statuses (re-read every
+    CALIBRATION_REFRESH_S); the first time it sees a stamped project it adopts what an older version kept
+    under the bare id (ReviewStore.adopt_legacy).
 
     `registry` and `review` wrap the process's one Redis client. `setup`/`for_predict` raise LabelConfigError
     for a config that cannot be used; Redis errors are logged and fall back to what is cached.

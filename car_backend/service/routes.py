@@ -125,7 +125,7 @@ def webhook() -> Response:
     if action not in REVIEWED_ACTIONS:
         log.debug("/webhook: %s (ignored)", action)
         return json_response({"status": "ignored", "action": action,
-                              "detail": "CaR needs no training; only annotation events are used (to calibrate)"})
+                              "detail": "only annotation events and START_TRAINING are used"})
     try:
         ids = parse_event(body, service.settings)
         if isinstance(ids, str):

@@ -1,9 +1,10 @@
 """What jobs run with in a worker process, built once per process (the composition root of `car-backend
 worker`).
 
-`WorkerContext` builds the Redis state (results, locks, ledger, stats), the job queue, the review store, the
-Label Studio client, the media fetcher and the deliverer on the process's one Redis client, and loads the
-engine on first use. Jobs (car_backend.worker.tasks) receive what they need from it as typed arguments.
+`WorkerContext` builds the Redis state (results, locks, ledger, stats, projects), the job queue, the review
+store, the Label Studio client, the media fetcher, the deliverer and the review jobs' `ReviewRuntime` on the
+process's one Redis client, and loads the engine and mask heads on first use. Jobs (car_backend.worker.tasks)
+pass the library they call what it needs from it as typed arguments.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ does the work, with what it needs from the process's `WorkerContext` (installed 
 2. otherwise the image is fetched and segmented (`pipeline.compute`) and the regions of every target are
    cached; a permanent failure (undecodable image, ...) is cached as such, a retryable one raises so RQ
    retries the job, and its last attempt caches a pending failure (CAR_PENDING_TTL) before raising;
-3. tasks registered as late whose jobs are all finished move into their project's outbox, which is written
-   into Label Studio at once (`queue.delivery`: claims, read-back, bulk import, retries apart from this job).
+3. on a worker with a deliverer (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set), tasks registered as late
+   whose jobs are all finished move into their project's outbox, which is written into Label Studio at once
+   (`queue.delivery`: claims, read-back, bulk import, retries apart from this job).
 
 Jobs take plain JSON arguments (a JobSpec's dict, an event's dict, a project key) and return JSON values.
 """

@@ -15,7 +15,7 @@ from car_backend.pipeline.spec import JobResult
 from car_backend.queue import ledger as ledger_module
 from car_backend.queue.delivery import Deliverer, stage_ready
 from car_backend.queue.jobqueue import JobQueue
-from car_backend.queue.ledger import CLAIM_TTL_S, LateRecord, Outcome, TaskState
+from car_backend.queue.ledger import CLAIM_TTL_S, DeliveryLedger, LateRecord, Outcome, TaskState
 from car_backend.queue.state import RedisState
 from car_backend.review.store import ReviewStore
 from car_backend.service.status import Progress, project_status
@@ -107,6 +107,7 @@ def test_the_older_version_in_the_outbox_is_superseded_when_the_newer_one_is_sta
     state.ledger.register_late([new])
     assert state.ledger.stage([new], due=0.0) == [Outcome.WRITTEN]
     assert state.ledger.outbox(project, 10) == [new]  # one slot per task: the newer record replaced it
+    assert 0 < state.redis.ttl(DeliveryLedger.OUTBOX.key(project.key)) <= state.ledger.late_ttl
     assert state.ledger.stage([old], due=0.0) == [Outcome.SUPERSEDED]
     assert state.ledger.outbox(project, 10) == [new]
 
