@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -163,8 +163,8 @@ def _calibrate(rt: ReviewRuntime, project: ProjectId) -> CalibrationRun:
     return CalibrationRun(project=str(project), calibrated=improved, calibration=calibration)
 
 
-def predicted_masks(segmenter: Segmenter, runs: tuple[Run, ...], prepared: Any, thresholds: dict[str, float],
-                    head: MaskHead | None = None) -> dict[str, np.ndarray]:
+def predicted_masks(segmenter: Segmenter, runs: tuple[Run, ...], prepared: PreparedImage,
+                    thresholds: dict[str, float], head: MaskHead | None = None) -> dict[str, np.ndarray]:
     """Label name -> mask of what the engine predicts for one prepared image with these thresholds (and this
     mask head, if any)."""
     masks: dict[str, np.ndarray] = {}

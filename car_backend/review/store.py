@@ -34,10 +34,10 @@ import logging
 import zlib
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any
 
 import numpy as np
 from redis import Redis
+from redis.client import Pipeline
 
 from car_backend.pipeline.identity import ProjectId
 from car_backend.pipeline.plain import PlainError, from_plain, to_plain
@@ -270,7 +270,7 @@ class ReviewStore:
 
     def _drop_unreadable(self, project: ProjectId, key: str) -> int:
         """Delete the entries of the corrections hash that do not read as a Correction; its length after."""
-        def drop(pipe: Any) -> None:  # re-run by redis-py when another write to the hash comes between
+        def drop(pipe: Pipeline) -> None:  # re-run by redis-py when another write to the hash comes between
             entries = pipe.hgetall(key)
             bad = [task for task, raw in entries.items()
                    if task != FORMAT_FIELD.encode() and self._read(project, task, raw, "dropping") is None]
@@ -427,6 +427,6 @@ class ReviewStore:
             log.info("project %s: adopted the review state an older version kept under its bare id", project)
         return moved
 
-    def _register(self, pipe: Any, project: ProjectId) -> None:
+    def _register(self, pipe: Pipeline, project: ProjectId) -> None:
         pipe.sadd(self.PROJECTS.key(), project.key)
         pipe.expire(self.PROJECTS.key(), PROJECT_TTL_S)
