@@ -369,8 +369,8 @@ class DeliveryLedger:
     def drop(self, dropped: Sequence[tuple[LateRecord, str]], owner: str) -> None:
         """The (record, reason) pairs of `dropped` are not written (refused, given up): DROPPED with the reason,
         `owner`'s claim released."""
+        reasons = {id(r): why for r, why in dropped}
         for project, chunk in _by_project([r for r, _ in dropped]).items():
-            reasons = {id(r): why for r, why in dropped}
             self._run(project, "settle", (_Item(r.task, r.version, r.keys, TaskState.DROPPED, reasons[id(r)], r)
                                           for r in chunk), owner)
         self._unlate([r for r, _ in dropped])

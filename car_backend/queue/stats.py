@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from redis import Redis
+from redis.client import Pipeline
 
 from car_backend.queue.keys import KeyFamily
 
@@ -72,11 +73,11 @@ class Stats:
         self.redis = redis
 
     def count(self, family: CounterFamily, outcome: Enum, n: int = 1) -> None:
-        self.redis.hincrby(self.STATS.key(), f"{family.value}:{outcome.value}", n)
+        self.count_in(self.redis, family, outcome, n)
 
-    def count_in(self, pipe, family: CounterFamily, outcome: Enum, n: int = 1) -> None:
-        """`count` inside the caller's pipeline."""
-        pipe.hincrby(self.STATS.key(), f"{family.value}:{outcome.value}", n)
+    def count_in(self, client: Redis | Pipeline, family: CounterFamily, outcome: Enum, n: int = 1) -> None:
+        """`count` through `client`: the caller's pipeline, or the Redis client itself."""
+        client.hincrby(self.STATS.key(), f"{family.value}:{outcome.value}", n)
 
     def record_job(self, outcome: JobOutcome, seconds: float) -> None:
         key = self.STATS.key()

@@ -18,6 +18,7 @@ from redis import Redis, RedisError
 from car_backend.pipeline.identity import ProjectId, instance_of
 from car_backend.queue.connection import redis_client
 from car_backend.queue.jobqueue import JobQueue
+from car_backend.queue.projects import ProjectRegistry
 from car_backend.queue.state import RedisState
 from car_backend.review.store import Calibration, FitState, FitStatus, ReviewStore
 from car_backend.review.triggers import fit_timeout, queue_fit
@@ -114,8 +115,7 @@ def render_fit(fit: FitStatus | None) -> list[str]:
 def cli_project(redis: Redis, settings: Settings, project: int) -> ProjectId:
     """The project a command line names by Label Studio's id: this deployment's Label Studio, with the
     creation stamp last seen for the id (queue.projects.ProjectRegistry.resolve)."""
-    state = RedisState.on(redis, settings)
-    return state.projects.resolve(ProjectId(instance_of(settings.label_studio_url), project))
+    return ProjectRegistry(redis).resolve(ProjectId(instance_of(settings.label_studio_url), project))
 
 
 def fit_main(args: argparse.Namespace, settings: Settings) -> int:

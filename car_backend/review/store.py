@@ -192,7 +192,8 @@ class CalibrationProgress:
         return from_plain(cls, json.loads(raw))
 
 
-def _legacy_status(raw: bytes) -> FitStatus | None:
+def _read_fit_status(raw: bytes) -> FitStatus | None:
+    """The FitStatus in `raw`; None for anything unreadable."""
     try:
         return FitStatus.from_json(raw)
     except (ValueError, TypeError):
@@ -312,9 +313,6 @@ class ReviewStore:
     def unlock_calibration(self, project: ProjectId) -> None:
         self.redis.delete(self.CALIBRATING.key(project.key))
 
-    def calibration_locked(self, project: ProjectId) -> bool:
-        return bool(self.redis.exists(self.CALIBRATING.key(project.key)))
-
     def calibration_progress(self, project: ProjectId) -> CalibrationProgress | None:
         raw = self.redis.get(self.PROGRESS.key(project.key))
         if raw is None:
@@ -334,12 +332,7 @@ class ReviewStore:
     def fit_status(self, project: ProjectId) -> FitStatus | None:
         """The project's mask-head status; None before any training was queued (or unreadable)."""
         raw = self.redis.get(self.FIT.key(project.key))
-        if raw is None:
-            return None
-        try:
-            return FitStatus.from_json(raw)
-        except (ValueError, TypeError):
-            return None
+        return _read_fit_status(raw) if raw is not None else None
 
     def put_fit_status(self, project: ProjectId, status: FitStatus) -> None:
         with self.redis.pipeline() as pipe:
@@ -407,7 +400,7 @@ class ReviewStore:
                 pipe.get(self.LEGACY.key(project.id, "fit"))
                 pipe.delete(self.LEGACY.key(project.id, "fit"))
                 raw, _ = pipe.execute()
-        status = _legacy_status(raw) if raw is not None else None
+        status = _read_fit_status(raw) if raw is not None else None
         if status is not None:
             key = status.head.rpartition("#")[0]
             blob = self.redis.get(key) if key.startswith(self.LEGACY.key(project.id, "head") + ":") else None

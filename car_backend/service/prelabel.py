@@ -96,9 +96,8 @@ def prelabel_project(project_id: int, settings: Settings) -> int:
         print(f"car-backend prelabel: cannot read project {project_id}: {exc}", file=sys.stderr)
         return 1
     try:
-        pid = backend.projects.identify_api(info)
-        project = backend.projects.setup(f"{pid.id}.{pid.created}" if pid.created is not None else pid.id,
-                                         label_config, extra_params)
+        project = backend.projects.setup_project(backend.projects.identify_api(info), label_config,
+                                                 extra_params)
         tasks = list(client.tasks(project_id))
         todo = [t for t in tasks if project.version not in prediction_versions(t)]
         log.info("project %s: %d tasks, %d without a %s prediction", project_id, len(tasks), len(todo),

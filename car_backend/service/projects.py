@@ -89,7 +89,10 @@ class Projects:
 
     def setup(self, project: Any, label_config: str, extra_params: Any) -> Project:
         """Parse (or reuse) the config of a /setup call and remember its extra_params for /predict."""
-        pid = self.identify(project)
+        return self.setup_project(self.identify(project), label_config, extra_params)
+
+    def setup_project(self, pid: ProjectId | None, label_config: str, extra_params: Any) -> Project:
+        """`setup` for a project already identified (`prelabel --project`: from Label Studio's API)."""
         parsed = self._parse(label_config, extra_params, self._calibration(pid), self._fit(pid))
         if pid is not None:
             with self._lock:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from redis import Redis
 
 from car_backend.labelstudio.client import LabelStudioClient
@@ -14,20 +13,11 @@ from car_backend.queue.delivery import Deliverer, stage_ready
 from car_backend.queue.ledger import CLAIMED, LateRecord, Outcome, TaskState
 from car_backend.queue.state import RedisState
 from car_backend.queue.stats import CounterFamily, DeliveryOutcome
-from car_backend.testing.fake_label_studio import FakeLabelStudio
+from tests.support.service import REGION
 from tests.support.settings import tiny_settings
 
 VERSION = "car-test-v1"
 CREATED = 1700000000  # the projects' creation stamp (part of their ProjectId)
-REGION = {"from_name": "tag", "to_name": "image", "type": "brushlabels",
-          "value": {"format": "rle", "rle": [1, 2], "brushlabels": ["cat"]}}
-
-
-@pytest.fixture
-def ls():
-    with FakeLabelStudio() as fake:
-        yield fake
-
 
 def world(redis_url, ls, task_ids, n, project=None, **overrides):
     """Settings, Redis state, deliverer and `n` late records of one project whose (shared) job has finished."""

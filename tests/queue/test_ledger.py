@@ -4,7 +4,6 @@ in one script, versions that never overwrite each other, and /status in a consta
 from __future__ import annotations
 
 import inspect
-import threading
 
 import pytest
 from redis import Redis
@@ -19,17 +18,8 @@ from car_backend.queue.ledger import CLAIM_TTL_S, DeliveryLedger, LateRecord, Ou
 from car_backend.queue.state import RedisState
 from car_backend.review.store import ReviewStore
 from car_backend.service.status import Progress, project_status
-from car_backend.testing.fake_label_studio import FakeLabelStudio
+from tests.support.service import REGION
 from tests.support.settings import tiny_settings
-
-REGION = {"from_name": "tag", "to_name": "image", "type": "brushlabels",
-          "value": {"format": "rle", "rle": [1, 2], "brushlabels": ["cat"]}}
-
-
-@pytest.fixture
-def ls():
-    with FakeLabelStudio() as fake:
-        yield fake
 
 
 def _state(redis_url, ls=None, **overrides) -> tuple:
@@ -38,21 +28,12 @@ def _state(redis_url, ls=None, **overrides) -> tuple:
     return settings, RedisState.on(Redis.from_url(redis_url), settings)
 
 
-def test_one_caller_wins_the_claim_of_a_version_and_a_newer_version_is_a_new_delivery(redis_url, task_ids):
+def test_an_answer_is_the_delivered_mark_and_other_projects_are_other_deliveries(redis_url, task_ids):
+    """(Contention for one claim: tests/queue/test_store.py.)"""
     _, state = _state(redis_url)
     (task,) = task_ids(1)
     project = ProjectId("ledger", task, 1700000000)
-    wins = []
-
-    def contend(owner: str) -> None:
-        wins.append(state.ledger.answer(project, [(task, "v1", ("k",), TaskState.DELIVERED, "")], owner)[0])
-
-    threads = [threading.Thread(target=contend, args=(f"predict:{i}",)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert wins.count(True) == 1
+    assert state.ledger.answer(project, [(task, "v1", ("k",), TaskState.DELIVERED, "")], "predict:0") == [True]
     entry = state.ledger.state_of(project, [task])[task]
     assert entry.state is TaskState.DELIVERED and entry.version == "v1" and entry.delivered.keys == ("k",)
     assert 0 < entry.until - state.redis.time()[0] <= CLAIM_TTL_S + 1

@@ -16,12 +16,10 @@ from car_backend.queue.ledger import LateRecord, TaskState
 from car_backend.review.store import Calibration, FitState, FitStatus
 from car_backend.service.backend import Backend
 from car_backend.testing.fake_label_studio import FakeLabelStudio
-from tests.support.service import BRUSH, DELIVERY_TIMEOUT_S, predict
+from tests.support.service import BRUSH, DELIVERY_TIMEOUT_S, REGION, predict
 from tests.support.settings import tiny_settings
 
 CREATED = 1700000000
-REGION = {"from_name": "tag", "to_name": "image", "type": "brushlabels",
-          "value": {"format": "rle", "rle": [1, 2], "brushlabels": ["cat"]}}
 
 
 @pytest.fixture

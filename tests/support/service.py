@@ -6,6 +6,9 @@ from tests.support.label_configs import label_config
 
 BRUSH = label_config("brush")
 DELIVERY_TIMEOUT_S = 60.0
+# One brush region: what the delivery tests' cached results hold.
+REGION = {"from_name": "tag", "to_name": "image", "type": "brushlabels",
+          "value": {"format": "rle", "rle": [1, 2], "brushlabels": ["cat"]}}
 
 
 def predict(client, tasks, xml=BRUSH, project="1.1"):
