@@ -18,10 +18,10 @@ import cv2
 import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 
+from car_backend.engine.instances import MIN_AREA_PX, absorb_specks
 from car_backend.engine.result import Segmentation
 from car_backend.labelstudio.config import LabelSpec, Target
 
-MIN_AREA_PX = 4  # connected parts smaller than this (in pixels) go to their neighbours before tracing
 PERCENT_DIGITS = 4
 
 
@@ -105,7 +105,7 @@ def trace_polygons(
 ) -> dict[int, list[np.ndarray]]:
     """Outer outlines of every connected part of each class, as (N, 2) float arrays of (x, y) pixel-corner
     coordinates (0..W, 0..H), simplified with `tolerance` pixels; classes without parts are left out."""
-    label_map = _absorb_specks(np.asarray(label_map, dtype=np.int32), classes, min_area)
+    label_map = absorb_specks(np.asarray(label_map, dtype=np.int32), classes, min_area)
     junctions = _junctions(label_map)
     simplify = _ArcSimplifier(tolerance)
     out: dict[int, list[np.ndarray]] = {}
@@ -132,30 +132,6 @@ def _percent(ring: np.ndarray, width: int, height: int) -> list[list[float]]:
     pct[:, 0] = ring[:, 0] * (100.0 / width)
     pct[:, 1] = ring[:, 1] * (100.0 / height)
     return np.clip(np.round(pct, PERCENT_DIGITS), 0.0, 100.0).tolist()
-
-
-def _absorb_specks(label_map: np.ndarray, classes: Sequence[int], min_area: int) -> np.ndarray:
-    """Give connected parts smaller than `min_area` pixels the label of the nearest pixel outside them."""
-    if min_area <= 1:
-        return label_map
-    specks = np.zeros(label_map.shape, dtype=np.uint8)
-    for k in classes:
-        n, parts, stats, _ = cv2.connectedComponentsWithStats(
-            (label_map == k).astype(np.uint8), connectivity=8
-        )
-        small = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] < min_area) + 1
-        if len(small):
-            specks[np.isin(parts, small)] = 1
-    if not specks.any() or specks.all():
-        return label_map
-    # every speck pixel takes the label of its nearest non-speck pixel;
-    # DIST_LABEL_PIXEL numbers the zero (non-speck) pixels 1, 2, ... in raster order
-    _, nearest = cv2.distanceTransformWithLabels(specks, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL)
-    keep = np.flatnonzero(specks.ravel() == 0)
-    flat = label_map.ravel().copy()
-    where = np.flatnonzero(specks.ravel())
-    flat[where] = flat[keep[nearest.ravel()[where] - 1]]
-    return flat.reshape(label_map.shape)
 
 
 def _junctions(label_map: np.ndarray) -> np.ndarray:
