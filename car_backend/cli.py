@@ -90,10 +90,11 @@ def _add_prelabel(sub: argparse._SubParsersAction) -> None:
                    help="for --images: write each image as PREFIX + its path under the folder (e.g. "
                    "'/data/local-files/?d=dataset/' or 'https://bucket.example/dataset/') instead of its absolute "
                    "path, so Label Studio can open it")
-    p.add_argument("--export", choices=("ls", "coco", "png", "yolo"),
+    p.add_argument("--export", choices=("ls", "coco", "png", "yolo", "yolo-detect"),
                    help="for --images: what to write at --out: ls (a Label Studio import file, the default), coco "
-                   "(a folder with annotations.json, compressed RLE masks), png (a folder of VOC-style palette "
-                   "label maps, labels.json), yolo (a folder of YOLO segmentation txt files, data.yaml); an "
+                   "(a folder with annotations.json, one compressed RLE mask per object), png (a folder of "
+                   "VOC-style palette class and object maps, labels.json), yolo (a folder of YOLO segmentation "
+                   "txt files, one polygon with its holes per object, data.yaml), yolo-detect (YOLO boxes); an "
                    "interrupted run continues where it stopped")
     p.add_argument("--gallery", action="store_true",
                    help="for --images: also write a static HTML review gallery next to the export (overlay "
@@ -106,11 +107,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "export",
         help="export a Label Studio project's annotations (else predictions) as COCO, PNG label maps or YOLO",
         description="Read every task of the project with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY; each task's "
-        "latest annotation is exported, or its latest prediction when it has no annotation. Images that cannot "
-        "be read are listed in failed.txt.",
+        "latest annotation is exported, or its latest prediction when it has no annotation: each brush, polygon "
+        "or rectangle region is one object, choices are image tags. Tasks that cannot be read (an image that "
+        "cannot be fetched, a region larger than CAR_MAX_IMAGE_PIXELS) are listed in failed.txt.",
     )
     p.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    p.add_argument("--format", required=True, choices=("coco", "png", "yolo"), help="what to write")
+    p.add_argument("--format", required=True, choices=("coco", "png", "yolo", "yolo-detect"),
+                   help="what to write (yolo-detect: YOLO boxes, one per object)")
     p.add_argument("--out", required=True, help="folder to write the export into")
     p.add_argument("--gallery", action="store_true", help="also write a static HTML review gallery")
     p.set_defaults(handler=_run("car_backend.exports.project", "main"))

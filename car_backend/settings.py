@@ -238,6 +238,12 @@ class Settings:
         default=(),
         metadata=_meta("CAR_ALLOWED_HOSTS", "Comma-separated hosts besides Label Studio's that images may come from."),
     )
+    local_files_document_root: str = field(
+        default="",
+        metadata=_meta("LOCAL_FILES_DOCUMENT_ROOT", "Label Studio's local-files folder (as Label Studio's own "
+                       "setting): `export --format yolo` links images under it into images/, never other paths; "
+                       "empty = no links."),
+    )
     max_image_pixels: int = field(
         default=50_000_000, metadata=_meta("CAR_MAX_IMAGE_PIXELS", "Largest image accepted, in pixels.")
     )

@@ -1,12 +1,17 @@
-"""`car-backend export --project ID --format coco|png|yolo --out DIR [--gallery]`.
+"""`car-backend export --project ID --format coco|png|yolo|yolo-detect --out DIR [--gallery]`.
 
 Reads every task of a Label Studio project through its API (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY) and
-exports, per task, its latest annotation that was not cancelled, else its latest prediction. Brush and
-polygon regions become one label map per image (labelstudio.regions.label_masks; where labels overlap, the
-later label in the export's list wins). Labels: the project's label config, then any other label the
-regions name, in the order met. A task without regions has its image fetched for its size, and with
-`--gallery` every image is fetched for its thumbnail; a task without regions whose image cannot be read, or
-one with neither annotation nor prediction, is listed in failed.txt and skipped.
+exports, per task, its latest annotation that was not cancelled, else its latest prediction. Each brush,
+polygon and rectangle region is one object instance (labelstudio.regions.region_instances; a rectangle is
+its filled box in the masks, and its bounds in yolo-detect); together they make the image's label map
+(where labels overlap, the later label in the export's list wins; an instance keeps only the pixels where
+the label map holds its label, later regions over earlier ones). `choices` regions are the image's tags.
+Labels: the project's label config, then any other label the regions name, in the order met. Region sizes
+are checked against CAR_MAX_IMAGE_PIXELS before anything is allocated. A task without regions has its
+image fetched for its size, and with `--gallery` every image is fetched for its thumbnail; a task without
+regions whose image cannot be read, one with neither annotation nor prediction, and one whose regions are
+too large or of another shape, is listed in failed.txt with the reason and skipped. yolo links an image
+into `images/` only when it is a file under LOCAL_FILES_DOCUMENT_ROOT (writers.allowed_image).
 """
 
 from __future__ import annotations
@@ -21,13 +26,20 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 from tqdm import tqdm
 
+from car_backend.engine.instances import Instances
 from car_backend.exports.gallery import Gallery
 from car_backend.exports.records import ExportItem, Failure, Items, write_failures
 from car_backend.exports.writers import ExportSpec, Layout, write_export
 from car_backend.labelstudio.client import LabelStudioAPIError, LabelStudioClient
 from car_backend.labelstudio.config import LabelConfigError, parse_label_config
 from car_backend.labelstudio.media import MediaError, MediaFetcher
-from car_backend.labelstudio.regions import REGION_TYPES, label_masks
+from car_backend.labelstudio.regions import (
+    INSTANCE_TYPES,
+    check_sizes,
+    region_instances,
+    region_size,
+    result_choices,
+)
 from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,7 +82,8 @@ def export_project(project_id: int, format: str, out: Path, settings: Settings, 
         ref = next((task.get("data", {}).get(k) for k in data_keys if task.get("data", {}).get(k)), None)
         name = _image_name(ref, task_id, names)
         try:
-            item, image = task_item(task, name, ref, labels, fetcher, need_image=album is not None)
+            item, image = task_item(task, name, ref, labels, fetcher, need_image=album is not None,
+                                    max_pixels=settings.max_image_pixels)
         except (MediaError, ValueError) as exc:
             failures.append(Failure(name, str(ref or ""), f"task {task_id}: {exc}"))
             log.warning("task %s: skipped (%s)", task_id, exc)
@@ -79,8 +92,9 @@ def export_project(project_id: int, format: str, out: Path, settings: Settings, 
         annotated += item.origin == "annotation"
         if album is not None and image is not None:
             album.add_thumbnail(item.name, image, item.label_map)
+    root = Path(settings.local_files_document_root) if settings.local_files_document_root else None
     try:
-        spec = ExportSpec(format, tuple(labels), f"label-studio-project-{project_id}")
+        spec = ExportSpec(format, tuple(labels), f"label-studio-project-{project_id}", image_root=root)
     except ValueError as exc:
         print(f"car-backend export: {exc}", file=sys.stderr)
         return 2
@@ -112,19 +126,21 @@ def chosen_result(task: dict) -> tuple[str, dict] | None:
 
 
 def task_item(task: dict, name: str, ref, labels: list[str], fetcher: MediaFetcher,
-              need_image: bool = False) -> tuple[ExportItem, object]:
+              need_image: bool = False, max_pixels: int | None = None) -> tuple[ExportItem, object]:
     """The export item of one task and its image (fetched when `need_image`, None when that fails, or when the
     task has no region to take the size from; else None). `labels` is extended with region labels it does
-    not hold yet. Raises ValueError (no annotation or prediction, regions of a bad shape) or MediaError (no
-    region and the image cannot be read)."""
+    not hold yet. Raises ValueError (no annotation or prediction, regions of a bad shape; RegionSizeError,
+    one, when a region claims more than `max_pixels`) or MediaError (no region and the image cannot be
+    read)."""
     chosen = chosen_result(task)
     if chosen is None:
         raise ValueError("no annotation or prediction")
     origin, entry = chosen
-    regions = [r for r in entry["result"] if isinstance(r, dict) and r.get("type") in REGION_TYPES
-               and r.get("value", {}).get(r["type"])]
-    size = next(((int(r["original_height"]), int(r["original_width"])) for r in regions
-                 if r.get("original_height") and r.get("original_width")), None)
+    regions = [r for r in entry["result"] if isinstance(r, dict) and r.get("type") in INSTANCE_TYPES
+               and isinstance(r.get("value"), dict) and r["value"].get(r["type"])]
+    size = next((s for r in regions if (s := region_size(r)) is not None), None)
+    if size is not None and max_pixels is not None:
+        check_sizes(regions, size, max_pixels)  # before anything of that size is fetched or allocated
     image = None
     if size is None:
         image = fetcher.fetch(ref, task.get("id"))
@@ -135,15 +151,17 @@ def task_item(task: dict, name: str, ref, labels: list[str], fetcher: MediaFetch
         except MediaError as exc:  # the regions are exported all the same, without a thumbnail
             log.warning("task %s: no thumbnail (%s)", task.get("id"), exc)
     try:
-        masks = label_masks(regions, size) if regions else {}
+        found = region_instances(regions, size, max_pixels)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"a region of another shape ({exc})") from None
     scores: dict[str, float] = {}
-    for region in regions:
-        for label in region["value"][region["type"]]:
+    masks: dict[str, np.ndarray] = {}
+    for instance in found:
+        for label in instance.labels:
             if label not in labels:
                 labels.append(label)
-            score = 1.0 if origin == "annotation" else _number(region.get("score"), 0.0)
+            masks[label] = masks[label] | instance.mask if label in masks else instance.mask
+            score = 1.0 if origin == "annotation" else (instance.score or 0.0)
             scores[label] = max(scores.get(label, 0.0), score)
     label_map = np.zeros(size, np.int32)
     for k, label in enumerate(labels):
@@ -156,8 +174,30 @@ def task_item(task: dict, name: str, ref, labels: list[str], fetcher: MediaFetch
         uncertainty = 1.0 - float(np.mean(list(kept.values()))) if kept else 1.0
     item = ExportItem(name=name, source=str(ref or ""), label_map=label_map, scores=kept,
                       score=_number(entry.get("score"), None), uncertainty=uncertainty,
-                      task=task.get("id"), origin=origin)
+                      task=task.get("id"), origin=origin,
+                      instances=_instances(found, label_map, labels, origin),
+                      tags=tuple(result_choices(entry["result"])))
     return item, image
+
+
+def _instances(found, label_map: np.ndarray, labels: list[str], origin: str) -> Instances:
+    """The regions as instances over the label map: each region takes its first label and the pixels where
+    the label map holds that label (later regions over earlier ones); regions left without pixels drop out.
+    Scores: 1.0 for an annotation, else the region's score (0.0 without one)."""
+    instance_map = np.zeros(label_map.shape, np.int32)
+    values, scores = [], []
+    for instance in found:
+        value = labels.index(instance.labels[0]) + 1
+        instance_map[instance.mask & (label_map == value)] = len(values) + 1
+        values.append(value)
+        scores.append(1.0 if origin == "annotation" else (instance.score or 0.0))
+    present = np.zeros(len(values) + 1, bool)
+    present[np.unique(instance_map)] = True
+    present[0] = False
+    renumber = np.cumsum(present) * present  # 0 stays 0; kept instances 1..M in order
+    kept = [j for j in range(len(values)) if present[j + 1]]
+    return Instances(renumber[instance_map].astype(np.int32), tuple(values[j] for j in kept),
+                     tuple(scores[j] for j in kept))
 
 
 def _image_name(ref, task_id, taken: set[str]) -> str:

@@ -1,10 +1,13 @@
 """What one exported image is, and the journal that makes an export run resumable.
 
 An `ExportItem` is an image's label map (0 background, i + 1 = the export's `labels[i]`) with the scores of
-its kept labels; every writer works from these. A `Journal` is a JSON-lines file: a first line with the
-run's identity (labels, model version, ...), then one line per finished image with its label map as COCO
-RLE per label. A run appends a line as each image finishes; the next run with the same identity reads
-them back and skips those images (a line cut by an interruption is ignored and its image done again).
+its kept labels, its object instances (`engine.instances.Instances`; split from the label map, one per
+connected part, when the item brings none) and its image-level tags; every writer works from these. A
+`Journal` is a JSON-lines file: a first line with the run's identity (labels, model version, ...) and the
+journal's own format (`JOURNAL_FORMAT`), then one line per finished image with its label map as COCO RLE per
+label and its instances as COCO RLE each. A run appends a line as each image finishes; the next run with the
+same identity and format reads them back and skips those images (a line cut by an interruption is ignored
+and its image done again; a journal of another format, e.g. one written before instances, starts over).
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from car_backend.engine.instances import Instances, split_instances
 from car_backend.exports import rle
 
 log = logging.getLogger(__name__)
+
+JOURNAL_FORMAT = 2  # 2: items carry instances and tags
 
 
 @dataclass
@@ -32,7 +38,9 @@ class ExportItem:
     `ls` tasks; `label_map`: (H, W) int32 at the image's size; `scores`: kept label -> classifier score (1.0
     for an annotator's label); `score`: the prediction-level score (`CAR_SCORE`); `uncertainty`: 0 (sure)
     to 1, the gallery's order; `task`: the Label Studio task id when it came from a project; `origin`:
-    "prediction" or "annotation".
+    "prediction" or "annotation"; `instances`: the objects (instance map at the label map's size, each
+    instance's label map value and score), None to split them from the label map (`instances_for`); `tags`:
+    image-level labels (Label Studio `Choices`), written beside the masks.
     """
 
     name: str
@@ -43,6 +51,8 @@ class ExportItem:
     uncertainty: float = 1.0
     task: int | None = None
     origin: str = "prediction"
+    instances: Instances | None = None
+    tags: tuple[str, ...] = ()
 
     @property
     def width(self) -> int:
@@ -57,12 +67,26 @@ class ExportItem:
         values = set(np.unique(self.label_map).tolist())
         return [i for i in range(len(labels)) if i + 1 in values]
 
+    def instances_for(self, labels: Sequence[str]) -> Instances:
+        """The item's instances; without given ones, each connected part of each label present (parts under
+        `engine.instances.MIN_AREA_PX` pixels go to their neighbours), scored with its label's score.
+        `labels`: the export's labels (label map value i + 1 = labels[i])."""
+        if self.instances is not None:
+            return self.instances
+        scores = [float(self.scores.get(label, 0.0)) for label in labels]
+        return split_instances(self.label_map, scores, [k + 1 for k in self.present(labels)])
+
     def to_plain(self) -> dict:
         masks = {str(k): rle.encode(self.label_map == k)["counts"]
                  for k in np.unique(self.label_map).tolist() if k > 0}
-        return {"name": self.name, "source": self.source, "size": [self.height, self.width], "masks": masks,
-                "scores": self.scores, "score": self.score, "uncertainty": self.uncertainty, "task": self.task,
-                "origin": self.origin}
+        plain = {"name": self.name, "source": self.source, "size": [self.height, self.width], "masks": masks,
+                 "scores": self.scores, "score": self.score, "uncertainty": self.uncertainty, "task": self.task,
+                 "origin": self.origin, "tags": list(self.tags)}
+        if self.instances is not None:
+            plain["instances"] = [[int(v), float(s), rle.encode(self.instances.mask(j))["counts"]]
+                                  for j, (v, s) in enumerate(zip(self.instances.labels, self.instances.scores,
+                                                                 strict=True))]
+        return plain
 
     @classmethod
     def from_plain(cls, data: dict) -> ExportItem:
@@ -71,11 +95,19 @@ class ExportItem:
         label_map = np.zeros((height, width), np.int32)
         for value, counts in data["masks"].items():
             label_map[rle.decode({"size": [height, width], "counts": counts})] = int(value)
+        instances = None
+        if data.get("instances") is not None:
+            instance_map = np.zeros((height, width), np.int32)
+            for j, (_, _, counts) in enumerate(data["instances"]):
+                instance_map[rle.decode({"size": [height, width], "counts": counts})] = j + 1
+            instances = Instances(instance_map, tuple(int(v) for v, _, _ in data["instances"]),
+                                  tuple(float(s) for _, s, _ in data["instances"]))
         return cls(name=str(data["name"]), source=str(data["source"]), label_map=label_map,
                    scores={str(k): float(v) for k, v in data["scores"].items()},
                    score=None if data["score"] is None else float(data["score"]),
                    uncertainty=float(data["uncertainty"]), task=data.get("task"),
-                   origin=str(data.get("origin", "prediction")))
+                   origin=str(data.get("origin", "prediction")), instances=instances,
+                   tags=tuple(str(t) for t in data.get("tags") or ()))
 
 
 @dataclass(frozen=True)
@@ -169,8 +201,10 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lines = self.path.read_text().splitlines() if self.path.exists() else []
         header = _json_line(lines[0]) if lines else None
-        if lines and (not isinstance(header, dict) or header.get("identity") != self.identity):
-            log.warning("%s was written for other labels or settings: starting the export over", self.path)
+        if lines and (not isinstance(header, dict) or header.get("identity") != self.identity
+                      or header.get("format") != JOURNAL_FORMAT):
+            log.warning("%s was written for other labels or settings, or by an older car-backend: starting the "
+                        "export over", self.path)
             lines = []
         for number, line in enumerate(lines[1:], start=2):
             data = _json_line(line)
@@ -181,7 +215,8 @@ class Journal:
                             number)
         # rewrite what was readable, so a cut line never sits in the middle of the file
         body = [json.dumps(self.items.plain(name)) for name in self.items.names]
-        write_atomic(self.path, "\n".join([json.dumps({"identity": self.identity}), *body]) + "\n")
+        header = {"identity": self.identity, "format": JOURNAL_FORMAT}
+        write_atomic(self.path, "\n".join([json.dumps(header), *body]) + "\n")
         self._file = self.path.open("a")
         return self
 

@@ -1,4 +1,7 @@
-"""Label Studio results read back into masks: brush (RLE) and polygon regions -> one bool mask per label.
+"""Label Studio results read back into masks: brush (RLE) and polygon regions -> one bool mask per label
+(`label_masks`), or brush, polygon and rectangle regions -> one mask per region (`region_instances`, each
+region one object instance; a rectangle is its filled box), and `choices` -> image-level tags
+(`result_choices`). Sizes a region claims are checked against a pixel limit before anything is allocated.
 
 Polygons are read the way `car_backend.labelstudio.results` writes them: points run along pixel corners,
 so a pixel belongs to a polygon when its centre is inside (cv2.fillPoly would add the pixels the outline
@@ -8,12 +11,14 @@ touches, a one-pixel band along the right and bottom edges).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 
 REGION_TYPES = ("brushlabels", "polygonlabels")  # each keeps its label names under value[type]
+INSTANCE_TYPES = (*REGION_TYPES, "rectanglelabels")
 SHRINK_MAX_SIDE = 256  # callers that store masks shrink them to this many pixels on the longer side
 
 
@@ -39,22 +44,94 @@ def label_masks(regions: Iterable[dict], size: tuple[int, int] | None = None,
     if size is None:
         size = _common_size(regions)
     if max_pixels is not None:
-        for where, (height, width) in [("the output", size)] + [
-                (f"region {r.get('id', '?')}", s) for r in regions if (s := _region_size(r)) is not None]:
-            if height * width > max_pixels:
-                raise RegionSizeError(f"{where} is {height}x{width} = {height * width} pixels, more than "
-                                      f"CAR_MAX_IMAGE_PIXELS={max_pixels}")
-    height, width = size
+        check_sizes(regions, size, max_pixels)
     masks: dict[str, np.ndarray] = {}
     for region in regions:
-        if region["type"] == "brushlabels":
-            mask = resize_mask(_brush_mask(region, _region_size(region) or size), size)
-        else:
-            points = np.asarray(region["value"]["points"], np.float64).reshape(-1, 2)
-            mask = polygons_mask([points * [width / 100.0, height / 100.0]], height, width)
+        mask = region_mask(region, size)
         for label in _labels(region):
             add_mask(masks, label, mask)
     return masks
+
+
+def check_sizes(regions: Iterable[dict], size: tuple[int, int], max_pixels: int) -> None:
+    """RegionSizeError when `size` (H, W) or the original size a region claims is over `max_pixels`;
+    ValueError when a region's original size is not positive whole numbers."""
+    for where, (height, width) in [("the output", size)] + [
+            (f"region {r.get('id', '?')}", s) for r in regions if (s := region_size(r)) is not None]:
+        if height * width > max_pixels:
+            raise RegionSizeError(f"{where} is {height}x{width} = {height * width} pixels, more than "
+                                  f"CAR_MAX_IMAGE_PIXELS={max_pixels}")
+
+
+def region_mask(region: dict, size: tuple[int, int]) -> np.ndarray:
+    """The (H, W) bool mask of one brush, polygon or rectangle region at `size`. Raises ValueError, KeyError or
+    TypeError on a region of another shape."""
+    height, width = size
+    kind = region["type"]
+    if kind == "brushlabels":
+        return resize_mask(_brush_mask(region, region_size(region) or size), size)
+    if kind == "rectanglelabels":
+        return polygons_mask([rectangle_corners(region["value"], height, width).ravel()], height, width)
+    points = np.asarray(region["value"]["points"], np.float64).reshape(-1, 2)
+    return polygons_mask([points * [width / 100.0, height / 100.0]], height, width)
+
+
+def rectangle_corners(value: dict, height: int, width: int) -> np.ndarray:
+    """(4, 2) pixel (x, y) corners of a Label Studio rectangle: x, y, width, height in percent of the image,
+    turned `rotation` degrees clockwise (on screen) about its top-left corner, as Label Studio draws it."""
+    x, y = float(value["x"]) * width / 100.0, float(value["y"]) * height / 100.0
+    w, h = float(value["width"]) * width / 100.0, float(value["height"]) * height / 100.0
+    corners = np.array([[0.0, 0.0], [w, 0.0], [w, h], [0.0, h]])
+    angle = np.deg2rad(float(value.get("rotation") or 0.0))
+    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    corners = corners @ turn.T + [x, y]
+    if not np.isfinite(corners).all():
+        raise ValueError("a rectangle with coordinates that are not numbers")
+    return corners
+
+
+@dataclass(frozen=True, eq=False)
+class RegionInstance:
+    """One region read back as an object instance: `id` (the region's id, "" without one), `kind` (its type:
+    brushlabels, polygonlabels or rectanglelabels), `labels` (its label names, usually one), `mask` ((H, W)
+    bool at the size asked for) and `score` (the region's score, None without one)."""
+
+    id: str
+    kind: str
+    labels: tuple[str, ...]
+    mask: np.ndarray
+    score: float | None
+
+
+def region_instances(regions: Iterable[dict], size: tuple[int, int],
+                     max_pixels: int | None = None) -> list[RegionInstance]:
+    """Each labelled brush, polygon and rectangle region of one result as an instance, in result order.
+
+    `size` (H, W) is the output size (brush masks drawn at another size are resized, nearest). With
+    `max_pixels`, sizes are checked first (`check_sizes`: RegionSizeError before any mask is allocated).
+    Raises ValueError, KeyError or TypeError on a region of another shape."""
+    regions = [r for r in regions if _labels(r, INSTANCE_TYPES)]
+    if max_pixels is not None:
+        check_sizes(regions, size, max_pixels)
+    found = []
+    for region in regions:
+        score = region.get("score")
+        score = float(score) if isinstance(score, int | float) and np.isfinite(score) else None
+        found.append(RegionInstance(str(region.get("id") or ""), region["type"],
+                                    tuple(str(v) for v in _labels(region, INSTANCE_TYPES)),
+                                    region_mask(region, size), score))
+    return found
+
+
+def result_choices(result: Iterable[dict]) -> list[str]:
+    """The choice values of a result's `choices` regions (image-level tags), each once, in the order met."""
+    found: list[str] = []
+    for region in result:
+        value = region.get("value") if isinstance(region, dict) and region.get("type") == "choices" else None
+        choices = value.get("choices") if isinstance(value, dict) else None
+        if isinstance(choices, list):
+            found.extend(v for v in choices if isinstance(v, str))
+    return list(dict.fromkeys(found))
 
 
 def add_mask(masks: dict[str, np.ndarray], label: str, mask: np.ndarray) -> None:
@@ -74,13 +151,17 @@ def shrink(masks: Mapping[str, np.ndarray], max_side: int = SHRINK_MAX_SIDE) -> 
     return out
 
 
-def _labels(region: dict) -> list[str]:
+def _labels(region: dict, types: Sequence[str] = REGION_TYPES) -> list[str]:
     kind = region.get("type")
-    return list(region.get("value", {}).get(kind) or []) if kind in REGION_TYPES else []
+    if kind not in types or not isinstance(region.get("value"), dict):
+        return []
+    labels = region["value"].get(kind)
+    return [v for v in labels if isinstance(v, str)] if isinstance(labels, list) else []
 
 
-def _region_size(region: dict) -> tuple[int, int] | None:
-    """(H, W) from original_height/original_width; ValueError unless both are positive whole numbers."""
+def region_size(region: dict) -> tuple[int, int] | None:
+    """(H, W) a region claims (original_height/original_width), None without; ValueError unless both are
+    positive whole numbers."""
     height, width = region.get("original_height"), region.get("original_width")
     if not height or not width:
         return None
@@ -100,7 +181,7 @@ def _common_size(regions: Sequence[dict]) -> tuple[int, int]:
         raise ValueError("no brush or polygon region to take the image size from; pass size=(H, W)")
     size = None
     for region in regions:
-        this = _region_size(region)
+        this = region_size(region)
         if this is None:
             raise ValueError(f"region {region.get('id', '?')} has no original_height/original_width")
         if size is not None and this != size:

@@ -267,7 +267,7 @@ def prelabel_images(folder: Path, labels: list[str], out: Path, kind: str, setti
     project = Project(config=config, version=model_version(settings, config))
     try:
         spec = ExportSpec(export, tuple(labels), project.version, settings.polygon_tolerance, config.targets[0],
-                          kind, url_prefix)
+                          kind, url_prefix, image_root=folder)
     except ValueError as exc:
         print(f"car-backend prelabel: {exc}", file=sys.stderr)
         return 2

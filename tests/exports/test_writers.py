@@ -10,18 +10,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from car_backend.engine.instances import Instances, split_instances
 from car_backend.exports import rle
 from car_backend.exports.records import ExportItem, Failure, Journal, write_failures
 from car_backend.exports.writers import (
     ExportSpec,
     Layout,
+    allowed_image,
     file_stems,
+    instance_rings,
     voc_palette,
     write_export,
 )
 from car_backend.labelstudio.config import parse_label_config
-from car_backend.labelstudio.regions import label_masks, polygons_mask
-from tests.exports.known import LABELS, known_items
+from car_backend.labelstudio.regions import label_masks
+from tests.exports.known import LABELS, known_items, ring_scene
 
 FAILURES = [Failure("broken.jpg", "/data/broken.jpg", "cannot decode the image: not an image")]
 
@@ -64,7 +67,18 @@ def test_rle_refuses_counts_of_another_size():
         rle.string_counts("0\x7f")
 
 
-def test_coco_decodes_to_the_label_maps(tmp_path):
+def components(mask: np.ndarray) -> list[np.ndarray]:
+    """The 8-connected parts of a mask, in raster order of their first pixel."""
+    count, parts = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    return [parts == k for k in range(1, count)]
+
+
+def bounds(mask: np.ndarray) -> list[int]:
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+def test_coco_has_one_annotation_per_instance(tmp_path):
     items = known_items()
     path = write_export(spec("coco"), Layout.of("coco", tmp_path), items, FAILURES)
     doc = json.loads(path.read_text())
@@ -72,28 +86,48 @@ def test_coco_decodes_to_the_label_maps(tmp_path):
     assert [i["file_name"] for i in doc["images"]] == sorted(i.name for i in items)  # broken.jpg is not there
     by_name = {i.name: i for i in items}
     images = {i["id"]: i for i in doc["images"]}
-    seen = set()
-    for ann in doc["annotations"]:
-        image = images[ann["image_id"]]
+    for image_id, image in images.items():
         item = by_name[image["file_name"]]
-        label = LABELS[ann["category_id"] - 1]
-        expected = item.label_map == ann["category_id"]
-        assert [image["height"], image["width"]] == ann["segmentation"]["size"] == list(item.label_map.shape)
-        assert (rle.decode(ann["segmentation"]) == expected).all()
-        assert ann["area"] == int(expected.sum()) and ann["score"] == pytest.approx(item.scores[label])
-        x, y, w, h = ann["bbox"]
-        assert expected[y:y + h, x:x + w].sum() == expected.sum() and expected[y, x:x + w].any()
-        seen.add((item.name, label))
-    assert seen == {("b/ring.png", "cat"), ("b/ring.png", "dog"), ("a-stripes.jpg", "cat"), ("a-stripes.jpg", "dog")}
+        anns = [a for a in doc["annotations"] if a["image_id"] == image_id]
+        for k, label in enumerate(LABELS):
+            want = components(item.label_map == k + 1)  # each connected part is one object
+            got = [a for a in anns if a["category_id"] == k + 1]
+            assert len(got) == len(want), (item.name, label)
+            for ann, expected in zip(got, want, strict=True):
+                assert [image["height"], image["width"]] == ann["segmentation"]["size"]
+                assert (rle.decode(ann["segmentation"]) == expected).all()
+                assert ann["area"] == int(expected.sum()) and ann["bbox"] == bounds(expected)
+                assert ann["iscrowd"] == 0 and ann["score"] == pytest.approx(item.scores[label])
+    ring = next(i for i in doc["images"] if i["file_name"] == "b/ring.png")
+    assert sorted(a["category_id"] for a in doc["annotations"] if a["image_id"] == ring["id"]) == [1, 1, 2, 2]
 
 
-def test_coco_reads_with_pycocotools(tmp_path):
+def test_coco_instances_decode_with_pycocotools(tmp_path):
     coco_module = pytest.importorskip("pycocotools.coco")
-    path = write_export(spec("coco"), Layout.of("coco", tmp_path), known_items(), FAILURES)
+    mask_api = pytest.importorskip("pycocotools.mask")
+    scene = ring_scene()
+    instances = split_instances(scene, [0.9, 0.4, 0.0])
+    given = ExportItem("given.png", "/data/given.png", scene, {"cat": 0.9, "dog": 0.4}, 0.5, 0.5,
+                       instances=Instances(instances.instance_map, instances.labels, (0.8, 0.7, 0.6, 0.5)),
+                       tags=("indoor", "night"))
+    path = write_export(spec("coco"), Layout.of("coco", tmp_path), [*known_items(), given], FAILURES)
     coco = coco_module.COCO(str(path))
-    ring = next(i for i in coco.dataset["images"] if i["file_name"] == "b/ring.png")
-    anns = coco.loadAnns(coco.getAnnIds(imgIds=[ring["id"]], catIds=[1]))
-    assert (coco.annToMask(anns[0]) == (known_items()[0].label_map == 1)).all()
+    checked = 0
+    for image in coco.dataset["images"]:
+        item = next(i for i in [*known_items(), given] if i.name == image["file_name"])
+        objects = item.instances_for(LABELS)
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
+        assert len(anns) == len(objects)
+        for j, ann in enumerate(anns):
+            mask = coco.annToMask(ann).astype(bool)
+            assert (mask == objects.mask(j)).all()
+            assert ann["bbox"] == bounds(mask) == mask_api.toBbox(ann["segmentation"]).astype(int).tolist()
+            assert ann["category_id"] == objects.labels[j] and ann["score"] == pytest.approx(objects.scores[j])
+            checked += 1
+    assert checked == 4 + 2 + 4
+    given_image = next(i for i in coco.dataset["images"] if i["file_name"] == "given.png")
+    assert given_image["tags"] == ["indoor", "night"]
+    assert [a["score"] for a in coco.loadAnns(coco.getAnnIds(imgIds=[given_image["id"]]))] == [0.8, 0.7, 0.6, 0.5]
 
 
 def test_png_label_maps_equal_the_label_maps(tmp_path):
@@ -113,50 +147,148 @@ def test_png_label_maps_equal_the_label_maps(tmp_path):
     assert voc_palette(3).tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]  # VOC's background, 1, 2
 
 
+def test_png_object_maps_hold_the_instances(tmp_path):
+    items = known_items()
+    tagged = ExportItem("t.png", "/data/t.png", ring_scene(), {"cat": 0.9, "dog": 0.4}, tags=("indoor",))
+    write_export(spec("png"), Layout.of("png", tmp_path), [*items, tagged], FAILURES)
+    meta = json.loads((tmp_path / "labels.json").read_text())
+    assert meta["object_files"]["b/ring.png"] == "SegmentationObject/b_ring.png"
+    assert meta["tags"] == {"t.png": ["indoor"]}
+    for item in [*items, tagged]:
+        image = Image.open(tmp_path / meta["object_files"][item.name])
+        objects = item.instances_for(LABELS)
+        assert image.mode == "P" and (np.asarray(image) == objects.instance_map).all()
+        classes = np.asarray(Image.open(tmp_path / meta["files"][item.name]))
+        assert [o["label"] for o in meta["objects"][item.name]] == list(objects.labels)
+        for entry in meta["objects"][item.name]:  # an object's pixels hold its class in the class map
+            assert (classes[np.asarray(image) == entry["id"]] == entry["label"]).all()
+    assert len(meta["objects"]["b/ring.png"]) == 4 and meta["objects"]["empty.png"] == []
+
+
 def test_png_refuses_more_labels_than_a_byte_holds():
     with pytest.raises(ValueError, match="at most 254"):
         ExportSpec("png", tuple(f"l{i}" for i in range(255)), "v")
 
 
-def read_yolo(path: Path, height: int, width: int, classes: int) -> list[np.ndarray]:
-    masks = [np.zeros((height, width), bool) for _ in range(classes)]
+def read_yolo_instances(path: Path, height: int, width: int, rounding: bool = False) -> list[tuple[int, np.ndarray]]:
+    """(class, mask) per line, read the way ultralytics (`polygon2mask`) and supervision (`polygon_to_mask`)
+    read YOLO segmentation: coordinates scaled to pixels, truncated to integers (or rounded), cv2.fillPoly."""
+    found = []
     for line in path.read_text().splitlines():
         values = line.split()
         points = np.asarray(values[1:], float).reshape(-1, 2) * [width, height]
-        masks[int(values[0])] |= polygons_mask([points.ravel()], height, width)
+        points = np.round(points) if rounding else points
+        mask = np.zeros((height, width), np.uint8)
+        cv2.fillPoly(mask, [points.astype(np.int32).reshape(-1, 1, 2)], 1)
+        found.append((int(values[0]), mask.astype(bool)))
+    return found
+
+
+def read_yolo(path: Path, height: int, width: int, classes: int) -> list[np.ndarray]:
+    """The union mask of each class over the lines of a YOLO segmentation file."""
+    masks = [np.zeros((height, width), bool) for _ in range(classes)]
+    for k, mask in read_yolo_instances(path, height, width):
+        masks[k] |= mask
     return masks
 
 
-@pytest.mark.parametrize("tolerance, min_iou", [(0.0, 1.0), (1.0, 0.93)])
-def test_yolo_polygons_rasterise_back(tmp_path, tolerance, min_iou):
+@pytest.mark.parametrize("tolerance, min_iou", [(0.0, 0.98), (1.0, 0.85)])
+def test_yolo_polygons_rasterise_back_to_each_instance_with_its_holes(tmp_path, tolerance, min_iou):
     items = known_items()
     write_export(spec("yolo", polygon_tolerance=tolerance), Layout.of("yolo", tmp_path), items, FAILURES)
     stems = file_stems([i.name for i in items])
+    worst = 1.0
     for item in items:
-        masks = read_yolo(tmp_path / "labels" / f"{stems[item.name]}.txt", item.height, item.width, len(LABELS))
-        for k, mask in enumerate(masks):
-            expected = filled(item.label_map == k + 1)  # YOLO outlines have no holes
-            if not expected.any():
-                assert not mask.any()
-                continue
-            assert iou(mask, expected) >= min_iou, (item.name, LABELS[k], iou(mask, expected))
-    # the hole of cat's ring is covered by its outline: dog's pixels there count for cat too
+        objects = item.instances_for(LABELS)
+        for rounding in (False, True):
+            lines = read_yolo_instances(tmp_path / "labels" / f"{stems[item.name]}.txt", item.height, item.width,
+                                        rounding)
+            assert len(lines) == len(objects)  # one line per instance
+            for j, (k, mask) in enumerate(lines):
+                assert k == objects.labels[j] - 1
+                worst = min(worst, iou(mask, objects.mask(j)))
+    assert worst >= min_iou
+    if tolerance == 0:
+        assert worst == 1.0  # exact: vertices sit on the border pixels
+    # cat's ring keeps its hole: the dog inside is not cat's
     ring = read_yolo(tmp_path / "labels" / "b_ring.txt", 40, 56, 3)
-    assert ring[0][15, 15] and ring[1][15, 15]
+    assert not ring[0][15, 15] and ring[1][15, 15] and ring[0][6, 6]
     yaml = (tmp_path / "data.yaml").read_text()
     assert 'nc: 3' in yaml and '  0: "cat"' in yaml and '  2: "sofa"' in yaml
     assert (tmp_path / "labels" / "empty.txt").read_text() == ""
 
 
-def test_yolo_links_local_images(tmp_path):
-    source = tmp_path / "src" / "a.PNG"
-    source.parent.mkdir()
-    source.write_bytes(b"png bytes")
-    item = ExportItem("a.PNG", str(source), np.zeros((4, 4), np.int32))
+def test_yolo_polygons_keep_many_holes_and_islands(tmp_path):
+    """A ring-shaped label enclosing other labels (and an island of itself inside a hole), random shapes."""
+    rng = np.random.default_rng(11)
+    label_map = np.zeros((90, 120), np.int32)
+    label_map[5:85, 5:115] = 1
+    label_map[15:35, 15:40] = 2  # holes filled by other labels
+    label_map[50:75, 60:100] = 3
+    label_map[20:30, 70:80] = 0  # a background hole
+    label_map[58:66, 75:85] = 1  # an island of cat inside dog's... inside the sofa hole
+    for _ in range(12):  # ragged edges
+        y, x = rng.integers(5, 85), rng.integers(5, 115)
+        label_map[y:y + rng.integers(1, 4), x:x + rng.integers(1, 4)] = rng.integers(0, 4)
+    item = ExportItem("holes.png", "/data/holes.png", label_map, {"cat": 0.9, "dog": 0.5, "sofa": 0.4})
+    write_export(spec("yolo", polygon_tolerance=0.0), Layout.of("yolo", tmp_path), [item], [])
+    objects = item.instances_for(LABELS)
+    assert any(len(components(~objects.mask(j))) > 2 for j in range(len(objects)))  # at least two holes
+    lines = read_yolo_instances(tmp_path / "labels" / "holes.txt", 90, 120)
+    assert [k + 1 for k, _ in lines] == list(objects.labels)
+    for j, (_, mask) in enumerate(lines):
+        assert iou(mask, objects.mask(j)) >= 0.98, j
+    rings = instance_rings(objects.mask(0))
+    areas = [0.5 * float(np.dot(r[:, 0], np.roll(r[:, 1], -1)) - np.dot(np.roll(r[:, 0], -1), r[:, 1])) for r in rings]
+    assert areas[0] > 0 and min(areas) < 0  # outlines one way round, holes the other (nonzero fill)
+
+
+def test_yolo_detect_boxes_are_the_instance_bounds(tmp_path):
+    items = known_items()
+    write_export(spec("yolo-detect"), Layout.of("yolo-detect", tmp_path), items, FAILURES)
+    stems = file_stems([i.name for i in items])
+    for item in items:
+        objects = item.instances_for(LABELS)
+        lines = (tmp_path / "labels" / f"{stems[item.name]}.txt").read_text().splitlines()
+        assert len(lines) == len(objects)
+        for j, line in enumerate(lines):
+            k, cx, cy, w, h = line.split()
+            assert int(k) == objects.labels[j] - 1
+            x0, y0, bw, bh = bounds(objects.mask(j))
+            assert float(cx) * item.width == pytest.approx(x0 + bw / 2, abs=1e-3)
+            assert float(cy) * item.height == pytest.approx(y0 + bh / 2, abs=1e-3)
+            assert float(w) * item.width == pytest.approx(bw, abs=1e-3)
+            assert float(h) * item.height == pytest.approx(bh, abs=1e-3)
+    assert (tmp_path / "data.yaml").is_file()
+
+
+def test_yolo_links_only_images_under_the_allowed_folder(tmp_path):
+    root = tmp_path / "root"
+    (root / "set").mkdir(parents=True)
+    inside = root / "set" / "a.PNG"
+    inside.write_bytes(b"png bytes")
+    secret = tmp_path / "elsewhere" / "passwd"  # an absolute path a task may name, outside the root
+    secret.parent.mkdir()
+    secret.write_text("root:x:0:0")
+    (root / "set" / "sneaky.png").symlink_to(secret)  # a link inside the root that leads out of it
+    blank = np.zeros((4, 4), np.int32)
+    items = [ExportItem("a.PNG", str(inside), blank),
+             ExportItem("b.png", "/data/local-files/?d=set/a.PNG", blank),
+             ExportItem("c.png", f"file://{inside}", blank),
+             ExportItem("passwd", str(secret), blank),
+             ExportItem("d.png", "/data/local-files/?d=../elsewhere/passwd", blank),
+             ExportItem("e.png", "/data/local-files/?d=set/sneaky.png", blank),
+             ExportItem("f.png", f"/data/local-files/?d={secret}", blank),
+             ExportItem("g.png", "https://example.com/data/local-files/?d=set/a.PNG", blank)]
     out = tmp_path / "out"
-    write_export(spec("yolo"), Layout.of("yolo", out), [item], [])
-    write_export(spec("yolo"), Layout.of("yolo", out), [item], [])  # again: the link is replaced
-    assert (out / "images" / "a.png").resolve() == source.resolve()
+    write_export(spec("yolo", image_root=root), Layout.of("yolo", out), items, [])
+    write_export(spec("yolo", image_root=root), Layout.of("yolo", out), items, [])  # again: the links are replaced
+    linked = {p.name: p.resolve() for p in (out / "images").iterdir()}
+    assert linked == {"a.png": inside.resolve(), "b.png": inside.resolve(), "c.png": inside.resolve(),
+                      "g.png": inside.resolve()}
+    assert allowed_image(str(secret), None) is None and allowed_image(str(inside), None) is None
+    write_export(spec("yolo"), Layout.of("yolo", out), items, [])  # no allowed folder: earlier links go
+    assert list((out / "images").iterdir()) == []
 
 
 def test_ls_regions_read_back_to_the_label_maps(tmp_path):
@@ -216,3 +348,26 @@ def test_journal_resumes_and_ignores_a_cut_line(tmp_path):
         assert len(journal.items) == 3
     with Journal(path, {"labels": ["other"]}) as journal:  # other labels: start over
         assert len(journal.items) == 0
+
+
+def test_journal_keeps_instances_and_tags_and_restarts_an_old_journal(tmp_path):
+    path = tmp_path / ".car-export" / "journal.jsonl"
+    scene = ring_scene()
+    objects = split_instances(scene, [0.9, 0.4])
+    given = Instances(objects.instance_map, objects.labels, (0.8, 0.7, 0.6, 0.5))
+    item = ExportItem("a.png", "/data/a.png", scene, {"cat": 0.9, "dog": 0.4}, instances=given, tags=("x", "y"))
+    with Journal(path, {"labels": list(LABELS)}) as journal:
+        journal.add(item)
+        journal.add(known_items()[1])
+    with Journal(path, {"labels": list(LABELS)}) as journal:
+        back = journal.items.get("a.png")
+        assert (back.instances.instance_map == given.instance_map).all()
+        assert back.instances.labels == given.labels and back.instances.scores == given.scores
+        assert back.tags == ("x", "y")
+        assert journal.items.get("a-stripes.jpg").instances is None  # split again when written
+    # a journal written before instances (no format in its first line) starts over cleanly
+    old = json.dumps({"identity": {"labels": list(LABELS)}}) + "\n" + path.read_text().splitlines()[1] + "\n"
+    path.write_text(old)
+    with Journal(path, {"labels": list(LABELS)}) as journal:
+        assert len(journal.items) == 0
+    assert json.loads(path.read_text().splitlines()[0])["format"] >= 2
