@@ -135,7 +135,7 @@ class Gallery:
         an earlier gallery made none), `w`/`h` the label map's size (the outlines' viewBox) and `p` one
         [label index, score, SVG path] per instance."""
         instances = item.instances_for(labels)
-        tolerance = max(1.0, max(item.width, item.height) / OUTLINE_DETAIL)
+        tolerance = max(item.width, item.height) / OUTLINE_DETAIL
         outlines = [[int(v) - 1, round(float(score), 4), path]
                     for j, (v, score) in enumerate(zip(instances.labels, instances.scores, strict=True))
                     if (path := outline_path(instances.mask(j), tolerance))]
@@ -162,7 +162,7 @@ figure.thumb { margin: 0; width: 200px; background: #fff; border: 1px solid #ccc
 figure.thumb .frame { position: relative; width: fit-content; margin: auto; cursor: zoom-in; }
 figure.thumb img { display: block; max-width: 192px; max-height: 192px; }
 svg.outlines { position: absolute; left: 0; top: 0; width: 100%; height: 100%; pointer-events: none; }
-svg.outlines path { fill: none; stroke-width: 1.5px; vector-effect: non-scaling-stroke; }
+svg.outlines path { stroke-width: 1.5px; vector-effect: non-scaling-stroke; }
 #viewer-overlay path { fill-opacity: .45; fill-rule: evenodd; stroke-width: 2px; vector-effect: non-scaling-stroke; }
 .hidden, figure.thumb.filtered-out { display: none; }
 figure.thumb .missing { height: 96px; line-height: 96px; text-align: center; color: #999; background: #eee; }
@@ -224,7 +224,7 @@ figcaption { font-size: .8em; word-break: break-all; }
       path.setAttribute("class", "outline");
       path.setAttribute("data-label", label.name);
       path.setAttribute("stroke", label.color);
-      if (fill) path.setAttribute("fill", label.color);
+      path.setAttribute("fill", fill ? label.color : "none");
       var title = document.createElementNS(SVG, "title");
       title.textContent = label.name + " " + inst[1].toFixed(2);
       path.appendChild(title);

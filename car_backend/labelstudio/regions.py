@@ -79,10 +79,14 @@ def region_mask(region: dict, size: tuple[int, int]) -> np.ndarray:
 def rectangle_corners(value: dict, height: int, width: int) -> np.ndarray:
     """(4, 2) pixel (x, y) corners of a Label Studio rectangle: x, y, width, height in percent of the image,
     turned `rotation` degrees clockwise (on screen) about its top-left corner, as Label Studio draws it."""
-    x, y = float(value["x"]) * width / 100.0, float(value["y"]) * height / 100.0
-    w, h = float(value["width"]) * width / 100.0, float(value["height"]) * height / 100.0
+    try:
+        x, y, w, h = (float(value[key]) for key in ("x", "y", "width", "height"))
+        rotation = float(value.get("rotation") or 0.0)
+    except (TypeError, ValueError):
+        raise ValueError("a rectangle with coordinates that are not numbers") from None
+    x, y, w, h = x * width / 100.0, y * height / 100.0, w * width / 100.0, h * height / 100.0
     corners = np.array([[0.0, 0.0], [w, 0.0], [w, h], [0.0, h]])
-    angle = np.deg2rad(float(value.get("rotation") or 0.0))
+    angle = np.deg2rad(rotation)
     turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     corners = corners @ turn.T + [x, y]
     if not np.isfinite(corners).all():

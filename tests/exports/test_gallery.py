@@ -8,7 +8,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from car_backend.exports.gallery import PAGE_SIZE, Gallery, overlay_thumbnail
+from car_backend.exports.gallery import PAGE_SIZE, Gallery, large_file, overlay_thumbnail
 from car_backend.exports.records import ExportItem, Failure
 from car_backend.service import prelabel
 from tests.support.browser import by_class, descendants, dump_dom, parse, screenshot
@@ -131,3 +131,87 @@ def test_an_empty_gallery_opens(tmp_path):
     index = Gallery(tmp_path / "g").write(LABELS, [], [], "empty")
     page = parse(dump_dom(index.as_uri()))
     assert figures(page) == [] and "0 images" in next(e for e in page if e.attrs.get("id") == "totals").text
+
+
+def instance_items() -> list[ExportItem]:
+    """Three images with known objects: two cats and a dog with a hole; one dog; nothing."""
+    a = np.zeros((40, 56), np.int32)
+    a[2:12, 2:12] = 1
+    a[20:35, 30:50] = 1
+    a[5:30, 15:28] = 2
+    a[10:15, 18:22] = 0  # a hole in the dog
+    b = np.zeros((40, 56), np.int32)
+    b[10:30, 10:40] = 2
+    return [ExportItem("a.png", "/data/a.png", a, {"cat": 0.9, "dog": 0.7}, 0.8, 0.9),
+            ExportItem("b.png", "/data/b.png", b, {"dog": 0.6}, 0.6, 0.5),
+            ExportItem("c.png", "/data/c.png", np.zeros((40, 56), np.int32), {}, None, 0.1)]
+
+
+def outlines_of(figure):
+    return [e for e in descendants(figure) if e.tag == "path" and "outline" in e.classes]
+
+
+CLICK = """<script>
+(function wait() {
+  var frame = document.querySelector("figure.thumb .frame");
+  if (!frame) { setTimeout(wait, 50); return; }
+  frame.click();
+  var viewer = document.getElementById("viewer");
+  document.body.dataset.afterClick = viewer.className + "|" + viewer.dataset.overlay;
+  document.getElementById("toggle-overlay").click();
+  var select = document.getElementById("label-filter");
+  select.value = "cat";
+  select.dispatchEvent(new Event("change"));
+})();
+</script>
+</body>"""
+
+
+def test_gallery_draws_instance_outlines_filters_by_label_and_opens_a_large_view(tmp_path):
+    items = instance_items()
+    gallery = Gallery(tmp_path / "gallery")
+    picture = Image.new("RGB", (560, 400), (90, 140, 200))  # the label maps are a tenth of the image
+    for item in items:
+        gallery.add_thumbnail(item.name, picture, item.label_map)
+    index = gallery.write(LABELS, items, [], "instances")
+    large = Image.open(index.parent / large_file("a.png"))
+    assert large.size == (560, 400)  # under LARGE_SIDE: the image as it is, without the overlay
+    assert np.abs(np.asarray(large, int) - [90, 140, 200]).max() < 8
+
+    page = parse(dump_dom(index.as_uri()))
+    shown = {f.attrs["data-name"]: f for f in figures(page)}
+    for item in items:
+        objects = item.instances_for(LABELS)
+        paths = outlines_of(shown[item.name])
+        assert [p.attrs["data-label"] for p in paths] == [LABELS[v - 1] for v in objects.labels]
+        assert not any("hidden" in p.classes for p in paths)
+    assert len(outlines_of(shown["a.png"])) == 3
+    assert outlines_of(shown["a.png"])[2].attrs["d"].count("M") == 2  # the dog's outline and its hole
+    viewer = next(e for e in page if e.attrs.get("id") == "viewer")
+    assert "hidden" in viewer.classes  # closed until a thumbnail is clicked
+
+    filtered = parse(dump_dom(index.as_uri() + "#page=1&label=cat"))
+    shown = {f.attrs["data-name"]: f for f in figures(filtered)}
+    assert ["filtered-out" in f.classes for f in shown.values()] == [False, True, True]  # a, b, c: only a has cat
+    paths = outlines_of(shown["a.png"])
+    assert [("hidden" in p.classes, p.attrs["data-label"]) for p in paths] == [
+        (False, "cat"), (False, "cat"), (True, "dog")]
+
+    clicked = index.parent / "clicked.html"
+    clicked.write_text(index.read_text().replace("</body>", CLICK))
+    page = parse(dump_dom(clicked.as_uri()))
+    body = next(e for e in page if e.tag == "body")
+    assert body.attrs["data-after-click"] == "|on"  # opened, with its overlay
+    viewer = next(e for e in page if e.attrs.get("id") == "viewer")
+    assert "hidden" not in viewer.classes and viewer.attrs["data-name"] == "a.png"
+    assert viewer.attrs["data-overlay"] == "off"  # the toggle turned it off
+    image = next(e for e in page if e.attrs.get("id") == "viewer-image")
+    assert image.attrs["src"] == large_file("a.png")
+    overlay = next(e for e in page if e.attrs.get("id") == "viewer-overlay")
+    assert "hidden" in overlay.classes
+    drawn = [e for e in descendants(overlay) if e.tag == "path"]
+    assert [(p.attrs["data-label"], p.attrs.get("fill")) for p in drawn] == [
+        ("cat", "#800000"), ("cat", "#800000"), ("dog", "#008000")]
+    assert body.attrs["data-filter"] == "cat"  # the label filter, chosen in its menu
+    assert "hidden" in drawn[2].classes and "hidden" not in drawn[0].classes
+    assert ["filtered-out" in f.classes for f in figures(page)] == [False, True, True]

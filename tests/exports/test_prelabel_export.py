@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from car_backend.engine.instances import split_instances
 from car_backend.exports import rle
 from car_backend.labelstudio.config import parse_label_config
 from car_backend.labelstudio.media import MediaFetcher
@@ -18,7 +19,7 @@ from car_backend.labelstudio.regions import label_masks
 from car_backend.pipeline.spec import Project
 from car_backend.pipeline.versions import model_version
 from car_backend.service import prelabel
-from tests.exports.test_writers import filled, iou, read_yolo
+from tests.exports.test_writers import iou, read_yolo_instances
 from tests.support.fake_label_studio import image_bytes
 from tests.support.settings import settings_env, tiny_settings
 
@@ -65,13 +66,13 @@ def test_coco_export_decodes_to_the_engine_masks(folder, engine_maps, tmp_path):
     assert [c["name"] for c in doc["categories"]] == LABELS
     assert [i["file_name"] for i in doc["images"]] == GOOD
     for image in doc["images"]:
-        expected = engine_maps[image["file_name"]]
-        decoded = np.zeros((image["height"], image["width"]), np.int32)
-        for ann in doc["annotations"]:
-            if ann["image_id"] == image["id"]:
-                decoded[rle.decode(ann["segmentation"])] = ann["category_id"]
-                assert 0 < ann["score"] <= 1
-        assert (decoded == expected).all()
+        # one annotation per connected part (parts under MIN_AREA_PX pixels go to their neighbours first)
+        objects = split_instances(engine_maps[image["file_name"]], [1.0] * len(LABELS))
+        anns = [a for a in doc["annotations"] if a["image_id"] == image["id"]]
+        assert [a["category_id"] for a in anns] == list(objects.labels)
+        for j, ann in enumerate(anns):
+            assert (rle.decode(ann["segmentation"]) == objects.mask(j)).all()
+            assert 0 < ann["score"] <= 1 and ann["iscrowd"] == 0
     failed = (out / "failed.txt").read_text().splitlines()
     assert len(failed) == 1 and failed[0].startswith("broken.jpg\t") and len(failed[0]) > len("broken.jpg\t")
 
@@ -84,20 +85,36 @@ def test_png_export_equals_the_label_maps(folder, engine_maps, tmp_path):
     assert [e["name"] for e in json.loads((out / "labels.json").read_text())["labels"]] == ["background", *LABELS]
 
 
-def test_yolo_export_rasterises_back(folder, engine_maps, tmp_path):
+def test_yolo_export_rasterises_back_to_each_instance(folder, engine_maps, tmp_path):
     out = tmp_path / "yolo"
     assert run(folder, out, "yolo") == 0
+    lines = 0
     for name in GOOD:
         expected = engine_maps[name]
-        masks = read_yolo(out / "labels" / name.replace(".png", ".txt"), *expected.shape, len(LABELS))
-        for k, mask in enumerate(masks):
-            want = filled(expected == k + 1)
-            if want.sum() >= 50:
-                assert iou(mask, want) >= 0.95
-            else:  # parts under MIN_AREA_PX pixels go to their neighbours before tracing; nothing appears
-                assert mask.sum() <= want.sum()
+        objects = split_instances(expected, [1.0] * len(LABELS))  # each connected part of a label is one object
+        found = read_yolo_instances(out / "labels" / name.replace(".png", ".txt"), *expected.shape)
+        assert [k + 1 for k, _ in found] == list(objects.labels)
+        for j, (_, mask) in enumerate(found):
+            assert iou(mask, objects.mask(j)) >= 0.98
+        lines += len(found)
         assert (out / "images" / name).resolve() == (folder / name).resolve()
+    assert lines > 0
     assert "nc: 3" in (out / "data.yaml").read_text()
+
+
+def test_yolo_detect_export_boxes_each_instance(folder, engine_maps, tmp_path):
+    out = tmp_path / "detect"
+    assert run(folder, out, "yolo-detect") == 0
+    for name in GOOD:
+        expected = engine_maps[name]
+        height, width = expected.shape
+        objects = split_instances(expected, [1.0] * len(LABELS))
+        lines = [line.split() for line in (out / "labels" / name.replace(".png", ".txt")).read_text().splitlines()]
+        assert [int(line[0]) + 1 for line in lines] == list(objects.labels)
+        for j, line in enumerate(lines):
+            x0, y0, x1, y1 = objects.box(j)
+            assert [float(v) for v in line[1:]] == pytest.approx(
+                [(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height], abs=1e-6)
 
 
 def test_ls_export_is_the_import_file_with_the_engine_masks(folder, engine_maps, tmp_path):
