@@ -94,7 +94,8 @@ def export_project(project_id: int, format: str, out: Path, settings: Settings, 
             album.add_thumbnail(item.name, image, item.label_map)
     root = Path(settings.local_files_document_root) if settings.local_files_document_root else None
     try:
-        spec = ExportSpec(format, tuple(labels), f"label-studio-project-{project_id}", image_root=root)
+        spec = ExportSpec(format, tuple(labels), f"label-studio-project-{project_id}", settings.polygon_tolerance,
+                          image_root=root)
     except ValueError as exc:
         print(f"car-backend export: {exc}", file=sys.stderr)
         return 2
