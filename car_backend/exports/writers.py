@@ -18,7 +18,8 @@ are the items' instances (`ExportItem.instances_for`: given ones, else each conn
   `OUT/ImageSets/Segmentation/default.txt`.
 - yolo: `OUT/labels/<stem>.txt`, one line `class x1 y1 x2 y2 ...` per instance (class = label index from
   0, coordinates / width and height); `yolo-detect`: one line `class cx cy w h` per instance (its pixel
-  bounds, normalised). Both: `OUT/images/` (links to image files under the allowed folder, `image_root`),
+  bounds, normalised). Both: `OUT/images/` (links to image files under the allowed folder, `image_root`;
+  `allowed_image`),
   `OUT/data.yaml`, and `OUT/tags.json` when an image has tags.
   A polygon runs through the centres of the instance's border pixels (OpenCV's contours), written a quarter
   pixel right and down of the centre, so readers that rasterise with cv2.fillPoly after truncating
@@ -55,6 +56,7 @@ MAX_PNG_LABELS = 254  # 0 is the background and 255 VOC's "void"
 JOURNAL_DIR = ".car-export"
 YOLO_OFFSET = 0.25  # pixels right and down of a border pixel's centre (see the module docstring)
 LOCAL_FILES_PATH = "/data/local-files/"  # Label Studio's local-files URLs: ?d=<path under its document root>
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # what images/ may link
 
 log = logging.getLogger(__name__)
 
@@ -350,30 +352,34 @@ def write_yolo(spec: ExportSpec, out: Path, items: Items, failures: Sequence[Fai
 
 
 def allowed_image(source: str, root: Path | None) -> Path | None:
-    """The real path of the image file `source` names when it lies under `root`, else None.
+    """The path of the image file `source` names when it lies under `root`, else None.
 
     `source`: an absolute path, a file:// URL, or a Label Studio local-files reference (`/data/local-files/
-    ?d=<path>`, also as a full URL) whose path is read under `root`. Symlinks and `..` are resolved first, so
-    a path that leads out of `root` (e.g. /etc/passwd, or `?d=../../secret`) is never linked."""
+    ?d=<path>`, also as a full URL) whose path is read under `root`. Under `root` means: the path with `..`
+    worked out lies in `root` (a symlink the operator placed in the folder is followed, as Label Studio
+    follows it), or the file's real path lies in `root`'s real path; and its name ends in an image suffix
+    (`IMAGE_SUFFIXES`, any case). So /etc/passwd, `?d=../../secret`, an absolute path elsewhere or a
+    credentials file inside the folder is never returned."""
     if root is None or not source:
         return None
     parts = urlsplit(source)
-    if parts.path == LOCAL_FILES_PATH or parts.path == LOCAL_FILES_PATH.lstrip("/"):
-        wanted = (parse_qs(parts.query).get("d") or [""])[0]
-        candidate = Path(root) / wanted.lstrip("/") if wanted else None
+    if parts.path in (LOCAL_FILES_PATH, LOCAL_FILES_PATH.lstrip("/")):
+        wanted = (parse_qs(parts.query).get("d") or [""])[0].lstrip("/")
+        candidate = os.path.join(os.path.abspath(root), wanted) if wanted else None
     elif parts.scheme == "file":
-        candidate = Path(unquote(parts.path))
-    elif not parts.scheme and Path(source).is_absolute():
-        candidate = Path(source)
+        candidate = unquote(parts.path)
+    elif not parts.scheme and os.path.isabs(source):
+        candidate = source
     else:
         candidate = None
-    if candidate is None:
+    if candidate is None or not os.path.isabs(candidate) or Path(candidate).suffix.lower() not in IMAGE_SUFFIXES:
         return None
+    path, base = Path(os.path.normpath(candidate)), Path(os.path.normpath(os.path.abspath(root)))
     try:
-        real, base = candidate.resolve(strict=True), Path(root).resolve(strict=True)
+        inside = path.is_relative_to(base) or path.resolve(strict=True).is_relative_to(base.resolve(strict=True))
+        return path if inside and path.is_file() else None
     except (OSError, RuntimeError):
         return None
-    return real if real.is_file() and real.is_relative_to(base) else None
 
 
 # ---- names ----

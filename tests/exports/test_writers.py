@@ -270,14 +270,19 @@ def test_yolo_links_only_images_under_the_allowed_folder(tmp_path):
     secret = tmp_path / "elsewhere" / "passwd"  # an absolute path a task may name, outside the root
     secret.parent.mkdir()
     secret.write_text("root:x:0:0")
-    (root / "set" / "sneaky.png").symlink_to(secret)  # a link inside the root that leads out of it
+    (root / "set" / "credentials").write_text("token")  # inside the folder, but no image
+    (root / "set" / "placed.png").symlink_to(secret)  # a link the operator placed in the folder: followed
+    (tmp_path / "escape").symlink_to(root / "set")  # a way round the folder's name: its real path is inside
     blank = np.zeros((4, 4), np.int32)
     items = [ExportItem("a.PNG", str(inside), blank),
              ExportItem("b.png", "/data/local-files/?d=set/a.PNG", blank),
              ExportItem("c.png", f"file://{inside}", blank),
              ExportItem("passwd", str(secret), blank),
              ExportItem("d.png", "/data/local-files/?d=../elsewhere/passwd", blank),
-             ExportItem("e.png", "/data/local-files/?d=set/sneaky.png", blank),
+             ExportItem("e.png", "/data/local-files/?d=set/placed.png", blank),
+             ExportItem("h.png", str(tmp_path / "escape" / "a.PNG"), blank),
+             ExportItem("i.png", str(root / "set" / ".." / ".." / "elsewhere" / "passwd"), blank),
+             ExportItem("j.png", str(root / "set" / "credentials"), blank),
              ExportItem("f.png", f"/data/local-files/?d={secret}", blank),
              ExportItem("g.png", "https://example.com/data/local-files/?d=set/a.PNG", blank)]
     out = tmp_path / "out"
@@ -285,7 +290,7 @@ def test_yolo_links_only_images_under_the_allowed_folder(tmp_path):
     write_export(spec("yolo", image_root=root), Layout.of("yolo", out), items, [])  # again: the links are replaced
     linked = {p.name: p.resolve() for p in (out / "images").iterdir()}
     assert linked == {"a.png": inside.resolve(), "b.png": inside.resolve(), "c.png": inside.resolve(),
-                      "g.png": inside.resolve()}
+                      "e.png": secret.resolve(), "g.png": inside.resolve(), "h.png": inside.resolve()}
     assert allowed_image(str(secret), None) is None and allowed_image(str(inside), None) is None
     write_export(spec("yolo"), Layout.of("yolo", out), items, [])  # no allowed folder: earlier links go
     assert list((out / "images").iterdir()) == []
