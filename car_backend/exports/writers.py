@@ -18,15 +18,14 @@ are the items' instances (`ExportItem.instances_for`: given ones, else each conn
   `OUT/ImageSets/Segmentation/default.txt`.
 - yolo: `OUT/labels/<stem>.txt`, one line `class x1 y1 x2 y2 ...` per instance (class = label index from
   0, coordinates / width and height); `yolo-detect`: one line `class cx cy w h` per instance (its pixel
-  bounds, normalised). Both: `OUT/images/` (links to image files under the allowed folder, `image_root`;
-  `allowed_image`),
-  `OUT/data.yaml`, and `OUT/tags.json` when an image has tags.
+  bounds, normalised). Both: `OUT/images/` (links to image files under the allowed folder `image_root`,
+  see `allowed_image`), `OUT/data.yaml`, and `OUT/tags.json` when an image has tags.
   A polygon runs through the centres of the instance's border pixels (OpenCV's contours), written a quarter
   pixel right and down of the centre, so readers that rasterise with cv2.fillPoly after truncating
   (ultralytics, supervision) or rounding the scaled coordinates land on the same pixels. Holes and further
   parts are joined to the outline by zero-width cuts (the shortest segment to what is joined so far, walked
-  there and back, as ultralytics' `merge_multi_segment` joins segments), so even-odd and nonzero fills give
-  the instance back with its holes.
+  there and back, as ultralytics' `merge_multi_segment` joins segments), holes wound against their outline,
+  so even-odd and nonzero fills leave the holes open.
 """
 
 from __future__ import annotations
@@ -66,9 +65,9 @@ class ExportSpec:
     """What to write. `labels`: the label names, label map value i + 1 = labels[i]; `model_version`: what
     made the masks; `polygon_tolerance`: pixels of simplification for polygons (ls polygon, yolo);
     ls only: `target` (the control the regions are for), `region_kind` ("brush" | "polygon"), `url_prefix`;
-    yolo only: `image_root`, the folder whose files `images/` may link to (an item's absolute path, or a
-    Label Studio local-files reference `/data/local-files/?d=<path>` read under it; anything that resolves
-    outside it, through `..` or a symlink, is not linked; None links nothing).
+    yolo only: `image_root`, the folder whose image files `images/` may link to (an item's absolute path, or
+    a Label Studio local-files reference `/data/local-files/?d=<path>` read under it; `allowed_image` says
+    what is under it; None links nothing).
     """
 
     format: str
@@ -204,9 +203,9 @@ def voc_palette(n: int = 256) -> np.ndarray:
 
 
 def label_map_png(label_map: np.ndarray) -> bytes:
-    """A palette PNG of an (H, W) label map with values 0..255; a 16-bit greyscale PNG when a value is over
-    255 (instance maps of images with more objects than a byte holds)."""
-    if int(np.max(label_map, initial=0)) > 255:
+    """A palette PNG of an (H, W) label map with values 0..254; a 16-bit greyscale PNG when a value is over
+    254 (instance maps of images with more objects than a palette holds besides VOC's void, 255)."""
+    if int(np.max(label_map, initial=0)) > MAX_PNG_LABELS:
         image = Image.fromarray(np.asarray(label_map, np.uint16))
     else:
         image = Image.fromarray(np.asarray(label_map, np.uint8), mode="P")

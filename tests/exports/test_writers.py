@@ -165,6 +165,20 @@ def test_png_object_maps_hold_the_instances(tmp_path):
     assert len(meta["objects"]["b/ring.png"]) == 4 and meta["objects"]["empty.png"] == []
 
 
+def test_png_object_maps_of_many_instances_are_16_bit(tmp_path):
+    label_map = np.zeros((63, 63), np.int32)
+    for y in range(0, 63, 3):
+        for x in range(0, 63, 3):
+            label_map[y:y + 2, x:x + 2] = 1  # 441 separate 2x2 objects
+    item = ExportItem("many.png", "/data/many.png", label_map, {"cat": 0.5})
+    write_export(spec("png"), Layout.of("png", tmp_path), [item], [])
+    objects = item.instances_for(LABELS)
+    assert len(objects) > 255
+    image = Image.open(tmp_path / "SegmentationObject" / "many.png")
+    assert image.mode.startswith("I") and (np.asarray(image) == objects.instance_map).all()
+    assert Image.open(tmp_path / "SegmentationClass" / "many.png").mode == "P"
+
+
 def test_png_refuses_more_labels_than_a_byte_holds():
     with pytest.raises(ValueError, match="at most 254"):
         ExportSpec("png", tuple(f"l{i}" for i in range(255)), "v")
