@@ -20,6 +20,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qs, urlsplit
 
@@ -35,6 +36,7 @@ from car_backend.labelstudio.config import LabelConfigError, parse_label_config
 from car_backend.labelstudio.media import MediaError, MediaFetcher
 from car_backend.labelstudio.regions import (
     INSTANCE_TYPES,
+    RegionInstance,
     check_sizes,
     region_instances,
     region_size,
@@ -152,53 +154,57 @@ def task_item(task: dict, name: str, ref, labels: list[str], fetcher: MediaFetch
         except MediaError as exc:  # the regions are exported all the same, without a thumbnail
             log.warning("task %s: no thumbnail (%s)", task.get("id"), exc)
     try:
-        found = region_instances(regions, size, max_pixels)
+        label_map, instances, scores = _paint(region_instances(regions, size, max_pixels), size, labels, origin)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"a region of another shape ({exc})") from None
-    scores: dict[str, float] = {}
-    masks: dict[str, np.ndarray] = {}
-    for instance in found:
-        for label in instance.labels:
-            if label not in labels:
-                labels.append(label)
-            masks[label] = masks[label] | instance.mask if label in masks else instance.mask
-            score = 1.0 if origin == "annotation" else (instance.score or 0.0)
-            scores[label] = max(scores.get(label, 0.0), score)
-    label_map = np.zeros(size, np.int32)
-    for k, label in enumerate(labels):
-        if label in masks:
-            label_map[masks[label]] = k + 1
-    kept = {label: s for label, s in scores.items() if label in masks and masks[label].any()}
+    present = set(np.unique(label_map).tolist())
+    kept = {label: s for label, s in scores.items() if labels.index(label) + 1 in present}
     if origin == "annotation":
         uncertainty = 0.0
     else:
         uncertainty = 1.0 - float(np.mean(list(kept.values()))) if kept else 1.0
     item = ExportItem(name=name, source=str(ref or ""), label_map=label_map, scores=kept,
                       score=_number(entry.get("score"), None), uncertainty=uncertainty,
-                      task=task.get("id"), origin=origin,
-                      instances=_instances(found, label_map, labels, origin),
+                      task=task.get("id"), origin=origin, instances=instances,
                       tags=tuple(result_choices(entry["result"])))
     return item, image
 
 
-def _instances(found, label_map: np.ndarray, labels: list[str], origin: str) -> Instances:
-    """The regions as instances over the label map: each region takes its first label and the pixels where
-    the label map holds that label (later regions over earlier ones); regions left without pixels drop out.
-    Scores: 1.0 for an annotation, else the region's score (0.0 without one)."""
-    instance_map = np.zeros(label_map.shape, np.int32)
-    values, scores = [], []
-    for instance in found:
-        value = labels.index(instance.labels[0]) + 1
-        instance_map[instance.mask & (label_map == value)] = len(values) + 1
+def _paint(found: Iterable[RegionInstance], size: tuple[int, int], labels: list[str], origin: str
+           ) -> tuple[np.ndarray, Instances, dict[str, float]]:
+    """The label map, instances and label scores of a result's regions, one region mask held at a time.
+
+    Where labels overlap, the later label in `labels` wins (`labels` is extended with new ones as met); an
+    instance is a region with its first label, on the pixels where the label map holds that label, later
+    regions over earlier ones; regions left without pixels drop out. Scores: 1.0 for an annotation, else the
+    region's score (0.0 without one); a label's score is the best of its regions'."""
+    label_map = np.zeros(size, np.int32)
+    instance_map = np.zeros(size, np.int32)
+    values: list[int] = []
+    instance_scores: list[float] = []
+    scores: dict[str, float] = {}
+    for region in found:
+        score = 1.0 if origin == "annotation" else (region.score or 0.0)
+        for label in region.labels:
+            if label not in labels:
+                labels.append(label)
+            scores[label] = max(scores.get(label, 0.0), score)
+            value = labels.index(label) + 1
+            np.maximum(label_map, np.where(region.mask, value, 0), out=label_map)
+        value = labels.index(region.labels[0]) + 1
+        instance_map[region.mask & (label_map == value)] = len(values) + 1
         values.append(value)
-        scores.append(1.0 if origin == "annotation" else (instance.score or 0.0))
+        instance_scores.append(score)
+    # a pixel a later region gave a higher label, through a label other than its first, leaves the instance
+    instance_map[np.asarray([0, *values], np.int32)[instance_map] != label_map] = 0
     present = np.zeros(len(values) + 1, bool)
     present[np.unique(instance_map)] = True
     present[0] = False
-    renumber = np.cumsum(present) * present  # 0 stays 0; kept instances 1..M in order
+    renumber = np.cumsum(present) * present  # 0 stays 0; the instances left numbered 1..M in order
     kept = [j for j in range(len(values)) if present[j + 1]]
-    return Instances(renumber[instance_map].astype(np.int32), tuple(values[j] for j in kept),
-                     tuple(scores[j] for j in kept))
+    instances = Instances(renumber[instance_map].astype(np.int32), tuple(values[j] for j in kept),
+                          tuple(instance_scores[j] for j in kept))
+    return label_map, instances, scores
 
 
 def _image_name(ref, task_id, taken: set[str]) -> str:

@@ -10,7 +10,7 @@ touches, a one-pixel band along the right and bottom edges).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -108,23 +108,24 @@ class RegionInstance:
 
 
 def region_instances(regions: Iterable[dict], size: tuple[int, int],
-                     max_pixels: int | None = None) -> list[RegionInstance]:
-    """Each labelled brush, polygon and rectangle region of one result as an instance, in result order.
+                     max_pixels: int | None = None) -> Iterator[RegionInstance]:
+    """Each labelled brush, polygon and rectangle region of one result as an instance, in result order, made
+    one at a time as the iterator is read (so a caller need hold one region's mask only).
 
     `size` (H, W) is the output size (brush masks drawn at another size are resized, nearest). With
-    `max_pixels`, sizes are checked first (`check_sizes`: RegionSizeError before any mask is allocated).
-    Raises ValueError, KeyError or TypeError on a region of another shape."""
+    `max_pixels`, sizes are checked at the call (`check_sizes`: RegionSizeError before any mask is
+    allocated). Reading the iterator raises ValueError, KeyError or TypeError on a region of another shape."""
     regions = [r for r in regions if _labels(r, INSTANCE_TYPES)]
     if max_pixels is not None:
         check_sizes(regions, size, max_pixels)
-    found = []
-    for region in regions:
-        score = region.get("score")
-        score = float(score) if isinstance(score, int | float) and np.isfinite(score) else None
-        found.append(RegionInstance(str(region.get("id") or ""), region["type"],
-                                    tuple(str(v) for v in _labels(region, INSTANCE_TYPES)),
-                                    region_mask(region, size), score))
-    return found
+    return (_instance(region, size) for region in regions)
+
+
+def _instance(region: dict, size: tuple[int, int]) -> RegionInstance:
+    score = region.get("score")
+    score = float(score) if isinstance(score, int | float) and np.isfinite(score) else None
+    return RegionInstance(str(region.get("id") or ""), region["type"],
+                          tuple(_labels(region, INSTANCE_TYPES)), region_mask(region, size), score)
 
 
 def result_choices(result: Iterable[dict]) -> list[str]:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from car_backend.engine.result import Segmentation
 from car_backend.exports import rle
-from car_backend.exports.project import export_project
+from car_backend.exports.project import export_project, task_item
 from car_backend.labelstudio.client import LabelStudioClient
 from car_backend.labelstudio.config import LabelSpec, parse_label_config
 from car_backend.labelstudio.results import segmentation_to_regions
@@ -259,3 +259,22 @@ def test_yolo_links_only_files_under_the_local_files_root(fake_ls, task_ids, tmp
     assert len(list((tmp_path / "out" / "labels").iterdir())) == 4  # every task exported, only links held back
     assert export_project(ids[0], "yolo", tmp_path / "none", settings_for(fake_ls)) == 0  # no root: no links
     assert not (tmp_path / "none" / "images").exists()
+
+
+def test_overlapping_regions_later_label_wins_and_instances_follow_the_label_map():
+    def box(rid, x, label):
+        return {"id": rid, "type": "rectanglelabels", "original_width": 100, "original_height": 10,
+                "value": {"x": x, "y": 0, "width": 40, "height": 100, "rectanglelabels": [label]}}
+
+    task = {"id": 5, "annotations": [{"id": 1, "result": [box("a", 0, "dog"), box("b", 30, "cat"),
+                                                          box("c", 60, "cat")]}]}
+    labels = ["cat", "dog"]
+    item, image = task_item(task, "t.png", "/x.png", labels, fetcher=None, max_pixels=10_000)
+    assert image is None and item.label_map.shape == (10, 100)
+    row = item.label_map[0]
+    assert (row[:40] == 2).all() and (row[40:100] == 1).all()  # dog (later in the list) keeps 30..40
+    objects = item.instances
+    assert objects.labels == (2, 1, 1) and objects.scores == (1.0, 1.0, 1.0)
+    inst = objects.instance_map[0]
+    assert (inst[:40] == 1).all() and (inst[40:60] == 2).all() and (inst[60:] == 3).all()  # c over b
+    assert labels == ["cat", "dog"] and item.scores == {"cat": 1.0, "dog": 1.0}
