@@ -209,7 +209,9 @@ figcaption { font-size: .8em; word-break: break-all; }
     var page = /page=(\\d+)/.exec(location.hash);
     var label = /label=([^&]*)/.exec(location.hash);
     var n = page ? parseInt(page[1], 10) : 1;
-    return {page: Math.min(Math.max(n, 1), G.pages), label: label ? decodeURIComponent(label[1]) : ""};
+    var name = "";
+    try { name = label ? decodeURIComponent(label[1]) : ""; } catch (e) { name = ""; }  // a mangled address
+    return {page: Math.min(Math.max(n, 1), G.pages), label: name};
   }
   function setHash(page) {
     location.hash = "page=" + page + (filter ? "&label=" + encodeURIComponent(filter) : "");
