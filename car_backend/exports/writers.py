@@ -329,7 +329,7 @@ def write_yolo(spec: ExportSpec, out: Path, items: Items, failures: Sequence[Fai
             tags[item.name] = list(item.tags)
         source = allowed_image(item.source, spec.image_root)
         link = out / "images" / f"{stems[item.name]}{(source or Path(item.source)).suffix.lower()}"
-        if link.is_symlink() or link.exists():
+        if link.is_symlink() or (source is not None and link.exists()):
             link.unlink()  # a link an earlier run made must not outlive a source no longer allowed
         if source is not None:
             link.parent.mkdir(parents=True, exist_ok=True)
