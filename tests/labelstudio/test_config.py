@@ -178,19 +178,21 @@ def test_several_controls_and_images_and_skipped_controls_are_explained():
         '<BrushLabels name="both" toName="left,right"><Label value="x"/><Label value="y"/></BrushLabels>',
         '<Choices name="kind" toName="left"><Choice value="ok"/></Choices>',
         '<RectangleLabels name="boxes" toName="left"><Label value="x"/></RectangleLabels>',
+        '<RectangleLabels name="prompts" toName="left" smart="true"><Label value="x"/></RectangleLabels>',
         '<Polygon name="free" toName="right"/>',
         '<PolygonLabels name="on_text" toName="t"><Label value="x"/></PolygonLabels>',
         '<PolygonLabels name="ghost" toName="missing"><Label value="x"/></PolygonLabels>',
         '<BrushLabels name="empty" toName="left"></BrushLabels>',
     )
     config = parse_label_config(xml)
-    assert [(t.from_name, t.to_name, t.data_key) for t in config.targets] == [
-        ("both", "left", "a"),
-        ("both", "right", "b"),
+    assert [(t.from_name, t.to_name, t.data_key, t.kind) for t in config.targets] == [
+        ("both", "left", "a", "brush"),
+        ("both", "right", "b", "brush"),
+        ("boxes", "left", "a", "rectangle"),  # not smart: a target; the smart one is a prompt
     ]
+    assert config.interactive_controls == ("prompts",)
     skipped = "\n".join(config.skipped)
-    assert "kind: Choices is not a segmentation control" in skipped
-    assert "boxes: RectangleLabels is not predicted" in skipped
+    assert "kind -> left: no choice names a label of the other controls over left" in skipped
     assert "free: Polygon has no labels; use PolygonLabels" in skipped
     assert "on_text -> t: PolygonLabels over a Text tag" in skipped
     assert "ghost -> missing: toName names no object tag" in skipped
@@ -218,8 +220,8 @@ def test_image_needs_a_variable_value():
         ("", "empty"),
         ("<View><Image name='image' value='$image'>", "cannot be parsed.*line 1"),
         (
-            view(IMAGE, '<Choices name="c" toName="image"><Choice value="a"/></Choices>'),
-            "nothing to predict.*Choices is not a segmentation control",
+            view('<Text name="t" value="$t"/>', '<Choices name="c" toName="t"><Choice value="a"/></Choices>'),
+            "nothing to predict.*Choices over a Text tag",
         ),
         (
             view('<Text name="t" value="$t"/>', '<Labels name="l" toName="t"><Label value="a"/></Labels>'),

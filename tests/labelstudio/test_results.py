@@ -110,7 +110,7 @@ def test_labels_must_pair_with_queries():
     with pytest.raises(ValueError, match="pair up"):
         segmentation_to_regions(seg, BRUSH, labels("a"))
     with pytest.raises(ValueError, match="kind"):
-        segmentation_to_regions(seg, BRUSH, labels("a", "b"), kind="rectangle")
+        segmentation_to_regions(seg, BRUSH, labels("a", "b"), kind="keypoint")
 
 
 def test_referring_mode_gives_one_region_named_by_the_first_label():

@@ -85,8 +85,8 @@ def test_setup_extra_params_change_the_version_and_predict_agrees(service_settin
 
 @pytest.mark.parametrize("xml, fragment", [
     ("<View><Image name='i' value='$image'/></View>", "nothing to predict"),
-    ("<View><Image name='i' value='$image'/><Choices name='c' toName='i'><Choice value='a'/></Choices></View>",
-     "nothing to predict"),
+    ("<View><Image name='i' value='$image'/><Choices name='c' toName='i' perRegion='true'><Choice value='a'/>"
+     "</Choices></View>", "nothing to predict"),
     ("<View><Image", "label config: "),
 ])
 def test_setup_rejects_configs_it_cannot_use(service_settings, make_client, xml, fragment):
