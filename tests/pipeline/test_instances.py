@@ -207,3 +207,12 @@ def test_a_1024_pixel_scene_through_the_instance_path(colour_segmenter):
         assert region["original_width"] == region["original_height"] == 1024
     assert LabelInterface(MIXED).validate_prediction(task_entry([result], "v"), return_errors=True) in (True, [])
     print(f"1024x1024 mixed config through compute: {seconds:.2f} s")
+
+
+def test_car_output_picks_among_masks_only_and_prompts_leave_tags_out():
+    spec = planned(MIXED, tiny_settings(output="polygon"))
+    assert [o.target.from_name for o in spec.runs[0].outputs] == ["outlines", "boxes", "tags", "best"]
+    context = {"result": [{"type": "keypointlabels", "value": {"x": 10.0, "y": 10.0, "width": 1,
+                                                               "keypointlabels": ["red"]}}]}
+    pointed = planned(MIXED, tiny_settings(), request=parse_context(context))
+    assert [o.target.from_name for o in pointed.runs[0].outputs] == ["objects", "outlines", "boxes"]
