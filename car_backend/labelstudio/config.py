@@ -8,7 +8,8 @@ for interactive prompts) or skipped with a reason that `/setup` and the logs can
 A Choices control is a target when no other target is over its Image (a classification project), or when
 some of its choices name the labels of another target over that Image (by value or `predicted_values`):
 then those choices are its labels, with the prompt of the label they name, so the semantic run those
-controls share looks for exactly what it looked for without the Choices.
+controls share looks for exactly what it looked for without the Choices. `choice="multiple"` makes it
+`Target.multiple` (every label found, else the best one).
 
 Attributes CaR reads from a config (all optional):
 - on a Label: `predicted_values="a,b"` (the prompt sent to CLIP instead of the value), `car_skip="true"`
