@@ -154,8 +154,9 @@ def paint_parts(masks: np.ndarray, scores: np.ndarray, objects: Sequence[Sequenc
 
     Labels are painted in the order `postprocess.assemble_label_map` paints them (ascending score, stable,
     score 0 skipped), each first clearing its own mask, so that a pixel's object is always one found for the
-    label that wins the pixel; within a label the better masks are painted last, and an object mostly
-    (`NESTED`) inside a larger one of the same label is left out (it is a piece of that object).
+    label that wins the pixel; qualities are clipped to [0, 1]; within a label the better masks are painted
+    last, and an object mostly (`NESTED`) inside a larger one of the same label is left out (it is a piece of
+    that object).
     """
     part_map = np.zeros(masks.shape[1:], dtype=np.int32)
     quality: list[float] = []
@@ -164,7 +165,7 @@ def paint_parts(masks: np.ndarray, scores: np.ndarray, objects: Sequence[Sequenc
             continue
         part_map[masks[k]] = 0
         for mask, q in sorted(_distinct(objects[k] or ()), key=lambda mq: mq[1]):
-            quality.append(float(q))
+            quality.append(float(np.clip(q, 0.0, 1.0)))  # SAM's IoU head can answer slightly above 1
             part_map[mask & masks[k]] = len(quality)
     return Parts(part_map, tuple(quality))
 
