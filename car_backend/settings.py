@@ -25,6 +25,7 @@ from car_backend.engine.config import (
     DEVICES,
     PRECISIONS,
     PROPOSAL_MODES,
+    REGION_MODES,
     SAM_MODEL_TYPES,
     SAM_MODES,
     EngineConfig,
@@ -124,6 +125,13 @@ class Settings:
     output: str = field(
         default="auto",
         metadata=_meta("CAR_OUTPUT", "Region type; auto = whatever control the label config has.", OUTPUTS),
+    )
+    regions: str = field(
+        default="semantic",
+        metadata=_meta("CAR_REGIONS", "Brush and polygon regions: semantic = one per label (polygons: one per "
+                       "connected part); instances = one per object (connected part, or Segment Anything's "
+                       "object), each with its own score. A control's `car_regions` overrides it; rectangles "
+                       "are one per object unless their control says semantic.", REGION_MODES),
     )
     polygon_tolerance: float = field(
         default=1.0,

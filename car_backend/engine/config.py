@@ -19,6 +19,7 @@ SAM2_TYPES = tuple(f"{version}_hiera_{size}" for version in ("sam2", "sam2.1") f
 SAM_MODEL_TYPES = SAM_TYPES + HQ_SAM_TYPES + SAM2_TYPES
 SAM_MODES = ("automatic", "prompted")
 PROPOSAL_MODES = ("car", "sam")
+REGION_MODES = ("semantic", "instances")  # CAR_REGIONS and `car_regions`: one region per label, or per object
 COMPAT_MODES = ("fixed", "official")
 MAX_SIDE = 1024
 

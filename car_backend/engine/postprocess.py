@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import cv2
 import numpy as np
 
 from car_backend.engine.config import SAM_MODES
+from car_backend.engine.instances import MIN_AREA_PX
 from car_backend.engine.refiners import SamModel, mask_prompts
 from car_backend.engine.result import nearest_indices
 
@@ -174,31 +176,45 @@ def match_sam_masks(
     Keep the SAM masks whose IoM with `mask` exceeds `iom_threshold` (the best one if none does); their
     union replaces `mask` when its IoU with `mask` exceeds `iou_threshold`.
     """
+    kept = matched_sam_masks(mask, sam_masks, iom_threshold, min_pred_threshold, iou_threshold)
+    return mask if kept is None else np.logical_or.reduce([sam_masks[i] for i in kept])
+
+
+def matched_sam_masks(
+    mask: np.ndarray, sam_masks: list[np.ndarray], iom_threshold: float, min_pred_threshold: float,
+    iou_threshold: float,
+) -> list[int] | None:
+    """Which SAM masks replace `mask` (indices into `sam_masks`, see match_sam_masks), or None when `mask`
+    stays CaR's (empty, no SAM mask, or their union overlaps it too little)."""
     area = mask.sum()
     if area == 0 or not sam_masks:
-        return mask
+        return None
     ioms = []
     for sam in sam_masks:
         overlap = np.logical_and(mask, sam).sum()
         iom_pred = overlap / area
         iom_sam = overlap / max(sam.sum(), 1) if iom_pred >= min_pred_threshold else 0.0
         ioms.append(max(iom_pred, iom_sam))
-    keep = [s for s, iom in zip(sam_masks, ioms, strict=True) if iom > iom_threshold] or [sam_masks[int(np.argmax(ioms))]]
-    union = np.logical_or.reduce(keep)
+    keep = [i for i, iom in enumerate(ioms) if iom > iom_threshold] or [int(np.argmax(ioms))]
+    union = np.logical_or.reduce([sam_masks[i] for i in keep])
     iou = np.logical_and(union, mask).sum() / np.logical_or(union, mask).sum()
-    return union if iou > iou_threshold else mask
+    return keep if iou > iou_threshold else None
 
 
 class SamRefiner:
     """Refines CaR's final masks with Segment Anything (any family, see engine.refiners), loaded on first use.
 
     automatic (the paper's): the automatic mask generator's class-agnostic masks, matched to each CaR mask
-    by IoM (match_sam_masks, thresholds from the preset). prompted: each CaR mask prompts SAM with its box
-    and positive points, negative points from the other labels' masks (refiners.mask_prompts); the image is
-    encoded once, one decoder call per label, and SAM's masks replace CaR's.
+    by IoM (match_sam_masks, thresholds from the preset); the matched masks are the label's objects
+    (instances). prompted: each CaR mask prompts SAM with its box and positive points, negative points from
+    the other labels' masks (refiners.mask_prompts); the image is encoded once, one decoder call per label,
+    and SAM's masks replace CaR's. Asked for instances, prompted mode sends one prompt per connected part of
+    each mask instead (the other parts, of every label, are its negative points): each answer is an object,
+    and their union replaces the label's mask.
 
-    `generate` replaces the automatic generator and `sam` the model (tests). Loading raises ModelLoadError
-    or ModelSpecError naming CAR_SAM_MODEL_TYPE, CAR_SAM_CHECKPOINT and the package.
+    `generate` replaces the automatic generator (it may return masks, or (mask, predicted IoU) pairs) and
+    `sam` the model (tests). Loading raises ModelLoadError or ModelSpecError naming CAR_SAM_MODEL_TYPE,
+    CAR_SAM_CHECKPOINT and the package.
     """
 
     def __init__(self, checkpoint: str, model_type: str, device: str,
@@ -221,21 +237,58 @@ class SamRefiner:
 
     def sam_masks(self, rgb: np.ndarray) -> list[np.ndarray]:
         """SAM's automatic, class-agnostic masks of the image."""
-        if self._generate is not None:
-            return self._generate(rgb)
-        return self.sam.automatic_masks(rgb)
+        return [mask for mask, _ in self.sam_objects(rgb)]
+
+    def sam_objects(self, rgb: np.ndarray) -> list[tuple[np.ndarray, float]]:
+        """sam_masks' masks with SAM's predicted IoU of each (1.0 where `generate` gives none)."""
+        if self._generate is None:
+            return self.sam.automatic_objects(rgb)
+        return [(np.asarray(item[0], dtype=bool), float(item[1])) if isinstance(item, tuple)
+                else (np.asarray(item, dtype=bool), 1.0) for item in self._generate(rgb)]
 
     def refine(self, rgb: np.ndarray, masks: np.ndarray, iom_threshold: float, min_pred_threshold: float,
                iou_threshold: float) -> np.ndarray:
         """Refined (K, H, W) masks for CaR's (K, H, W) masks of the kept labels on `rgb` (H, W, 3)."""
+        return self.refine_objects(rgb, masks, iom_threshold, min_pred_threshold, iou_threshold)[0]
+
+    def refine_objects(self, rgb: np.ndarray, masks: np.ndarray, iom_threshold: float, min_pred_threshold: float,
+                       iou_threshold: float, instances: bool = False
+                       ) -> tuple[np.ndarray, list[list[tuple[np.ndarray, float]] | None]]:
+        """refine's (K, H, W) masks and each label's objects: (H, W) bool masks with SAM's predicted IoU, None
+        where SAM gave the label none (its mask stayed CaR's; prompted mode without `instances`)."""
         if self.mode == "prompted":
-            nonempty = [k for k, mask in enumerate(masks) if mask.any()]
             refined = masks.copy()
+            objects: list[list[tuple[np.ndarray, float]] | None] = [None] * len(masks)
+            if instances:
+                pieces = [(k, piece) for k, mask in enumerate(masks) for piece in _pieces(mask)]
+                if not pieces:
+                    return refined, objects
+                answers = self.sam.prompted_objects(rgb, mask_prompts(np.stack([p for _, p in pieces])))
+                for k in {k for k, _ in pieces}:
+                    own = [answer for (j, _), answer in zip(pieces, answers, strict=True) if j == k]
+                    refined[k] = np.logical_or.reduce([mask for mask, _ in own])
+                    objects[k] = own
+                return refined, objects
+            nonempty = [k for k, mask in enumerate(masks) if mask.any()]
             predicted = self.sam.prompted_masks(rgb, mask_prompts(masks[nonempty]))
             for k, mask in zip(nonempty, predicted, strict=True):
                 refined[k] = mask
-            return refined
-        candidates = self.sam_masks(rgb)
-        return np.stack([
-            match_sam_masks(m, candidates, iom_threshold, min_pred_threshold, iou_threshold) for m in masks
-        ])
+            return refined, objects
+        candidates = self.sam_objects(rgb)
+        candidate_masks = [mask for mask, _ in candidates]
+        refined = masks.copy()
+        objects = []
+        for k, mask in enumerate(masks):
+            kept = matched_sam_masks(mask, candidate_masks, iom_threshold, min_pred_threshold, iou_threshold)
+            if kept is None:
+                objects.append(None)
+                continue
+            refined[k] = np.logical_or.reduce([candidate_masks[i] for i in kept])
+            objects.append([candidates[i] for i in kept])
+        return refined, objects
+
+
+def _pieces(mask: np.ndarray) -> list[np.ndarray]:
+    """The 8-connected parts of `mask` with at least MIN_AREA_PX pixels, each an (H, W) bool mask."""
+    count, components, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    return [components == c for c in range(1, count) if stats[c, cv2.CC_STAT_AREA] >= MIN_AREA_PX]

@@ -148,6 +148,10 @@ class SamModel:
     def automatic_masks(self, rgb: np.ndarray, settings: dict | None = None) -> list[np.ndarray]:
         """Class-agnostic (H, W) bool masks from the family's automatic mask generator (`settings`, else
         generator_settings: the official ones unless replaced)."""
+        return [mask for mask, _ in self.automatic_objects(rgb, settings)]
+
+    def automatic_objects(self, rgb: np.ndarray, settings: dict | None = None) -> list[tuple[np.ndarray, float]]:
+        """automatic_masks' masks with SAM's predicted IoU of each."""
         settings = dict(self.generator_settings if settings is None else settings)
         model = self.model
         if self.spec.family == "sam2":
@@ -155,7 +159,8 @@ class SamModel:
         else:
             Generator = importlib.import_module(self.spec.module).SamAutomaticMaskGenerator  # noqa: N806
         with self._lock:
-            return [np.asarray(m["segmentation"], dtype=bool) for m in Generator(model, **settings).generate(rgb)]
+            return [(np.asarray(m["segmentation"], dtype=bool), float(m.get("predicted_iou", 1.0)))
+                    for m in Generator(model, **settings).generate(rgb)]
 
     def predictor(self) -> Any:
         """The family's image predictor (set_image once, then predict per prompt), built once."""
@@ -172,15 +177,19 @@ class SamModel:
 
     def prompted_masks(self, rgb: np.ndarray, prompts: list[MaskPrompt]) -> list[np.ndarray]:
         """One (H, W) bool mask per prompt: the image encoded once, one decoder call per prompt."""
+        return [mask for mask, _ in self.prompted_objects(rgb, prompts)]
+
+    def prompted_objects(self, rgb: np.ndarray, prompts: list[MaskPrompt]) -> list[tuple[np.ndarray, float]]:
+        """prompted_masks' masks with SAM's predicted IoU of each."""
         with self._lock:
             predictor = self.predictor()
             predictor.set_image(rgb)
-            masks = []
+            answers = []
             for prompt in prompts:
-                predicted, _, _ = predictor.predict(point_coords=prompt.points, point_labels=prompt.labels,
-                                                    box=prompt.box, multimask_output=False)
-                masks.append(np.asarray(predicted[0], dtype=bool))
-            return masks
+                predicted, quality, _ = predictor.predict(point_coords=prompt.points, point_labels=prompt.labels,
+                                                          box=prompt.box, multimask_output=False)
+                answers.append((np.asarray(predicted[0], dtype=bool), float(np.asarray(quality).ravel()[0])))
+            return answers
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from car_backend.engine.instances import Parts
+
 
 @dataclass(frozen=True, eq=False)
 class QueryMasks:
@@ -109,6 +111,9 @@ class Segmentation:
     # Mean over pixels of the CRF's top-1 minus top-2 marginal probability (1 = certain, 0 = tie), before any
     # SAM refinement; referring mode: the mean over the sentences' CRFs. None when not computed.
     margin: float | None = None
+    # The objects Segment Anything found for the kept labels, at the image's size (engine.instances.Parts;
+    # automatic and two-stage modes, prompted mode when asked for instances); None: no SAM objects.
+    parts: Parts | None = None
 
     @property
     def kept(self) -> list[str]:

@@ -39,6 +39,7 @@ from PIL import Image
 from car_backend.engine.classifier import MaskClassifier
 from car_backend.engine.config import PROPOSAL_MODES, EngineConfig
 from car_backend.engine.head import MaskHead
+from car_backend.engine.instances import Parts, paint_parts
 from car_backend.engine.models import ClipModel, ModelLoadError, SharedTextCache, load_clip, resolve_device
 from car_backend.engine.postprocess import (
     SamRefiner,
@@ -210,6 +211,7 @@ class Segmenter:
         background: Sequence[str] | None = None,
         proposals: str | None = None,
         head: MaskHead | None = None,
+        instances: bool = False,
     ) -> Segmentation:
         """Run CaR. `preset` None means config.preset; `background` None means the preset's words.
 
@@ -217,6 +219,9 @@ class Segmenter:
         SAM's masks classified over the labels CaR kept; referring mode always uses CaR's masks).
         With a `head` (trained on this proposal CLIP), its masks replace, or are blended with (`head.blend`),
         the Grad-CAM proposals of every step; the classifier still decides which queries survive.
+        With SAM the answer's `parts` are the objects SAM found for the kept labels (engine.instances);
+        `instances` asks prompted mode for one prompt per connected part of each mask (else one per label,
+        and no parts); automatic and two-stage modes give parts either way.
         """
         start = time.perf_counter()
         queries = _check_queries(queries)
@@ -241,7 +246,7 @@ class Segmenter:
         if proposals == "sam" and mode == "semantic":
             result = self._finish_two_stage(prepared, queries, preset, background, steps, timer)
         else:
-            result = self._finish(prepared, queries, preset, mode, steps, timer)
+            result = self._finish(prepared, queries, preset, mode, steps, timer, instances)
         result.timings["total"] = time.perf_counter() - start
         return result
 
@@ -374,7 +379,7 @@ class Segmenter:
         return scores.cpu().numpy()
 
     def _finish(self, prepared: PreparedImage, queries: list[str], preset: Preset, mode: str,
-                steps: list[StepRecord], timer: StageTimer) -> Segmentation:
+                steps: list[StepRecord], timer: StageTimer, instances: bool = False) -> Segmentation:
         """CRF (and refiner) on the survivors' final proposals, at working resolution; the answer.
 
         Memory: masks exist only for survivors and stay at working resolution; only the label map is resized
@@ -397,12 +402,16 @@ class Segmenter:
         index = [q for q, kept in zip(survivors, winners, strict=True) if kept]
         rows = refined[winners]
         row_scores = last.scores[last.kept][winners]
+        objects = None
         if self.sam is not None and len(rows):
             with timer("sam"):
-                rows = self.sam.refine(prepared.rgb, rows, preset.iom_threshold, preset.sam_min_pred_threshold,
-                                       preset.sam_iou_threshold)
+                rows, objects = self.sam.refine_objects(prepared.rgb, rows, preset.iom_threshold,
+                                                        preset.sam_min_pred_threshold, preset.sam_iou_threshold,
+                                                        instances=instances and mode == "semantic")
+            if mode != "semantic" or all(o is None for o in objects):
+                objects = None
         return _answer(prepared, queries, mode, index, rows, row_scores, len(steps), timer,
-                       float(margin.mean(dtype=np.float64)))
+                       float(margin.mean(dtype=np.float64)), objects)
 
     def _finish_two_stage(self, prepared: PreparedImage, queries: list[str], preset: Preset,
                           background: tuple[str, ...], steps: list[StepRecord], timer: StageTimer) -> Segmentation:
@@ -410,7 +419,8 @@ class Segmenter:
         last = steps[-1]
         survivors = [last.live[i] for i in last.kept]
         with timer("sam"):
-            candidates = [np.asarray(m, dtype=bool) for m in self.sam.sam_masks(prepared.rgb)]
+            found = self.sam.sam_objects(prepared.rgb)
+        candidates = [mask for mask, _ in found]
         height, width = prepared.rgb.shape[:2]
         stacked = np.stack(candidates) if candidates else np.zeros((0, height, width), dtype=bool)
         classifier = self._classifier(preset)
@@ -432,13 +442,17 @@ class Segmenter:
         masks, label_scores = label_masks(stacked, assignment, len(survivors))
         won = masks.reshape(len(masks), -1).any(axis=1)  # a label whose masks all lost their pixels is dropped
         index = [q for q, kept in zip(survivors, won, strict=True) if kept]
-        return _answer(prepared, queries, "semantic", index, masks[won], label_scores[won], len(steps), timer, None)
+        objects = [[found[m] for m in np.flatnonzero(assignment.labels == k)] for k in np.flatnonzero(won)]
+        return _answer(prepared, queries, "semantic", index, masks[won], label_scores[won], len(steps), timer, None,
+                       objects)
 
 
 def _answer(prepared: PreparedImage, queries: list[str], mode: str, index: list[int], rows: np.ndarray,
-            row_scores: np.ndarray, steps: int, timer: StageTimer, margin: float | None) -> Segmentation:
+            row_scores: np.ndarray, steps: int, timer: StageTimer, margin: float | None,
+            objects: list[list[tuple[np.ndarray, float]] | None] | None = None) -> Segmentation:
     """The Segmentation for the kept queries `index` with their (K, h, w) working-resolution masks `rows`
-    and scores; only the label map is resized to the image's size."""
+    and scores, and SAM's objects of each row if any (engine.instances.paint_parts); only the label map
+    (and the parts' map) is resized to the image's size."""
     scores = np.zeros(len(queries), dtype=np.float32)
     scores[index] = row_scores
     size = prepared.original_size
@@ -447,9 +461,13 @@ def _answer(prepared: PreparedImage, queries: list[str], mode: str, index: list[
     else:
         lut = np.array([0] + [q + 1 for q in index], dtype=np.int32)  # row k + 1 -> query + 1
         working = lut[assemble_label_map(rows, row_scores)]
+    parts = None
+    if objects is not None and mode == "semantic":
+        painted = paint_parts(rows, row_scores, objects)
+        parts = Parts(resize_nearest(painted.map, size), painted.quality)
     return Segmentation(queries=queries, label_map=resize_nearest(working, size),
                         masks=QueryMasks(rows, tuple(index), len(queries), size), scores=scores, steps=steps,
-                        mode=mode, timings=dict(timer.seconds), margin=margin)
+                        mode=mode, timings=dict(timer.seconds), margin=margin, parts=parts)
 
 
 class StageTimer:

@@ -1,15 +1,23 @@
 """Read a Label Studio label config: which controls CaR can predict, with which labels and prompts.
 
-A *target* is one BrushLabels or PolygonLabels control over one Image whose value is a task-data
-variable (`value="$image"`). Everything else in the config is either a source of text (a Text tag with
-referring sentences, a TextArea for interactive prompts) or skipped with a reason that `/setup` and the
-logs can show.
+A *target* is one BrushLabels, PolygonLabels, RectangleLabels (not smart: smart ones are interactive
+prompts) or Choices control over one Image whose value is a task-data variable (`value="$image"`).
+Everything else in the config is either a source of text (a Text tag with referring sentences, a TextArea
+for interactive prompts) or skipped with a reason that `/setup` and the logs can show.
+
+A Choices control is a target when no other target is over its Image (a classification project), or when
+some of its choices name the labels of another target over that Image (by value or `predicted_values`):
+then those choices are its labels, with the prompt of the label they name, so the semantic run those
+controls share looks for exactly what it looked for without the Choices. `choice="multiple"` makes it
+`Target.multiple` (every label found, else the best one).
 
 Attributes CaR reads from a config (all optional):
 - on a Label: `predicted_values="a,b"` (the prompt sent to CLIP instead of the value), `car_skip="true"`
   (never predict this label, e.g. a catch-all "background" label);
 - on a control: `car_preset="refcoco"`, `car_background="sky,wall"`, `car_proposals="sam"` (two-stage), `car_referring="expression"` (the Text
-  tag name or `$key` holding referring sentences; `car_referring="false"` turns the guess below off).
+  tag name or `$key` holding referring sentences; `car_referring="false"` turns the guess below off),
+  `car_regions="instances"` (one region per object) or `"semantic"` (one per label; polygons: one per
+  connected part); absent: CAR_REGIONS for brushes and polygons, instances for rectangles.
 
 Without `car_referring`, a control with exactly one static Label reads its sentences from the config's
 only Text tag (or TextArea with a `$value`) when there is exactly one: the referring-expression layout of
@@ -21,16 +29,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from label_studio_sdk.label_interface import LabelInterface
 
-from car_backend.engine.config import PROPOSAL_MODES
+from car_backend.engine.config import PROPOSAL_MODES, REGION_MODES
 from car_backend.engine.errors import CarError
 from car_backend.engine.presets import PRESETS
 
-KINDS = {"brushlabels": "brush", "polygonlabels": "polygon"}
+KINDS = {"brushlabels": "brush", "polygonlabels": "polygon", "rectanglelabels": "rectangle", "choices": "choices"}
+RESULT_TYPES = {"brush": "brushlabels", "polygon": "polygonlabels", "rectangle": "rectanglelabels",
+                "choices": "choices"}  # a target's kind -> the `type` of its regions
 OUTPUTS = ("brush", "polygon", "auto")  # a project's `output` extra_param; auto: every control
 _FALSE = {"false", "no", "off", "0", "none"}
 _SMART_TAGS = ("keypointlabels", "rectanglelabels")
@@ -54,13 +64,15 @@ class Target:
     from_name: str
     to_name: str
     data_key: str
-    kind: str  # "brush" | "polygon"
+    kind: str  # "brush" | "polygon" | "rectangle" | "choices"
     labels: tuple[LabelSpec, ...]
     dynamic_key: str | None = None
     referring_key: str | None = None
     preset: str | None = None
     background: tuple[str, ...] | None = None
     proposals: str | None = None  # `car_proposals` on the control: "car" | "sam"; None = CAR_PROPOSALS
+    regions: str | None = None  # `car_regions` on the control: "semantic" | "instances"; None = the default
+    multiple: bool = False  # a Choices control with choice="multiple": every kept label, else the best one
 
 
 @dataclass(frozen=True)
@@ -103,16 +115,20 @@ def parse_label_config(xml: str, extra_params: dict | str | None = None) -> Proj
         if tag not in KINDS:
             skipped.append(f"{control.name}: {_why_not(control.tag)}")
             continue
+        if tag == "choices" and str(control.attr.get("perRegion", "")).lower() == "true":
+            skipped.append(f"{control.name}: Choices with perRegion describe regions, not the image")
+            continue
         for to_name in control.to_name:
             target = _target(control, to_name, objects.get(to_name), text_keys, skipped)
             if target is not None:
                 targets.append(target)
+    targets = _with_choices(targets, skipped)
 
     if not targets:
         reasons = "; ".join(skipped) or "the config has no control tags"
         raise LabelConfigError(
-            "nothing to predict: CaR needs a BrushLabels or PolygonLabels control with labels over an "
-            f'<Image value="$key"> tag ({reasons})'
+            "nothing to predict: CaR needs a BrushLabels, PolygonLabels, RectangleLabels or Choices control "
+            f'with labels over an <Image value="$key"> tag ({reasons})'
         )
     return ProjectConfig(
         targets=tuple(targets),
@@ -185,18 +201,60 @@ def _target(control, to_name: str, obj, text_keys: dict[str, str], skipped: list
     if not labels and not dynamic_key:
         skipped.append(f"{where}: {control.tag} has no Label to predict")
         return None
+    kind = KINDS[control.tag.lower()]
     return Target(
         from_name=control.name,
         to_name=to_name,
         data_key=obj.value_name,
-        kind=KINDS[control.tag.lower()],
+        kind=kind,
         labels=labels,
         dynamic_key=dynamic_key,
-        referring_key=_referring_key(control, labels, dynamic_key, text_keys),
+        # a tag is not a referred object: Choices never read referring sentences
+        referring_key=None if kind == "choices" else _referring_key(control, labels, dynamic_key, text_keys),
         preset=_preset(control.attr.get("car_preset"), f"{control.name} car_preset"),
         background=_words(control.attr.get("car_background")),
         proposals=_proposals(control.attr.get("car_proposals"), f"{control.name} car_proposals"),
+        regions=_regions(control.attr.get("car_regions"), f"{control.name} car_regions"),
+        multiple=kind == "choices" and str(control.attr.get("choice", "")).strip().lower() == "multiple",
     )
+
+
+def _with_choices(targets: list[Target], skipped: list[str]) -> list[Target]:
+    """`targets` with each Choices target kept, narrowed or skipped (see the module docstring)."""
+    out = []
+    for target in targets:
+        if target.kind != "choices":
+            out.append(target)
+            continue
+        others = [label for t in targets if t.kind != "choices" and t.to_name == target.to_name for label in t.labels]
+        if not others:
+            out.append(target)
+            continue
+        named = {}
+        for label in reversed(others):  # the first label of that name wins, as in task_vocabulary
+            named[label.value.casefold()] = named[label.prompt.casefold()] = label
+        labels = tuple(LabelSpec(choice.value, match.prompt) for choice in target.labels
+                       if (match := named.get(choice.value.casefold()) or named.get(choice.prompt.casefold())))
+        where = f"{target.from_name} -> {target.to_name}"
+        if not labels:
+            skipped.append(f"{where}: no choice names a label of the other controls over {target.to_name} "
+                           "(CaR fills Choices whose values are the labels it looks for)")
+            continue
+        left_out = [c.value for c in target.labels if c.value not in {label.value for label in labels}]
+        if left_out:
+            skipped.append(f"{where}: choices {', '.join(left_out)} name no label of the other controls")
+        out.append(replace(target, labels=labels, dynamic_key=None))
+    return out
+
+
+def _regions(raw: Any, where: str) -> str | None:
+    """`car_regions="instances"` or `"semantic"`; None when absent."""
+    if raw is None or not str(raw).strip():
+        return None
+    regions = str(raw).strip().lower()
+    if regions not in REGION_MODES:
+        raise LabelConfigError(f"{where}={raw!r} is not allowed; use one of: {', '.join(REGION_MODES)}")
+    return regions
 
 
 def _proposals(raw: Any, where: str) -> str | None:
@@ -251,11 +309,11 @@ def _is_image(obj) -> bool:
 
 def _why_not(tag: str) -> str:
     low = tag.lower()
-    if low in ("brush", "polygon"):
+    if low in ("brush", "polygon", "rectangle"):
         return f"{tag} has no labels; use {tag}Labels"
     if low.endswith("labels"):
-        return f"{tag} is not predicted (CaR returns BrushLabels and PolygonLabels only)"
-    return f"{tag} is not a segmentation control"
+        return f"{tag} is not predicted (CaR returns BrushLabels, PolygonLabels, RectangleLabels and Choices)"
+    return f"{tag} is not a control CaR predicts"
 
 
 def _prompt(attrs: dict, fallback: str) -> str:

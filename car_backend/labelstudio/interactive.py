@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
+from car_backend.engine.instances import split_instances
 from car_backend.engine.result import Segmentation
 from car_backend.labelstudio.config import LabelSpec
 
@@ -42,18 +43,21 @@ class InteractiveRequest:
 
 @dataclass(frozen=True)
 class Focus:
-    """Where the annotator pointed: keypoints and rectangles that narrow a segmentation (see narrow_mask)."""
+    """Where the annotator pointed: keypoints and rectangles that narrow a segmentation to the objects they
+    pick (see narrow_instances)."""
 
     points: tuple[Point, ...] = ()
     boxes: tuple[tuple[float, float, float, float], ...] = ()
 
     def apply(self, seg: Segmentation) -> Segmentation:
-        """`seg` with every label's mask (the object's, in referring mode) narrowed to the pointed parts."""
+        """`seg` narrowed to the pointed objects: the instances of its labels (engine.instances, SAM's objects
+        where the engine found them), or of the object's mask in referring mode."""
         if seg.mode == "referring":
             return replace(seg, label_map=narrow_mask(seg.label_map == 1, self.points, self.boxes).astype(np.int32))
-        label_map = np.zeros_like(seg.label_map)
-        for i in range(len(seg.queries)):
-            label_map[narrow_mask(seg.label_map == i + 1, self.points, self.boxes)] = i + 1
+        found = split_instances(seg.label_map, np.ones(len(seg.queries)), parts=seg.parts)
+        picked = narrow_instances(found.instance_map, self.points, self.boxes)
+        lut = np.array((0, *found.labels), dtype=np.int32)  # instance j + 1 -> its label map value
+        label_map = lut[picked]
         masks = seg.masks & (label_map[None] == np.arange(1, len(seg.queries) + 1)[:, None, None])
         return replace(seg, label_map=label_map, masks=masks)
 
@@ -106,28 +110,52 @@ def label_named_by(text: str, labels: Sequence[LabelSpec]) -> LabelSpec | None:
 
 
 def narrow_mask(mask: np.ndarray, points: Sequence[Point], boxes: Sequence[tuple[float, ...]] = ()) -> np.ndarray:
-    """The connected parts of `mask` that hold a positive point (all parts when none) and no negative point,
-    restricted to the union of `boxes` when there are any."""
-    height, width = mask.shape
-    mask = mask.astype(bool)
-    if boxes:
-        inside = np.zeros_like(mask)
-        for x, y, w, h in boxes:
-            x0, y0 = _pixel(x, width), _pixel(y, height)
-            x1, y1 = _pixel(x + w, width) + 1, _pixel(y + h, height) + 1
-            inside[y0:y1, x0:x1] = True
-        mask = mask & inside
-    if not points or not mask.any():
-        return mask
-    _, components = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
-    hit = {True: set(), False: set()}
+    """(H, W) bool: the connected parts of `mask` picked by `points` and `boxes` (see narrow_instances)."""
+    _, components = cv2.connectedComponents(np.asarray(mask).astype(np.uint8), connectivity=8)
+    return narrow_instances(components, points, boxes) > 0
+
+
+def narrow_instances(instance_map: np.ndarray, points: Sequence[Point],
+                     boxes: Sequence[tuple[float, ...]] = ()) -> np.ndarray:
+    """`instance_map` ((H, W) int, 0 = none, j + 1 = object j) with only the objects the annotator pointed at.
+
+    Points: the objects that hold a positive point (all when no point is positive), less those that hold a
+    negative one. Boxes (percent (x, y, width, height)): each keeps the objects with at least half their
+    pixels inside it, whole; when none is, the part inside it of the object it overlaps most (the box then
+    marks part of something larger). With both, an object must be picked by the points and by a box.
+    """
+    instance_map = np.asarray(instance_map)
+    height, width = instance_map.shape
+    areas = np.bincount(instance_map.ravel())
+    keep = np.zeros(len(areas), dtype=bool)
+    keep[1:] = areas[1:] > 0
+    if any(p.positive for p in points):
+        keep[1:] = False
+        for point in points:
+            if point.positive:
+                keep[int(instance_map[_pixel(point.y, height), _pixel(point.x, width)])] = True
     for point in points:
-        component = int(components[_pixel(point.y, height), _pixel(point.x, width)])
-        if component:
-            hit[point.positive].add(component)
-    keep = hit[True] if any(p.positive for p in points) else set(range(1, int(components.max()) + 1))
-    keep -= hit[False]
-    return np.isin(components, sorted(keep)) if keep else np.zeros_like(mask)
+        if not point.positive:
+            keep[int(instance_map[_pixel(point.y, height), _pixel(point.x, width)])] = False
+    keep[0] = False
+    if not boxes:
+        return np.where(keep[instance_map], instance_map, 0)
+    out = np.zeros_like(instance_map)
+    for x, y, w, h in boxes:
+        x0, y0 = _pixel(x, width), _pixel(y, height)
+        x1, y1 = _pixel(x + w, width) + 1, _pixel(y + h, height) + 1
+        window = instance_map[y0:y1, x0:x1]
+        inside = np.bincount(window.ravel(), minlength=len(areas))
+        inside[0] = 0
+        inside[~keep] = 0
+        whole = np.flatnonzero((inside > 0) & (2 * inside >= areas))
+        if len(whole):
+            picked = np.isin(instance_map, whole)
+            out[picked] = instance_map[picked]
+        elif inside.any():
+            best = int(np.argmax(inside))
+            out[y0:y1, x0:x1][window == best] = best
+    return out
 
 
 def _pixel(percent: float, size: int) -> int:

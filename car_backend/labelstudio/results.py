@@ -6,6 +6,10 @@ is exactly the edge of its pixels; the boundary between two classes is split at 
 three labels or the image border meet) into arcs, and each arc is simplified once and used by both
 neighbours, so simplification opens no gap between them. Polygons have no holes: a region's outer outline
 covers whatever it encloses, and the enclosed classes get their own polygons on top.
+
+With instances (`car_regions="instances"`, CAR_REGIONS) every object of a label (engine.instances) is its own
+brush or polygon region with its own score; rectangles are one box per object by default (the object's
+pixel bounds in percent); a Choices control gets one `choices` region with the labels present.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import cv2
 import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 
-from car_backend.engine.instances import MIN_AREA_PX, absorb_specks
+from car_backend.engine.instances import MIN_AREA_PX, absorb_specks, bounds, split_instances
 from car_backend.engine.result import Segmentation
-from car_backend.labelstudio.config import LabelSpec, Target
+from car_backend.labelstudio.config import RESULT_TYPES, LabelSpec, Target
 
 PERCENT_DIGITS = 4
 
@@ -32,18 +36,28 @@ def segmentation_to_regions(
     kind: str | None = None,
     polygon_tolerance: float = 1.0,
     min_area: int = MIN_AREA_PX,
+    instances: bool = False,
 ) -> list[dict]:
     """Regions for one target. `labels[i]` names `seg.queries[i]` (in referring mode, `labels[0]` names
-    the one object). `kind` overrides `target.kind`; `polygon_tolerance` is in pixels (0 = exact)."""
+    the one object). `kind` overrides `target.kind`; `polygon_tolerance` is in pixels (0 = exact).
+
+    `instances`: one brush, polygon or rectangle region per object (engine.instances.split_instances, with
+    the engine's SAM objects when it has them), scored with the instance's score; else one brush per label,
+    one polygon per connected part of a label, one rectangle around each label's pixels. A referring answer
+    is one object either way. Choices: one region holding the labels present (every one when the target is
+    `multiple`, best first, with their mean score; else the best one, with its score).
+    """
     kind = kind or target.kind
-    if kind not in ("brush", "polygon"):
-        raise ValueError(f"kind must be 'brush' or 'polygon', got {kind!r}")
+    if kind not in RESULT_TYPES:
+        raise ValueError(f"kind must be one of {', '.join(RESULT_TYPES)}, got {kind!r}")
+    parts = seg.parts
     if seg.mode == "referring":
         if not labels:
             raise ValueError("referring mode needs one label to name the object")
         label_map = (seg.label_map == 1).astype(np.int32)
         scores = [float(np.max(seg.scores)) if len(seg.scores) else 0.0]
         labels = labels[:1]
+        instances, parts = False, None
     else:
         if len(labels) != len(seg.queries):
             raise ValueError(f"{len(labels)} labels for {len(seg.queries)} queries; they must pair up")
@@ -61,13 +75,32 @@ def segmentation_to_regions(
         "image_rotation": 0,
         "readonly": False,
     }
+    if kind == "choices":
+        return _choices(base, [labels[k - 1].value for k in classes], [scores[k - 1] for k in classes],
+                        target.multiple)
+    if instances:
+        found = split_instances(label_map, scores, classes, min_area, parts=parts)
+        names = [labels[v - 1].value for v in found.labels]
+        if kind == "brush":
+            return [_region(base, "brushlabels", _rle(found.mask(j), names[j]), found.scores[j])
+                    for j in range(len(found))]
+        if kind == "rectangle":
+            return [_region(base, "rectanglelabels", _box(found.box(j), width, height, names[j]), found.scores[j])
+                    for j in range(len(found))]
+        regions = []
+        for j, rings in trace_polygons(found.instance_map, range(1, len(found) + 1), polygon_tolerance,
+                                       min_area).items():
+            for ring in rings:
+                value = {"points": _percent(ring, width, height), "polygonlabels": [names[j - 1]], "closed": True}
+                regions.append(_region(base, "polygonlabels", value, found.scores[j - 1]))
+        return regions
     regions = []
     if kind == "brush":
-        for k in classes:
-            mask = (label_map == k).astype(np.uint8) * 255
-            value = {"format": "rle", "rle": mask2rle(mask), "brushlabels": [labels[k - 1].value]}
-            regions.append(_region(base, "brushlabels", value, scores[k - 1]))
-        return regions
+        return [_region(base, "brushlabels", _rle(label_map == k, labels[k - 1].value), scores[k - 1])
+                for k in classes]
+    if kind == "rectangle":
+        return [_region(base, "rectanglelabels", _box(bounds(label_map == k), width, height, labels[k - 1].value),
+                        scores[k - 1]) for k in classes]
     for k, rings in trace_polygons(label_map, classes, polygon_tolerance, min_area).items():
         for ring in rings:
             points = _percent(ring, width, height)
@@ -115,6 +148,30 @@ def trace_polygons(
         if rings:
             out[k] = [r.astype(np.float64) for r in rings]
     return out
+
+
+def _rle(mask: np.ndarray, label: str) -> dict:
+    """A brushlabels value: the RLE of an (H, W) bool mask as 0/255 (Label Studio shows alpha 1 as clear)."""
+    return {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": [label]}
+
+
+def _choices(base: dict, values: list[str], scores: list[float], multiple: bool) -> list[dict]:
+    """The one choices region of the labels present (see segmentation_to_regions); none when no label is."""
+    if not values:
+        return []
+    order = sorted(range(len(values)), key=lambda i: -scores[i])  # stable: equal scores keep label order
+    chosen = order if multiple else order[:1]
+    score = float(np.mean([scores[i] for i in chosen]))
+    return [_region(base, "choices", {"choices": [values[i] for i in chosen]}, score)]
+
+
+def _box(box: tuple[int, int, int, int], width: int, height: int, label: str) -> dict:
+    """A rectanglelabels value for pixel bounds (x0, y0, x1, y1), x1/y1 exclusive, in percent of the image."""
+    x0, y0, x1, y1 = box
+    percent = [round(v, PERCENT_DIGITS) for v in (100.0 * x0 / width, 100.0 * y0 / height,
+                                                    100.0 * (x1 - x0) / width, 100.0 * (y1 - y0) / height)]
+    return {"x": percent[0], "y": percent[1], "width": percent[2], "height": percent[3], "rotation": 0,
+            "rectanglelabels": [label]}
 
 
 def _region(base: dict, type_: str, value: dict, score: float) -> dict:

@@ -68,7 +68,8 @@ def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher, head: Any = No
             if spec.focus is not None:
                 own = spec.focus.apply(own)
             regions.extend(segmentation_to_regions(own, out.target, list(out.labels), kind=out.kind,
-                                                   polygon_tolerance=spec.polygon_tolerance))
+                                                   polygon_tolerance=spec.polygon_tolerance,
+                                                   instances=out.instances))
     return JobResult(ok=True, regions=regions, score=task_score(kept_scores, spec.score, margins),
                      seconds=time.monotonic() - started)
 
@@ -76,11 +77,14 @@ def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher, head: Any = No
 def segment_run(segmenter: Any, image: Any, run: Run, thresholds: dict[str, float], head: Any = None
                 ) -> Segmentation:
     """The engine's answer for one run on an image (or a prepared image), `thresholds` overriding its preset,
-    with a mask head if one is given (see Segmenter.segment)."""
+    with a mask head if one is given (see Segmenter.segment); asked for instances when one of the run's
+    outputs wants them (SAM's prompted mode then prompts per connected part)."""
     preset: Any = run.preset
     if thresholds:
         preset = replace(get_preset(run.preset or segmenter.config.preset), **thresholds)
-    extra = {"proposals": run.proposals} if run.proposals else {}  # only when a control asked
+    extra: dict[str, Any] = {"proposals": run.proposals} if run.proposals else {}  # only when a control asked
+    if any(out.instances for out in run.outputs):
+        extra["instances"] = True
     return segmenter.segment(image, list(run.queries), preset=preset, mode=run.mode,
                              background=list(run.background) if run.background else None, head=head, **extra)
 

@@ -45,13 +45,27 @@ class TaskPlan:
 
 
 def output_targets(config: ProjectConfig, settings: Settings) -> tuple[Target, ...]:
-    """The controls to fill: the project's `output` extra_param, else CAR_OUTPUT, picks the controls of that
-    kind when the config has both; a control's region type is always its own, because Label Studio cannot
-    show a polygon in a BrushLabels control or a mask in a PolygonLabels one."""
+    """The controls to fill: the project's `output` extra_param, else CAR_OUTPUT, picks the brush or polygon
+    controls of that kind when the config has both (rectangles and choices are always filled); a control's
+    region type is always its own, because Label Studio cannot show a polygon in a BrushLabels control or a
+    mask in a PolygonLabels one."""
+    masks = [t for t in config.targets if t.kind in ("brush", "polygon")]
     for choice in (config.output, settings.output):
         if choice and choice != "auto":
-            return tuple(t for t in config.targets if t.kind == choice) or config.targets
+            chosen = [t for t in masks if t.kind == choice] or masks
+            return tuple(t for t in config.targets if t in chosen or t not in masks)
     return config.targets
+
+
+def wants_instances(target: Target, settings: Settings) -> bool:
+    """Whether a control gets one region per object: its `car_regions`, else CAR_REGIONS for brushes and
+    polygons and instances for rectangles (a box around all of a label's objects says little); never for
+    Choices, which name labels."""
+    if target.kind == "choices":
+        return False
+    if target.regions is not None:
+        return target.regions == "instances"
+    return target.kind == "rectangle" or settings.regions == "instances"
 
 
 def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str] | None = None,
@@ -126,25 +140,28 @@ def _runs(targets: list[Target], data: dict, project: Project, settings: Setting
         if not labels:
             continue
         kind = target.kind
+        instances = wants_instances(target, settings)
         preset = target.preset or config.preset
         background = target.background or config.background
         group = (preset, background, target.proposals)
+        if kind == "choices" and (prompt or pointed):
+            continue  # an annotator's prompt asks for a region, not for the image's tags
         sentences = prompt or task_sentences(target, data)
         named = label_named_by(prompt[0], labels) if prompt and len(prompt) == 1 else None
         selected = _selected(labels, request)
         if named is not None:
             # A typed label name asks for that label alone, in semantic mode.
-            semantic.setdefault(group, []).append(TargetOutput(target, (named,), kind))
+            semantic.setdefault(group, []).append(TargetOutput(target, (named,), kind, instances))
         elif sentences:
             # Referring mode: the sentences describe one object, returned with the label the annotator
             # selected (the control's first label when none is).
             runs.append(Run("referring", tuple(sentences), preset, background,
-                            (TargetOutput(target, (selected or labels[0],), kind),)))
+                            (TargetOutput(target, (selected or labels[0],), kind, instances),)))
         elif pointed:
-            # Keypoints or a rectangle alone ask for the selected label's mask, narrowed to what they pick.
-            semantic.setdefault(group, []).append(TargetOutput(target, (selected or labels[0],), kind))
+            # Keypoints or a rectangle alone ask for the selected label's mask, narrowed to the objects they pick.
+            semantic.setdefault(group, []).append(TargetOutput(target, (selected or labels[0],), kind, instances))
         else:
-            semantic.setdefault(group, []).append(TargetOutput(target, labels, kind))
+            semantic.setdefault(group, []).append(TargetOutput(target, labels, kind, instances))
     for (preset, background, proposals), outputs in semantic.items():
         queries = tuple(dict.fromkeys(label.prompt for out in outputs for label in out.labels))
         runs.append(Run("semantic", queries, preset, background, tuple(outputs), proposals=proposals))

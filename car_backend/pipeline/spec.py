@@ -20,11 +20,13 @@ from car_backend.pipeline.plain import from_plain, to_plain
 
 @dataclass(frozen=True)
 class TargetOutput:
-    """Regions for one control: its labels (label i <-> query i of the run) in its region kind."""
+    """Regions for one control: its labels (label i <-> query i of the run) in its region kind, one region per
+    object (`instances`) or per label (see labelstudio.results.segmentation_to_regions)."""
 
     target: Target
     labels: tuple[LabelSpec, ...]
-    kind: str  # "brush" | "polygon"
+    kind: str  # "brush" | "polygon" | "rectangle" | "choices"
+    instances: bool = False
 
 
 @dataclass(frozen=True)

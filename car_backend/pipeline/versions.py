@@ -49,6 +49,8 @@ def model_version(settings: Settings, config: ProjectConfig | None = None, gener
         "score": settings.score,
         "overrides": overrides,
     }
+    if settings.regions != "semantic":  # only where set, so versions from before CAR_REGIONS stay as they were
+        identity["regions"] = settings.regions
     calibrated = generation > 0
     if calibrated:
         identity["calibration"] = sorted((thresholds or {}).items())

@@ -10,7 +10,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from redis import RedisError
 
-from car_backend.labelstudio.config import LabelConfigError
+from car_backend.labelstudio.config import RESULT_TYPES, LabelConfigError
 from car_backend.pipeline.planning import output_targets
 from car_backend.queue.jobqueue import JobName
 from car_backend.review.triggers import queue_fit
@@ -94,7 +94,7 @@ def setup() -> Response:
         "model_version": project.version,
         "targets": [{
             "from_name": t.from_name, "to_name": t.to_name, "image": t.data_key,
-            "type": f"{t.kind}labels",
+            "type": RESULT_TYPES[t.kind],
             "labels": [label.value for label in t.labels],
             "dynamic_labels": t.dynamic_key, "referring": t.referring_key,
             "preset": t.preset or config.preset or service.settings.preset,

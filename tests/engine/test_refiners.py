@@ -107,10 +107,12 @@ def test_each_family_builds_from_its_registry_and_predicts(random_sam):
     rgb = scene(2, 96, 128)
     prompt = MaskPrompt(np.array([10, 10, 60, 50], np.float32), np.array([[30, 30], [100, 80]], np.float32),
                         np.array([1, 0], np.int32))
-    masks = random_sam.prompted_masks(rgb, [prompt, prompt])
-    assert len(masks) == 2 and all(m.shape == (96, 128) and m.dtype == bool for m in masks)
-    automatic = random_sam.automatic_masks(rgb, FEW_POINTS)
-    assert isinstance(automatic, list) and all(m.shape == (96, 128) for m in automatic)
+    answers = random_sam.prompted_objects(rgb, [prompt, prompt])  # masks with SAM's predicted IoU
+    assert len(answers) == 2 and all(m.shape == (96, 128) and m.dtype == bool for m, _ in answers)
+    assert all(type(q) is float and np.isfinite(q) for _, q in answers)
+    automatic = random_sam.automatic_objects(rgb, FEW_POINTS)
+    assert isinstance(automatic, list) and all(m.shape == (96, 128) for m, _ in automatic)
+    assert all(type(q) is float and np.isfinite(q) for _, q in automatic)
 
 
 def _rect(shape, y0, y1, x0, x1) -> np.ndarray:

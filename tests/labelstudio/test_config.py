@@ -178,19 +178,21 @@ def test_several_controls_and_images_and_skipped_controls_are_explained():
         '<BrushLabels name="both" toName="left,right"><Label value="x"/><Label value="y"/></BrushLabels>',
         '<Choices name="kind" toName="left"><Choice value="ok"/></Choices>',
         '<RectangleLabels name="boxes" toName="left"><Label value="x"/></RectangleLabels>',
+        '<RectangleLabels name="prompts" toName="left" smart="true"><Label value="x"/></RectangleLabels>',
         '<Polygon name="free" toName="right"/>',
         '<PolygonLabels name="on_text" toName="t"><Label value="x"/></PolygonLabels>',
         '<PolygonLabels name="ghost" toName="missing"><Label value="x"/></PolygonLabels>',
         '<BrushLabels name="empty" toName="left"></BrushLabels>',
     )
     config = parse_label_config(xml)
-    assert [(t.from_name, t.to_name, t.data_key) for t in config.targets] == [
-        ("both", "left", "a"),
-        ("both", "right", "b"),
+    assert [(t.from_name, t.to_name, t.data_key, t.kind) for t in config.targets] == [
+        ("both", "left", "a", "brush"),
+        ("both", "right", "b", "brush"),
+        ("boxes", "left", "a", "rectangle"),  # not smart: a target; the smart one is a prompt
     ]
+    assert config.interactive_controls == ("prompts",)
     skipped = "\n".join(config.skipped)
-    assert "kind: Choices is not a segmentation control" in skipped
-    assert "boxes: RectangleLabels is not predicted" in skipped
+    assert "kind -> left: no choice names a label of the other controls over left" in skipped
     assert "free: Polygon has no labels; use PolygonLabels" in skipped
     assert "on_text -> t: PolygonLabels over a Text tag" in skipped
     assert "ghost -> missing: toName names no object tag" in skipped
@@ -218,8 +220,8 @@ def test_image_needs_a_variable_value():
         ("", "empty"),
         ("<View><Image name='image' value='$image'>", "cannot be parsed.*line 1"),
         (
-            view(IMAGE, '<Choices name="c" toName="image"><Choice value="a"/></Choices>'),
-            "nothing to predict.*Choices is not a segmentation control",
+            view('<Text name="t" value="$t"/>', '<Choices name="c" toName="t"><Choice value="a"/></Choices>'),
+            "nothing to predict.*Choices over a Text tag",
         ),
         (
             view('<Text name="t" value="$t"/>', '<Labels name="l" toName="t"><Label value="a"/></Labels>'),
@@ -282,3 +284,62 @@ def test_config_hash_is_stable_and_sensitive():
     assert config_hash(xml, {"preset": "voc"}) != config_hash(xml)
     assert config_hash(xml + " ") != config_hash(xml)
     assert config_hash(xml, "{broken") != config_hash(xml)
+
+
+# ---- instances, boxes and tags ----
+
+
+def test_car_regions_and_rectangles_and_choices_are_read():
+    xml = view(
+        IMAGE,
+        '<BrushLabels name="b" toName="image" car_regions="Instances"><Label value="cat"/></BrushLabels>',
+        '<PolygonLabels name="p" toName="image"><Label value="cat"/></PolygonLabels>',
+        '<RectangleLabels name="r" toName="image" car_regions="semantic"><Label value="cat"/></RectangleLabels>',
+        '<Choices name="c" toName="image" choice="multiple"><Choice value="cat"/></Choices>',
+        '<Choices name="one" toName="image"><Choice value="cat"/></Choices>',
+    )
+    config = parse_label_config(xml)
+    assert [(t.from_name, t.kind, t.regions, t.multiple) for t in config.targets] == [
+        ("b", "brush", "instances", False), ("p", "polygon", None, False), ("r", "rectangle", "semantic", False),
+        ("c", "choices", None, True), ("one", "choices", None, False)]
+    with pytest.raises(LabelConfigError, match="b car_regions='objects' is not allowed; use one of: semantic, "
+                                               "instances"):
+        parse_label_config(xml.replace('car_regions="Instances"', 'car_regions="objects"'))
+
+
+def test_a_classification_config_predicts_its_choices_and_never_reads_referring_sentences():
+    xml = view(IMAGE, '<Text name="caption" value="$caption"/>',
+               '<Choices name="c" toName="image"><Choice value="cat" predicted_values="a cat,kitten"/></Choices>')
+    (target,) = parse_label_config(xml).targets
+    assert target.labels == (LabelSpec("cat", "a cat,kitten"),) and target.referring_key is None
+
+
+def test_choices_beside_other_controls_keep_the_choices_that_name_their_labels_with_their_prompts():
+    xml = view(
+        IMAGE,
+        '<BrushLabels name="b" toName="image"><Label value="person" predicted_values="person,people"/>'
+        '<Label value="car"/></BrushLabels>',
+        '<Choices name="c" toName="image"><Choice value="person"/><Choice value="Car"/><Choice value="blurry"/>'
+        '</Choices>',
+        '<Choices name="quality" toName="image"><Choice value="good"/><Choice value="bad"/></Choices>',
+        '<Choices name="by_prompt" toName="image"><Choice value="humans" predicted_values="person,people"/>'
+        '</Choices>',
+        '<Choices name="regions" toName="image" perRegion="true"><Choice value="car"/></Choices>',
+    )
+    config = parse_label_config(xml)
+    choices = {t.from_name: t.labels for t in config.targets if t.kind == "choices"}
+    # the brush's prompt, so the shared run looks for what it looked for without the Choices
+    assert choices == {"c": (LabelSpec("person", "person,people"), LabelSpec("Car", "car")),
+                       "by_prompt": (LabelSpec("humans", "person,people"),)}
+    skipped = "\n".join(config.skipped)
+    assert "c -> image: choices blurry name no label of the other controls" in skipped
+    assert "quality -> image: no choice names a label of the other controls over image" in skipped
+    assert "regions: Choices with perRegion describe regions, not the image" in skipped
+
+
+def test_the_shipped_instance_detection_and_classification_configs():
+    kinds = {name: [(t.kind, t.regions, t.multiple) for t in parse_label_config(
+        (Path(__file__).resolve().parents[2] / "label_config" / f"{name}.xml").read_text()).targets]
+        for name in ("instances", "detection", "classification")}
+    assert kinds == {"instances": [("brush", "instances", False)], "detection": [("rectangle", None, False)],
+                     "classification": [("choices", None, True)]}

@@ -103,3 +103,29 @@ def test_focus_narrows_each_label_of_a_semantic_segmentation_and_the_referring_o
                              scores=np.array([1.0], np.float32), steps=1, mode="referring")
     boxed = Focus(boxes=((55, 55, 40, 40),)).apply(referring)
     assert boxed.label_map.sum() == 30 * 60 and boxed.label_map[75, 150] == 1
+
+
+def test_focus_narrows_to_the_object_touched_not_the_whole_label():
+    from car_backend.engine.instances import Parts
+    from car_backend.engine.result import Segmentation
+    from car_backend.labelstudio.interactive import Focus
+
+    label_map = np.zeros((100, 200), np.int32)
+    label_map[10:50, 10:110] = 1  # one connected part of label 1 ...
+    part_map = np.zeros_like(label_map)
+    part_map[10:50, 10:60] = 1  # ... that SAM saw as two objects
+    part_map[10:50, 60:110] = 2
+    label_map[60:90, 120:180] = 2
+    seg = Segmentation(queries=["cat", "dog"], label_map=label_map, masks=np.stack([label_map == 1, label_map == 2]),
+                       scores=np.array([0.9, 0.8], np.float32), steps=1, parts=Parts(part_map, (0.9, 0.8)))
+    clicked = Focus(points=(Point(20, 30, True),)).apply(seg)  # x 40 px: the left object
+    assert np.array_equal(clicked.label_map == 1, part_map == 1) and not (clicked.label_map == 2).any()
+    assert np.array_equal(np.asarray(clicked.masks[0]), part_map == 1)
+    without_sam = Focus(points=(Point(20, 30, True),)).apply(Segmentation(
+        queries=seg.queries, label_map=label_map, masks=seg.masks, scores=seg.scores, steps=1))
+    assert (without_sam.label_map == 1).sum() == 40 * 100  # connected parts: the whole blob
+    # a box holding most of an object keeps all of it; a box on a corner of one keeps that corner
+    boxed = Focus(boxes=((32, 12, 20, 34),)).apply(seg)  # x 64..104, y 12..46: inside the right object
+    assert np.array_equal(boxed.label_map == 1, part_map == 2) and not (boxed.label_map == 2).any()
+    corner = Focus(boxes=((5, 10, 10, 10),)).apply(seg)  # x 10..30, y 10..20: a corner of the left object
+    assert (corner.label_map == 1).sum() == 21 * 11 and (corner.label_map[10:21, 10:31] == 1).all()

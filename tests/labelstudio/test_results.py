@@ -110,7 +110,7 @@ def test_labels_must_pair_with_queries():
     with pytest.raises(ValueError, match="pair up"):
         segmentation_to_regions(seg, BRUSH, labels("a"))
     with pytest.raises(ValueError, match="kind"):
-        segmentation_to_regions(seg, BRUSH, labels("a", "b"), kind="rectangle")
+        segmentation_to_regions(seg, BRUSH, labels("a", "b"), kind="keypoint")
 
 
 def test_referring_mode_gives_one_region_named_by_the_first_label():
@@ -245,3 +245,79 @@ def test_pending_and_failed_entries():
     assert "result" not in pending and pending["model_version"] == "v1"
     failed = failed_entry("v1", "cannot decode the image")
     assert failed == {"result": [], "score": 0.0, "model_version": "v1", "error": "cannot decode the image"}
+
+
+# ---- instances, boxes and tags ----
+
+RECTANGLE = Target("box", "image", "image", "rectangle", ())
+CHOICES = Target("tags", "image", "image", "choices", ())
+
+
+def three_and_one() -> np.ndarray:
+    lm = np.zeros((40, 80), np.int32)
+    lm[2:12, 4:14] = 1
+    lm[20:30, 30:50] = 1
+    lm[5:35, 60:75] = 1
+    lm[30:38, 2:20] = 2
+    return lm
+
+
+def test_instance_brushes_polygons_and_boxes_are_one_region_per_object():
+    seg = segmentation(three_and_one(), ["cat", "dog"], scores=[0.75, 0.5])
+    brushes = segmentation_to_regions(seg, BRUSH, labels("cat", "dog"), instances=True)
+    assert [(r["value"]["brushlabels"], r["score"]) for r in brushes] == [
+        (["cat"], 0.75), (["cat"], 0.75), (["cat"], 0.75), (["dog"], 0.5)]
+    painted = [decode_rle(r["value"]["rle"]).reshape(40, 80, 4)[..., 3] == 255 for r in brushes]
+    assert painted[2].sum() == 200 and painted[2][20:30, 30:50].all()  # numbered in raster order of first pixel
+    assert not np.logical_and.reduce(painted[:2]).any()  # one object each
+    assert len(segmentation_to_regions(seg, BRUSH, labels("cat", "dog"))) == 2  # semantic: one per label
+    polygons = segmentation_to_regions(seg, POLYGON, labels("cat", "dog"), instances=True, polygon_tolerance=0)
+    assert [r["value"]["polygonlabels"] for r in polygons] == [["cat"]] * 3 + [["dog"]]
+    assert polygons[2]["value"]["points"] == [[37.5, 50.0], [37.5, 75.0], [62.5, 75.0], [62.5, 50.0]]
+    boxes = segmentation_to_regions(seg, RECTANGLE, labels("cat", "dog"), instances=True)
+    assert [r["value"] for r in boxes] == [
+        {"x": 5.0, "y": 5.0, "width": 12.5, "height": 25.0, "rotation": 0, "rectanglelabels": ["cat"]},
+        {"x": 75.0, "y": 12.5, "width": 18.75, "height": 75.0, "rotation": 0, "rectanglelabels": ["cat"]},
+        {"x": 37.5, "y": 50.0, "width": 25.0, "height": 25.0, "rotation": 0, "rectanglelabels": ["cat"]},
+        {"x": 2.5, "y": 75.0, "width": 22.5, "height": 20.0, "rotation": 0, "rectanglelabels": ["dog"]},
+    ]
+    assert {r["type"] for r in boxes} == {"rectanglelabels"} and boxes[0]["original_width"] == 80
+    semantic = segmentation_to_regions(seg, RECTANGLE, labels("cat", "dog"))  # one box around each label
+    assert [(r["value"]["x"], r["value"]["y"], r["value"]["width"], r["value"]["height"]) for r in semantic] == [
+        (5.0, 5.0, 88.75, 82.5), (2.5, 75.0, 22.5, 20.0)]
+
+
+def test_choices_name_the_labels_present_best_first():
+    seg = segmentation(three_and_one(), ["cat", "dog", "cow"], scores=[0.5, 0.75, 0.9])  # cow has no pixel
+    (single,) = segmentation_to_regions(seg, CHOICES, labels("cat", "dog", "cow"))
+    assert single["type"] == "choices" and single["value"] == {"choices": ["dog"]} and single["score"] == 0.75
+    many = Target("tags", "image", "image", "choices", (), multiple=True)
+    (multiple,) = segmentation_to_regions(seg, many, labels("cat", "dog", "cow"))
+    assert multiple["value"] == {"choices": ["dog", "cat"]} and multiple["score"] == pytest.approx(0.625)
+    empty = segmentation(np.zeros((4, 4), np.int32), ["cat"])
+    assert segmentation_to_regions(empty, many, labels("cat")) == []
+
+
+def test_a_referring_object_is_one_box_whatever_its_pieces():
+    lm = np.zeros((20, 20), np.int32)
+    lm[2:5, 2:5] = 1
+    lm[10:15, 12:18] = 1
+    seg = segmentation(lm, ["the two cats"], scores=[0.8], mode="referring")
+    (box,) = segmentation_to_regions(seg, RECTANGLE, labels("cat"), instances=True)
+    assert (box["value"]["x"], box["value"]["y"], box["value"]["width"], box["value"]["height"]) == (
+        10.0, 10.0, 80.0, 65.0)
+
+
+def test_instance_and_box_regions_validate_against_the_shipped_configs():
+    lm = np.zeros((30, 40), np.int32)
+    lm[2:10, 2:10] = 1
+    lm[15:25, 20:30] = 1
+    lm[12:20, 32:38] = 2
+    for name, kind in (("instances", "brush"), ("detection", "rectangle"), ("classification", "choices")):
+        xml = (CONFIGS / f"{name}.xml").read_text()
+        (target,) = parse_label_config(xml).targets
+        seg = segmentation(lm, [label.prompt for label in target.labels[:2]])
+        regions = segmentation_to_regions(seg, target, list(target.labels[:2]), instances=kind != "choices")
+        assert {r["type"] for r in regions} == {f"{kind}labels" if kind != "choices" else "choices"}
+        entry = prediction_entry(regions, "car-test")
+        assert LabelInterface(xml).validate_prediction(entry, return_errors=True) in (True, []), name

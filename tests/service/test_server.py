@@ -55,6 +55,7 @@ def test_health_answers_fast_with_queue_figures(service_settings, make_client):
 def test_setup_returns_version_and_predictable_controls(service_settings, make_client):
     client = make_client(service_settings())
     xml = BRUSH.replace("</View>", '<RectangleLabels name="box" toName="image"><Label value="a"/></RectangleLabels>'
+                                    '<KeyPointLabels name="kp" toName="image"><Label value="a"/></KeyPointLabels>'
                                     "</View>")
     resp = client.post("/setup", json={"project": "3.1700000000", "schema": xml, "hostname": "x",
                                        "access_token": "legacy", "extra_params": None})
@@ -63,8 +64,10 @@ def test_setup_returns_version_and_predictable_controls(service_settings, make_c
     assert body["model_version"] == client.get("/versions").get_json()["versions"][0]
     assert body["targets"] == [{"from_name": "tag", "to_name": "image", "image": "image", "type": "brushlabels",
                                 "labels": ["person", "car", "dog", "cat", "tree"], "dynamic_labels": None,
-                                "referring": None, "preset": "coco"}]
-    assert len(body["skipped"]) == 1 and body["skipped"][0].startswith("box:")
+                                "referring": None, "preset": "coco"},
+                               {"from_name": "box", "to_name": "image", "image": "image", "type": "rectanglelabels",
+                                "labels": ["a"], "dynamic_labels": None, "referring": None, "preset": "coco"}]
+    assert len(body["skipped"]) == 1 and body["skipped"][0].startswith("kp:")
 
 
 def test_setup_extra_params_change_the_version_and_predict_agrees(service_settings, make_client, task_ids):
@@ -85,8 +88,8 @@ def test_setup_extra_params_change_the_version_and_predict_agrees(service_settin
 
 @pytest.mark.parametrize("xml, fragment", [
     ("<View><Image name='i' value='$image'/></View>", "nothing to predict"),
-    ("<View><Image name='i' value='$image'/><Choices name='c' toName='i'><Choice value='a'/></Choices></View>",
-     "nothing to predict"),
+    ("<View><Image name='i' value='$image'/><Choices name='c' toName='i' perRegion='true'><Choice value='a'/>"
+     "</Choices></View>", "nothing to predict"),
     ("<View><Image", "label config: "),
 ])
 def test_setup_rejects_configs_it_cannot_use(service_settings, make_client, xml, fragment):

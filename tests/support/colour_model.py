@@ -132,3 +132,31 @@ def colour_scene(seed: int, size: int = 128):
         truth[region > 0] = vocabulary.index(hue) + 1
     image = np.clip(image.astype(int) + rng.integers(-4, 5, image.shape), 0, 255).astype(np.uint8)
     return image, truth, [HUES[h] for h in present], [HUES[h] for h in vocabulary]
+
+
+OBJECT_BOXES = ((10, 10, 30, 30), (12, 80, 28, 36), (78, 30, 34, 30))  # (y, x, height, width) at 128 px
+BLUE_BOX = (80, 84, 30, 30)
+
+
+def objects_scene(size: int = 128, touching: bool = False):
+    """Three red squares (apart; with `touching` the second one is moved to share the first one's right
+    edge) and a blue one on grey, at `size` px: (image, truth label map over ("red", "blue"), the red
+    objects' masks)."""
+    scale = size / 128
+    boxes = list(OBJECT_BOXES)
+    if touching:
+        boxes[1] = (10, 40, 30, 30)
+    image = np.full((size, size, 3), 128, dtype=np.uint8)
+    truth = np.zeros((size, size), dtype=np.int32)
+    objects = []
+    for label, hue, (y, x, height, width) in [*((1, 0, b) for b in boxes), (2, 8, BLUE_BOX)]:
+        y0, x0, y1, x1 = (round(v * scale) for v in (y, x, y + height, x + width))
+        image[y0:y1, x0:x1] = hue_rgb(hue)
+        truth[y0:y1, x0:x1] = label
+        if label == 1:
+            mask = np.zeros((size, size), dtype=bool)
+            mask[y0:y1, x0:x1] = True
+            objects.append(mask)
+    rng = np.random.default_rng(0)
+    image = np.clip(image.astype(int) + rng.integers(-4, 5, image.shape), 0, 255).astype(np.uint8)
+    return image, truth, objects
