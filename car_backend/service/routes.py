@@ -59,6 +59,15 @@ def json_response(body: dict, status: int = 200, headers: dict | None = None) ->
     return response
 
 
+def _json_body() -> Any:
+    """The request body as parsed JSON, None when it is not JSON; RequestError when it nests too deeply for
+    the JSON reader (a RecursionError, which must not become a 500)."""
+    try:
+        return request.get_json(force=True, silent=True)
+    except RecursionError:
+        raise RequestError("the body's JSON nests too deeply") from None
+
+
 def unauthorized() -> Response:
     """HTTP 401 asking for basic auth (what Label Studio reports as wrong credentials)."""
     return json_response({"error": "authentication required"}, 401,
@@ -97,7 +106,7 @@ def health() -> Response:
 @blueprint.post("/setup")
 def setup() -> Response:
     service = _service()
-    parsed = setup_request(request.get_json(force=True, silent=True))
+    parsed = setup_request(_json_body())
     project = service.projects.setup(parsed.project, parsed.label_config, parsed.extra_params)
     config = project.config
     return json_response({
@@ -116,7 +125,7 @@ def setup() -> Response:
 @blueprint.post("/predict")
 def predict() -> Response:
     service = _service()
-    parsed = predict_request(request.get_json(force=True, silent=True), service.settings.max_tasks)
+    parsed = predict_request(_json_body(), service.settings.max_tasks)
     project = service.projects.for_predict(parsed.project, parsed.label_config)
     entries = service.predictor.predict(parsed.tasks, project, context=parsed.context)
     kinds = [("result" in e) for e in entries]
@@ -128,7 +137,7 @@ def predict() -> Response:
 @blueprint.post("/webhook")
 def webhook() -> Response:
     service = _service()
-    body = webhook_body(request.get_json(force=True, silent=True))
+    body = webhook_body(_json_body())
     action = body.get("action")
     if action == TRAINING_ACTION:
         if not g.trusted:  # Label Studio sends it through its ML API, with the connection's credentials
