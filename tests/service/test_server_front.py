@@ -86,3 +86,56 @@ def test_200_slow_header_clients_do_not_starve_health_and_setup(service_settings
           f"max {max(health_s) * 1000:.1f} ms; /setup median {statistics.median(setup_s) * 1000:.1f} ms, "
           f"max {max(setup_s) * 1000:.1f} ms")
     assert max(health_s) < 0.2 and max(setup_s) < 0.2, (health_s, setup_s, output)
+
+
+def _huge_config(index: int, size: int) -> str:
+    """A brush config of at most `size` bytes, its labels (33 bytes each) unique to `index`."""
+    labels = "".join(f'<Label value="c{index:08d}-{j:06d}"/>' for j in range((size - 150) // 33))
+    return f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{labels}' \
+           '</BrushLabels></View>'
+
+
+@pytest.mark.integration
+def test_parallel_parses_of_huge_configs_do_not_stall_health(service_settings):
+    """Three clients keep sending /setup with label configs just under CAR_MAX_LABEL_CONFIG_BYTES (each new, so
+    each is parsed) and one over it (413 before parsing): /health keeps answering within Label Studio's 1 s."""
+    import threading
+
+    settings = service_settings(port=free_port(), host="127.0.0.1", log_level="WARNING")
+    limit = settings.max_label_config_bytes
+    server, base = _serve(settings)
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def parse_forever(client: int) -> None:
+        for round_ in range(1000):
+            if stop.is_set():
+                return
+            config = _huge_config(client * 1000 + round_, limit - 100)
+            statuses.append(requests.post(f"{base}/setup", json={"project": "1.1", "schema": config},
+                                          timeout=30).status_code)
+
+    try:
+        over = requests.post(f"{base}/setup", json={"project": "1.1", "schema": " " * (limit + 1) + BRUSH},
+                             timeout=10)
+        assert over.status_code == 413 and "CAR_MAX_LABEL_CONFIG_BYTES" in over.json()["error"]
+        threads = [threading.Thread(target=parse_forever, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        health_s = []
+        time.sleep(0.5)
+        for _ in range(15):
+            started = time.monotonic()
+            assert requests.get(f"{base}/health", timeout=1).status_code == 200
+            health_s.append(time.monotonic() - started)
+            time.sleep(0.2)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        stop.set()
+        output = _stop(server)
+    print(f"3 parallel parses of {limit - 100}-byte configs ({len(statuses)} done): /health median "
+          f"{statistics.median(health_s) * 1000:.1f} ms, max {max(health_s) * 1000:.1f} ms")
+    assert statuses and set(statuses) == {200}, (statuses, output)
+    assert max(health_s) < 1.0, health_s
