@@ -276,7 +276,9 @@ class Settings:
                        "use `car-backend prelabel --project`)."),
     )
     basic_auth_user: str = field(
-        default="", metadata=_meta("BASIC_AUTH_USER", "Require HTTP basic auth with this user (and BASIC_AUTH_PASS).")
+        default="",
+        metadata=_meta("BASIC_AUTH_USER", "Require HTTP basic auth with this user (and BASIC_AUTH_PASS) on every route "
+                       "but the bare /health probe and annotation webhooks; `serve` needs it on a non-loopback HOST."),
     )
     basic_auth_pass: str = field(
         default="", metadata=_meta("BASIC_AUTH_PASS", "Password for basic auth.", secret=True)
