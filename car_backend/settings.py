@@ -307,7 +307,7 @@ class Settings:
     request_timeout: float = field(
         default=30.0,
         metadata=_meta("CAR_REQUEST_TIMEOUT", "Seconds a client may take to send one request, headers and body "
-                       "(from its first byte); slower ones get 408 and lose their thread."),
+                       "(from its first byte); slower ones get 408 and are disconnected."),
     )
     log_level: str = field(default="INFO", metadata=_meta("LOG_LEVEL", "Logging level.", LOG_LEVELS))
 

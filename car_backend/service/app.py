@@ -149,8 +149,9 @@ def exposure_warnings(settings: Settings) -> list[str]:
     if settings.basic_auth_user or _is_loopback(settings.host):
         return []
     return [f"serving on {settings.host} (not loopback) without basic auth (CAR_INSECURE_NO_AUTH=true): anyone "
-            "who can reach this port can use every route (predictions written with Label Studio's token, "
-            f"trainings, /status). {HOW_TO_AUTHENTICATE}"]
+            "who can reach this port can use every route: read /status, start trainings and, with "
+            f"LABEL_STUDIO_API_KEY, make the backend act with Label Studio's token. {HOW_TO_AUTHENTICATE} Or bind "
+            "HOST=127.0.0.1."]
 
 
 def _is_loopback(host: str) -> bool:
