@@ -3,6 +3,7 @@ needs credentials, and the probe tells an anonymous caller only UP/DEGRADED."""
 
 from __future__ import annotations
 
+import select
 import socket
 import statistics
 import subprocess
@@ -139,3 +140,27 @@ def test_parallel_parses_of_huge_configs_do_not_stall_health(service_settings):
           f"{statistics.median(health_s) * 1000:.1f} ms, max {max(health_s) * 1000:.1f} ms")
     assert statuses and set(statuses) == {200}, (statuses, output)
     assert max(health_s) < 1.0, health_s
+
+
+@pytest.mark.integration
+def test_a_request_still_arriving_after_the_request_timeout_gets_408_and_an_idle_one_is_closed(service_settings):
+    settings = service_settings(port=free_port(), host="127.0.0.1", request_timeout=2.0, log_level="WARNING")
+    server, _ = _serve(settings)
+    try:
+        dripping = socket.create_connection(("127.0.0.1", settings.port), timeout=10)
+        idle = socket.create_connection(("127.0.0.1", settings.port), timeout=10)
+        started = time.monotonic()
+        dripping.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        reply = b""
+        for line in range(20):  # a header line every 0.5 s, never the blank line that ends them
+            dripping.sendall(f"X-Slow-{line}: a\r\n".encode())
+            if select.select([dripping], [], [], 0.5)[0]:  # the server spoke: stop sending, read it
+                reply = dripping.recv(4096)
+                break
+        assert reply.startswith(b"HTTP/1.1 408"), reply
+        assert time.monotonic() - started < 8
+        assert idle.recv(1) == b""  # closed without a byte after CAR_REQUEST_TIMEOUT of silence
+        dripping.close()
+        idle.close()
+    finally:
+        _stop(server)
