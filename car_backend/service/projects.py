@@ -172,10 +172,12 @@ class Projects:
 
     def _check_size(self, label_config: str) -> int:
         """The config's size in bytes (UTF-8); RequestTooLarge above CAR_MAX_LABEL_CONFIG_BYTES."""
-        size = len(label_config.encode("utf-8", "surrogatepass"))
-        if size > self.settings.max_label_config_bytes:
-            raise RequestTooLarge(f"the label config is {size} bytes, more than CAR_MAX_LABEL_CONFIG_BYTES="
-                                  f"{self.settings.max_label_config_bytes}")
+        limit = self.settings.max_label_config_bytes
+        # every character is at least one byte: a config with too many characters is not encoded
+        size = len(label_config) if len(label_config) > limit else len(label_config.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise RequestTooLarge(f"the label config is {size} bytes or more, more than "
+                                  f"CAR_MAX_LABEL_CONFIG_BYTES={limit}")
         return size
 
     def _parse(self, label_config: str, extra_params: Any, calibration: Calibration | None,
