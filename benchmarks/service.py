@@ -2,7 +2,7 @@
 
 Everything is real except Label Studio, which is car_backend/testing/fake_label_studio.py (it records each
 prediction written into it and serves the images): Redis (REDIS_URL, else a database of its own on
-127.0.0.1:6379, else a private redis-server), `car-backend serve` (gunicorn) and `car-backend worker`
+127.0.0.1:6379, else a private redis-server), `car-backend serve` (waitress) and `car-backend worker`
 processes running the tiny random CLIP on CPU.
 
 Per run it prints throughput, p50/p95 latency (request start to the task's delivery, whether returned by

@@ -26,14 +26,14 @@ def _settings_epilog() -> str:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
-        help="run the Label Studio ML backend HTTP server (gunicorn)",
+        help="run the Label Studio ML backend HTTP server (waitress)",
         description="Serve the ML backend protocol (/health, /setup, /predict, /webhook, /versions, /metrics,"
-        " /status) with gunicorn. Without REDIS_URL, jobs run on an embedded worker process with an embedded "
+        " /status) with waitress. Without REDIS_URL, jobs run on an embedded worker process with an embedded "
         "Redis; with REDIS_URL, they go to the queue that `car-backend worker` processes serve.",
     )
-    p.add_argument("--host", help="address to bind (default: HOST or 0.0.0.0)")
+    p.add_argument("--host", help="address to bind (default: HOST or 127.0.0.1; another address needs BASIC_AUTH_USER/PASS)")
     p.add_argument("--port", type=int, help="port to listen on (default: PORT or 9090)")
-    p.set_defaults(handler=_run("car_backend.service.gunicorn", "main"))
+    p.set_defaults(handler=_run("car_backend.service.server", "main"))
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:

@@ -279,22 +279,39 @@ class Settings:
         metadata=_meta("CAR_MAX_REQUEST_BYTES", "Largest request body, in bytes; larger ones are answered 413 "
                        "before the body is read."),
     )
+    max_label_config_bytes: int = field(
+        default=256 * 1024,
+        metadata=_meta("CAR_MAX_LABEL_CONFIG_BYTES", "Largest label config accepted, in bytes (UTF-8); a larger one is "
+                       "refused (413) before it is parsed."),
+    )
     max_tasks: int = field(
         default=5000,
         metadata=_meta("CAR_MAX_TASKS", "Most tasks one /predict may carry (413 above it: select fewer tasks, or "
                        "use `car-backend prelabel --project`)."),
     )
     basic_auth_user: str = field(
-        default="", metadata=_meta("BASIC_AUTH_USER", "Require HTTP basic auth with this user (and BASIC_AUTH_PASS).")
+        default="",
+        metadata=_meta("BASIC_AUTH_USER", "Require HTTP basic auth with this user (and BASIC_AUTH_PASS) on every route "
+                       "but the bare /health probe and annotation webhooks; `serve` needs it on a non-loopback HOST."),
     )
     basic_auth_pass: str = field(
         default="", metadata=_meta("BASIC_AUTH_PASS", "Password for basic auth.", secret=True)
     )
-    host: str = field(default="0.0.0.0", metadata=_meta("HOST", "Address `car-backend serve` binds to."))
+    insecure_no_auth: bool = field(
+        default=False,
+        metadata=_meta("CAR_INSECURE_NO_AUTH", "`true` lets `car-backend serve` run on a non-loopback HOST without "
+                       "BASIC_AUTH_USER/PASS: anyone who reaches the port can then use every route (README Security)."),
+    )
+    host: str = field(
+        default="127.0.0.1",
+        metadata=_meta("HOST", "Address `car-backend serve` binds to; a non-loopback one needs BASIC_AUTH_USER/PASS "
+                       "(or CAR_INSECURE_NO_AUTH=true). The Docker image sets 0.0.0.0."),
+    )
     port: int = field(default=9090, metadata=_meta("PORT", "Port `car-backend serve` listens on."))
     http_threads: int = field(
         default=32,
-        metadata=_meta("CAR_HTTP_THREADS", "gunicorn threads serving HTTP (at least 8; models never load there)."),
+        metadata=_meta("CAR_HTTP_THREADS", "Threads running HTTP requests (waitress; at least 8; models never load "
+                       "there). Requests are read asynchronously, so slow clients hold no thread."),
     )
     predict_waiters: int = field(
         default=0,
@@ -304,7 +321,7 @@ class Settings:
     request_timeout: float = field(
         default=30.0,
         metadata=_meta("CAR_REQUEST_TIMEOUT", "Seconds a client may take to send one request, headers and body "
-                       "(from its first byte); slower ones get 408 and lose their thread."),
+                       "(from its first byte); slower ones get 408 and are disconnected."),
     )
     log_level: str = field(default="INFO", metadata=_meta("LOG_LEVEL", "Logging level.", LOG_LEVELS))
 
@@ -331,6 +348,7 @@ class Settings:
                 )
         for name in ("max_steps", "job_timeout", "max_image_pixels", "max_download_bytes", "port", "http_threads",
                      "download_timeout", "max_labels", "max_label_length", "max_request_bytes", "max_tasks",
+                     "max_label_config_bytes",
                      "fit_epochs", "fit_seconds", "head_width", "head_depth"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be a positive number, got {getattr(self, name)!r}")
@@ -416,6 +434,7 @@ def _parse(f: dataclasses.Field, setting: Setting, raw: str) -> Any:
         "float": float,
         "str": str,
         "tuple[str, ...]": lambda s: tuple(h.strip() for h in s.split(",") if h.strip()),
+        "bool": _boolean,
     }
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
@@ -425,6 +444,16 @@ def _parse(f: dataclasses.Field, setting: Setting, raw: str) -> Any:
     if setting.env in ("LOG_LEVEL",):
         value = value.upper()
     return value
+
+
+def _boolean(raw: str) -> bool:
+    """`true`/`false` (also 1/0, yes/no, on/off, any case); ValueError for anything else."""
+    lowered = raw.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 def settings_table() -> list[tuple[str, str, str]]:

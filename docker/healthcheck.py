@@ -3,7 +3,8 @@
 - A worker container (`car-backend worker ...` is process 1) is healthy while its heartbeat in Redis is
   recent: `car-backend worker --check` (with the same `--name` when one was given).
 - A server container is healthy when GET /health answers 200 on 127.0.0.1:$PORT (9090, or the `--port`
-  given), sending BASIC_AUTH_USER/BASIC_AUTH_PASS when they are set (the route requires them then).
+  given), sending BASIC_AUTH_USER/BASIC_AUTH_PASS when they are set (without them /health would answer only
+  UP/DEGRADED; wrong ones get 401, so a container with mismatched credentials shows unhealthy).
 
 Exit 0 when healthy, 1 otherwise, with one line saying why (never a password).
 """

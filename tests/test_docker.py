@@ -42,7 +42,7 @@ def test_the_server_health_check_works_with_basic_auth(service_settings):
         cmdline = ["/opt/venv/bin/python3", "/opt/venv/bin/car-backend", "serve", "--port", str(server.server_port)]
         assert check(cmdline, {"BASIC_AUTH_USER": "admin", "BASIC_AUTH_PASS": "pa:ss"}) == 0
         assert check(cmdline, {"BASIC_AUTH_USER": "admin", "BASIC_AUTH_PASS": "wrong"}) == 1
-        assert check(cmdline, {}) == 1  # without credentials the route answers 401
+        assert check(cmdline, {}) == 0  # without credentials the probe still answers (UP/DEGRADED only)
         assert check(["car-backend", "serve"], {"PORT": str(server.server_port), "BASIC_AUTH_USER": "admin",
                                                 "BASIC_AUTH_PASS": "pa:ss"}) == 0
     finally:
@@ -60,15 +60,47 @@ def test_a_worker_container_checks_its_own_heartbeat(service_settings, spawn_wor
     assert check(["/opt/venv/bin/car-backend", "worker", "--name", worker.name], env) == 1
 
 
+REQUIRED = {"REDIS_PASSWORD": "pw123", "BASIC_AUTH_USER": "operator", "BASIC_AUTH_PASS": "pa55"}
+
+
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
-def test_compose_is_valid_and_needs_a_redis_password():
+def test_compose_is_valid_and_needs_a_redis_password_and_credentials():
     compose = ["docker-compose", "-f", str(DOCKER / "docker-compose.yml"), "config"]
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_PASSWORD"}
-    good = subprocess.run(compose, env={**env, "REDIS_PASSWORD": "pw123"}, capture_output=True, text=True,
-                          timeout=60)
+    env = {k: v for k, v in os.environ.items() if k not in REQUIRED and k != "CAR_PUBLISH_ADDRESS"}
+    good = subprocess.run(compose, env={**env, **REQUIRED}, capture_output=True, text=True, timeout=60)
     assert good.returncode == 0, good.stderr
     assert "--requirepass" in good.stdout and "--appendonly" in good.stdout and "redis-data" in good.stdout
     assert "redis://:pw123@redis:6379/0" in good.stdout
     assert "worker" in good.stdout and "--check" in good.stdout
-    missing = subprocess.run(compose + ["-q"], env=env, capture_output=True, text=True, timeout=60)
-    assert missing.returncode != 0 and "REDIS_PASSWORD" in missing.stderr
+    for name in REQUIRED:
+        missing = subprocess.run(compose + ["-q"], env={**env, **{k: v for k, v in REQUIRED.items() if k != name}},
+                                 capture_output=True, text=True, timeout=60)
+        assert missing.returncode != 0 and name in missing.stderr
+
+
+def _compose() -> dict:
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+
+
+def test_compose_requires_credentials_like_the_redis_password():
+    server = _compose()["services"]["server"]
+    for name in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
+        assert server["environment"][name].startswith(f"${{{name}:?"), server["environment"][name]
+    assert "BASIC_AUTH" not in str(_compose()["services"]["worker"]["environment"])  # workers need none
+
+
+def test_compose_publishes_only_on_loopback_by_default():
+    for name, service in _compose()["services"].items():
+        for port in service.get("ports", []):
+            assert port.startswith(("${CAR_PUBLISH_ADDRESS:-127.0.0.1}:", "${CAR_REDIS_BIND:-127.0.0.1}:")), (name, port)
+
+
+def test_every_container_runs_as_a_non_root_user():
+    dockerfile = (DOCKER / "Dockerfile").read_text().splitlines()
+    users = [line.split()[1] for line in dockerfile if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    assert dockerfile.index(f"USER {users[-1]}") > max(i for i, line in enumerate(dockerfile) if line.startswith("RUN "))
+    for name, service in _compose()["services"].items():
+        built_here = service.get("image") == "car-backend:latest"
+        assert built_here or str(service.get("user", "root")).split(":")[0] not in ("root", "0"), name

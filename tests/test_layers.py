@@ -10,7 +10,7 @@ Order (a package may import only packages on lower floors; packages on one floor
              exports           COCO / PNG / YOLO / Label Studio exports, the review gallery
     floor 3: queue             Redis and RQ: key owners, results, delivery ledger, job queue, delivery
     floor 4: review            webhook events, corrections, calibration, mask-head training, review store
-    floor 5: service           Flask app, predictor, projects, metrics, gunicorn, prelabel, embedded worker
+    floor 5: service           Flask app, predictor, projects, metrics, server (waitress), prelabel, embedded worker
              worker            the worker process: its context (composition root), RQ entry points
     floor 6: cli, bench        entry points
              testing           the harness of tests and benchmarks (fake Label Studio, Redis, workers)

@@ -8,6 +8,7 @@ into pixels only against the image actually segmented.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -179,4 +180,14 @@ def _strings(raw: object) -> list[str]:
 
 
 def _numbers(value: dict, *keys: str) -> bool:
-    return all(isinstance(value.get(k), int | float) and not isinstance(value.get(k), bool) for k in keys)
+    """Whether every key holds a finite number (not a bool, NaN, infinity or an integer no float holds)."""
+    return all(_finite(value.get(k)) for k in keys)
+
+
+def _finite(number: object) -> bool:
+    if not isinstance(number, int | float) or isinstance(number, bool):
+        return False
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer too large for a float
+        return False

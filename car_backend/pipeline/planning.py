@@ -193,10 +193,12 @@ def typed_prompt(context: Any, config: ProjectConfig) -> list[str] | None:
     """Sentences typed into the config's TextArea, from an interactive /predict's `params.context`."""
     if not isinstance(context, dict) or not config.prompt_from_name:
         return None
+    regions = context.get("result")
     sentences = []
-    for item in context.get("result") or ():
-        if isinstance(item, dict) and item.get("from_name") == config.prompt_from_name:
-            text = (item.get("value") or {}).get("text") or ()
-            sentences.extend(s.strip() for s in ([text] if isinstance(text, str) else text)
+    for item in regions if isinstance(regions, list) else ():
+        if (isinstance(item, dict) and item.get("from_name") == config.prompt_from_name
+                and isinstance(item.get("value"), dict)):
+            text = item["value"].get("text")
+            sentences.extend(s.strip() for s in (text if isinstance(text, list) else [text])
                              if isinstance(s, str) and s.strip())
     return sentences or None

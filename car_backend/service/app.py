@@ -12,7 +12,15 @@
 
 The routes are one blueprint (service.routes); request bodies are parsed in service.parsing. No route
 loads model weights: jobs run in workers (or the embedded worker process), so /health and /setup stay fast
-while inference runs. With BASIC_AUTH_USER/PASS set, every route requires them.
+while inference runs.
+
+With BASIC_AUTH_USER/PASS set (required by `serve` on a non-loopback HOST unless CAR_INSECURE_NO_AUTH), every
+route requires them except two that Label Studio calls without them or that must answer a bare probe:
+`/health` without an Authorization header answers only {"status": "UP"|"DEGRADED"}, and `/webhook` accepts
+annotation events (Label Studio's project webhook carries no credentials; they are believed only for their
+ids) but not START_TRAINING. Wrong credentials are answered 401 on every route, /health included, so
+Label Studio's Connect Model says the credentials are wrong. Without credentials configured, every caller is
+trusted: that is why only a loopback bind or the explicit insecure setting allows it (`serve_refusal`).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from car_backend.service.backend import Backend
 from car_backend.service.metrics import Metrics
 from car_backend.service.parsing import RequestError, RequestTooLarge
 from car_backend.service.predictor import Predictor
-from car_backend.service.routes import EXTENSION, Service, blueprint, json_response
+from car_backend.service.routes import EXTENSION, Service, blueprint, json_response, unauthorized
 from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,9 +74,10 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
     @app.before_request
     def authenticate() -> Any:
         g.started = time.monotonic()
-        if settings.basic_auth_user and not _authorized(settings):
-            return json_response({"error": "authentication required"}, 401,
-                                 headers={"WWW-Authenticate": 'Basic realm="car-backend"'})
+        g.trusted = not settings.basic_auth_user or _authorized(settings)
+        anonymous = "Authorization" not in request.headers and request.endpoint in OPEN_ENDPOINTS
+        if not g.trusted and not anonymous:
+            return unauthorized()
         if (request.content_length or 0) > settings.max_request_bytes:  # refused before the body is read
             return json_response({"error": _too_large(settings, request.content_length)}, 413,
                                  headers={"Connection": "close"})
@@ -114,15 +123,35 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
     return app
 
 
+# Routes a caller without an Authorization header may reach while basic auth is on: the bare probe and
+# Label Studio's webhook events (the routes themselves refuse the rest: full /health, START_TRAINING).
+OPEN_ENDPOINTS = frozenset({"protocol.health", "protocol.webhook"})
+
+HOW_TO_AUTHENTICATE = (
+    "Set BASIC_AUTH_USER and BASIC_AUTH_PASS in car-backend's environment, and enter the same user and password "
+    "in Label Studio: project Settings > Model > Connect Model (or Edit), turn on \"Use basic auth\" and fill "
+    "in \"Basic auth user\" and \"Basic auth password\".")
+
+
+def serve_refusal(settings: Settings) -> str | None:
+    """Why `serve` must not start with these settings, or None: a non-loopback HOST without basic auth
+    credentials and without the explicit opt-out CAR_INSECURE_NO_AUTH=true."""
+    if settings.basic_auth_user or settings.insecure_no_auth or _is_loopback(settings.host):
+        return None
+    return (f"refusing to serve on {settings.host} (not loopback) without authentication: anyone who can reach "
+            f"this port could make the backend act with Label Studio's token. {HOW_TO_AUTHENTICATE} Or bind "
+            "HOST=127.0.0.1 (one machine), or accept an open server with CAR_INSECURE_NO_AUTH=true.")
+
+
 def exposure_warnings(settings: Settings) -> list[str]:
     """What is risky in how this server is exposed (shown at start and in /health): serving a non-loopback
-    address (HOST) without basic auth while LABEL_STUDIO_API_KEY is set."""
-    if not settings.label_studio_api_key or settings.basic_auth_user or _is_loopback(settings.host):
+    address (HOST) without basic auth (only possible with CAR_INSECURE_NO_AUTH=true)."""
+    if settings.basic_auth_user or _is_loopback(settings.host):
         return []
-    return [f"serving on {settings.host} (not loopback) without basic auth while LABEL_STUDIO_API_KEY is set: "
-            "anyone who can reach this port can make the backend act with Label Studio's token (write "
-            "predictions into tasks, trigger reviews). Set BASIC_AUTH_USER and BASIC_AUTH_PASS (and enter them "
-            "in Label Studio's model connection), or bind HOST=127.0.0.1."]
+    return [f"serving on {settings.host} (not loopback) without basic auth (CAR_INSECURE_NO_AUTH=true): anyone "
+            "who can reach this port can use every route: read /status, start trainings and, with "
+            f"LABEL_STUDIO_API_KEY, make the backend act with Label Studio's token. {HOW_TO_AUTHENTICATE} Or bind "
+            "HOST=127.0.0.1."]
 
 
 def _is_loopback(host: str) -> bool:

@@ -32,7 +32,7 @@ class PredictRequest:
     project: Any
     label_config: str
     tasks: list[dict]
-    context: Any  # params.context of an interactive call (None for a batch)
+    context: dict | None  # params.context of an interactive call (None for a batch), see interactive_context
 
 
 def json_object(body: Any) -> dict:
@@ -65,7 +65,21 @@ def predict_request(body: Any, max_tasks: int | None = None) -> PredictRequest:
     if not isinstance(label_config, str) or not label_config.strip():
         raise RequestError("the body needs the project's 'label_config'")
     params = body.get("params") if isinstance(body.get("params"), dict) else {}
-    return PredictRequest(body.get("project"), label_config, tasks, params.get("context"))
+    return PredictRequest(body.get("project"), label_config, tasks, interactive_context(params.get("context")))
+
+
+def interactive_context(context: Any) -> dict | None:
+    """An interactive call's `params.context` in the shape Label Studio sends, whatever arrived: a dict whose
+    `result` (when present) lists only region objects with an object `value`; anything else is ignored
+    (None: a batch call, or a region dropped), so no odd shape reaches the planners."""
+    if not isinstance(context, dict) or not context:
+        return None
+    regions = context.get("result")
+    if regions is None:
+        return context
+    kept = [region for region in regions if isinstance(region, dict) and isinstance(region.get("value"), dict)] \
+        if isinstance(regions, list) else []
+    return {**context, "result": kept}
 
 
 def webhook_body(body: Any) -> dict:

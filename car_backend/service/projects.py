@@ -5,7 +5,9 @@ A project is a `ProjectId`: this deployment's Label Studio (LABEL_STUDIO_URL), L
 project's creation stamp (from "<id>.<created>" on the wire, `created_at` in webhook payloads; a caller that
 gives the bare id gets the stamp last seen with it). The model version is computed from settings, the
 project's overrides, its calibration and its mask head only, never from loaded models, so /setup answers
-within milliseconds and /setup and /predict always agree. /predict does not carry `extra_params` (only
+within milliseconds and /setup and /predict always agree. A config longer than CAR_MAX_LABEL_CONFIG_BYTES
+is refused before anything is parsed or registered (RequestTooLarge, HTTP 413), and the parsed configs kept
+are bounded in number (CONFIG_CACHE_SIZE) and in the bytes of their sources (CONFIG_CACHE_BYTES). /predict does not carry `extra_params` (only
 /setup does), so the server remembers them per project, in memory and in Redis. A calibration
 (review.calibration) and a mask head (review.fit) are read from Redis at most every few seconds per project.
 """
@@ -27,11 +29,14 @@ from car_backend.pipeline.spec import Project
 from car_backend.pipeline.versions import model_version
 from car_backend.queue.projects import ProjectRegistry
 from car_backend.review.store import Calibration, FitStatus, ReviewStore
+from car_backend.service.parsing import RequestTooLarge
 from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
 CONFIG_CACHE_SIZE = 256
+# A parsed config takes about 8 times its source's bytes: 8 MiB of sources is about 70 MB of parsed configs.
+CONFIG_CACHE_BYTES = 8 * 1024 * 1024
 CALIBRATION_REFRESH_S = 5.0
 
 
@@ -51,7 +56,8 @@ class Projects:
         self.registry = registry
         self.review = review
         self._lock = threading.Lock()
-        self._parsed: OrderedDict[tuple, Project] = OrderedDict()
+        self._parsed: OrderedDict[tuple, tuple[Project, int]] = OrderedDict()  # digest -> (project, source bytes)
+        self._parsed_bytes = 0
         self._params: dict[ProjectId, Any] = {}
         self._calibrations: dict[ProjectId, tuple[float, Calibration | None]] = {}
         self._fits: dict[ProjectId, tuple[float, FitStatus | None]] = {}
@@ -89,6 +95,7 @@ class Projects:
 
     def setup(self, project: Any, label_config: str, extra_params: Any) -> Project:
         """Parse (or reuse) the config of a /setup call and remember its extra_params for /predict."""
+        self._check_size(label_config)
         return self.setup_project(self.identify(project), label_config, extra_params)
 
     def setup_project(self, pid: ProjectId | None, label_config: str, extra_params: Any) -> Project:
@@ -105,6 +112,7 @@ class Projects:
 
     def for_predict(self, project: Any, label_config: str) -> Project:
         """The config of a /predict call, with the extra_params its project's /setup sent."""
+        self._check_size(label_config)
         return self.for_project(self.identify(project), label_config)
 
     def for_project(self, pid: ProjectId | None, label_config: str) -> Project:
@@ -162,9 +170,21 @@ class Projects:
             self._params[pid] = params
         return params
 
+    def _check_size(self, label_config: str) -> int:
+        """The config's size in bytes (UTF-8); RequestTooLarge above CAR_MAX_LABEL_CONFIG_BYTES."""
+        limit = self.settings.max_label_config_bytes
+        # every character is at least one byte: a config with too many characters is not encoded
+        size = len(label_config) if len(label_config) > limit else len(label_config.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise RequestTooLarge(f"the label config is {size} bytes or more, more than "
+                                  f"CAR_MAX_LABEL_CONFIG_BYTES={limit}")
+        return size
+
     def _parse(self, label_config: str, extra_params: Any, calibration: Calibration | None,
                fit: FitStatus | None = None) -> Project:
-        """LabelConfigError propagates; parsed configs are kept by config hash, calibration and mask head."""
+        """LabelConfigError propagates, RequestTooLarge for a config over CAR_MAX_LABEL_CONFIG_BYTES; parsed
+        configs are kept by config hash, calibration and mask head."""
+        size = self._check_size(label_config)
         calibrated = calibration is not None and calibration.generation > 0
         thresholds = tuple(sorted(calibration.thresholds.items())) if calibrated else ()
         fit_generation, head = (fit.generation, fit.head) if fit is not None and fit.generation > 0 else (0, "")
@@ -173,15 +193,18 @@ class Projects:
         with self._lock:
             if digest in self._parsed:
                 self._parsed.move_to_end(digest)
-                return self._parsed[digest]
+                return self._parsed[digest][0]
         config = parse_label_config(label_config, extra_params)
         version = model_version(self.settings, config, calibration.generation if calibrated else 0,
                                 calibration.thresholds if calibrated else None, fit_generation, head)
         project = Project(config=config, version=version,
                           thresholds=thresholds, head=head)
         with self._lock:
-            self._parsed[digest] = project
-            while len(self._parsed) > CONFIG_CACHE_SIZE:
-                self._parsed.popitem(last=False)
+            if digest not in self._parsed:
+                self._parsed[digest] = (project, size)
+                self._parsed_bytes += size
+            while len(self._parsed) > 1 and (len(self._parsed) > CONFIG_CACHE_SIZE
+                                             or self._parsed_bytes > CONFIG_CACHE_BYTES):
+                self._parsed_bytes -= self._parsed.popitem(last=False)[1][1]
         return project
 

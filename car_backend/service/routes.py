@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -58,11 +59,27 @@ def json_response(body: dict, status: int = 200, headers: dict | None = None) ->
     return response
 
 
+def _json_body() -> Any:
+    """The request body as parsed JSON, None when it is not JSON; RequestError when it nests too deeply for
+    the JSON reader (a RecursionError, which must not become a 500)."""
+    try:
+        return request.get_json(force=True, silent=True)
+    except RecursionError:
+        raise RequestError("the body's JSON nests too deeply") from None
+
+
+def unauthorized() -> Response:
+    """HTTP 401 asking for basic auth (what Label Studio reports as wrong credentials)."""
+    return json_response({"error": "authentication required"}, 401,
+                         headers={"WWW-Authenticate": 'Basic realm="car-backend"'})
+
+
 @blueprint.get("/")
 @blueprint.get("/health")
 def health() -> Response:
     """A constant number of Redis calls (Backend.health); always 200 with JSON, which Label Studio accepts:
-    "UP", or "DEGRADED" with `warnings` (no live worker, Redis down) so it stays connected and recovers."""
+    "UP", or "DEGRADED" with `warnings` (no live worker, Redis down) so it stays connected and recovers.
+    A caller without credentials while basic auth is on (create_app) gets the status alone."""
     service = _service()
     body: dict[str, Any] = {"status": "UP", "model_class": "CaR", "model_version": service.default_version,
                             "mode": service.backend.mode, "warnings": list(service.warnings)}
@@ -81,13 +98,15 @@ def health() -> Response:
         if state.warnings:
             body["status"] = "DEGRADED"
     body["pending_failures"] = asdict(service.predictor.pending_failures.snapshot())  # answered pending: a setting or outage
+    if not g.trusted:  # versions, warnings and failures name tasks, hosts and files: not for anyone
+        return json_response({"status": body["status"]})
     return json_response(body)
 
 
 @blueprint.post("/setup")
 def setup() -> Response:
     service = _service()
-    parsed = setup_request(request.get_json(force=True, silent=True))
+    parsed = setup_request(_json_body())
     project = service.projects.setup(parsed.project, parsed.label_config, parsed.extra_params)
     config = project.config
     return json_response({
@@ -106,7 +125,7 @@ def setup() -> Response:
 @blueprint.post("/predict")
 def predict() -> Response:
     service = _service()
-    parsed = predict_request(request.get_json(force=True, silent=True), service.settings.max_tasks)
+    parsed = predict_request(_json_body(), service.settings.max_tasks)
     project = service.projects.for_predict(parsed.project, parsed.label_config)
     entries = service.predictor.predict(parsed.tasks, project, context=parsed.context)
     kinds = [("result" in e) for e in entries]
@@ -118,9 +137,11 @@ def predict() -> Response:
 @blueprint.post("/webhook")
 def webhook() -> Response:
     service = _service()
-    body = webhook_body(request.get_json(force=True, silent=True))
+    body = webhook_body(_json_body())
     action = body.get("action")
     if action == TRAINING_ACTION:
+        if not g.trusted:  # Label Studio sends it through its ML API, with the connection's credentials
+            return unauthorized()
         return _start_training(service, body)
     if action not in REVIEWED_ACTIONS:
         log.debug("/webhook: %s (ignored)", action)
@@ -142,12 +163,29 @@ def webhook() -> Response:
 
 
 TRAINING_ACTION = "START_TRAINING"
+MAX_ID_DIGITS = 12  # project ids and creation stamps; a longer "id" would key Redis state and metrics labels
+_WIRE_PROJECT = re.compile(rf"[0-9]{{1,{MAX_ID_DIGITS}}}(\.[0-9]{{1,{MAX_ID_DIGITS}}})?")
+
+
+def _valid_project(project: Any) -> bool:
+    """A START_TRAINING `project`: Label Studio's project object with an integer id, or a wire id
+    ("<id>" or "<id>.<created>", digits only, each part at most MAX_ID_DIGITS long)."""
+    if isinstance(project, dict):
+        pid, created = project.get("id"), project.get("created_at")
+        return (isinstance(pid, int) and not isinstance(pid, bool) and 0 <= pid < 10 ** MAX_ID_DIGITS
+                and (created is None or (isinstance(created, str) and len(created) <= 64)))
+    if isinstance(project, int) and not isinstance(project, bool):
+        return 0 <= project < 10 ** MAX_ID_DIGITS
+    return isinstance(project, str) and _WIRE_PROJECT.fullmatch(project) is not None
 
 
 def _start_training(service: Service, body: dict) -> Response:
     """"Start Training" (or N annotations): queue a training of the project's mask head from the corrected
     tasks the review store already holds (nothing is read from the payload but the project id)."""
     project = body.get("project")
+    if not _valid_project(project):
+        raise RequestError("START_TRAINING needs a 'project' object with an integer 'id' (or a project id of at "
+                           f"most {MAX_ID_DIGITS} digits)")
     pid = service.projects.identify_api(project) if isinstance(project, dict) else service.projects.identify(project)
     if pid is None:
         raise RequestError("START_TRAINING needs a 'project' object with an 'id'")

@@ -333,7 +333,7 @@ def test_embedded_mode_runs_jobs_in_process(service_settings, fake_ls, task_ids)
         backend.close()
 
 
-def test_serve_runs_gunicorn_with_the_embedded_worker(fake_ls, service_settings, task_ids):
+def test_serve_runs_waitress_with_the_embedded_worker(fake_ls, service_settings, task_ids):
     import requests
 
     from tests.support.redis import free_port

@@ -188,7 +188,7 @@ def _running(pid: int) -> bool:
 
 
 def _serve(settings) -> tuple:
-    """`car-backend serve` (real gunicorn) with `settings` on 127.0.0.1; (process, base URL) once /health answers."""
+    """`car-backend serve` (real waitress) with `settings` on 127.0.0.1; (process, base URL) once /health answers."""
     import subprocess
     import sys
 
@@ -232,7 +232,7 @@ def _slow_body(base: str, path: str, results: list, drip_s: float = 0.5, bytes_t
 @pytest.mark.integration
 def test_health_and_setup_answer_under_waiting_predicts_and_slow_clients(service_settings, spawn_worker, fake_ls,
                                                                          task_ids):
-    """Real gunicorn: 10 /predict calls waiting on slow jobs (6 allowed to wait), 8 clients dripping their
+    """Real server (waitress): 10 /predict calls waiting on slow jobs (6 allowed to wait), 8 clients dripping their
     bodies; /health and /setup answer within Label Studio's timeouts all along, the slow clients get 408."""
     import threading
 

@@ -238,11 +238,13 @@ def test_basic_auth_guards_every_route(service_settings, make_client):
     good = {"Authorization": "Basic " + base64.b64encode(b"ls:s3cret").decode()}
     bad = {"Authorization": "Basic " + base64.b64encode(b"ls:wrong").decode()}
     for method, path in [("get", "/"), ("get", "/health"), ("post", "/setup"), ("post", "/predict"),
-                         ("post", "/webhook"), ("get", "/versions"), ("get", "/metrics")]:
-        for headers in ({}, bad):
+                         ("post", "/webhook"), ("get", "/versions"), ("get", "/metrics"), ("get", "/status")]:
+        # without any header: the bare probe and annotation events only (tests/service/test_auth.py)
+        for headers in ({}, bad) if path not in ("/", "/health", "/webhook") else (bad,):
             resp = getattr(client, method)(path, headers=headers, json={})
             assert resp.status_code == 401, path
             assert resp.headers["WWW-Authenticate"].startswith("Basic")
+    assert client.get("/health").get_json() in ({"status": "UP"}, {"status": "DEGRADED"})
     assert client.get("/health", headers=good).status_code == 200
     assert client.post("/setup", headers=good, json={"schema": BRUSH}).status_code == 200
 
