@@ -299,13 +299,6 @@ class LabelStudioClient:
             raise LabelStudioAPIError(f"Label Studio answered {what} with a body that is not JSON", retryable=True) from None
 
 
-def task_strings(task: dict) -> set[str]:
-    """The string values of a task's `data` as Label Studio stores it: where its image references are, to
-    check that a task read back holds the image a prediction was made for."""
-    data = task.get("data") if isinstance(task.get("data"), dict) else {}
-    return {v for v in data.values() if isinstance(v, str)}
-
-
 def prediction_versions(task: dict) -> set[str]:
     """The model versions of the predictions a task (from GET /api/tasks?fields=all) already has."""
     versions = {p.get("model_version") for p in task.get("predictions") or () if isinstance(p, dict)}

@@ -7,6 +7,7 @@ import time
 from redis import Redis
 
 from car_backend.labelstudio.client import LabelStudioClient
+from car_backend.labelstudio.config import config_hash
 from car_backend.pipeline.identity import ProjectId, instance_of
 from car_backend.pipeline.spec import JobResult
 from car_backend.queue.delivery import Deliverer, stage_ready
@@ -30,7 +31,8 @@ def world(redis_url, ls, task_ids, n, project=None, **overrides):
     image = f"{ls.url}/img/{ids[0]}.png"
     ls.add_project(project.id, "<View/>", [{"id": t, "data": {"image": image}} for t in ids], created=CREATED)
     state.results.put(key, JobResult(ok=True, regions=[REGION], score=0.5))
-    records = [LateRecord(t, VERSION, (key,), project, (image,)) for t in ids]
+    records = [LateRecord(t, VERSION, (key,), project, (image,), config=config_hash("<View/>"),
+                          sources=(("image", image),)) for t in ids]
     state.ledger.register_late(records)
     deliverer = Deliverer(state.ledger, state.results, state.stats, LabelStudioClient(settings, settings.ls_timeout),
                           settings, owner="test-worker")
