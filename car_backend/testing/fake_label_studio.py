@@ -129,6 +129,7 @@ class FakeLabelStudio:
         self.routes: dict[str, Reply | Callable[[], Reply]] = {}
         self.annotations: dict[int, dict] = {}  # GET /api/annotations/<id>/ (add_annotation)
         self.annotation_reads: Counter = Counter()  # id as requested -> reads
+        self.task_list_reads: Counter = Counter()  # task id -> reads of the task list filtered on it
         self.protected: set[str] = set()
         self.seen: list[Seen] = []
         self.refreshes = 0
@@ -379,6 +380,11 @@ class FakeLabelStudio:
             return _json(404, {"detail": "Not found."})
         page, size = _int(args.get("page"), 1), _int(args.get("page_size"), 100)
         everything = found["tasks"]
+        wanted = _id_filter(args.get("query"))
+        if wanted is not None:  # the Data Manager's filter on the task id
+            with self.lock:
+                self.task_list_reads[wanted] += 1
+            everything = [t for t in everything if t["id"] == wanted]
         chunk = everything[(page - 1) * size: page * size]
         if page > 1 and not chunk:
             return _json(404, {"detail": "Invalid page."})
@@ -456,6 +462,16 @@ def _object(body: bytes) -> dict:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _id_filter(query: str | None) -> int | None:
+    """The task id a Data Manager `query` filters on (`filter:tasks:id` equal), if any."""
+    try:
+        items = json.loads(query)["filters"]["items"] if query else []
+    except (ValueError, KeyError, TypeError):
+        return None
+    found = [i.get("value") for i in items if isinstance(i, dict) and i.get("filter") == "filter:tasks:id"]
+    return found[0] if found and isinstance(found[0], int) else None
 
 
 def _int(text: str | None, default: int | None = None) -> int | None:
