@@ -236,7 +236,9 @@ class Settings:
     )
     allowed_hosts: tuple[str, ...] = field(
         default=(),
-        metadata=_meta("CAR_ALLOWED_HOSTS", "Comma-separated hosts besides Label Studio's that images may come from."),
+        metadata=_meta("CAR_ALLOWED_HOSTS", "Comma-separated hosts at loopback or private addresses (besides "
+                                            "Label Studio's) that images may come from; public hosts are fetched "
+                                            "without being listed, never with Label Studio's token."),
     )
     max_image_pixels: int = field(
         default=50_000_000, metadata=_meta("CAR_MAX_IMAGE_PIXELS", "Largest image accepted, in pixels.")
