@@ -275,8 +275,9 @@ class MediaFetcher:
                 hint = ("set LABEL_STUDIO_API_KEY" if self._auth is None
                         else "Label Studio refused LABEL_STUDIO_API_KEY")
                 raise MediaError(f"{shown}: not given by Label Studio; {hint}", retryable=True)
+            # 403 stays retryable (granting LABEL_STUDIO_API_KEY's user access fixes it), 404/410 do not.
             raise MediaError(f"{shown}: not given by Label Studio (no such file, or LABEL_STUDIO_API_KEY's user "
-                             "may not read it)", retryable=False)
+                             "may not read it)", retryable=code == 403)
         if code in (408, 425, 429) or code >= 500:
             raise MediaError(f"{where} (temporary)", retryable=True)
         raise MediaError(f"{where}{' (not found)' if code in (404, 410) else ''}", retryable=False)

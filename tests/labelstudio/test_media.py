@@ -238,7 +238,7 @@ def test_local_paths_only_when_allowed(tmp_path):
     [
         (Reply(404), True, "not given by Label Studio"),
         (Reply(410), True, "not given by Label Studio"),
-        (Reply(403), True, "not given by Label Studio"),
+        (Reply(403), False, "not given by Label Studio"),
         (Reply(400), True, "HTTP 400"),
         (Reply(500), False, "HTTP 500"),
         (Reply(503), False, "HTTP 503"),
