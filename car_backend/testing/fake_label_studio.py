@@ -16,14 +16,15 @@ Routes, in this order:
    `protected` need authorization (else 401), as Label Studio's /data/upload/ does.
 2. The recorded API (always authorized): POST /api/predictions/ (recorded in `predictions`),
    GET /api/projects/<id>/, GET /api/annotations/<id>/ (`add_annotation`), GET /api/ml/?project=, GET /api/tasks/?project=&page=&page_size= (paginated,
-   with the recorded predictions). `add_project` sets a project's label config, tasks and extra params.
+   with the recorded predictions; a `query` with the Data Manager's `filter:tasks:id` filter narrows it to
+   that task, counted in `task_list_reads`). `add_project` sets a project's label config, tasks and extra params.
    Delivery (in `_delivery_api`): GET /api/tasks/<id>/ (a task added with `add_project`/`add_tasks`, with
    its recorded predictions), POST /api/projects/<id>/import/predictions (a list of predictions; 404 while
    `bulk_missing`); `prediction_counts()` counts stored predictions per (task, model_version).
    Faults: `go_down(seconds, mode)` makes every /api/ request answer 503 (mode "503") or drop the
    connection (mode "refuse") for a while; `slow_first_writes = seconds` stores each task's first write,
    then answers it that late (after the client's timeout); `faults_served` counts requests that met one.
-3. Images, unauthenticated (same origin, so the media fetcher sends the key): /img/<name> (a picture derived
+3. Images, unauthenticated (same origin, but not a media path: the media fetcher sends no key): /img/<name> (a picture derived
    from the name), /slow/<seconds>/<name> (answers late), /flaky/<n>/<name> (HTTP 503 the first n times),
    /bad/<name> (bytes that are no image). `hits` counts requests per "img/<name>", "slow/<name>", ...
 4. Anything else: 404.
