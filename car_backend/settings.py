@@ -244,7 +244,9 @@ class Settings:
     )
     allowed_hosts: tuple[str, ...] = field(
         default=(),
-        metadata=_meta("CAR_ALLOWED_HOSTS", "Comma-separated hosts besides Label Studio's that images may come from."),
+        metadata=_meta("CAR_ALLOWED_HOSTS", "Comma-separated hosts at loopback or private addresses (besides "
+                                            "Label Studio's) that images may come from; public hosts are fetched "
+                                            "without being listed, never with Label Studio's token."),
     )
     local_files_document_root: str = field(
         default="",

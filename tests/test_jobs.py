@@ -78,3 +78,23 @@ def test_a_job_an_older_version_queued_is_failed_and_the_worker_goes_on(redis, r
         assert old_id in queue.batch.failed_job_registry.get_job_ids()
         assert any(old_id in r.getMessage() for r in caplog.records if r.name == "car_backend.queue.jobqueue")
     assert queue.batch.count == 0 and redis.llen(queue.batch.intermediate_queue_key) == 0
+
+
+def test_a_raw_rq_job_naming_any_other_function_is_failed_by_a_worker_process_not_run(redis, redis_url, tmp_path,
+                                                                                        spawn_worker):
+    """Black box: whoever can write to Redis queues `os.system` with plain RQ; a real `car-backend worker
+    --burst` fails it with a log line and never runs it."""
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    settings = tiny_settings(redis_url=redis_url, queue=f"raw-{uuid.uuid4().hex[:8]}")
+    proof = tmp_path / "ran"
+    queue = JobQueue(settings, redis, RedisState.on(redis, settings).locks)
+    raw = Queue(queue.batch.name, connection=redis, serializer=JSONSerializer)
+    job = raw.enqueue_call("os.system", args=(f"touch {proof}",), failure_ttl=600)
+    worker = spawn_worker(settings, burst=True, wait=False)
+    assert worker.proc.wait(120) == 0, worker.output()
+    assert not proof.exists()
+    assert queue.statuses([job.id]) == [JobStatus.FAILED]
+    assert job.id in queue.batch.failed_job_registry.get_job_ids()
+    assert job.id in worker.output() and "os.system" in worker.output()

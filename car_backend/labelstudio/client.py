@@ -256,6 +256,21 @@ class LabelStudioClient:
             raise LabelStudioAPIError(f"Label Studio answered GET {path} with no annotation object", retryable=False)
         return found
 
+    def project_task(self, project_id: int, task_id: int) -> dict | None:
+        """Task `task_id` as project `project_id` holds it (`id`, `data`), or None when the project has no such
+        task. Read through the project's task list (GET /api/tasks/?project=, the Data Manager's filter on the
+        id), which unlike GET /api/tasks/<id>/ does not make Label Studio call this backend's /predict for a
+        task without predictions (protocol spec 1.2; except with the deprecated
+        evaluate_predictions_automatically)."""
+        only = {"filters": {"conjunction": "and", "items": [{"filter": "filter:tasks:id", "operator": "equal",
+                                                              "type": "Number", "value": int(task_id)}]},
+                "selectedItems": {"all": False, "included": [int(task_id)]}}
+        body = self._json("GET", "/api/tasks/", params={"project": int(project_id), "fields": "task_only",
+                                                        "page": 1, "page_size": 1, "query": json.dumps(only)})
+        tasks = body.get("tasks", []) if isinstance(body, dict) else body
+        found = [t for t in tasks or () if isinstance(t, dict) and t.get("id") == int(task_id)]
+        return found[0] if found else None
+
     def ml_backends(self, project_id: int) -> list[dict]:
         found = self._json("GET", "/api/ml/", params={"project": project_id})
         return found if isinstance(found, list) else []
@@ -297,13 +312,6 @@ class LabelStudioClient:
             return resp.json()
         except ValueError:
             raise LabelStudioAPIError(f"Label Studio answered {what} with a body that is not JSON", retryable=True) from None
-
-
-def task_strings(task: dict) -> set[str]:
-    """The string values of a task's `data` as Label Studio stores it: where its image references are, to
-    check that a task read back holds the image a prediction was made for."""
-    data = task.get("data") if isinstance(task.get("data"), dict) else {}
-    return {v for v in data.values() if isinstance(v, str)}
 
 
 def prediction_versions(task: dict) -> set[str]:

@@ -5,15 +5,18 @@ Task data is sent raw (protocol spec §4):
   paths (`/storage-data/...`, `/tasks/...`): relative to LABEL_STUDIO_URL, fetched with LABEL_STUDIO_API_KEY;
 - `s3://`, `gs://`, `azure-blob://` URIs: Label Studio presigns them at
   `/tasks/<task id>/presign/?fileuri=<urlsafe base64>` and redirects or proxies;
-- `http(s)://` URLs: Label Studio's own origin (scheme, host, port) gets the key; other hosts only when
-  listed in CAR_ALLOWED_HOSTS (`host`, `host:port`, `*.domain` or `*`), and never the key;
+- `http(s)://` URLs: Label Studio's own origin (scheme, host, port) gets the key, and only for its media
+  paths (`urlsafety.ls_media_path`, after percent-decoding); its API and paths with dot segments or encoded
+  slashes are refused whoever sent the task (`urlsafety.ls_refused_path`); its other paths are fetched
+  without the key. Other hosts: public addresses always, loopback and private ones only when listed in
+  CAR_ALLOWED_HOSTS (`host`, `host:port`, `*.domain`), and never the key;
 - local paths and `file://` URLs, only for a fetcher made with `allow_local_files=True` (offline prelabel).
 
 Every URL, and every redirect hop, goes through `labelstudio.urlsafety`: read strictly (hostile spellings
 refused), its host checked and resolved once, and the connection made to the checked address (see that
-module for the address policy). Redirects are followed by hand, at most five: a hop from Label Studio may
-go to any public host (that is how presigned cloud URLs arrive), any other hop only to an allowed host, and
-once a hop has left Label Studio the key is never sent again. The whole fetch ends by
+module for the address policy). Redirects are followed by hand, at most five: each hop is judged like a
+task's URL (public hosts, or loopback and private ones that are listed; that is how presigned cloud URLs
+arrive), and once a hop has left Label Studio the key is never sent again. The whole fetch ends by
 CAR_DOWNLOAD_TIMEOUT, enforced on the socket before every read.
 """
 
@@ -45,9 +48,12 @@ from car_backend.labelstudio.urlsafety import (
     check_characters,
     check_target,
     host_listed,
+    ls_media_path,
+    ls_refused_path,
     normalize_patterns,
     parse_url,
     read_body,
+    redact,
     shown_raw,
     system_resolver,
 )
@@ -69,11 +75,12 @@ class MediaError(CarError):
     not found, a reference that is no URL) and True when it may (network error, timeout, 5xx, Label Studio
     refusing or missing credentials, a host not in CAR_ALLOWED_HOSTS, larger than CAR_MAX_DOWNLOAD_BYTES or
     CAR_MAX_IMAGE_PIXELS: fixing the configuration makes the retry succeed). The message never holds a token.
-    `retryable` must be given: a non-retryable failure becomes a permanent empty prediction.
+    `retryable` must be given: a non-retryable failure becomes a permanent empty prediction. URL credentials
+    in the message (userinfo, signed query strings) are redacted (`urlsafety.redact`).
     """
 
     def __init__(self, message: str, *, retryable: bool):
-        super().__init__(message, retryable=retryable)
+        super().__init__(redact(message), retryable=retryable)
 
 
 class MediaFetcher:
@@ -99,9 +106,11 @@ class MediaFetcher:
         self._resolver = resolver
         self._ls_url = settings.label_studio_url.rstrip("/")
         try:
-            self._ls_origin = parse_url(self._ls_url).origin if self._ls_url else None
+            site = parse_url(self._ls_url) if self._ls_url else None
         except UnsafeURL as exc:
             raise MediaError(f"LABEL_STUDIO_URL cannot be used: {exc}", retryable=True) from None  # a setting
+        self._ls_origin = site.origin if site is not None else None
+        self._ls_prefix = site.request_target.split("?", 1)[0].rstrip("/") if site is not None else ""
         self._auth = (
             shared_auth(self._ls_url, settings.label_studio_api_key)
             if self._ls_url and settings.label_studio_api_key
@@ -142,7 +151,8 @@ class MediaFetcher:
             return self._download(self._ls_path_url(ref), deadline)
         if self.allow_local_files or Path(ref).is_absolute():
             return self._read_local(ref)
-        raise MediaError(f"cannot fetch {ref[:200]!r}: not a URL, a Label Studio path or a cloud URI", retryable=False)
+        raise MediaError(f"cannot fetch {shown_raw(ref)}: not a URL, a Label Studio path or a cloud URI",
+                         retryable=False)
 
     def _ls_path_url(self, ref: str) -> str:
         if ref.startswith("upload/") or ref.startswith("/upload/"):
@@ -180,17 +190,19 @@ class MediaFetcher:
     def _download(self, url: str, deadline: Deadline) -> bytes:
         target = _parsed(url)
         trusted = self._is_ls(target)  # every hop so far was Label Studio's own
-        vouched = False  # the previous hop was Label Studio, which may redirect to any public host
         for _ in range(MAX_REDIRECTS + 1):
             is_ls = self._is_ls(target)
+            if is_ls and ls_refused_path(target.request_target, self._ls_prefix):
+                raise MediaError(f"{target.shown()}: not one of Label Studio's media paths (uploads, local files, "
+                                 "storage data, presign); its API and paths with dot segments or encoded slashes "
+                                 "are never fetched", retryable=False)
             listed = is_ls or host_listed(target.host, target.port, self._allowed)
-            verdict = self._check(target, listed, vouched or "*" in self._allowed)
-            send_auth = is_ls and trusted
+            verdict = self._check(target, listed)
+            send_auth = is_ls and trusted and ls_media_path(target.request_target, self._ls_prefix)
             resp = self._get(target, verdict, send_auth, deadline)
             location = resp.headers.get("location")
             if resp.status in REDIRECT_STATUSES and location:
                 _finish(resp, complete=False)
-                vouched = send_auth
                 trusted = trusted and is_ls
                 target = _redirected(target, location)
                 continue
@@ -204,9 +216,10 @@ class MediaFetcher:
                 _finish(resp, complete)
         raise MediaError(f"{target.shown()}: more than {MAX_REDIRECTS} redirects", retryable=False)
 
-    def _check(self, target: Target, listed: bool, wildcard: bool) -> Verdict:
+    def _check(self, target: Target, listed: bool) -> Verdict:
+        """Public addresses of any host pass; loopback and private ones only for `listed` hosts."""
         try:
-            return check_target(target, trusted=listed, wildcard=wildcard, resolver=self._resolver)
+            return check_target(target, trusted=listed, wildcard=True, resolver=self._resolver)
         except UnsafeURL as exc:
             raise MediaError(str(exc), retryable=exc.retryable) from None
         except OSError as exc:
@@ -254,13 +267,17 @@ class MediaFetcher:
                 raise MediaError(f"{shown}: got an HTML page, not an image{hint}", retryable=from_ls)
             return
         where = f"{shown}: HTTP {code}"
-        if code in (401, 403) and self._is_ls(target):
-            hint = (
-                "set LABEL_STUDIO_API_KEY"
-                if self._auth is None
-                else "Label Studio refused LABEL_STUDIO_API_KEY or its user may not read this file"
-            )
-            raise MediaError(f"{where}; {hint}", retryable=True)
+        if self._is_ls(target) and code in (401, 403, 404, 410):
+            # The caller is told only that Label Studio did not give the file: which of its objects exist
+            # (403 against 404) stays in the server's log.
+            log.warning("Label Studio answered HTTP %s for %s", code, shown)
+            if code == 401:
+                hint = ("set LABEL_STUDIO_API_KEY" if self._auth is None
+                        else "Label Studio refused LABEL_STUDIO_API_KEY")
+                raise MediaError(f"{shown}: not given by Label Studio; {hint}", retryable=True)
+            # 403 stays retryable (granting LABEL_STUDIO_API_KEY's user access fixes it), 404/410 do not.
+            raise MediaError(f"{shown}: not given by Label Studio (no such file, or LABEL_STUDIO_API_KEY's user "
+                             "may not read it)", retryable=code == 403)
         if code in (408, 425, 429) or code >= 500:
             raise MediaError(f"{where} (temporary)", retryable=True)
         raise MediaError(f"{where}{' (not found)' if code in (404, 410) else ''}", retryable=False)

@@ -12,7 +12,14 @@ per hop (no rebinding between check and connect).
 Address policy (`address_risk`): link-local (169.254/16, fe80::/10, which hold cloud metadata services),
 known metadata addresses, multicast, unspecified, reserved and broadcast addresses are never fetched;
 loopback, private (RFC 1918, fc00::/7, 100.64/10, fec0::/10) only when the host is Label Studio's own or
-listed by name in CAR_ALLOWED_HOSTS (`*` admits public hosts only).
+listed by name in CAR_ALLOWED_HOSTS; public addresses of any host are fetched (without Label Studio's token).
+
+Label Studio's token goes only to its media paths (`ls_media_path`: uploads, local files, storage data,
+task presign/resolve), judged after percent-decoding; `ls_refused_path` names the paths of Label Studio's
+origin that are never fetched at all (its API, dot segments, encoded slashes).
+
+`redact` is the one function that makes a URL (or a message holding URLs) fit to show or store for
+display: userinfo and the values of credential query parameters (signatures, tokens) become `***`.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import urllib3
 from requests.utils import requote_uri
@@ -57,7 +65,7 @@ class UnsafeURL(CarError):
     CAR_ALLOWED_HOSTS): the operator listing the host fixes it; the URL's form or a forbidden address never."""
 
     def __init__(self, message: str, *, by_setting: bool = False):
-        super().__init__(message, retryable=by_setting)
+        super().__init__(redact(message), retryable=by_setting)
 
 
 @dataclass(frozen=True)
@@ -84,14 +92,70 @@ class Target:
         return f"{self.scheme}://{self.host_header}{self.request_target}"
 
     def shown(self, with_query: bool = False) -> str:
-        """The URL for a message: without its query (presigned signatures) unless `with_query`."""
+        """The URL for a message: without its query (presigned signatures) unless `with_query`; redacted."""
         target = self.request_target if with_query else self.request_target.split("?", 1)[0]
-        return f"{self.scheme}://{self.host_header}{target}"[:300]
+        return redact(f"{self.scheme}://{self.host_header}{target}")[:300]
 
 
 def shown_raw(url: str) -> str:
-    """An unparsed (possibly hostile) URL for a message: query dropped, escapes visible, bounded."""
-    return ascii(url.split("?", 1)[0][:200])
+    """An unparsed (possibly hostile) URL for a message: query dropped, userinfo redacted, escapes visible,
+    bounded."""
+    return ascii(redact(url.split("?", 1)[0][:200]))
+
+
+# Userinfo (`//user:password@`) and credential query parameters: AWS/GCS/Azure/CloudFront signatures,
+# tokens, keys, passwords.
+_USERINFO = re.compile(r"(//)[^/?#\s@]*@")
+_SECRET_PARAM = re.compile(
+    r"([?&;])((?:[^=&#\s]*(?:signature|token|secret|password|credential|passwd)[^=&#\s]*"
+    r"|sig|key|api_?key|auth|policy|key-pair-id|googleaccessid|pass|pwd)=)([^&#\s]*)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` (a URL, or a message holding URLs) with the userinfo of every URL and the values of credential
+    query parameters (X-Amz-Signature, Signature, sig, token, key, ...) replaced by `***`; what is shown or
+    stored for display (messages, logs, /status, pending reasons in Redis) goes through it."""
+    return _SECRET_PARAM.sub(r"\1\2***", _USERINFO.sub(r"\1***@", text))
+
+
+# Label Studio 1.23.2's media paths (protocol spec section 4), under its URL prefix: uploads, local files,
+# storage data, and the task/project presign and resolve proxies.
+_LS_MEDIA = re.compile(r"^/(data/upload/.|data/local-files/?$|storage-data/.|(tasks|projects)/[0-9]+/(presign|resolve)/?$)")
+
+
+def _decoded_path(request_target: str, base_path: str) -> str | None:
+    """The path of `request_target` relative to Label Studio's URL prefix `base_path`, percent-decoded until
+    stable; None when it has dot segments or encoded slashes (read differently by different servers) or lies
+    outside the prefix."""
+    raw = request_target.split("?", 1)[0]
+    if re.search(r"%(25)*2f|%(25)*5c", raw, re.IGNORECASE):
+        return None
+    path = raw
+    for _ in range(4):
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return None
+    prefix = base_path.rstrip("/")
+    if prefix and not (path == prefix or path.startswith(prefix + "/")):
+        return None
+    return path[len(prefix):] or "/"
+
+
+def ls_media_path(request_target: str, base_path: str = "") -> bool:
+    """Whether `request_target` (path and query, as sent to Label Studio's origin) is one of Label Studio's
+    media paths under its URL prefix `base_path`: the only requests that carry its Authorization."""
+    path = _decoded_path(request_target, base_path)
+    return path is not None and bool(_LS_MEDIA.match(path))
+
+
+def ls_refused_path(request_target: str, base_path: str = "") -> bool:
+    """Whether a request to Label Studio's origin must not be made at all: its API (`/api/`, any case), or a
+    path with dot segments, encoded slashes or outside its prefix, whose meaning a server may read otherwise."""
+    path = _decoded_path(request_target, base_path)
+    return path is None or path.lower().startswith("/api/") or path.lower() == "/api"
 
 
 def check_characters(url: str) -> None:

@@ -38,6 +38,7 @@ class TaskPlan:
     # A problem a setting decides (CAR_MAX_LABELS, CAR_MAX_LABEL_LENGTH): no job now, and the task is answered
     # pending with this reason (never an empty prediction), so raising the limit predicts it on the next ask.
     pending: str | None = None
+    sources: list[tuple[str, str]] = field(default_factory=list)  # (task-data key, image) of each spec
 
     @property
     def keys(self) -> list[str]:
@@ -105,6 +106,7 @@ def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str
             polygon_tolerance=settings.polygon_tolerance, score=settings.score,
             focus=focus_of(request, request.label if request else None), thresholds=project.thresholds,
             head=project.head))
+        plan.sources.append((data_key, ref.strip()))
     if not plan.specs and limited and not problems:
         plan.pending = "; ".join(limited)
     elif not plan.specs:

@@ -138,3 +138,4 @@ class Project:
     thresholds: tuple[tuple[str, float], ...] = ()  # calibrated preset values for every run of the project
     project: ProjectId | None = None  # which project of which Label Studio (from /predict's "project"), if known
     head: str = ""  # the adopted mask head's reference (JobSpec.head: sha256 of its weights), "" for none
+    label_hash: str = ""  # labelstudio.config.config_hash of the label config alone: late writes check it

@@ -9,9 +9,12 @@ its job keys (queue.ledger). When its last job finishes, `stage_ready` moves it 
 2. each task's delivery claim is taken (TaskState.WRITING, owner "deliver:<name>"), or taken over from a
    deliverer that died: /predict never answers a task while its write is in flight; a record whose task now
    holds a newer model_version is superseded and never written;
-3. each task is read back (GET /api/tasks/<id>/): it is written only when it belongs to the project whose
-   config planned the job and its data holds the predicted image (else dropped, logged, counted as
-   `deliveries:refused`); a task that already has a prediction of this model_version (an earlier write
+3. the project's label config is read from Label Studio (GET /api/projects/<id>/, once per project per
+   round) and each task is read back (GET /api/tasks/<id>/): a record is written only when that config
+   hashes to the one that planned its jobs (`LateRecord.config`), the task belongs to that project and its
+   data holds each predicted image under the key the config's Image names (else dropped, logged without
+   URLs, counted as `deliveries:refused`): what a caller of /predict sent is never believed beyond what
+   Label Studio confirms. A task that already has a prediction of this model_version (an earlier write
    whose answer was lost: a timeout, a reset after sending, a killed worker) counts as confirmed, unwritten;
 4. the rest go in one request (`POST /api/projects/<p>/import/predictions`), or one by one
    (`POST /api/predictions/`) where Label Studio lacks the bulk endpoint (404/405);
@@ -32,12 +35,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from car_backend.labelstudio.client import (
-    LabelStudioAPIError,
-    LabelStudioClient,
-    prediction_versions,
-    task_strings,
-)
+from car_backend.labelstudio.client import LabelStudioAPIError, LabelStudioClient, prediction_versions
+from car_backend.labelstudio.config import config_hash
 from car_backend.pipeline.compute import task_entry
 from car_backend.pipeline.identity import ProjectId, instance_of
 from car_backend.pipeline.spec import JobResult
@@ -90,6 +89,20 @@ def stage_ready(ledger: DeliveryLedger, results: ResultCache, key: str, now: flo
     return {r.project for r, o in zip(ready, outcomes, strict=True) if o is Outcome.WRITTEN}
 
 
+def refusal(record: LateRecord, config: str, task: dict) -> str:
+    """Why `record` must not be written into `task` (as read back from Label Studio) of a project whose
+    label config hashes to `config` there; "" when it may. Names no URL (the reasons are logged and stored)."""
+    if not record.config or record.config != config:
+        return "the project's label config in Label Studio is not the one that planned the prediction"
+    if task.get("project") != record.project.id:
+        return "the task belongs to another project in Label Studio"
+    data = task.get("data") if isinstance(task.get("data"), dict) else {}
+    if not record.sources or any(not isinstance(data.get(key), str) or data[key].strip() != image
+                                 for key, image in record.sources):
+        return "the task's data in Label Studio does not hold the predicted image under the config's key"
+    return ""
+
+
 class Deliverer:
     """Writes projects' outboxes into Label Studio (see the module docstring).
 
@@ -110,6 +123,7 @@ class Deliverer:
         self.instance = instance_of(settings.label_studio_url)  # the Label Studio this deliverer writes to
         self.bulk_missing = False  # this Label Studio answered 404/405 to the bulk endpoint
         self._leased: ProjectId | None = None  # the project whose lease this deliverer holds now
+        self._config: str | None = None  # config_hash of the leased project's label config in Label Studio
 
     def deliver_due(self, now: float | None = None, projects: Iterable[ProjectId] | None = None) -> int:
         """Write every outbox that is due (or those of `projects`, unless they wait for a retry); how many
@@ -129,6 +143,7 @@ class Deliverer:
         if not self.ledger.take_lease(project, self.owner, self.lease_ttl):
             return 0
         self._leased = project
+        self._config = None  # read again in each round: the project's config may have changed
         written = 0
         try:
             for _ in range(MAX_BATCHES_PER_TURN):
@@ -181,21 +196,37 @@ class Deliverer:
         self._write(project, to_write, outcome)
         return outcome
 
+    def _project_config(self, project: ProjectId) -> str:
+        """config_hash of `project`'s label config as Label Studio has it now (read once per round); "" when
+        Label Studio does not give it (the project is gone). DeliveryDeferred for a retryable failure."""
+        if self._config is None:
+            self._renew()
+            try:
+                info = self.ls.project(project.id)
+            except LabelStudioAPIError as exc:
+                if exc.retryable:
+                    raise DeliveryDeferred(f"reading project {project.id}'s label config: {exc}") from None
+                info = {}
+            xml = info.get("label_config") if isinstance(info, dict) else None
+            self._config = config_hash(xml) if isinstance(xml, str) and xml.strip() else ""
+        return self._config
+
     def _read_back(self, record: LateRecord) -> str:
         """ "write", "present" (a prediction of this version is there), or why the task must not be written."""
+        config = self._project_config(record.project)
         self._renew()
         try:
             task = self.ls.task(record.task)
         except LabelStudioAPIError as exc:
             if exc.retryable:
                 raise DeliveryDeferred(f"reading task {record.task} back: {exc}") from None
-            return f"Label Studio could not give the task back ({exc})"
-        if task.get("project") != record.project.id or not set(record.images) <= task_strings(task):
+            return "refused: Label Studio could not give the task back"
+        problem = refusal(record, config, task)
+        if problem:
             self.stats.count(CounterFamily.DELIVERIES, DeliveryOutcome.REFUSED)
-            log.warning("refused to write a prediction into task %s: in Label Studio it belongs to project %s "
-                        "(planned for project %s) or lacks the image that was predicted",
-                        record.task, task.get("project"), record.project.id)
-            return "refused: the task in Label Studio is not the one that was predicted (project or image differ)"
+            log.warning("refused to write a prediction into task %s of project %s: %s", record.task,
+                        record.project.id, problem)
+            return f"refused: {problem}"
         if record.version in prediction_versions(task):
             return "present"
         return "write"

@@ -147,9 +147,14 @@ def _fail_unreadable(connection: Redis, job: Job, queue: Queue) -> None:
     good: off the intermediate list, into the failed registry (with a failure result saying why), no retries."""
     reason = ("the job was queued by an older car-backend version (its data is not JSON, or it names a function "
               "this version does not have) and cannot run; submit it again")
-    log.error("job %s on queue %s was queued by an older version of car-backend: moved to the failed registry; "
-              "it must be resubmitted (a /predict of its task submits a new job, a new annotation a new review)",
-              job.id, queue.name)
+    try:
+        named = ascii(job.func_name)[:200]
+    except DeserializationError:
+        named = "unreadable data"
+    log.error("job %s on queue %s (%s) is not one of this version's jobs (queued by an older version of "
+              "car-backend, or by anything else with write access to Redis): not run, moved to the failed "
+              "registry; a job of car-backend must be resubmitted (a /predict of its task submits a new job, a new "
+              "annotation a new review)", job.id, queue.name, named)
     ttl = job.failure_ttl if job.failure_ttl is not None else FAILURE_TTL
     with connection.pipeline() as pipe:
         pipe.lrem(rqcompat.intermediate_key(queue), 1, job.id)

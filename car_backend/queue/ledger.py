@@ -11,14 +11,18 @@
     car:outbox:lease:<p>   the one deliverer writing project p's outbox now
 
 A task has one entry per project, holding its newest model_version: the version Label Studio asked for last
-(a /predict, or `prelabel --project`). A late record or outbox record of another version is superseded: it
-is never staged nor written, so two versions of one task never overwrite each other and the older is never
-written after the newer. Every change of an entry is one Lua script (`_TRANSITION`), whose mode says what
-happens; the states that hold a delivery claim and the claim's owner are its arguments.
+(a /predict, or `prelabel --project`). A late record or outbox record of another version planned by the same
+label config (entries carry its `config_hash`) is superseded: it is never staged nor written, so two versions
+of one task never overwrite each other and the older is never written after the newer. A record of another
+label config or other job keys (another image) is a rival, judged on its own: nothing a caller sends can
+supersede or block a genuine write, because the Deliverer writes only what Label Studio's own config and
+task confirm (queue.delivery). Every change of an entry is one Lua script (`_TRANSITION`), whose mode says
+what happens; the states that hold a delivery claim and the claim's owner are its arguments.
 
 A claim (`CLAIMED`: writing, delivered, empty) decides between /predict answering with the result
-and a worker writing it through the API: it lives CLAIM_TTL_S, so a task whose prediction was deleted in
-Label Studio can be delivered again when Label Studio asks for it again.
+and a worker writing it through the API: it names the (version, job keys) delivered and lives CLAIM_TTL_S,
+so a task whose prediction was deleted in Label Studio can be delivered again when Label Studio asks for it
+again.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class TaskEntry:
     until: float = 0.0
     reason: str = ""
     delivered: Delivered | None = None
+    config: str = ""  # config_hash of the label config that planned this version ("" when not known)
 
     @classmethod
     def from_json(cls, task: int, raw: bytes | str) -> TaskEntry:
@@ -101,7 +106,8 @@ class TaskEntry:
         return cls(task=task, version=data["version"], keys=tuple(data.get("keys") or ()),
                    state=TaskState(data["state"]), owner=data.get("owner") or "",
                    until=float(data.get("until") or 0), reason=data.get("reason") or "",
-                   delivered=Delivered(done["version"], tuple(done.get("keys") or ())) if done else None)
+                   delivered=Delivered(done["version"], tuple(done.get("keys") or ())) if done else None,
+                   config=data.get("config") or "")
 
 
 @dataclass(frozen=True)
@@ -109,8 +115,9 @@ class LateRecord:
     """A task to write through the API once every job key of it has a result.
 
     `project`: the project whose config planned the jobs; `images`: the task-data references that were
-    predicted. Both are checked against the task read back from Label Studio before anything is written
-    (queue.delivery).
+    predicted; `config`: `labelstudio.config.config_hash` of the label config that planned them;
+    `sources`: (task-data key the config's Image names, image) per job. All are checked against Label Studio
+    (the project's config, the task read back) before anything is written (queue.delivery).
     """
 
     task: int
@@ -118,10 +125,13 @@ class LateRecord:
     keys: tuple[str, ...]
     project: ProjectId
     images: tuple[str, ...] = ()
+    config: str = ""
+    sources: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps({"task": self.task, "version": self.version, "keys": list(self.keys),
-                           "project": self.project.key, "images": list(self.images)},
+                           "project": self.project.key, "images": list(self.images), "config": self.config,
+                           "sources": [list(s) for s in self.sources]},
                           sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -133,12 +143,14 @@ class LateRecord:
         except (KeyError, TypeError, AttributeError, ValueError):
             raise ValueError("a late record without a project key (written by an older version)") from None
         return cls(task=int(data["task"]), version=data["version"], keys=tuple(data["keys"]), project=project,
-                   images=tuple(data.get("images") or ()))
+                   images=tuple(data.get("images") or ()), config=data.get("config") or "",
+                   sources=tuple((str(k), str(i)) for k, i in data.get("sources") or ()))
 
 
 # KEYS: tasks hash, outbox hash, due zset. ARGV: mode, owner, claim ttl, project key, due, the number n of
 # claimed states, the n claimed states, then per task three values: task id, entry JSON (version, keys,
-# state, reason), late record JSON ("" for none). Returns one Outcome value per task.
+# state, reason, config), late record JSON ("" for none). Returns one Outcome value per task. An outbox field
+# is "<task>:<sha1 of the record>": records of rival deliveries of one task wait side by side.
 _TRANSITION = """
 local mode, owner, ttl, project, due = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local n = tonumber(ARGV[6])
@@ -151,8 +163,14 @@ local outcomes = {}
 local function transition(task, new, record)
   local raw = redis.call('hget', KEYS[1], task)
   local cur = raw and cjson.decode(raw) or nil
+  -- `same`: this very delivery (version and job keys). `newer`: another version planned by the same label
+  -- config (a calibration, a head, a setting): it supersedes. Any other entry (another config, another
+  -- image) is a rival, judged on its own: Label Studio's config and task decide whether it is written.
   local same = cur ~= nil and cur['version'] == new['version']
+    and cjson.encode(cur['keys'] or {}) == cjson.encode(new['keys'])
+  local newer = cur ~= nil and cur['version'] ~= new['version'] and (cur['config'] or '') == (new['config'] or '')
   local held = same and claimed_states[cur['state']] and tonumber(cur['until'] or 0) > now
+  local slot = task .. ':' .. redis.sha1hex(record)
 
   local function write(state, claim)
     new['state'] = state
@@ -162,8 +180,7 @@ local function transition(task, new, record)
     redis.call('hset', KEYS[1], task, cjson.encode(new))
   end
   local function unstage()
-    local slot = redis.call('hget', KEYS[2], task)
-    if slot and slot == record then redis.call('hdel', KEYS[2], task) end
+    redis.call('hdel', KEYS[2], slot)
   end
 
   if mode == 'answer' then
@@ -176,14 +193,14 @@ local function transition(task, new, record)
     write('late', false)
     return 'written'
   elseif mode == 'stage' then
-    if cur ~= nil and not same then return 'superseded' end
+    if newer then return 'superseded' end
     if held then return 'claimed' end
     write('staged', false)
-    redis.call('hset', KEYS[2], task, record)
+    redis.call('hset', KEYS[2], slot, record)
     redis.call('zadd', KEYS[3], 'NX', due, project)
     return 'written'
   elseif mode == 'deliver' then
-    if cur ~= nil and not same then unstage() return 'superseded' end
+    if newer then unstage() return 'superseded' end
     if held and cur['state'] ~= 'writing' then return 'claimed' end
     local other = held and cur['owner'] ~= owner
     write('writing', true)
@@ -191,7 +208,7 @@ local function transition(task, new, record)
     return 'won'
   elseif mode == 'confirm' then
     unstage()
-    if cur ~= nil and not same then return 'superseded' end
+    if newer then return 'superseded' end
     new['delivered'] = {version = new['version'], keys = new['keys']}
     write('delivered', true)
     return 'won'
@@ -228,6 +245,7 @@ class _Item:
     state: TaskState = TaskState.LATE
     reason: str = ""
     record: LateRecord | None = None
+    config: str = ""
 
 
 class DeliveryLedger:
@@ -266,8 +284,9 @@ class DeliveryLedger:
             for start in range(0, len(items), SCRIPT_CHUNK):
                 args = list(head)
                 for item in items[start:start + SCRIPT_CHUNK]:
+                    config = item.record.config if item.record is not None else item.config
                     entry = {"version": item.version, "keys": list(item.keys), "state": item.state.value,
-                             "reason": item.reason}
+                             "reason": item.reason, "config": config}
                     args += [str(item.task), json.dumps(entry), item.record.to_json() if item.record else ""]
                 self._transition(keys=keys, args=args, client=pipe)
             pipe.expire(keys[0], self.entry_ttl)
@@ -277,18 +296,22 @@ class DeliveryLedger:
         return [Outcome(o.decode() if isinstance(o, bytes) else o) for chunk in found for o in chunk]
 
     def answer(self, project: ProjectId, answers: Sequence[tuple[int, str, Sequence[str], TaskState, str]],
-               owner: str) -> list[bool]:
+               owner: str, config: str = "") -> list[bool]:
         """Claim each (task, version, keys, state, reason) for a /predict answer (state DELIVERED or EMPTY);
         True where this caller won (it then answers with the prediction: the entry says so), False where
-        someone holds the claim of that version (a write in flight, or delivered within CLAIM_TTL_S)."""
-        outcomes = self._run(project, "answer", (_Item(t, v, k, s, r) for t, v, k, s, r in answers), owner)
+        someone holds the claim of that version and those keys (a write in flight, or delivered within
+        CLAIM_TTL_S). `config`: the config_hash of the label config that planned them. The claim blocks only
+        the same delivery: a write of another version or other keys is judged on its own."""
+        outcomes = self._run(project, "answer", (_Item(t, v, k, s, r, config=config) for t, v, k, s, r in answers),
+                             owner)
         return [o is Outcome.WON for o in outcomes]
 
     def settle(self, project: ProjectId, settled: Sequence[tuple[int, str, Sequence[str], TaskState, str]],
-               owner: str = "") -> None:
+               owner: str = "", config: str = "") -> None:
         """Record (task, version, keys, state, reason) with a state that holds no claim (PENDING, DROPPED),
-        releasing `owner`'s claim; an entry of another version, or claimed by someone else, is left alone."""
-        self._run(project, "settle", (_Item(t, v, k, s, r) for t, v, k, s, r in settled), owner)
+        releasing `owner`'s claim; an entry of another version or other keys, or claimed by someone else, is
+        left alone. `config` as in `answer`."""
+        self._run(project, "settle", (_Item(t, v, k, s, r, config=config) for t, v, k, s, r in settled), owner)
 
     def state_of(self, project: ProjectId, tasks: Sequence[int] | None = None) -> dict[int, TaskEntry]:
         """The entries of `tasks` (all of the project's with None) that exist; one Redis call."""
@@ -319,7 +342,7 @@ class DeliveryLedger:
                     pipe.expire(late(key), self.late_ttl)
             pipe.execute()
         for project, chunk in _by_project(records).items():
-            self._run(project, "register", (_Item(r.task, r.version, r.keys) for r in chunk))
+            self._run(project, "register", (_Item(r.task, r.version, r.keys, config=r.config) for r in chunk))
 
     def touch_late(self, key: str) -> None:
         """Renew the late records waiting on `key` (worker.tasks.segment calls it when the job starts)."""
@@ -350,7 +373,8 @@ class DeliveryLedger:
     def pend(self, record: LateRecord, reason: str) -> None:
         """`record`'s jobs ended in a pending failure: it leaves the late sets, and its entry says why."""
         self._unlate([record])
-        self.settle(record.project, [(record.task, record.version, record.keys, TaskState.PENDING, reason)])
+        self.settle(record.project, [(record.task, record.version, record.keys, TaskState.PENDING, reason)],
+                    config=record.config)
 
     def claim_for_delivery(self, record: LateRecord, owner: str) -> Outcome:
         """Take `record`'s claim for an API write by `owner`, who holds the project's outbox lease: WON,

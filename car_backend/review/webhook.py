@@ -2,7 +2,9 @@
 
 Label Studio's webhooks carry no credentials, so anyone can send one. `parse_event` takes only ids and the
 label config from a payload (nothing of the size it claims is allocated); the review job reads the
-annotation back from Label Studio by its id (`read_back`) before anything is used.
+annotation, the project's config and the task back from Label Studio by their ids (`read_back`) before
+anything is used: the images a correction is stored with are those Label Studio's task holds under the keys
+its config names, never the payload's `task.data`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class AnnotationEvent:
     annotation: int  # the annotation's id in Label Studio
     label_config_sha: str  # sha256 of the label config the specs were planned with (checked against LS's)
     specs: tuple[JobSpec, ...]  # how this backend predicts the task now
+    sources: tuple[tuple[str, str], ...] = ()  # (task-data key, image) of each spec: checked against LS's task
 
     def to_dict(self) -> dict:
         return to_plain(self)
@@ -93,15 +96,18 @@ def annotation_event(ids: EventIds, project: Project, settings: Settings) -> Ann
         raise ValueError("an annotation event needs the project's identity")
     plan = plan_task(ids.task, project, settings)
     return AnnotationEvent(project=project.project, task=ids.task["id"], annotation=ids.annotation,
-                           label_config_sha=_sha(ids.label_config), specs=tuple(plan.specs))
+                           label_config_sha=_sha(ids.label_config), specs=tuple(plan.specs),
+                           sources=tuple(plan.sources))
 
 
 def read_back(client: LabelStudioClient, event: AnnotationEvent) -> list[dict] | tuple[WebhookOutcome, str]:
     """The annotation's result as Label Studio stores it, or (outcome, why) when the event is not believed:
     Label Studio does not know the annotation or the project, the annotation belongs to another task or
-    project, was cancelled, or the project's label config is not the one the event was planned with.
-    The task itself is not read back: Label Studio's GET /api/tasks/<id>/ asks this backend's /predict for a
-    task without a current prediction, which would wait on the worker running this job.
+    project, was cancelled, the project's label config is not the one the event was planned with, or the
+    task's data in Label Studio does not hold each planned image under the key the config names (the payload's
+    `task.data` is never believed). The task is read through the project's task list
+    (`LabelStudioClient.project_task`), not GET /api/tasks/<id>/, which asks this backend's /predict for a
+    task without predictions (that call would wait on the worker running this job).
     Raises LabelStudioAPIError (retryable: RQ retries) when Label Studio cannot answer now."""
     pid = event.project.id
     stored = client.annotation(event.annotation)
@@ -128,6 +134,16 @@ def read_back(client: LabelStudioClient, event: AnnotationEvent) -> list[dict] |
     config = info.get("label_config")
     if not isinstance(config, str) or _sha(config) != event.label_config_sha:
         return WebhookOutcome.CONFIG_CHANGED, f"project {pid}'s label config is not the one the event carried"
+    if event.specs:
+        task = client.project_task(pid, event.task)
+        if task is None:
+            return WebhookOutcome.UNKNOWN, f"project {pid} in Label Studio has no task {event.task}"
+        data = task.get("data") if isinstance(task.get("data"), dict) else {}
+        if len(event.sources) != len(event.specs) or any(
+                spec.image != image or not isinstance(data.get(key), str) or data[key].strip() != image
+                for spec, (key, image) in zip(event.specs, event.sources, strict=False)):
+            return WebhookOutcome.MISMATCH, (f"task {event.task}'s data in Label Studio does not hold the images "
+                                             "the event named")
     return stored["result"]
 
 

@@ -4,8 +4,9 @@
 2. Cached results are used at once; the other jobs are submitted (deduplicated by key) and the request
    waits for them up to CAR_PREDICT_WAIT.
 3. Tasks whose jobs all finished are delivered here, each only if this request wins the task's delivery
-   claim (so a task is never delivered twice, whatever overlaps); a permanent failure is delivered as an
-   empty prediction (Label Studio stores it and stops asking).
+   claim for this (model version, job keys) (so a task is never delivered twice, whatever overlaps); a
+   permanent failure (of planning or of a job) is answered as an empty prediction (Label Studio stores it
+   and stops asking) and takes no claim: only a prediction actually answered claims its task.
 4. Other tasks get a pending entry (no `result`: Label Studio stores nothing and asks again). They are
    registered as late, so the worker finishing their job writes the prediction through the API.
 5. A task whose job failed for a reason a setting or an outage can change (a pending failure: host not
@@ -33,7 +34,6 @@ from redis import RedisError
 from car_backend.labelstudio.interactive import InteractiveRequest, parse_context
 from car_backend.labelstudio.results import failed_entry, pending_entry
 from car_backend.pipeline.compute import task_entry
-from car_backend.pipeline.identity import ProjectId
 from car_backend.pipeline.planning import TaskPlan, plan_task, typed_prompt
 from car_backend.pipeline.spec import JobResult, Project
 from car_backend.queue.jobqueue import JobQueue
@@ -96,8 +96,8 @@ class Predictor:
         errors: dict[str, str] = {}
         try:
             not_waited = self._collect(plans, results, errors, started, priority=interactive or len(tasks) == 1)
-            entries = self._answer(plans, results, errors, version, stored=not interactive,
-                                   project=project.project, not_waited=not_waited)
+            entries = self._answer(plans, results, errors, project, stored=not interactive,
+                                   not_waited=not_waited)
         except RedisError as exc:
             log.error("/predict: Redis is unavailable (%s); every unfinished task stays pending", exc)
             self.metrics.redis_errors.inc()
@@ -158,17 +158,19 @@ class Predictor:
         return None
 
     def _answer(self, plans: list[TaskPlan], results: dict[str, JobResult], errors: dict[str, str],
-                version: str, stored: bool, project: ProjectId | None = None, not_waited: str | None = None
-                ) -> list[dict]:
+                project: Project, stored: bool, not_waited: str | None = None) -> list[dict]:
         """One entry per plan. Stored calls with a project go through the delivery ledger: unfinished tasks
-        are registered for a late write, finished ones are answered only where this call wins the claim."""
-        ledgered = stored and project is not None
+        are registered for a late write, and a finished prediction is answered only where this call wins the
+        task's claim for this (version, keys). A planning failure, a failed job and a pending answer take no
+        claim: only a prediction actually answered does."""
+        version, pid = project.version, project.project
+        ledgered = stored and pid is not None
         if ledgered and self.can_post_late:
             self._register_late([p for p in plans if not _finished(p, results) and p.task_id is not None],
-                                version, results, project)
-        answers: dict[int, tuple[dict, TaskState, str]] = {}  # plan index -> (entry, state, reason)
+                                project, results)
+        answers: dict[int, tuple[dict, TaskState]] = {}  # plan index -> (entry, state)
         entries: list[dict | None] = []
-        for index, plan in enumerate(plans):
+        for plan in plans:
             blocked = _pending_failure(plan, results) if _finished(plan, results) else None
             if not _finished(plan, results):
                 entries.append(pending_entry(version, self._pending_reason(plan, errors, not_waited)))
@@ -177,18 +179,24 @@ class Predictor:
                 entries.append(pending_entry(version, f"not predicted for a reason a setting or an outage can "
                                                       f"change (asked again, it is tried again): {blocked}"))
                 if ledgered and plan.task_id is not None:
-                    self.state.ledger.settle(project, [(plan.task_id, version, plan.keys, TaskState.PENDING, blocked)])
+                    self.state.ledger.settle(pid, [(plan.task_id, version, plan.keys, TaskState.PENDING, blocked)],
+                                             config=project.label_hash)
+            elif plan.failure is not None:
+                entries.append(failed_entry(version, plan.failure))
             else:
-                entry = failed_entry(version, plan.failure) if plan.failure is not None else \
-                    task_entry([results[k] for k in plan.keys], version)
-                state = TaskState.DELIVERED if entry["result"] else TaskState.EMPTY
-                answers[index] = (entry, state, "" if entry["result"] else entry.get("error", ""))
-                entries.append(None if ledgered and plan.task_id is not None else entry)
-        claimed = [i for i in answers if entries[i] is None]
-        won = self.state.ledger.answer(project, [(plans[i].task_id, version, plans[i].keys, answers[i][1],
-                                                  answers[i][2]) for i in claimed], self.owner) if claimed else []
+                found = [results[k] for k in plan.keys]
+                entry = task_entry(found, version)
+                if ledgered and plan.task_id is not None and all(r.ok for r in found):
+                    answers[len(entries)] = (entry, TaskState.DELIVERED if entry["result"] else TaskState.EMPTY)
+                    entries.append(None)
+                else:
+                    entries.append(entry)
+        claimed = list(answers)
+        won = self.state.ledger.answer(pid, [(plans[i].task_id, version, plans[i].keys, answers[i][1], "")
+                                             for i in claimed], self.owner, config=project.label_hash) \
+            if claimed else []
         lost = [index for index, ok in zip(claimed, won, strict=True) if not ok]
-        holders = self.state.ledger.state_of(project, [plans[i].task_id for i in lost]) if lost else {}
+        holders = self.state.ledger.state_of(pid, [plans[i].task_id for i in lost]) if lost else {}
         for index, ok in zip(claimed, won, strict=True):
             holder = holders.get(plans[index].task_id)
             entries[index] = answers[index][0] if ok else pending_entry(version, LOST_CLAIM.get(
@@ -198,13 +206,13 @@ class Predictor:
             self.metrics.deliveries.inc(delivered)
         return entries
 
-    def _register_late(self, plans: list[TaskPlan], version: str, results: dict[str, JobResult],
-                       project: ProjectId) -> None:
+    def _register_late(self, plans: list[TaskPlan], project: Project, results: dict[str, JobResult]) -> None:
         """Have the workers write these tasks through the API when their jobs finish."""
         if not plans:
             return
-        self.state.ledger.register_late([LateRecord(p.task_id, version, tuple(p.keys), project,
-                                                    tuple(dict.fromkeys(spec.image for spec in p.specs)))
+        self.state.ledger.register_late([LateRecord(p.task_id, project.version, tuple(p.keys), project.project,
+                                                    tuple(dict.fromkeys(spec.image for spec in p.specs)),
+                                                    config=project.label_hash, sources=tuple(p.sources))
                                          for p in plans])
         # A job may have finished between the last look and the registration, its worker missing the
         # record: look once more, and deliver here what finished (the claim settles who delivers).

@@ -138,7 +138,8 @@ class ProjectRun:
         self.plans = [plan_task(task, project, settings) for task in tasks if isinstance(task.get("id"), int)]
         self.open = {p.task_id: p for p in self.plans if p.failure is None and p.pending is None}
         self.records = {tid: LateRecord(tid, self.version, tuple(p.keys), self.project,
-                                        tuple(dict.fromkeys(s.image for s in p.specs)))
+                                        tuple(dict.fromkeys(s.image for s in p.specs)), config=project.label_hash,
+                                        sources=tuple(p.sources))
                         for tid, p in self.open.items()}
         self.specs = {spec.key: spec for p in self.open.values() for spec in p.specs}
         self.watch = JobWatch(self.queue, self.state.results)

@@ -198,7 +198,7 @@ class Projects:
         version = model_version(self.settings, config, calibration.generation if calibrated else 0,
                                 calibration.thresholds if calibrated else None, fit_generation, head)
         project = Project(config=config, version=version,
-                          thresholds=thresholds, head=head)
+                          thresholds=thresholds, head=head, label_hash=config_hash(label_config))
         with self._lock:
             if digest not in self._parsed:
                 self._parsed[digest] = (project, size)

@@ -16,14 +16,15 @@ Routes, in this order:
    `protected` need authorization (else 401), as Label Studio's /data/upload/ does.
 2. The recorded API (always authorized): POST /api/predictions/ (recorded in `predictions`),
    GET /api/projects/<id>/, GET /api/annotations/<id>/ (`add_annotation`), GET /api/ml/?project=, GET /api/tasks/?project=&page=&page_size= (paginated,
-   with the recorded predictions). `add_project` sets a project's label config, tasks and extra params.
+   with the recorded predictions; a `query` with the Data Manager's `filter:tasks:id` filter narrows it to
+   that task, counted in `task_list_reads`). `add_project` sets a project's label config, tasks and extra params.
    Delivery (in `_delivery_api`): GET /api/tasks/<id>/ (a task added with `add_project`/`add_tasks`, with
    its recorded predictions), POST /api/projects/<id>/import/predictions (a list of predictions; 404 while
    `bulk_missing`); `prediction_counts()` counts stored predictions per (task, model_version).
    Faults: `go_down(seconds, mode)` makes every /api/ request answer 503 (mode "503") or drop the
    connection (mode "refuse") for a while; `slow_first_writes = seconds` stores each task's first write,
    then answers it that late (after the client's timeout); `faults_served` counts requests that met one.
-3. Images, unauthenticated (same origin, so the media fetcher sends the key): /img/<name> (a picture derived
+3. Images, unauthenticated (same origin, but not a media path: the media fetcher sends no key): /img/<name> (a picture derived
    from the name), /slow/<seconds>/<name> (answers late), /flaky/<n>/<name> (HTTP 503 the first n times),
    /bad/<name> (bytes that are no image). `hits` counts requests per "img/<name>", "slow/<name>", ...
 4. Anything else: 404.
@@ -129,6 +130,7 @@ class FakeLabelStudio:
         self.routes: dict[str, Reply | Callable[[], Reply]] = {}
         self.annotations: dict[int, dict] = {}  # GET /api/annotations/<id>/ (add_annotation)
         self.annotation_reads: Counter = Counter()  # id as requested -> reads
+        self.task_list_reads: Counter = Counter()  # task id -> reads of the task list filtered on it
         self.protected: set[str] = set()
         self.seen: list[Seen] = []
         self.refreshes = 0
@@ -379,6 +381,11 @@ class FakeLabelStudio:
             return _json(404, {"detail": "Not found."})
         page, size = _int(args.get("page"), 1), _int(args.get("page_size"), 100)
         everything = found["tasks"]
+        wanted = _id_filter(args.get("query"))
+        if wanted is not None:  # the Data Manager's filter on the task id
+            with self.lock:
+                self.task_list_reads[wanted] += 1
+            everything = [t for t in everything if t["id"] == wanted]
         chunk = everything[(page - 1) * size: page * size]
         if page > 1 and not chunk:
             return _json(404, {"detail": "Invalid page."})
@@ -456,6 +463,16 @@ def _object(body: bytes) -> dict:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _id_filter(query: str | None) -> int | None:
+    """The task id a Data Manager `query` filters on (`filter:tasks:id` equal), if any."""
+    try:
+        items = json.loads(query)["filters"]["items"] if query else []
+    except (ValueError, KeyError, TypeError):
+        return None
+    found = [i.get("value") for i in items if isinstance(i, dict) and i.get("filter") == "filter:tasks:id"]
+    return found[0] if found and isinstance(found[0], int) else None
 
 
 def _int(text: str | None, default: int | None = None) -> int | None:

@@ -8,6 +8,7 @@ import pytest
 from redis import Redis
 
 from car_backend.labelstudio.client import LabelStudioClient
+from car_backend.labelstudio.config import config_hash
 from car_backend.pipeline.identity import ProjectId, instance_of
 from car_backend.pipeline.spec import JobResult
 from car_backend.queue.delivery import Deliverer, stage_ready
@@ -37,8 +38,12 @@ def test_late_predictions_go_through_bulk_import_once_and_forged_tasks_are_refus
     ledger = state.ledger
     key = f"e2e-delivery-{project.key}"
     state.results.put(key, JobResult(ok=True, regions=[REGION], score=0.5))
-    records = [LateRecord(t, VERSION, (key,), project, (image,)) for t, image in zip(task_ids, images, strict=True)]
-    forged = LateRecord(task_ids[3], VERSION, (key,), project, (f"/data/upload/{project.id}/someone-else.png",))
+    planned = config_hash(read_config("brush.xml"))  # what Label Studio's own config must hash to
+    records = [LateRecord(t, VERSION, (key,), project, (image,), config=planned, sources=(("image", image),))
+               for t, image in zip(task_ids, images, strict=True)]
+    elsewhere = f"/data/upload/{project.id}/someone-else.png"
+    forged = LateRecord(task_ids[3], VERSION, (key,), project, (elsewhere,), config=planned,
+                        sources=(("image", elsewhere),))
     ledger.register_late([*records[:3], forged])
     api = LabelStudioClient(settings, settings.ls_timeout)
     deliverer = Deliverer(ledger, state.results, state.stats, api, settings, owner="e2e")

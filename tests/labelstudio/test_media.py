@@ -144,7 +144,8 @@ def test_local_files_path_keeps_its_query(ls):
     assert MediaFetcher(settings(ls)).fetch(path).size == (5, 5)
     ls.routes[path] = Reply(404)
     err = fetch_error(MediaFetcher(settings(ls)), path)
-    assert err.retryable is False and "d=images/a%20b.png" in str(err) and "not found" in str(err)
+    assert err.retryable is False and "d=images/a%20b.png" in str(err) and "not given by Label Studio" in str(err)
+    assert "404" not in str(err)  # which of Label Studio's objects exist is not told to the caller
 
 
 def test_label_studio_under_a_path_prefix():
@@ -235,8 +236,9 @@ def test_local_paths_only_when_allowed(tmp_path):
 @pytest.mark.parametrize(
     ("reply", "permanent", "text"),
     [
-        (Reply(404), True, "HTTP 404"),
-        (Reply(410), True, "HTTP 410"),
+        (Reply(404), True, "not given by Label Studio"),
+        (Reply(410), True, "not given by Label Studio"),
+        (Reply(403), False, "not given by Label Studio"),
         (Reply(400), True, "HTTP 400"),
         (Reply(500), False, "HTTP 500"),
         (Reply(503), False, "HTTP 503"),
@@ -343,3 +345,40 @@ def test_jwt_claims():
     assert jwt_claims(PAT)["token_type"] == "refresh"
     assert jwt_claims("legacy-token") is None
     assert jwt_claims("a.b.c") is None
+
+
+# ---- the token only for Label Studio's media paths ----
+
+@pytest.mark.parametrize("path", ["/api/projects/1/next/", "/data/../api/projects/1/next/",
+                                  "/data/%2e%2e/api/projects/1/next/", "/data/%2E%2E/api/tasks/1/",
+                                  "/data/upload%2f..%2f..%2fapi/projects/", "/API/projects/1/", "/api"])
+def test_label_studio_s_api_is_never_fetched_nor_given_the_token(ls, path):
+    """Whoever sent the task: API paths of Label Studio's origin (also behind dot segments, percent-encoded
+    dots or slashes) are refused with a clear error before any request is made."""
+    for ref in (path, ls.url + path):
+        before = len(ls.seen)
+        err = fetch_error(MediaFetcher(settings(ls)), ref)
+        assert err.retryable is False and ("media paths" in str(err) or not ref.startswith(("/data/", "http")))
+        assert [s for s in ls.seen[before:] if not s.path.startswith("/api/token/")] == []
+    assert all(s.authorization is None for s in ls.seen if "next" in s.path or "projects" in s.path)
+
+
+def test_the_token_goes_to_media_paths_only_and_other_paths_are_fetched_without_it(ls):
+    ls.routes["/elsewhere/a.png"] = Reply(body=png(), headers={"Content-Type": "image/png"})
+    assert MediaFetcher(settings(ls)).fetch(ls.url + "/elsewhere/a.png").size == (12, 8)
+    assert [s.authorization for s in ls.seen_paths("/elsewhere/")] == [None]
+    assert MediaFetcher(settings(ls)).fetch(UPLOAD).size == (12, 8)
+    assert ls.seen_paths(UPLOAD)[-1].authorization == f"Bearer {ls.access_token}"
+
+
+def test_a_redirect_from_a_media_path_to_the_api_is_refused(ls):
+    ls.routes["/data/upload/1/hop.png"] = Reply(302, headers={"Location": "/api/projects/1/next/"})
+    ls.protected.add("/data/upload/1/hop.png")
+    err = fetch_error(MediaFetcher(settings(ls)), "/data/upload/1/hop.png")
+    assert "media paths" in str(err) and ls.seen_paths("/api/projects/") == []
+
+
+def test_credentials_in_a_task_url_are_redacted_from_errors(ls):
+    url = f"http://user:hunter2@127.0.0.2:{ls.port}/x.png?X-Amz-Signature=s3cr3t&sig=azsig"
+    text = str(fetch_error(MediaFetcher(settings(ls)), url))
+    assert "hunter2" not in text and "s3cr3t" not in text and "azsig" not in text

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from car_backend.labelstudio.media import MediaError, MediaFetcher
-from car_backend.labelstudio.urlsafety import UnsafeURL, address_risk, parse_url
+from car_backend.labelstudio.urlsafety import UnsafeURL, address_risk, ls_media_path, parse_url, redact
 from car_backend.settings import Settings
 from car_backend.testing.attacker import AttackerServer
 from tests.support.fake_label_studio import PAT, FakeLabelStudio, Reply
@@ -281,3 +281,62 @@ def test_tls_checks_the_name_while_connecting_to_the_pinned_address(tls_server, 
         fetcher.fetch(f"https://impostor.test:{port}/a.png")
     assert info.value.retryable is True and "network error" in str(info.value)
     assert seen["host"] == [f"pinned.test:{port}"]  # nothing was requested over the refused connection
+
+
+# ---- public hosts by default, credentials redacted ----
+
+def _resolving(address: str):
+    return lambda host, port: [address]
+
+
+@pytest.mark.parametrize(("address", "fetched"), [("93.184.216.34", True), ("2606:2800:220:1::248", True),
+                                                  ("127.0.0.1", False), ("10.1.2.3", False),
+                                                  ("169.254.169.254", False), ("fe80::1", False)])
+def test_public_hosts_are_fetched_by_default_private_ones_only_when_listed(ls, address, fetched):
+    """The decision on resolved addresses (tests cannot reach a public address): public ones pass without
+    CAR_ALLOWED_HOSTS; loopback and private ones only for a listed host; link-local never."""
+    target = parse_url("https://images.example.org/cat.png")
+    plain = MediaFetcher(Settings(label_studio_url=ls.url, label_studio_api_key=PAT), resolver=_resolving(address))
+    if fetched:
+        assert [str(a) for a in plain._check(target, listed=False).addresses] == [address]
+    else:
+        with pytest.raises(MediaError):
+            plain._check(target, listed=False)
+    listed = MediaFetcher(Settings(label_studio_url=ls.url, label_studio_api_key=PAT,
+                                   allowed_hosts=("images.example.org",)), resolver=_resolving(address))
+    if address_risk(ipaddress.ip_address(address)) in (None, "private"):
+        assert listed._check(target, listed=True).addresses
+    else:
+        with pytest.raises(MediaError):
+            listed._check(target, listed=True)
+
+
+def test_loopback_is_refused_end_to_end_without_the_host_listed(ls, attacker):
+    with pytest.raises(MediaError, match="CAR_ALLOWED_HOSTS"):
+        fetcher(ls).fetch(f"{attacker.url}/x.png")
+    assert attacker.connections == 0
+
+
+@pytest.mark.parametrize(("url", "secrets"), [
+    ("https://user:pa55@host.example/x.png", ["pa55", "user"]),
+    ("https://b.s3.amazonaws.com/x.png?X-Amz-Algorithm=A&X-Amz-Credential=AKIA1&X-Amz-Signature=abc123&"
+     "X-Amz-Security-Token=tok9", ["AKIA1", "abc123", "tok9"]),
+    ("https://a.blob.core.windows.net/c/x.png?sv=2020&sig=azSIG%3D&se=2030", ["azSIG"]),
+    ("https://d.cloudfront.net/x.png?Expires=1&Signature=cfSIG&Key-Pair-Id=KP1", ["cfSIG", "KP1"]),
+    ("https://storage.googleapis.com/b/x.png?X-Goog-Signature=gSIG&token=t0k&api_key=k3y", ["gSIG", "t0k", "k3y"]),
+    ("failed: http://u:p4ss@h:8/x.png?access_token=AT1 (HTTP 500)", ["p4ss", "AT1"]),
+])
+def test_redact_hides_userinfo_and_signed_query_strings(url, secrets):
+    shown = redact(url)
+    assert all(secret not in shown for secret in secrets), shown
+    assert "***" in shown and shown.split("//", 1)[0] == url.split("//", 1)[0]
+
+
+def test_label_studio_media_paths():
+    for path in ("/data/upload/1/a.png", "/data/local-files/?d=x/y.png", "/storage-data/uploaded/?filepath=a",
+                 "/tasks/12/presign/?fileuri=eA==", "/projects/3/presign/?fileuri=eA=="):
+        assert ls_media_path(path), path
+        assert ls_media_path("/ls" + path, "/ls") and not ls_media_path(path, "/ls")
+    for path in ("/api/projects/1/next/", "/data/../api/x", "/data/%2e%2e/api/x", "/data/upload/%2e%2e/%2e%2e/api/",
+                 "/data/upload%2f..%2fapi", "/tasks/1/", "/img/a.png", "/data/", "/"):
+        assert not ls_media_path(path), path

@@ -7,6 +7,7 @@ import time
 from redis import Redis
 
 from car_backend.labelstudio.client import LabelStudioClient
+from car_backend.labelstudio.config import config_hash
 from car_backend.pipeline.identity import ProjectId, instance_of
 from car_backend.pipeline.spec import JobResult
 from car_backend.queue.delivery import Deliverer, stage_ready
@@ -30,7 +31,8 @@ def world(redis_url, ls, task_ids, n, project=None, **overrides):
     image = f"{ls.url}/img/{ids[0]}.png"
     ls.add_project(project.id, "<View/>", [{"id": t, "data": {"image": image}} for t in ids], created=CREATED)
     state.results.put(key, JobResult(ok=True, regions=[REGION], score=0.5))
-    records = [LateRecord(t, VERSION, (key,), project, (image,)) for t in ids]
+    records = [LateRecord(t, VERSION, (key,), project, (image,), config=config_hash("<View/>"),
+                          sources=(("image", image),)) for t in ids]
     state.ledger.register_late(records)
     deliverer = Deliverer(state.ledger, state.results, state.stats, LabelStudioClient(settings, settings.ls_timeout),
                           settings, owner="test-worker")
@@ -88,6 +90,29 @@ def test_a_task_holding_another_image_or_of_another_project_is_not_written(redis
     tracked = state.ledger.state_of(control.project)
     assert tracked[forged_image.task].state is TaskState.DROPPED and "refused" in tracked[forged_image.task].reason
     assert state.ledger.outbox_size(control.project) == 0  # dropped, not retried forever
+
+
+def test_the_image_under_another_key_or_another_config_in_label_studio_is_not_written(redis_url, ls, task_ids):
+    """Not "the string appears somewhere": the image must be under the key the config names, and the
+    project's config in Label Studio must be the one that planned the job."""
+    settings, state, deliverer, records, key = world(redis_url, ls, task_ids, 2)
+    elsewhere, control = records
+    ls.add_tasks(elsewhere.project.id, [{"id": elsewhere.task, "data": {"image": f"{ls.url}/img/decoy.png",
+                                                                       "caption": elsewhere.images[0]}}])
+    before = refused(state)
+    stage_ready(state.ledger, state.results, key)
+    assert deliverer.deliver_due(projects=[control.project]) == 1
+    assert ls.predictions_for(elsewhere.task) == [] and len(ls.predictions_for(control.task)) == 1
+    assert refused(state) - before == 1
+    # The project's config changed in Label Studio: nothing planned with the old one is written.
+    _, state, deliverer, records, key = world(redis_url, ls, task_ids, 2)
+    ls.add_project(records[0].project.id, "<View><Image name='image' value='$image'/></View>",
+                   [{"id": r.task, "data": {"image": r.images[0]}} for r in records], created=CREATED)
+    stage_ready(state.ledger, state.results, key)
+    assert deliverer.deliver_due(projects=[records[0].project]) == 0
+    assert all(ls.predictions_for(r.task) == [] for r in records)
+    entries = state.ledger.state_of(records[0].project, [r.task for r in records])
+    assert all(e.state is TaskState.DROPPED and "label config" in e.reason for e in entries.values())
 
 
 def test_a_write_stored_but_answered_after_the_timeout_is_not_posted_again(redis_url, ls, task_ids):

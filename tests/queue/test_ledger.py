@@ -9,6 +9,7 @@ import pytest
 from redis import Redis
 
 from car_backend.labelstudio.client import LabelStudioClient
+from car_backend.labelstudio.config import config_hash
 from car_backend.pipeline.identity import ProjectId, instance_of
 from car_backend.pipeline.spec import JobResult
 from car_backend.queue import ledger as ledger_module
@@ -58,8 +59,9 @@ def test_an_older_version_is_never_staged_nor_written_after_a_newer_one(redis_ur
     project = ProjectId(instance_of(settings.label_studio_url), task, 1700000000)
     image = f"{ls.url}/img/{task}.png"
     ls.add_project(project.id, "<View/>", [{"id": task, "data": {"image": image}}], created=1700000000)
-    old = LateRecord(task, "car-old", (f"old-{task}",), project, (image,))
-    new = LateRecord(task, "car-new", (f"new-{task}",), project, (image,))
+    planned = {"config": config_hash("<View/>"), "sources": (("image", image),)}
+    old = LateRecord(task, "car-old", (f"old-{task}",), project, (image,), **planned)
+    new = LateRecord(task, "car-new", (f"new-{task}",), project, (image,), **planned)
     state.ledger.register_late([old])
     state.ledger.register_late([new])  # Label Studio asked again with the project's new config
     for record in (new, old):  # the newer job finishes first; the older one later
@@ -87,8 +89,11 @@ def test_the_older_version_in_the_outbox_is_superseded_when_the_newer_one_is_sta
     assert state.ledger.stage([old], due=0.0) == [Outcome.WRITTEN]
     state.ledger.register_late([new])
     assert state.ledger.stage([new], due=0.0) == [Outcome.WRITTEN]
-    assert state.ledger.outbox(project, 10) == [new]  # one slot per task: the newer record replaced it
     assert 0 < state.redis.ttl(DeliveryLedger.OUTBOX.key(project.key)) <= state.ledger.late_ttl
+    # Each record waits in a slot of its own; the older one leaves when a deliverer finds it superseded.
+    assert sorted(r.version for r in state.ledger.outbox(project, 10)) == ["v-new", "v-old"]
+    assert state.ledger.claim_for_delivery(old, "deliver:a") is Outcome.SUPERSEDED
+    assert state.ledger.outbox(project, 10) == [new]
     assert state.ledger.stage([old], due=0.0) == [Outcome.SUPERSEDED]
     assert state.ledger.outbox(project, 10) == [new]
 

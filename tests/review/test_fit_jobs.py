@@ -139,7 +139,8 @@ def test_fit_after_queues_a_training_once_enough_tasks_are_corrected(context, fa
         regions = segmentation_to_regions(seg, target, list(target.labels), kind="brush")
         fake_ls.add_annotation(correction.task, correction.task, project.id, regions)
         event = AnnotationEvent(project, correction.task, correction.task,
-                                hashlib.sha256(LABEL_CONFIG.encode()).hexdigest(), correction.specs)
+                                hashlib.sha256(LABEL_CONFIG.encode()).hexdigest(), correction.specs,
+                                tuple((target.data_key, spec.image) for spec in correction.specs))
         queued.append(review_annotation(event, ctx.review_runtime).fit_queued)
     assert queued == [False, True, False]  # the third finds the lock of the queued one
     jobs = ctx.queue.batch.get_jobs()

@@ -135,7 +135,7 @@ def test_a_correction_without_our_prediction_is_kept_but_not_compared(in_process
     fake_ls.add_project(task_id, BRUSH, [task])
     fake_ls.add_annotation(task_id, task_id, task_id, regions)
     outcome = review_annotation(AnnotationEvent(project, task_id, task_id, sha256(BRUSH.encode()).hexdigest(),
-                                                (spec,)), ctx.review_runtime)
+                                                (spec,), (("image", spec.image),)), ctx.review_runtime)
     assert outcome.ignored is None
     assert outcome.compared is False and outcome.corrected_tasks == 1
     assert outcome.calibration_queued is False  # CAR_CALIBRATE_AFTER=0: never

@@ -147,9 +147,10 @@ def test_the_stored_annotation_is_reviewed_not_the_payload(service_settings, red
         first, second = labels_of(BRUSH)[:2]
         fake_ls.add_annotation(task_id, task_id, task_id, [polygon(first, [[0, 0], [50, 0], [50, 100], [0, 100]])])
         config = parse_label_config(BRUSH)
-        spec = plan_task(task, Project(config, model_version(settings, config)), settings).specs[0]
+        plan = plan_task(task, Project(config, model_version(settings, config)), settings)
         pid = ProjectId(instance_of(settings.label_studio_url), task_id)
-        ev = AnnotationEvent(pid, task_id, task_id, sha256(BRUSH.encode()).hexdigest(), (spec,))
+        ev = AnnotationEvent(pid, task_id, task_id, sha256(BRUSH.encode()).hexdigest(), tuple(plan.specs),
+                             tuple(plan.sources))
         outcome = review_annotation(ev, ctx.review_runtime)
         assert outcome.ignored is None and outcome.corrected_tasks == 1
         (stored,) = ReviewStore(redis).corrections(pid)
@@ -212,3 +213,41 @@ def test_region_sizes_and_rle_are_checked_before_decoding():
         label_masks([polygon("cat", [[0, 0], [1, 1], [0, 1]], height=-5, width=10)], max_pixels=100)
     with pytest.raises(RegionSizeError):
         label_masks([polygon("cat", [[0, 0], [1, 1], [0, 1]])], size=(BIG, BIG), max_pixels=50_000_000)
+
+
+def test_a_payload_naming_another_project_s_image_stores_no_foreign_image(service_settings, make_client, fake_ls,
+                                                                          redis, task_ids):
+    """The images a correction keeps come from the task Label Studio holds (read through the project's task
+    list, which never makes Label Studio call /predict), never from the payload's task.data."""
+    from car_backend.worker import tasks
+    from car_backend.worker.context import WorkerContext
+
+    task_id, project, other = task_ids(3)
+    settings = service_settings(calibrate_after=0)
+    client = make_client(settings)
+    own = f"{fake_ls.url}/data/upload/{project}/own.png"
+    foreign = f"{fake_ls.url}/data/upload/{other}/private.png"
+    fake_ls.add_project(project, BRUSH, [{"id": task_id, "data": {"image": own}}])
+    fake_ls.add_project(other, BRUSH, [{"id": other, "data": {"image": foreign}}])
+    label = labels_of(BRUSH)[0]
+    fake_ls.add_annotation(task_id, task_id, project, [polygon(label, [[0, 0], [50, 0], [50, 100], [0, 100]])])
+    pid = ProjectId(instance_of(settings.label_studio_url), project, None)
+    review = ReviewStore(redis)
+    outcomes = []
+    tasks.install(WorkerContext(settings, redis, name="test"))
+    try:
+        for image in (foreign, own):  # the forged pairing, then the genuine event
+            resp = client.post("/webhook", json=event(task_id, {"id": task_id, "data": {"image": image}}, project))
+            assert resp.get_json()["status"] == "queued", resp.get_json()
+            job = Job.fetch(resp.get_json()["job"], connection=redis, serializer=SERIALIZER)
+            outcomes.append(tasks.review(job.args[0]))
+            if image == foreign:
+                assert review.corrections(pid) == []
+    finally:
+        tasks.install(None)
+    assert outcomes[0]["ignored"] == WebhookOutcome.MISMATCH and "does not hold" in outcomes[0]["detail"]
+    assert outcomes[1]["ignored"] is None and outcomes[1]["corrected_tasks"] == 1
+    (stored,) = review.corrections(pid)
+    assert [spec.image for spec in stored.specs] == [own]
+    assert fake_ls.seen_paths(f"/data/upload/{other}/") == []  # the foreign image was never fetched
+    assert fake_ls.task_list_reads[task_id] == 2 and fake_ls.seen_paths(f"/api/tasks/{task_id}/") == []

@@ -15,7 +15,7 @@ import pytest
 from car_backend.queue.stats import CounterFamily, DeliveryOutcome, Stats
 from car_backend.testing.fake_label_studio import image_bytes
 from car_backend.testing.faults import SCENARIOS
-from tests.support.service import BRUSH, DELIVERY_TIMEOUT_S, predict
+from tests.support.service import BRUSH, DELIVERY_TIMEOUT_S, ls_tasks, predict
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ def test_a_host_not_allowed_is_pending_never_empty_and_allowing_it_predicts(
         service_settings, make_client, spawn_worker, fake_ls, image_host, task_ids):
     ids = task_ids(3)
     tasks = [{"id": t, "data": {"image": f"{image_host}/external-{t}.png"}} for t in ids]
-    fake_ls.add_tasks(1, tasks)
+    ls_tasks(fake_ls, 1, tasks)
     refused = service_settings(queue=f"hosts-{ids[0]}", job_retries=0)
     worker = spawn_worker(refused)
     body = predict(make_client(refused), tasks)
@@ -76,7 +76,7 @@ def test_a_forged_predict_writes_nothing_and_the_real_late_task_is_written(
         service_settings, make_client, spawn_worker, fake_ls, redis, task_ids):
     real, forged = task_ids(2)
     # In Label Studio, `forged` holds another image than the one the caller claims it holds.
-    fake_ls.add_tasks(1, [{"id": real, "data": {"image": f"{fake_ls.url}/img/real-{real}.png"}},
+    ls_tasks(fake_ls, 1, [{"id": real, "data": {"image": f"{fake_ls.url}/img/real-{real}.png"}},
                           {"id": forged, "data": {"image": f"{fake_ls.url}/img/theirs-{forged}.png"}}])
     settings = service_settings(queue=f"forged-{real}", predict_wait=0.0)
     before = _refused(redis)
@@ -105,7 +105,7 @@ def test_status_reports_a_project_s_tasks(service_settings, make_client, spawn_w
     project = ids[0]
     tasks = [{"id": t, "data": {"image": f"{fake_ls.url}/img/status-{t}.png"}} for t in ids[:2]]
     tasks.append({"id": ids[2], "data": {"image": f"{fake_ls.url}/bad/status-{ids[2]}.png"}})
-    fake_ls.add_tasks(project, tasks)
+    ls_tasks(fake_ls, project, tasks)
     settings = service_settings(queue=f"status-{project}", predict_wait=0.0)
     client = make_client(settings)
     client.post("/predict", json={"tasks": tasks, "label_config": BRUSH, "project": f"{project}.1"})
@@ -138,7 +138,7 @@ def test_embedded_mode_resumes_its_queue_and_late_writes_after_a_restart(service
 
     (task_id,) = task_ids(1)
     task = {"id": task_id, "data": {"image": f"{fake_ls.url}/img/resumed-{task_id}.png"}}
-    fake_ls.add_tasks(5, [task])
+    ls_tasks(fake_ls, 5, [task])
     settings = service_settings(redis_url="", data_dir=str(tmp_path / "data"))
     # A server queued the job and registered the late write, then stopped before any worker ran it.
     first = connect(settings)
@@ -147,7 +147,8 @@ def test_embedded_mode_resumes_its_queue_and_late_writes_after_a_restart(service
     plan = plan_task(task, project, settings)
     JobQueue(settings, first.redis, state.locks).submit(plan.specs[0])
     state.ledger.register_late([LateRecord(task_id, plan.specs[0].model_version, tuple(plan.keys), project.project,
-                                           (plan.specs[0].image,))])
+                                           (plan.specs[0].image,), config=project.label_hash,
+                                           sources=tuple(plan.sources))])
     first.close()
     assert (tmp_path / "data").exists() and any((tmp_path / "data").rglob("*.aof"))
     backend = Backend(settings)  # restarted: same CAR_DATA_DIR, its embedded worker finds the job

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from car_backend.labelstudio.client import LabelStudioClient
+from car_backend.labelstudio.config import config_hash
 from car_backend.pipeline.identity import ProjectId, created_stamp, instance_of
 from car_backend.pipeline.spec import JobResult
 from car_backend.queue.delivery import Deliverer, stage_ready
@@ -105,7 +106,8 @@ def test_a_deliverer_writes_only_its_own_label_studios_outboxes(backends, two_st
         studio.add_project(project.id, BRUSH, [{"id": task, "data": {"image": image}}], created=CREATED)
         key = f"identity-{task}-{len(records)}"
         backend.state.results.put(key, JobResult(ok=True, regions=[REGION], score=0.5))
-        record = LateRecord(task, "car-identity", (key,), project, (image,))
+        record = LateRecord(task, "car-identity", (key,), project, (image,), config=config_hash(BRUSH),
+                            sources=(("image", image),))
         backend.state.ledger.register_late([record])
         assert stage_ready(backend.state.ledger, backend.state.results, key) == {project}
         records.append(record)

@@ -24,7 +24,7 @@ from car_backend.service.app import create_app
 from car_backend.service.backend import Backend
 from tests.support.label_configs import label_config
 from tests.support.processes import start_worker
-from tests.support.service import BRUSH, DELIVERY_TIMEOUT_S, predict
+from tests.support.service import BRUSH, DELIVERY_TIMEOUT_S, ls_tasks, predict
 from tests.support.settings import settings_env
 
 pytestmark = pytest.mark.integration
@@ -122,7 +122,7 @@ def test_a_slow_job_is_pending_then_written_through_the_api(shared_workers, serv
     a, b = task_ids(2)
     tasks = [{"id": a, "data": {"image": f"{fake_ls.url}/slow/3.0/late-{a}.png"}},
              {"id": b, "data": {"image": f"{fake_ls.url}/slow/3.0/late-{b}.png"}}]
-    fake_ls.add_tasks(1, tasks)  # late writes read the task back before writing into it
+    ls_tasks(fake_ls, 1, tasks)  # late writes read the task back before writing into it
     client = make_client(service_settings(predict_wait=0.5))
     version = client.post("/setup", json={"schema": BRUSH}).get_json()["model_version"]
     started = time.monotonic()
@@ -184,7 +184,7 @@ def test_a_killed_worker_loses_no_job(redis_url, fake_ls, spawn_worker, service_
     doomed = spawn_worker(settings)
     client = make_client(settings)
     task = {"id": task_id, "data": {"image": f"{fake_ls.url}/slow/4.0/{name}"}}
-    fake_ls.add_tasks(1, [task])
+    ls_tasks(fake_ls, 1, [task])
     predict(client, [task])
     deadline = time.monotonic() + DELIVERY_TIMEOUT_S
     while fake_ls.hits[f"slow/{name}"] == 0:  # the doomed worker is fetching the image: mid-job
@@ -206,7 +206,7 @@ def test_sigterm_lets_the_current_job_finish(fake_ls, spawn_worker, service_sett
     settings = service_settings(queue=f"stop-{task_id}", predict_wait=0.0)
     worker = spawn_worker(settings)
     task = {"id": task_id, "data": {"image": f"{fake_ls.url}/slow/2.0/{name}"}}
-    fake_ls.add_tasks(1, [task])
+    ls_tasks(fake_ls, 1, [task])
     predict(make_client(settings), [task])
     deadline = time.monotonic() + DELIVERY_TIMEOUT_S
     while fake_ls.hits[f"slow/{name}"] == 0:
