@@ -142,9 +142,9 @@ def test_local_files_path_keeps_its_query(ls):
     ls.routes[path] = Reply(body=png(5, 5))
     ls.protected.add(path)
     assert MediaFetcher(settings(ls)).fetch(path).size == (5, 5)
-    ls.routes[path] = Reply(404)
+    ls.routes[path] = Reply(404)  # a storage or document-root mistake: fixed by a setting, so not permanent
     err = fetch_error(MediaFetcher(settings(ls)), path)
-    assert err.retryable is False and "d=images/a%20b.png" in str(err) and "not found" in str(err)
+    assert err.retryable is True and "d=images/a%20b.png" in str(err) and "not found" in str(err)
 
 
 def test_label_studio_under_a_path_prefix():
@@ -172,6 +172,20 @@ def test_cloud_uri_is_presigned_by_label_studio_and_the_token_stays_home(ls):
     assert hops[0].authorization == f"Bearer {ls.access_token}"
     assert hops[1].authorization is None  # the key never leaves Label Studio
     assert base64.urlsafe_b64decode(query(hops[0].path)["fileuri"][0]).decode() == uri
+
+
+@pytest.mark.parametrize("status", [403, 404])
+def test_a_storage_refusal_after_the_presign_redirect_is_not_permanent(ls, status):
+    """A bucket policy, expired storage credentials or a wrong prefix: an operator fixes it, then it works."""
+    uri = "s3://bucket/gone.png"
+    presign = f"/tasks/8/presign/?fileuri={base64.urlsafe_b64encode(uri.encode()).decode()}"
+    ls.routes[presign] = Reply(302, headers={"Location": f"http://localhost:{ls.port}/bucket/gone.png?sig=s"})
+    ls.routes["/bucket/gone.png?sig=s"] = Reply(status)
+    fetcher = MediaFetcher(settings(ls, allowed_hosts=("localhost",)))
+    err = fetch_error(fetcher, uri, task_id=8)
+    assert err.retryable is True and f"HTTP {status}" in str(err) and "storage" in str(err)
+    ls.routes["/bucket/gone.png?sig=s"] = Reply(body=png(4, 4))
+    assert fetcher.fetch(uri, task_id=8).size == (4, 4)
 
 
 def test_cloud_uri_needs_a_task_id(ls):
@@ -235,9 +249,10 @@ def test_local_paths_only_when_allowed(tmp_path):
 @pytest.mark.parametrize(
     ("reply", "permanent", "text"),
     [
-        (Reply(404), True, "HTTP 404"),
-        (Reply(410), True, "HTTP 410"),
-        (Reply(400), True, "HTTP 400"),
+        (Reply(404), False, "HTTP 404"),  # every HTTP status: a setting or an outage, never the image itself
+        (Reply(410), False, "HTTP 410"),
+        (Reply(400), False, "HTTP 400"),
+        (Reply(403), False, "HTTP 403"),
         (Reply(500), False, "HTTP 500"),
         (Reply(503), False, "HTTP 503"),
         (Reply(429), False, "HTTP 429"),
