@@ -106,7 +106,7 @@ def setup() -> Response:
 @blueprint.post("/predict")
 def predict() -> Response:
     service = _service()
-    parsed = predict_request(request.get_json(force=True, silent=True), service.settings.max_tasks)
+    parsed = predict_request(request.get_json(force=True, silent=True), service.settings.task_limit)
     project = service.projects.for_predict(parsed.project, parsed.label_config)
     entries = service.predictor.predict(parsed.tasks, project, context=parsed.context)
     kinds = [("result" in e) for e in entries]
