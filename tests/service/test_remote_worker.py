@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from car_backend.pipeline.identity import ProjectId, instance_of
 from car_backend.queue.ledger import DeliveryLedger
 from car_backend.service import backend as backend_module
 from car_backend.testing.settings import settings_env
@@ -23,7 +24,8 @@ def test_a_worker_without_label_studio_settings_stages_and_another_writes(
         service_settings, make_client, spawn_worker, fake_ls, redis, task_ids, monkeypatch):
     ids = task_ids(3)
     tasks = [{"id": t, "data": {"image": f"{fake_ls.url}/img/remote-{t}.png"}} for t in ids]
-    fake_ls.add_tasks(1, tasks)
+    fake_ls.add_tasks(ids[0], tasks)  # a project of its own: its outbox holds only this test's tasks
+    project = ProjectId(instance_of(fake_ls.url), ids[0], 1)
     queue = f"remote-{ids[0]}"
     server = service_settings(queue=queue, predict_wait=0.0)
     # The README's first remote-worker command, before LABEL_STUDIO_URL and the key were added to it: the
@@ -31,13 +33,14 @@ def test_a_worker_without_label_studio_settings_stages_and_another_writes(
     bare = service_settings(queue=queue, label_studio_url="", label_studio_api_key="",
                             allowed_hosts=(f"127.0.0.1:{fake_ls.port}",))
     lone = spawn_worker(bare)
-    body = predict(make_client(server), tasks)
+    body = predict(make_client(server), tasks, project=f"{ids[0]}.1")
     assert all("result" not in e for e in body["results"]), body  # pending: to be written late
     ledger = DeliveryLedger(redis)
     deadline = time.monotonic() + DELIVERY_TIMEOUT_S
-    while ledger.overdue(time.time()) == 0:  # computed and staged by the lone worker
+    while {r.task for r in ledger.outbox(project, 10)} != set(ids):  # computed and staged by the lone worker
         assert time.monotonic() < deadline, lone.output()
         time.sleep(0.2)
+    assert ledger.overdue(time.time()) >= 1
     time.sleep(1.0)
     assert all(fake_ls.predictions_for(t) == [] for t in ids)  # it cannot write them, and drops none
     assert NO_WRITES in lone.output()
