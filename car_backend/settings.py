@@ -42,6 +42,9 @@ PRESETS = tuple(_PRESETS)
 OUTPUTS = ("brush", "polygon", "auto")  # "auto": whatever control the label config has
 SCORES = ("confidence", "uncertainty")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Fewer bytes than the smallest task Label Studio sends to /predict (TaskSimpleSerializer's 20 fields with
+# empty data: 410 bytes as compact JSON), so CAR_MAX_TASKS=0 admits every task a body within the limit holds.
+LS_TASK_MIN_BYTES = 400
 
 
 @dataclass(frozen=True)
@@ -287,9 +290,10 @@ class Settings:
                        "refused (413) before it is parsed."),
     )
     max_tasks: int = field(
-        default=5000,
+        default=0,
         metadata=_meta("CAR_MAX_TASKS", "Most tasks one /predict may carry (413 above it: select fewer tasks, or "
-                       "use `car-backend prelabel --project`)."),
+                       "use `car-backend prelabel --project`); 0: every task a body within CAR_MAX_REQUEST_BYTES "
+                       "can hold (one per 400 bytes, less than Label Studio sends for a task)."),
     )
     basic_auth_user: str = field(
         default="",
@@ -349,13 +353,13 @@ class Settings:
                     f"{setting.env}={value!r} is not allowed; use one of: {', '.join(setting.choices)}"
                 )
         for name in ("max_steps", "job_timeout", "max_image_pixels", "max_download_bytes", "port", "http_threads",
-                     "download_timeout", "max_labels", "max_label_length", "max_request_bytes", "max_tasks",
+                     "download_timeout", "max_labels", "max_label_length", "max_request_bytes",
                      "max_label_config_bytes",
                      "fit_epochs", "fit_seconds", "head_width", "head_depth"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be a positive number, got {getattr(self, name)!r}")
         for name in ("predict_wait", "polygon_tolerance", "job_retries", "result_ttl", "text_cache_ttl", "threads",
-                     "calibrate_after", "fit_after", "fit_seed"):
+                     "calibrate_after", "fit_after", "fit_seed", "max_tasks"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_env(name)} must not be negative, got {getattr(self, name)!r}")
         for name in ("late_ttl", "delivery_window", "delivery_retry_max", "delivery_batch", "ls_timeout"):
@@ -384,6 +388,12 @@ class Settings:
             precision=self.precision, preset=self.preset, max_steps=self.max_steps,
             sam_checkpoint=self.sam_checkpoint, sam_model_type=self.sam_model_type, weights_dir=self.weights_dir,
             compat=self.compat, sam_mode=self.sam_mode, proposals=self.proposals)
+
+    @property
+    def task_limit(self) -> int:
+        """Most tasks one /predict may carry: CAR_MAX_TASKS, else (0) as many as a body within
+        CAR_MAX_REQUEST_BYTES can hold from Label Studio, whose every task is over LS_TASK_MIN_BYTES."""
+        return self.max_tasks or max(1, self.max_request_bytes // LS_TASK_MIN_BYTES)
 
     @property
     def waiting_predicts(self) -> int:

@@ -71,12 +71,15 @@ USER_AGENT = "car-backend"
 class MediaError(CarError):
     """An image could not be fetched or decoded.
 
-    `retryable` is False when asking again cannot help (corrupt or undecodable bytes, a decompression bomb,
-    not found, a reference that is no URL) and True when it may (network error, timeout, 5xx, Label Studio
-    refusing or missing credentials, a host not in CAR_ALLOWED_HOSTS, larger than CAR_MAX_DOWNLOAD_BYTES or
-    CAR_MAX_IMAGE_PIXELS: fixing the configuration makes the retry succeed). The message never holds a token.
-    `retryable` must be given: a non-retryable failure becomes a permanent empty prediction. URL credentials
-    in the message (userinfo, signed query strings) are redacted (`urlsafety.redact`).
+    `retryable` is False only when asking again cannot help: a property of the image or of the task itself
+    (corrupt or undecodable bytes, a decompression bomb, a reference that is no URL, a redirect loop); True
+    whenever a setting or an outage may change the answer (network error, timeout, every HTTP error status:
+    5xx, Label Studio's 401/403/404 for an upload or a local file, a cloud storage's 403/404 after Label
+    Studio's presign redirect; missing credentials, a host not in CAR_ALLOWED_HOSTS, larger than
+    CAR_MAX_DOWNLOAD_BYTES or CAR_MAX_IMAGE_PIXELS: fixing the configuration makes the retry succeed). The
+    message never holds a token. `retryable` must be given: a non-retryable failure becomes a permanent empty
+    prediction. URL credentials in the message (userinfo, signed query strings) are redacted
+    (`urlsafety.redact`).
     """
 
     def __init__(self, message: str, *, retryable: bool):
@@ -275,12 +278,16 @@ class MediaFetcher:
                 hint = ("set LABEL_STUDIO_API_KEY" if self._auth is None
                         else "Label Studio refused LABEL_STUDIO_API_KEY")
                 raise MediaError(f"{shown}: not given by Label Studio; {hint}", retryable=True)
-            # 403 stays retryable (granting LABEL_STUDIO_API_KEY's user access fixes it), 404/410 do not.
+            # Retryable: granting LABEL_STUDIO_API_KEY's user access, or fixing a storage or document-root
+            # setting, makes the next request succeed.
             raise MediaError(f"{shown}: not given by Label Studio (no such file, or LABEL_STUDIO_API_KEY's user "
-                             "may not read it)", retryable=code == 403)
+                             "may not read it; check the storage's settings)", retryable=True)
         if code in (408, 425, 429) or code >= 500:
             raise MediaError(f"{where} (temporary)", retryable=True)
-        raise MediaError(f"{where}{' (not found)' if code in (404, 410) else ''}", retryable=False)
+        # A refused or missing file is a storage setting (credentials, presigning, LOCAL_FILES_DOCUMENT_ROOT,
+        # a bucket or path), not a property of the image: asked again after the fix, it is fetched.
+        what = "not found" if code in (404, 410) else "refused"
+        raise MediaError(f"{where} ({what}: check the storage's settings and the task's URL)", retryable=True)
 
     def _read(self, resp: urllib3.BaseHTTPResponse, target: Target, deadline: Deadline) -> bytes:
         limit = self.settings.max_download_bytes

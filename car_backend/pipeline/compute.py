@@ -45,8 +45,8 @@ def pending_failure(exc: BaseException, conditions: str, seconds: float = 0.0) -
 
 def compute(spec: JobSpec, segmenter: Any, fetcher: MediaFetcher, head: Any = None) -> JobResult:
     """Fetch and segment the image (with the project's mask head `head`, an engine.head.MaskHead, if any); a
-    non-retryable media failure (a property of the image itself) becomes a failed result, a retryable one (a setting or an outage: host not allowed, size limit, 401/403/5xx,
-    timeout) and any other exception raise: the job is retried, and its last attempt records a
+    non-retryable media failure (a property of the image itself) becomes a failed result, a retryable one (a setting or an outage: host not allowed, size limit, any HTTP
+    error status such as a storage's 403/404, timeout) and any other exception raise: the job is retried, and its last attempt records a
     `pending_failure` (worker.tasks.segment)."""
     started = time.monotonic()
     try:

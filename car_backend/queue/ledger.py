@@ -444,6 +444,11 @@ class DeliveryLedger:
                     break
         return found
 
+    def overdue(self, before: float) -> int:
+        """How many projects' outboxes were due before `before` (epoch seconds) and are still unwritten: with
+        deliverers alive (each looks every few seconds), none stay due for long."""
+        return int(self.redis.zcount(self.DUE.key(), "-inf", before))
+
     def set_due(self, project: ProjectId, due: float | None) -> None:
         """The project's outbox is next due at `due`; None: it is empty (forget it and its retry state)."""
         if due is None:

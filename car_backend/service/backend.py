@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # /predict asks whether a worker is alive on every call; one answer serves the calls of this many seconds.
 WORKERS_CACHE_S = 1.0
+# An outbox due this long ago and still unwritten has no deliverer: every deliverer looks every few seconds.
+OVERDUE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Health:
     depth: QueueDepth
     workers: int
     warnings: list[str] = field(default_factory=list)
+    overdue_outboxes: int = 0  # projects whose late predictions wait for a worker that can write them
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,13 @@ class Backend:
         elif self._embedded is None and workers == 0:
             warnings.append("no live worker serves the queue: start `car-backend worker` with the same settings; "
                             "/predict answers every task pending until one runs")
-        return Health(self._probe_queue.depth(), workers, warnings)
+        overdue = self._probe_state.ledger.overdue(time.time() - OVERDUE_S)
+        if overdue:
+            warnings.append(f"late predictions of {overdue} project(s) have waited over {OVERDUE_S:g} s to be "
+                            "written into Label Studio: no live worker has LABEL_STUDIO_URL and "
+                            "LABEL_STUDIO_API_KEY (workers without them compute and leave the writes to one that "
+                            "has them; nothing is lost until CAR_LATE_TTL)")
+        return Health(self._probe_queue.depth(), workers, warnings, overdue)
 
     def workers_available(self) -> bool:
         """Whether a worker can run jobs now: the embedded process is alive, or (REDIS_URL set) some worker

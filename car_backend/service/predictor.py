@@ -10,7 +10,7 @@
 4. Other tasks get a pending entry (no `result`: Label Studio stores nothing and asks again). They are
    registered as late, so the worker finishing their job writes the prediction through the API.
 5. A task whose job failed for a reason a setting or an outage can change (a pending failure: host not
-   allowed, size limit, 401/403/5xx, timeout) gets a pending entry with the reason, never an empty
+   allowed, size limit, 401/403/5xx, timeout, a storage's 403/404) gets a pending entry with the reason, never an empty
    prediction; the failure is cached at most CAR_PENDING_TTL seconds, and only under the same settings.
 
 The answer is never later than promised: waiting stops early enough (ANSWER_RESERVE_S, plus

@@ -93,7 +93,7 @@ def health() -> Response:
         body["warnings"].append(detail)
     else:
         body.update(redis="ok", queue={"name": service.settings.queue, **asdict(state.depth)},
-                    workers=state.workers)
+                    workers=state.workers, overdue_outboxes=state.overdue_outboxes)
         body["warnings"].extend(state.warnings)
         if state.warnings:
             body["status"] = "DEGRADED"
@@ -125,7 +125,7 @@ def setup() -> Response:
 @blueprint.post("/predict")
 def predict() -> Response:
     service = _service()
-    parsed = predict_request(_json_body(), service.settings.max_tasks)
+    parsed = predict_request(_json_body(), service.settings.task_limit)
     project = service.projects.for_predict(parsed.project, parsed.label_config)
     entries = service.predictor.predict(parsed.tasks, project, context=parsed.context)
     kinds = [("result" in e) for e in entries]

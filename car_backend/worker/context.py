@@ -34,6 +34,11 @@ if TYPE_CHECKING:  # torch: imported only where jobs run
 
 log = logging.getLogger(__name__)
 
+# What a worker without a deliverer says at start and in `car-backend worker --check`.
+NO_WRITES = ("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are not both set: this worker cannot write late "
+             "predictions into Label Studio; it leaves them staged for a worker that has both (none lost; "
+             "set both here to write them from this worker too)")
+
 
 class WorkerContext:
     """Everything jobs use in one worker process, on its one Redis client `redis`.

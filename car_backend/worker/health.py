@@ -2,7 +2,9 @@
 
 A container's health check runs in a process of its own, so it cannot ask the worker directly; it reads the
 RQ registration the worker renews (`last_heartbeat`, every few seconds while idle or busy) and exits 0 when
-a worker of this host (`<hostname>-<pid>`, or the `--name` given) beat within WORKER_TTL_S + 5 seconds.
+a worker of this host (`<hostname>-<pid>`, or the `--name` given) beat within WORKER_TTL_S + 5 seconds. It
+warns (exit status unchanged) when its settings, which a container's health check shares with its worker,
+lack LABEL_STUDIO_URL or LABEL_STUDIO_API_KEY: such a worker computes, but leaves late writes to others.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from car_backend.queue import rqcompat
 from car_backend.queue.connection import redis_client
 from car_backend.queue.jobqueue import MAX_SILENCE_S
 from car_backend.settings import Settings
+from car_backend.worker.context import NO_WRITES
 
 log = logging.getLogger(__name__)
 
@@ -78,4 +81,6 @@ def worker_command(args: argparse.Namespace, settings: Settings) -> int:
         return main(args, settings)
     alive, message = check(settings, args.name or socket.gethostname())
     print(message)
+    if not settings.can_write_predictions:
+        print(f"warning: {NO_WRITES}")
     return 0 if alive else 1

@@ -29,7 +29,7 @@ from car_backend.queue import rqcompat
 from car_backend.queue.connection import redis_client
 from car_backend.queue.jobqueue import SERIALIZER, WORKER_TTL_S, CarQueue, queue_names
 from car_backend.settings import Settings
-from car_backend.worker.context import WorkerContext
+from car_backend.worker.context import NO_WRITES, WorkerContext
 from car_backend.worker.tasks import deliver_due, install
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     if getattr(args, "parent_pid", None):
         _exit_with(args.parent_pid)
+    if not settings.can_write_predictions:
+        log.warning("worker: %s", NO_WRITES)
     redis = redis_client(settings.redis_url, "worker")
     base_name = args.name or f"{socket.gethostname()}-{os.getpid()}"
     context = WorkerContext(settings, redis, name=base_name)

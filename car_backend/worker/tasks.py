@@ -7,9 +7,10 @@ does the work, with what it needs from the process's `WorkerContext` (installed 
 2. otherwise the image is fetched and segmented (`pipeline.compute`) and the regions of every target are
    cached; a permanent failure (undecodable image, ...) is cached as such, a retryable one raises so RQ
    retries the job, and its last attempt caches a pending failure (CAR_PENDING_TTL) before raising;
-3. on a worker with a deliverer (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set), tasks registered as late
-   whose jobs are all finished move into their project's outbox, which is written into Label Studio at once
-   (`queue.delivery`: claims, read-back, bulk import, retries apart from this job).
+3. tasks registered as late whose jobs are all finished move into their project's outbox; a worker with a
+   deliverer (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set) writes it into Label Studio at once
+   (`queue.delivery`: claims, read-back, bulk import, retries apart from this job); one without leaves it
+   due for a worker that has one (never dropped: the outbox waits CAR_LATE_TTL).
 
 Jobs take plain JSON arguments (a JobSpec's dict, an event's dict, a project key) and return JSON values.
 """
@@ -79,9 +80,10 @@ def segment(spec: dict) -> dict:
                 stage_ready(ledger, results, key)
             raise
         results.put(key, result)
-    delivered = 0
-    if ctx.deliverer is not None:
-        delivered = ctx.deliverer.deliver_due(projects=stage_ready(ledger, results, key))
+    # Staging is Redis only: a worker that cannot write into Label Studio still moves finished late tasks
+    # into their outbox, where a worker that can (its maintenance looks for due outboxes) writes them.
+    staged = stage_ready(ledger, results, key)
+    delivered = ctx.deliverer.deliver_due(projects=staged) if ctx.deliverer is not None else 0
     if job is not None:
         ctx.state.locks.release(key, job.id)
     return {"ok": result.ok, "delivered": delivered, "seconds": round(result.seconds, 3)}

@@ -142,9 +142,9 @@ def test_local_files_path_keeps_its_query(ls):
     ls.routes[path] = Reply(body=png(5, 5))
     ls.protected.add(path)
     assert MediaFetcher(settings(ls)).fetch(path).size == (5, 5)
-    ls.routes[path] = Reply(404)
+    ls.routes[path] = Reply(404)  # a storage or document-root mistake: fixed by a setting, so not permanent
     err = fetch_error(MediaFetcher(settings(ls)), path)
-    assert err.retryable is False and "d=images/a%20b.png" in str(err) and "not given by Label Studio" in str(err)
+    assert err.retryable is True and "d=images/a%20b.png" in str(err) and "not given by Label Studio" in str(err)
     assert "404" not in str(err)  # which of Label Studio's objects exist is not told to the caller
 
 
@@ -173,6 +173,20 @@ def test_cloud_uri_is_presigned_by_label_studio_and_the_token_stays_home(ls):
     assert hops[0].authorization == f"Bearer {ls.access_token}"
     assert hops[1].authorization is None  # the key never leaves Label Studio
     assert base64.urlsafe_b64decode(query(hops[0].path)["fileuri"][0]).decode() == uri
+
+
+@pytest.mark.parametrize("status", [403, 404])
+def test_a_storage_refusal_after_the_presign_redirect_is_not_permanent(ls, status):
+    """A bucket policy, expired storage credentials or a wrong prefix: an operator fixes it, then it works."""
+    uri = "s3://bucket/gone.png"
+    presign = f"/tasks/8/presign/?fileuri={base64.urlsafe_b64encode(uri.encode()).decode()}"
+    ls.routes[presign] = Reply(302, headers={"Location": f"http://localhost:{ls.port}/bucket/gone.png?sig=s"})
+    ls.routes["/bucket/gone.png?sig=s"] = Reply(status)
+    fetcher = MediaFetcher(settings(ls, allowed_hosts=("localhost",)))
+    err = fetch_error(fetcher, uri, task_id=8)
+    assert err.retryable is True and f"HTTP {status}" in str(err) and "storage" in str(err)
+    ls.routes["/bucket/gone.png?sig=s"] = Reply(body=png(4, 4))
+    assert fetcher.fetch(uri, task_id=8).size == (4, 4)
 
 
 def test_cloud_uri_needs_a_task_id(ls):
@@ -236,10 +250,12 @@ def test_local_paths_only_when_allowed(tmp_path):
 @pytest.mark.parametrize(
     ("reply", "permanent", "text"),
     [
-        (Reply(404), True, "not given by Label Studio"),
-        (Reply(410), True, "not given by Label Studio"),
+        # every HTTP status: a setting or an outage, never the image itself; Label Studio's own answers are
+        # not told to the caller (which of its objects exist)
+        (Reply(404), False, "not given by Label Studio"),
+        (Reply(410), False, "not given by Label Studio"),
         (Reply(403), False, "not given by Label Studio"),
-        (Reply(400), True, "HTTP 400"),
+        (Reply(400), False, "HTTP 400"),
         (Reply(500), False, "HTTP 500"),
         (Reply(503), False, "HTTP 503"),
         (Reply(429), False, "HTTP 429"),
