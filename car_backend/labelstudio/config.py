@@ -142,7 +142,10 @@ def parse_label_config(xml: str, extra_params: dict | str | None = None) -> Proj
 
 
 def config_hash(xml: str, extra_params: dict | str | None = None) -> str:
-    """A short stable hash of the config and its extra_params, for caching parsed configs."""
+    """A short stable hash of the config and its extra_params, for caching parsed configs and for checking a
+    late write against the config Label Studio holds (which it stores with surrounding whitespace stripped:
+    the hash ignores that and the line-ending style)."""
+    xml = xml.strip().replace("\r\n", "\n")
     try:
         params = _extra_params(extra_params)
     except LabelConfigError:

@@ -343,3 +343,11 @@ def test_the_shipped_instance_detection_and_classification_configs():
         for name in ("instances", "detection", "classification")}
     assert kinds == {"instances": [("brush", "instances", False)], "detection": [("rectangle", None, False)],
                      "classification": [("choices", None, True)]}
+
+
+def test_config_hash_ignores_what_label_studio_strips_when_it_stores_a_config():
+    from car_backend.labelstudio.config import config_hash
+
+    xml = '<View>\n  <Image name="image" value="$image"/>\n</View>\n'
+    assert config_hash(xml) == config_hash(xml.strip()) == config_hash(xml.replace("\n", "\r\n"))
+    assert config_hash(xml) != config_hash(xml.replace("image", "picture"))

@@ -9,7 +9,7 @@ import pytest
 
 from car_backend.labelstudio.regions import label_masks
 from tests.support.fake_label_studio import Reply, image_bytes
-from tests.support.service import DELIVERY_TIMEOUT_S, predict
+from tests.support.service import DELIVERY_TIMEOUT_S, ls_tasks, predict
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def test_a_1024_image_by_predict_and_a_4000x3000_photo_by_late_delivery(
     fake_ls.routes[paths[square]] = Reply(body=image_bytes(PICTURE, (1024, 1024)), headers=PNG)
     fake_ls.routes[paths[photo]] = Reply(body=image_bytes(PICTURE, (4000, 3000)), headers=PNG)
     tasks = {t: {"id": t, "data": {"image": path}} for t, path in paths.items()}
-    fake_ls.add_tasks(1, list(tasks.values()))
+    ls_tasks(fake_ls, 1, list(tasks.values()))
     settings = service_settings(queue=f"sizes-{square}", predict_wait=JOB_S)
     spawn_worker(settings)
     body = predict(make_client(settings), [tasks[square]])

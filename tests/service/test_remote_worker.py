@@ -15,7 +15,7 @@ from car_backend.queue.ledger import DeliveryLedger
 from car_backend.service import backend as backend_module
 from car_backend.testing.settings import settings_env
 from car_backend.worker.context import NO_WRITES
-from tests.support.service import DELIVERY_TIMEOUT_S, predict
+from tests.support.service import DELIVERY_TIMEOUT_S, ls_tasks, predict
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +24,7 @@ def test_a_worker_without_label_studio_settings_stages_and_another_writes(
         service_settings, make_client, spawn_worker, fake_ls, redis, task_ids, monkeypatch):
     ids = task_ids(3)
     tasks = [{"id": t, "data": {"image": f"{fake_ls.url}/img/remote-{t}.png"}} for t in ids]
-    fake_ls.add_tasks(ids[0], tasks)  # a project of its own: its outbox holds only this test's tasks
+    ls_tasks(fake_ls, ids[0], tasks)  # a project of its own: its outbox holds only this test's tasks
     project = ProjectId(instance_of(fake_ls.url), ids[0], 1)
     queue = f"remote-{ids[0]}"
     server = service_settings(queue=queue, predict_wait=0.0)

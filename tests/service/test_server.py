@@ -54,17 +54,20 @@ def test_health_answers_fast_with_queue_figures(service_settings, make_client):
 
 def test_setup_returns_version_and_predictable_controls(service_settings, make_client):
     client = make_client(service_settings())
-    xml = BRUSH.replace("</View>", '<RectangleLabels name="box" toName="image"><Label value="a"/></RectangleLabels>'
-                                    '<KeyPointLabels name="kp" toName="image"><Label value="a"/></KeyPointLabels>'
-                                    "</View>")
+    boxed = BRUSH.replace("</View>", '<RectangleLabels name="box" toName="image"><Label value="a"/></RectangleLabels>'
+                                      "</View>")
+    xml = boxed.replace("</View>", '<KeyPointLabels name="kp" toName="image"><Label value="a"/></KeyPointLabels>'
+                                   "</View>")
     resp = client.post("/setup", json={"project": "3.1700000000", "schema": xml, "hostname": "x",
                                        "access_token": "legacy", "extra_params": None})
     assert resp.status_code == 200
     body = resp.get_json()
-    # a project's version covers its label config (its skipped box is not output); /versions names the
-    # settings' own version, which no project has
-    assert body["model_version"] == client.post("/setup", json={"project": "3.1700000000", "schema": BRUSH}
-                                                ).get_json()["model_version"]
+    # a project's version covers its label config: the box is a target, the skipped keypoints are not output;
+    # /versions names the settings' own version, which no project has
+    def version(schema: str) -> str:
+        return client.post("/setup", json={"project": "3.1700000000", "schema": schema}).get_json()["model_version"]
+
+    assert body["model_version"] == version(boxed) != version(BRUSH)
     assert body["model_version"] != client.get("/versions").get_json()["versions"][0]
     assert body["targets"] == [{"from_name": "tag", "to_name": "image", "image": "image", "type": "brushlabels",
                                 "labels": ["person", "car", "dog", "cat", "tree"], "dynamic_labels": None,
