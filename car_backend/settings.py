@@ -41,6 +41,7 @@ PRESETS = tuple(_PRESETS)
 OUTPUTS = ("brush", "polygon", "auto")  # "auto": whatever control the label config has
 SCORES = ("confidence", "uncertainty")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LANE_MODES = ("auto", "on", "off")  # CAR_INTERACTIVE_LANE
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,14 @@ class Settings:
         default=0,
         metadata=_meta("CAR_THREADS", "torch CPU threads per worker (0 = torch's default: every core). Set "
                        "cores / workers when several CPU workers share a host."),
+    )
+    interactive_lane: str = field(
+        default="auto",
+        metadata=_meta("CAR_INTERACTIVE_LANE", "A second process beside each `car-backend worker` (and the embedded "
+                       "one) that serves only interactive jobs, so an annotator never waits for the batch job running; "
+                       "it loads the models again on its first job (about 2.3 GB of RAM more for the default models "
+                       "on CPU, 1.5 GB of GPU memory on CUDA) and the batch worker beside it runs at a lower CPU "
+                       "priority. auto = on where the host has at least 8 GiB of memory.", LANE_MODES),
     )
     # Delivery (issue 14): pending failures, late records, writes into Label Studio, embedded Redis data
     pending_ttl: int = field(

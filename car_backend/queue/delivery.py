@@ -9,10 +9,13 @@ its job keys (queue.ledger). When its last job finishes, `stage_ready` moves it 
 2. each task's delivery claim is taken (TaskState.WRITING, owner "deliver:<name>"), or taken over from a
    deliverer that died: /predict never answers a task while its write is in flight; a record whose task now
    holds a newer model_version is superseded and never written;
-3. each task is read back (GET /api/tasks/<id>/): it is written only when it belongs to the project whose
-   config planned the job and its data holds the predicted image (else dropped, logged, counted as
-   `deliveries:refused`); a task that already has a prediction of this model_version (an earlier write
-   whose answer was lost: a timeout, a reset after sending, a killed worker) counts as confirmed, unwritten;
+3. the batch's tasks are read back in one call of the project's task list (`LabelStudioClient.project_tasks`,
+   which triggers no prediction: Label Studio's GET /api/tasks/<id>/ would call this backend's /predict for
+   a task without any prediction and wait, maybe on this very worker): a task is written only when it is
+   in the project whose config planned the job and its data holds the predicted image (else dropped,
+   logged, counted as `deliveries:refused`); a task that already has a prediction of this model_version (an
+   earlier write whose answer was lost: a timeout, a reset after sending, a killed worker) counts as
+   confirmed, unwritten;
 4. the rest go in one request (`POST /api/projects/<p>/import/predictions`), or one by one
    (`POST /api/predictions/`) where Label Studio lacks the bulk endpoint (404/405);
 5. only what Label Studio confirmed is marked delivered (`DeliveryLedger.confirm`) and leaves the outbox
@@ -170,8 +173,9 @@ class Deliverer:
             else:
                 candidates.append((record, results))
         to_write: list[tuple[LateRecord, list[JobResult]]] = []
+        found = self._read_back(project, [record for record, _ in candidates])
         for record, results in candidates:
-            verdict = self._read_back(record)
+            verdict = self._verdict(record, found)
             if verdict == "present":
                 outcome.confirmed.append(record)
             elif verdict == "write":
@@ -181,20 +185,32 @@ class Deliverer:
         self._write(project, to_write, outcome)
         return outcome
 
-    def _read_back(self, record: LateRecord) -> str:
-        """ "write", "present" (a prediction of this version is there), or why the task must not be written."""
+    def _read_back(self, project: ProjectId, records: Sequence[LateRecord]) -> dict[int, dict] | str:
+        """The records' tasks as Label Studio stores them, by id, in one call that triggers no prediction
+        (`LabelStudioClient.project_tasks`: reading a task by its own URL would call this backend's /predict
+        and could wait on this very worker); or why none can be written. Raises DeliveryDeferred when Label
+        Studio cannot answer now."""
+        if not records:
+            return {}
         self._renew()
         try:
-            task = self.ls.task(record.task)
+            return self.ls.project_tasks(project.id, [record.task for record in records])
         except LabelStudioAPIError as exc:
             if exc.retryable:
-                raise DeliveryDeferred(f"reading task {record.task} back: {exc}") from None
-            return f"Label Studio could not give the task back ({exc})"
-        if task.get("project") != record.project.id or not set(record.images) <= task_strings(task):
+                raise DeliveryDeferred(f"reading {len(records)} tasks back: {exc}") from None
+            return f"Label Studio could not give the tasks back ({exc})"
+
+    def _verdict(self, record: LateRecord, found: dict[int, dict] | str) -> str:
+        """ "write", "present" (a prediction of this version is there), or why the task must not be written."""
+        if isinstance(found, str):
+            return found
+        task = found.get(record.task)
+        if task is None or task.get("project", record.project.id) != record.project.id \
+                or not set(record.images) <= task_strings(task):
             self.stats.count(CounterFamily.DELIVERIES, DeliveryOutcome.REFUSED)
-            log.warning("refused to write a prediction into task %s: in Label Studio it belongs to project %s "
-                        "(planned for project %s) or lacks the image that was predicted",
-                        record.task, task.get("project"), record.project.id)
+            log.warning("refused to write a prediction into task %s: Label Studio has no such task in project %s "
+                        "(another project's, or deleted), or it lacks the image that was predicted",
+                        record.task, record.project.id)
             return "refused: the task in Label Studio is not the one that was predicted (project or image differ)"
         if record.version in prediction_versions(task):
             return "present"

@@ -32,11 +32,13 @@ WORKERS_CACHE_S = 1.0
 
 @dataclass(frozen=True)
 class Health:
-    """What /health reports of the queue: depths, live workers, and what is wrong (`warnings`)."""
+    """What /health reports of the queue: depths, live workers (interactive lanes apart), and what is wrong
+    (`warnings`)."""
 
     depth: QueueDepth
     workers: int
     warnings: list[str] = field(default_factory=list)
+    lanes: int = 0  # live interactive lanes (worker.process.Lane), not counted in `workers`
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,8 @@ class Backend:
         elif self._embedded is None and workers == 0:
             warnings.append("no live worker serves the queue: start `car-backend worker` with the same settings; "
                             "/predict answers every task pending until one runs")
-        return Health(self._probe_queue.depth(), workers, warnings)
+        return Health(self._probe_queue.depth(), workers, warnings,
+                      lanes=self._probe_queue.live_lanes(max_silence_s=MAX_SILENCE_S))
 
     def workers_available(self) -> bool:
         """Whether a worker can run jobs now: the embedded process is alive, or (REDIS_URL set) some worker

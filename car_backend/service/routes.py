@@ -76,7 +76,7 @@ def health() -> Response:
         body["warnings"].append(detail)
     else:
         body.update(redis="ok", queue={"name": service.settings.queue, **asdict(state.depth)},
-                    workers=state.workers)
+                    workers=state.workers, lanes=state.lanes)
         body["warnings"].extend(state.warnings)
         if state.warnings:
             body["status"] = "DEGRADED"

@@ -3,12 +3,15 @@
 A container's health check runs in a process of its own, so it cannot ask the worker directly; it reads the
 RQ registration the worker renews (`last_heartbeat`, every few seconds while idle or busy) and exits 0 when
 a worker of this host (`<hostname>-<pid>`, or the `--name` given) beat within WORKER_TTL_S + 5 seconds.
+Interactive lanes (`<worker>-interactive`, worker.process.Lane) do not count: a worker restarts its lane, and
+a lane alone serves no batch job.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import socket
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,6 +25,15 @@ from car_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
+LANE_SUFFIX = "-interactive"  # an interactive lane's worker name: its batch worker's name plus this
+# A lane's name: restarts of the lane process, then of its RQ worker, each add "-<n>".
+LANE_NAME = re.compile(re.escape(LANE_SUFFIX) + r"(-\d+)*$")
+
+
+def is_lane(name: str) -> bool:
+    """Whether an RQ worker name is an interactive lane's (worker.process.Lane)."""
+    return LANE_NAME.search(name) is not None
+
 
 @dataclass(frozen=True)
 class Beat:
@@ -32,10 +44,12 @@ class Beat:
 
 
 def worker_beats(redis: Redis, prefix: str) -> list[Beat]:
-    """The registered workers whose name is `prefix` or starts with `prefix-`; RedisError passes through."""
+    """The registered workers whose name is `prefix` or starts with `prefix-`, interactive lanes left out;
+    RedisError passes through."""
     namespace = rqcompat.WORKER_KEY_PREFIX
     keys = sorted(rqcompat.as_text(k) for k in redis.smembers(rqcompat.WORKERS_KEY))
-    keys = [k for k in keys if k[len(namespace):] == prefix or k[len(namespace):].startswith(prefix + "-")]
+    keys = [k for k in keys if (k[len(namespace):] == prefix or k[len(namespace):].startswith(prefix + "-"))
+            and not is_lane(k[len(namespace):])]
     if not keys:
         return []
     with redis.pipeline(transaction=False) as pipe:
