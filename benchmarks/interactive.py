@@ -2,10 +2,11 @@
 
 One `car-backend worker` (real process, real Redis, `car-backend serve` over HTTP, the fake Label Studio for
 images and late writes) is busy on a batch of `--batch-tasks` tasks whose jobs take seconds each: large
-images (`--batch-side`, 1024 px by default: the proposal CLIP runs at up to 1024 px, and its affinity grows
+images (`--batch-side`, 1024 x 1024 px by default: the proposal CLIP runs at up to 1024 px, and its affinity grows
 with the square of the patch count). An annotator asks for interactive predictions (one task, a sentence
 typed into the TextArea, `--interactive-side` px images, a new task each time, a pause of `--think` seconds
-in between), first on the idle backend (the baseline), then while the batch runs. Per mode (`off`: one
+in between), first on the idle backend (the baseline), then while the batch runs (only while batch jobs
+still wait, so the worker is busy all along). Per mode (`off`: one
 worker process, as before; `on`: the worker and its lane) it prints the interactive p50/p95 idle and under
 the batch, the batch's jobs' median seconds, and the batch throughput (tasks/s from the batch's submission
 to its last job). Goal: under-batch p95 within 1 s of the idle p95, with the lane.
@@ -74,7 +75,7 @@ class Bench:
         self.url, self.fake, self.args, self.log_dir = url, fake, args, log_dir
         self.redis = Redis.from_url(url)
         self.next_id = 50_000_000
-        self.batch_png = image_bytes("batch", (args.batch_side, args.batch_side * 3 // 4))
+        self.batch_png = image_bytes("batch", (args.batch_side, args.batch_side))
         self.small_png = image_bytes("interactive", (args.interactive_side, args.interactive_side * 3 // 4))
 
     def ids(self, n: int) -> list[int]:
@@ -181,9 +182,11 @@ class Bench:
                "batch_job_median_s": round(statistics.median(job_seconds), 2) if job_seconds else None,
                "batch_throughput_tasks_per_s": round(args.batch_tasks / (finished - submitted), 4)}
         row["p95_gap_s"] = round(row["under_batch_p95_s"] - row["idle_p95_s"], 3)
+        row["p95_minus_idle_p50_s"] = round(row["under_batch_p95_s"] - row["idle_p50_s"], 3)  # stricter, fewer samples
         print(f"lane={mode:>3}: interactive idle p50 {row['idle_p50_s']:.2f} s p95 {row['idle_p95_s']:.2f} s; under "
               f"the batch p50 {row['under_batch_p50_s']:.2f} s p95 {row['under_batch_p95_s']:.2f} s "
-              f"({len(under)} calls; p95 gap {row['p95_gap_s']:+.2f} s); batch jobs median "
+              f"({len(under)} calls; p95 gap {row['p95_gap_s']:+.2f} s, to the idle p50 "
+              f"{row['p95_minus_idle_p50_s']:+.2f} s); batch jobs median "
               f"{row['batch_job_median_s']} s, throughput {row['batch_throughput_tasks_per_s']:.3f} tasks/s",
               flush=True)
         return row
@@ -213,7 +216,7 @@ def main() -> int:
     parser.add_argument("--batch-tasks", type=int, default=200, help="tasks of the batch (default 200)")
     parser.add_argument("--calls", type=int, default=10, help="interactive calls idle, and under the batch")
     parser.add_argument("--think", type=float, default=1.0, help="seconds between two interactive calls")
-    parser.add_argument("--batch-side", type=int, default=1024, help="batch images' width (height 3/4 of it)")
+    parser.add_argument("--batch-side", type=int, default=1024, help="batch images' side (square)")
     parser.add_argument("--interactive-side", type=int, default=512, help="interactive images' width")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads per worker process (default: every core)")

@@ -12,8 +12,8 @@ process does one exchange per access-token lifetime. Keys and tokens never reach
 exception message.
 
 `LabelStudioAPI` is the authenticated transport (personal access token exchange, 401 renewal);
-`LabelStudioClient` knows the endpoints (write one prediction or many, read a project, a task, list its
-tasks) and what their answers mean. Both raise CarError subclasses whose `retryable` says whether asking again may help.
+`LabelStudioClient` knows the endpoints (write one prediction or many, read a project, read tasks back
+through its task list, list its tasks) and what their answers mean. Both raise CarError subclasses whose `retryable` says whether asking again may help.
 """
 
 from __future__ import annotations

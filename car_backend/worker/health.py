@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import socket
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,17 +21,9 @@ from car_backend.queue import rqcompat
 from car_backend.queue.connection import redis_client
 from car_backend.queue.jobqueue import MAX_SILENCE_S
 from car_backend.settings import Settings
+from car_backend.worker.lanes import is_lane
 
 log = logging.getLogger(__name__)
-
-LANE_SUFFIX = "-interactive"  # an interactive lane's worker name: its batch worker's name plus this
-# A lane's name: restarts of the lane process, then of its RQ worker, each add "-<n>".
-LANE_NAME = re.compile(re.escape(LANE_SUFFIX) + r"(-\d+)*$")
-
-
-def is_lane(name: str) -> bool:
-    """Whether an RQ worker name is an interactive lane's (worker.process.Lane)."""
-    return LANE_NAME.search(name) is not None
 
 
 @dataclass(frozen=True)

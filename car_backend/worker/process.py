@@ -42,7 +42,7 @@ from car_backend.queue.connection import redis_client
 from car_backend.queue.jobqueue import SERIALIZER, WORKER_TTL_S, CarQueue, queue_names
 from car_backend.settings import Settings
 from car_backend.worker.context import WorkerContext
-from car_backend.worker.health import LANE_SUFFIX
+from car_backend.worker.lanes import LANE_SUFFIX
 from car_backend.worker.tasks import deliver_due, install
 
 log = logging.getLogger(__name__)
@@ -266,8 +266,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             name = base_name if generation == 0 else f"{base_name}-{generation}"
             worker = None
             try:
-                worker = make_worker(CarWorker, settings, redis, name, None if lane_process else context,
-                                     interactive_only=lane_process)
+                worker = make_worker(CarWorker, settings, redis, name, context, interactive_only=lane_process)
                 worker.work(burst=args.burst, logging_level=None)
             except RedisError as exc:  # Redis vanished before or while the worker registered
                 log.error("worker %s: Redis is unavailable (%s)", name, exc)

@@ -19,7 +19,8 @@ from car_backend.pipeline.planning import plan_task
 from car_backend.queue import rqcompat
 from car_backend.service.backend import Backend
 from car_backend.settings import Settings
-from car_backend.worker.health import LANE_SUFFIX, check, is_lane
+from car_backend.worker.health import check
+from car_backend.worker.lanes import LANE_SUFFIX, is_lane
 from car_backend.worker.process import BATCH_NICE, LANE_MIN_MEMORY, lane_wanted
 from tests.support.label_configs import label_config
 from tests.support.settings import tiny_settings
