@@ -2,7 +2,7 @@
 
 One `car-backend worker` (real process, real Redis, `car-backend serve` over HTTP, the fake Label Studio for
 images and late writes) is busy on a batch of `--batch-tasks` tasks whose jobs take seconds each: large
-images (`--batch-side`, 1024 x 1024 px by default: the proposal CLIP runs at up to 1024 px, and its affinity grows
+textured images (`--batch-side`, 1024 x 1024 px by default: the proposal CLIP runs at up to 1024 px, and its affinity grows
 with the square of the patch count). An annotator asks for interactive predictions (one task, a sentence
 typed into the TextArea, `--interactive-side` px images, a new task each time, a pause of `--think` seconds
 in between), first on the idle backend (the baseline), then while the batch runs (only while batch jobs
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import statistics
@@ -33,7 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import requests  # noqa: E402
+from PIL import Image  # noqa: E402
 from redis import Redis  # noqa: E402
 from rq.job import Job  # noqa: E402
 
@@ -58,6 +61,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def noise_png(side: int) -> bytes:
+    """PNG bytes of a `side` x `side` picture of random noise (top half red): textured, so the CRF works
+    as hard as on a photograph (flat pictures are cheaper)."""
+    pixels = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    pixels[: side // 2] = (200, 30, 30)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def redis_url(stack: contextlib.ExitStack) -> str:
     """REDIS_URL; else a database of our own on 127.0.0.1:6379; else a private redis-server."""
     if os.environ.get("REDIS_URL"):
@@ -75,7 +88,7 @@ class Bench:
         self.url, self.fake, self.args, self.log_dir = url, fake, args, log_dir
         self.redis = Redis.from_url(url)
         self.next_id = 50_000_000
-        self.batch_png = image_bytes("batch", (args.batch_side, args.batch_side))
+        self.batch_png = noise_png(args.batch_side)
         self.small_png = image_bytes("interactive", (args.interactive_side, args.interactive_side * 3 // 4))
 
     def ids(self, n: int) -> list[int]:
@@ -146,8 +159,10 @@ class Bench:
             _wait_http(f"{base}/health")
             if mode == "on":
                 self._wait_lane(base)
-            # Warm up: a batch job and an interactive call at once, so both processes load the models.
+            # Warm up: an interactive call while a batch job runs, so both processes load the models.
             warm = self.submit_batch(backend, settings, 1)
+            while backend.queue.statuses(warm)[0].value == "queued":
+                time.sleep(0.05)
             self.ask(base)
             self.wait_jobs(backend, warm, 600)
             idle = []
@@ -234,7 +249,8 @@ def main() -> int:
     summary = {"runs": rows}
     by_mode = {r["mode"]: r for r in rows}
     if "on" in by_mode:
-        summary["goal_p95_within_1s_of_idle"] = by_mode["on"]["p95_gap_s"] <= 1.0
+        # Against the idle p50: the idle p95 of a few calls on a shared machine is one outlier.
+        summary["goal_p95_within_1s_of_idle"] = by_mode["on"]["p95_minus_idle_p50_s"] <= 1.0
     if {"on", "off"} <= by_mode.keys():
         summary["throughput_ratio_on_vs_off"] = round(
             by_mode["on"]["batch_throughput_tasks_per_s"] / by_mode["off"]["batch_throughput_tasks_per_s"], 3)
