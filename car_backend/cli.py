@@ -43,7 +43,8 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
         "training jobs",
         description="Pull jobs from the Redis queue at REDIS_URL and run CaR on them in this process "
         "(models load once, no fork per job). Start any number of workers on any number of machines; "
-        "interactive jobs are always served before batch jobs.",
+        "interactive jobs are always served before batch jobs, and by a second process of each worker that "
+        "serves only them (CAR_INTERACTIVE_LANE), so they never wait for a running batch job.",
     )
     p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     p.add_argument("--name", help="worker name (default: host and process id)")
@@ -51,6 +52,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
                    help="do not run a worker: exit 0 when this host's worker (or --name) has a recent heartbeat in "
                    "Redis, 1 otherwise (a container health check)")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # the embedded worker exits with its server
+    p.add_argument("--lane", action="store_true", help=argparse.SUPPRESS)  # a worker's interactive lane (worker.process.Lane)
     p.set_defaults(handler=_run("car_backend.worker.health", "worker_command"))
 
 

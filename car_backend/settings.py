@@ -45,6 +45,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Fewer bytes than the smallest task Label Studio sends to /predict (TaskSimpleSerializer's 20 fields with
 # empty data: 410 bytes as compact JSON), so CAR_MAX_TASKS=0 admits every task a body within the limit holds.
 LS_TASK_MIN_BYTES = 400
+LANE_MODES = ("auto", "on", "off")  # CAR_INTERACTIVE_LANE
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,15 @@ class Settings:
         default=0,
         metadata=_meta("CAR_THREADS", "torch CPU threads per worker (0 = torch's default: every core). Set "
                        "cores / workers when several CPU workers share a host."),
+    )
+    interactive_lane: str = field(
+        default="auto",
+        metadata=_meta("CAR_INTERACTIVE_LANE", "A second process beside each `car-backend worker` (and the embedded "
+                       "one) that serves only interactive jobs, so an annotator never waits for the batch job running. "
+                       "It costs memory: 0.5 GB idle, 2.8 GB once it has run a job with the default models on CPU (on "
+                       "CUDA the models' fp16 copy, about 1.2 GB, and a CUDA context go to the GPU); the batch worker "
+                       "beside it runs at a lower CPU priority. auto = on where the host has at least 8 GiB of "
+                       "memory.", LANE_MODES),
     )
     # Delivery (issue 14): pending failures, late records, writes into Label Studio, embedded Redis data
     pending_ttl: int = field(

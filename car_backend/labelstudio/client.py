@@ -12,8 +12,8 @@ process does one exchange per access-token lifetime. Keys and tokens never reach
 exception message.
 
 `LabelStudioAPI` is the authenticated transport (personal access token exchange, 401 renewal);
-`LabelStudioClient` knows the endpoints (write one prediction or many, read a project, a task, list its
-tasks) and what their answers mean. Both raise CarError subclasses whose `retryable` says whether asking again may help.
+`LabelStudioClient` knows the endpoints (write one prediction or many, read a project, read tasks back
+through its task list, list its tasks) and what their answers mean. Both raise CarError subclasses whose `retryable` says whether asking again may help.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import requests
@@ -193,6 +193,7 @@ class LabelStudioAPI:
 
 
 TASK_PAGE_SIZE = 100
+READ_BACK_CHUNK = 100  # task ids per read-back request (project_tasks): a query string of about 1 KB
 
 
 class LabelStudioAPIError(CarError):
@@ -233,12 +234,27 @@ class LabelStudioClient:
         return self._json("POST", f"/api/projects/{int(project_id)}/import/predictions", json=predictions,
                           expect=(200, 201))
 
-    def task(self, task_id: int) -> dict:
-        """GET /api/tasks/<id>/: the task as Label Studio stores it (`data`, `project`, `predictions`)."""
-        found = self._json("GET", f"/api/tasks/{int(task_id)}/")
-        if not isinstance(found, dict):
-            raise LabelStudioAPIError(f"Label Studio answered GET /api/tasks/{int(task_id)}/ with no task object",
-                                      retryable=True)
+    def project_tasks(self, project_id: int, task_ids: Sequence[int]) -> dict[int, dict]:
+        """The tasks `task_ids` of project `project_id` as Label Studio stores them (`data`, `project`,
+        `predictions`), by id; a task missing from the answer is not in that project (another project's, or
+        deleted). GET /api/tasks/?project=&fields=all&query={"selectedItems": {"all": false, "included": ids}}
+        (READ_BACK_CHUNK ids a request): the Data Manager's task list, which asks no ML backend for predictions
+        (only with the deprecated `evaluate_predictions_automatically` project option). Not GET
+        /api/tasks/<id>/: for a task without any prediction, it calls this backend's /predict and waits for
+        the answer, which may wait on the very worker reading the task back."""
+        ids = list(dict.fromkeys(int(t) for t in task_ids))
+        found: dict[int, dict] = {}
+        for start in range(0, len(ids), READ_BACK_CHUNK):
+            chunk = ids[start:start + READ_BACK_CHUNK]
+            selected = {"selectedItems": {"all": False, "included": chunk}}
+            body = self._json("GET", "/api/tasks/", params={
+                "project": int(project_id), "fields": "all", "page": 1, "page_size": len(chunk),
+                "query": json.dumps(selected, separators=(",", ":"))})
+            tasks = body.get("tasks") if isinstance(body, dict) else body
+            if not isinstance(tasks, list):
+                raise LabelStudioAPIError("Label Studio answered GET /api/tasks/ with no task list", retryable=True)
+            wanted = set(chunk)
+            found.update((t["id"], t) for t in tasks if isinstance(t, dict) and t.get("id") in wanted)
         return found
 
     def project(self, project_id: int) -> dict:

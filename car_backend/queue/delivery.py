@@ -9,13 +9,23 @@ its job keys (queue.ledger). When its last job finishes, `stage_ready` moves it 
 2. each task's delivery claim is taken (TaskState.WRITING, owner "deliver:<name>"), or taken over from a
    deliverer that died: /predict never answers a task while its write is in flight; a record whose task now
    holds a newer model_version is superseded and never written;
-3. the project's label config is read from Label Studio (GET /api/projects/<id>/, once per project per
-   round) and each task is read back (GET /api/tasks/<id>/): a record is written only when that config
-   hashes to the one that planned its jobs (`LateRecord.config`), the task belongs to that project and its
-   data holds each predicted image under the key the config's Image names (else dropped, logged without
-   URLs, counted as `deliveries:refused`): what a caller of /predict sent is never believed beyond what
-   Label Studio confirms. A task that already has a prediction of this model_version (an earlier write
-   whose answer was lost: a timeout, a reset after sending, a killed worker) counts as confirmed, unwritten;
+                raise DeliveryDeferred(f"reading {len(records)} tasks back: {exc}") from None
+            return "refused: Label Studio could not give the tasks back"
+
+    def _verdict(self, record: LateRecord, found: dict[int, dict] | str) -> str:
+        """ "write", "present" (a prediction of this version is there), or why the task must not be written."""
+        if isinstance(found, str):
+            return found
+        task = found.get(record.task)
+        if task is None:
+            problem = "Label Studio has no such task in the project (another project's, or deleted)"
+        else:
+            problem = refusal(record, self._project_config(record.project), task)
+        if problem:
+            self.stats.count(CounterFamily.DELIVERIES, DeliveryOutcome.REFUSED)
+            log.warning("refused to write a prediction into task %s of project %s: %s", record.task,
+                        record.project.id, problem)
+            return f"refused: {problem}"
 4. the rest go in one request (`POST /api/projects/<p>/import/predictions`), or one by one
    (`POST /api/predictions/`) where Label Studio lacks the bulk endpoint (404/405);
 5. only what Label Studio confirmed is marked delivered (`DeliveryLedger.confirm`) and leaves the outbox
@@ -94,7 +104,8 @@ def refusal(record: LateRecord, config: str, task: dict) -> str:
     label config hashes to `config` there; "" when it may. Names no URL (the reasons are logged and stored)."""
     if not record.config or record.config != config:
         return "the project's label config in Label Studio is not the one that planned the prediction"
-    if task.get("project") != record.project.id:
+    # the task list read back is filtered by the project; a task that names another one is refused
+    if task.get("project", record.project.id) != record.project.id:
         return "the task belongs to another project in Label Studio"
     data = task.get("data") if isinstance(task.get("data"), dict) else {}
     if not record.sources or any(not isinstance(data.get(key), str) or data[key].strip() != image
@@ -185,8 +196,9 @@ class Deliverer:
             else:
                 candidates.append((record, results))
         to_write: list[tuple[LateRecord, list[JobResult]]] = []
+        found = self._read_back(project, [record for record, _ in candidates])
         for record, results in candidates:
-            verdict = self._read_back(record)
+            verdict = self._verdict(record, found)
             if verdict == "present":
                 outcome.confirmed.append(record)
             elif verdict == "write":
@@ -211,22 +223,28 @@ class Deliverer:
             self._config = config_hash(xml) if isinstance(xml, str) and xml.strip() else ""
         return self._config
 
-    def _read_back(self, record: LateRecord) -> str:
-        """ "write", "present" (a prediction of this version is there), or why the task must not be written."""
-        config = self._project_config(record.project)
+    def _read_back(self, project: ProjectId, records: Sequence[LateRecord]) -> dict[int, dict] | str:
+        """The records' tasks as Label Studio stores them, by id, in one call that triggers no prediction
+        (`LabelStudioClient.project_tasks`: reading a task by its own URL would call this backend's /predict
+        and could wait on this very worker); or why none can be written. Raises DeliveryDeferred when Label
+        Studio cannot answer now."""
+        if not records:
+            return {}
         self._renew()
         try:
-            task = self.ls.task(record.task)
+            return self.ls.project_tasks(project.id, [record.task for record in records])
         except LabelStudioAPIError as exc:
             if exc.retryable:
-                raise DeliveryDeferred(f"reading task {record.task} back: {exc}") from None
-            return "refused: Label Studio could not give the task back"
-        problem = refusal(record, config, task)
-        if problem:
-            self.stats.count(CounterFamily.DELIVERIES, DeliveryOutcome.REFUSED)
-            log.warning("refused to write a prediction into task %s of project %s: %s", record.task,
-                        record.project.id, problem)
-            return f"refused: {problem}"
+3. the project's label config is read from Label Studio (GET /api/projects/<id>/, once per project per
+   round) and the batch's tasks are read back in one call of the project's task list
+   (`LabelStudioClient.project_tasks`, which triggers no prediction: Label Studio's GET /api/tasks/<id>/
+   would call this backend's /predict for a task without any prediction and wait, maybe on this very
+   worker): a record is written only when that config hashes to the one that planned its jobs
+   (`LateRecord.config`), the task is in that project and its data holds each predicted image under the key
+   the config's Image names (else dropped, logged without URLs, counted as `deliveries:refused`): what a
+   caller of /predict sent is never believed beyond what Label Studio confirms. A task that already has a
+   prediction of this model_version (an earlier write whose answer was lost: a timeout, a reset after
+   sending, a killed worker) counts as confirmed, unwritten;
         if record.version in prediction_versions(task):
             return "present"
         return "write"

@@ -17,6 +17,8 @@ SUBMIT_CHUNK keys per transaction (a 10,000-task /predict makes a few dozen roun
 Interactive work never waits behind batch work: an interactive submission whose key has a live job still
 queued on the batch queue moves that job to the interactive queue (`promote`, one Lua script: off the batch
 list, origin changed, onto the interactive list), where it runs next; a job already running is joined.
+And an interactive job does not wait for the batch job a worker runs: each worker has an interactive lane, a
+second process that listens to the interactive queue only (worker.process.Lane, CAR_INTERACTIVE_LANE).
 """
 
 from __future__ import annotations
@@ -316,11 +318,22 @@ class JobQueue:
         return QueueDepth(interactive=wi, batch=wb, started=si + sb, failed=fi + fb)
 
     def live_workers(self, max_silence_s: float) -> int:
-        """Workers on our queues that sent a heartbeat in the last `max_silence_s` seconds."""
-        keys = set()
-        for queue in (self.interactive, self.batch):
-            members = self.redis.smembers(rqcompat.queue_workers_key(queue.name))
-            keys.update(rqcompat.as_text(k) for k in members)
+        """Workers on the batch queue (every `car-backend worker`, which serves both queues) that sent a
+        heartbeat in the last `max_silence_s` seconds; interactive lanes are not counted (`live_lanes`)."""
+        members = self.redis.smembers(rqcompat.queue_workers_key(self.batch.name))
+        return self._alive({rqcompat.as_text(k) for k in members}, max_silence_s)
+
+    def live_lanes(self, max_silence_s: float) -> int:
+        """Interactive lanes (workers on the interactive queue only) that sent a heartbeat in the last
+        `max_silence_s` seconds."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for queue in (self.interactive, self.batch):
+                pipe.smembers(rqcompat.queue_workers_key(queue.name))
+            interactive, batch = pipe.execute()
+        return self._alive({rqcompat.as_text(k) for k in interactive - batch}, max_silence_s)
+
+    def _alive(self, keys: set[str], max_silence_s: float) -> int:
+        """How many of the workers' hashes `keys` have a heartbeat in the last `max_silence_s` seconds."""
         if not keys:
             return 0
         with self.redis.pipeline(transaction=False) as pipe:

@@ -34,12 +34,14 @@ OVERDUE_S = 60.0
 
 @dataclass(frozen=True)
 class Health:
-    """What /health reports of the queue: depths, live workers, and what is wrong (`warnings`)."""
+    """What /health reports of the queue: depths, live workers (interactive lanes apart), and what is wrong
+    (`warnings`)."""
 
     depth: QueueDepth
     workers: int
     warnings: list[str] = field(default_factory=list)
     overdue_outboxes: int = 0  # projects whose late predictions wait for a worker that can write them
+    lanes: int = 0  # live interactive lanes (worker.process.Lane), not counted in `workers`
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ class Backend:
                             "written into Label Studio: no live worker has LABEL_STUDIO_URL and "
                             "LABEL_STUDIO_API_KEY (workers without them compute and leave the writes to one that "
                             "has them; nothing is lost until CAR_LATE_TTL)")
-        return Health(self._probe_queue.depth(), workers, warnings, overdue)
+        return Health(self._probe_queue.depth(), workers, warnings, overdue,
+                      lanes=self._probe_queue.live_lanes(max_silence_s=MAX_SILENCE_S))
 
     def workers_available(self) -> bool:
         """Whether a worker can run jobs now: the embedded process is alive, or (REDIS_URL set) some worker

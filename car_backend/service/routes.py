@@ -93,7 +93,7 @@ def health() -> Response:
         body["warnings"].append(detail)
     else:
         body.update(redis="ok", queue={"name": service.settings.queue, **asdict(state.depth)},
-                    workers=state.workers, overdue_outboxes=state.overdue_outboxes)
+                    workers=state.workers, overdue_outboxes=state.overdue_outboxes, lanes=state.lanes)
         body["warnings"].extend(state.warnings)
         if state.warnings:
             body["status"] = "DEGRADED"

@@ -17,9 +17,13 @@ Routes, in this order:
 2. The recorded API (always authorized): POST /api/predictions/ (recorded in `predictions`),
    GET /api/projects/<id>/, GET /api/annotations/<id>/ (`add_annotation`), GET /api/ml/?project=, GET /api/tasks/?project=&page=&page_size= (paginated,
    with the recorded predictions; a `query` with the Data Manager's `filter:tasks:id` filter narrows it to
-   that task, counted in `task_list_reads`). `add_project` sets a project's label config, tasks and extra params.
+   that task, counted in `task_list_reads`; with `query={"selectedItems": {"all": false, "included": [ids]}}`
+   the project's tasks of those ids among those added with `add_project`/`add_tasks`, as the Data Manager's
+   list does). `add_project` sets a project's label config, tasks and extra params.
    Delivery (in `_delivery_api`): GET /api/tasks/<id>/ (a task added with `add_project`/`add_tasks`, with
-   its recorded predictions), POST /api/projects/<id>/import/predictions (a list of predictions; 404 while
+   its recorded predictions; like Label Studio, for a task without any prediction it first calls the ML
+   backend's /predict at `backend_url`, when set, waits for the answer (`predict_timeout`) and stores what
+   it returns; counted in `backend_predicts`), POST /api/projects/<id>/import/predictions (a list of predictions; 404 while
    `bulk_missing`); `prediction_counts()` counts stored predictions per (task, model_version).
    Faults: `go_down(seconds, mode)` makes every /api/ request answer 503 (mode "503") or drop the
    connection (mode "refuse") for a while; `slow_first_writes = seconds` stores each task's first write,
@@ -49,6 +53,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
+import requests
 from PIL import Image
 
 HOST = "127.0.0.1"  # loopback only
@@ -203,6 +208,9 @@ class FakeLabelStudio:
 
     def _init_delivery_faults(self) -> None:
         self.tasks: dict[int, dict] = {}  # id -> {"project", "data"}
+        self.backend_url: str | None = None  # the ML backend GET /api/tasks/<id>/ asks for predictions
+        self.predict_timeout = 100.0  # Label Studio's ML_TIMEOUT_PREDICT
+        self.backend_predicts: Counter = Counter()  # task id -> /predict calls its GET /api/tasks/<id>/ made
         self.bulk_missing = False
         self.bulk_requests = 0
         self.slow_first_writes = 0.0
@@ -266,6 +274,8 @@ class FakeLabelStudio:
                 if task is None:
                     return _json(404, {"detail": "Not found."})
                 predictions = [p for p in self.predictions if p["task"] == task_id]
+            if not predictions and self.backend_url:
+                predictions = self._ask_backend(task_id, task)
             return _json(200, {"id": task_id, "project": task["project"], "data": task["data"],
                                "predictions": predictions})
         if method == "POST" and len(parts) == 5 and parts[1] == "projects" and parts[3:] == ["import", "predictions"]:
@@ -287,6 +297,30 @@ class FakeLabelStudio:
                     self.predictions.append({**item, "id": len(self.predictions) + 1, "at": now})
             return self._late_answer([i["task"] for i in items], _json(201, {"created": len(items)}))
         return None
+
+    def _ask_backend(self, task_id: int, task: dict) -> list[dict]:
+        """What Label Studio's task GET does for a task without predictions: POST the ML backend's /predict
+        with this one task and wait for it; the predictions then stored (an entry with a `result`)."""
+        with self.lock:
+            self.backend_predicts[task_id] += 1
+            project = self.projects.get(task["project"], {})
+        created = project.get("created")
+        body = {"tasks": [{"id": task_id, "data": task["data"]}], "label_config": project.get("label_config", ""),
+                "project": f"{task['project']}.{created}" if created is not None else str(task["project"])}
+        try:
+            resp = requests.post(f"{self.backend_url}/predict", json=body, timeout=self.predict_timeout)
+            results = resp.json().get("results") if resp.ok else None
+        except (requests.RequestException, ValueError):
+            results = None
+        entry = results[0] if isinstance(results, list) and len(results) == 1 else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("result"), list):
+            return []
+        record = {"task": task_id, "result": entry["result"], "score": entry.get("score"),
+                  "model_version": entry.get("model_version", "")}
+        with self.lock:
+            record.update(id=len(self.predictions) + 1, at=time.time())
+            self.predictions.append(record)
+        return [record]
 
     # ---- answers ----
 
@@ -376,7 +410,10 @@ class FakeLabelStudio:
         return self._late_answer([body["task"]], _json(201, record))
 
     def _tasks(self, args: dict[str, str]) -> Reply:
-        found = self.projects.get(_int(args.get("project")))
+        project_id = _int(args.get("project"))
+        if "query" in args:
+            return self._selected_tasks(project_id, args)
+        found = self.projects.get(project_id)
         if not found:
             return _json(404, {"detail": "Not found."})
         page, size = _int(args.get("page"), 1), _int(args.get("page_size"), 100)
@@ -392,6 +429,24 @@ class FakeLabelStudio:
         with self.lock:
             chunk = [{**t, "predictions": [p for p in self.predictions if p["task"] == t["id"]]} for t in chunk]
         return _json(200, {"tasks": chunk, "total": len(everything)})
+
+    def _selected_tasks(self, project_id: int | None, args: dict[str, str]) -> Reply:
+        """The Data Manager's list for `query`'s selected ids: tasks of `project_id` only, with their
+        predictions; it asks no ML backend for predictions."""
+        try:
+            selected = json.loads(args["query"])["selectedItems"]
+            included = {int(i) for i in selected["included"]} if selected.get("all") is False else None
+        except (ValueError, KeyError, TypeError):
+            return _json(400, {"detail": "selectedItems must be dict"})
+        with self.lock:
+            if project_id not in self.projects and all(t["project"] != project_id for t in self.tasks.values()):
+                return _json(404, {"detail": "Not found."})
+            ids = sorted(i for i, t in self.tasks.items()
+                         if t["project"] == project_id and (included is None or i in included))
+            size = _int(args.get("page_size"), 100)
+            chunk = [{"id": i, "project": project_id, "data": self.tasks[i]["data"],
+                      "predictions": [p for p in self.predictions if p["task"] == i]} for i in ids[:size]]
+        return _json(200, {"tasks": chunk, "total": len(ids)})
 
     def _hit(self, key: str) -> None:
         with self.lock:

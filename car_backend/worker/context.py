@@ -44,11 +44,12 @@ class WorkerContext:
     """Everything jobs use in one worker process, on its one Redis client `redis`.
 
     `settings`: the worker's settings; `name`: written into the delivery claims and locks this worker takes.
-    `deliverer` and `client` are None without LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY. The engine loads on
-    first use of `segmenter()` (raises ModelSpecError / ModelLoadError then).
+    `deliverer` and `client` are None without LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY; `deliverer` is None
+    too with `deliver` False (an interactive lane: what its jobs stage is written by a batch worker). The
+    engine loads on first use of `segmenter()` (raises ModelSpecError / ModelLoadError then).
     """
 
-    def __init__(self, settings: Settings, redis: Redis, name: str | None = None):
+    def __init__(self, settings: Settings, redis: Redis, name: str | None = None, deliver: bool = True):
         self.settings = settings
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.state = RedisState.on(redis, settings)
@@ -57,7 +58,7 @@ class WorkerContext:
         self.fetcher = MediaFetcher(settings)
         self.client = LabelStudioClient(settings, settings.ls_timeout) if settings.can_write_predictions else None
         self.deliverer = Deliverer(self.state.ledger, self.state.results, self.state.stats, self.client, settings,
-                                   owner=self.name) if self.client is not None else None
+                                   owner=self.name) if self.client is not None and deliver else None
         self._text_cache = RedisTextCache(redis, settings.text_cache_ttl) if settings.text_cache_ttl else None
         self._segmenter: Segmenter | None = None
         self._lock = threading.Lock()

@@ -5,6 +5,8 @@ RQ registration the worker renews (`last_heartbeat`, every few seconds while idl
 a worker of this host (`<hostname>-<pid>`, or the `--name` given) beat within WORKER_TTL_S + 5 seconds. It
 warns (exit status unchanged) when its settings, which a container's health check shares with its worker,
 lack LABEL_STUDIO_URL or LABEL_STUDIO_API_KEY: such a worker computes, but leaves late writes to others.
+Interactive lanes (`<worker>-interactive`, worker.process.Lane) do not count: a worker restarts its lane, and
+a lane alone serves no batch job.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from car_backend.queue.connection import redis_client
 from car_backend.queue.jobqueue import MAX_SILENCE_S
 from car_backend.settings import Settings
 from car_backend.worker.context import NO_WRITES
+from car_backend.worker.lanes import is_lane
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +38,12 @@ class Beat:
 
 
 def worker_beats(redis: Redis, prefix: str) -> list[Beat]:
-    """The registered workers whose name is `prefix` or starts with `prefix-`; RedisError passes through."""
+    """The registered workers whose name is `prefix` or starts with `prefix-`, interactive lanes left out;
+    RedisError passes through."""
     namespace = rqcompat.WORKER_KEY_PREFIX
     keys = sorted(rqcompat.as_text(k) for k in redis.smembers(rqcompat.WORKERS_KEY))
-    keys = [k for k in keys if k[len(namespace):] == prefix or k[len(namespace):].startswith(prefix + "-")]
+    keys = [k for k in keys if (k[len(namespace):] == prefix or k[len(namespace):].startswith(prefix + "-"))
+            and not is_lane(k[len(namespace):])]
     if not keys:
         return []
     with redis.pipeline(transaction=False) as pipe:

@@ -9,6 +9,15 @@ HEARTBEAT_TTL_S + MAINTENANCE_INTERVAL_S seconds. That counts as one of the job'
 
 SIGTERM (or Ctrl+C) is a warm stop: the current job finishes, then the worker exits; a second one is a
 cold stop: the job is interrupted and requeued through its retries.
+
+The interactive lane (CAR_INTERACTIVE_LANE): beside its own RQ worker, which serves the interactive queue
+first and then the batch queue, a worker process starts `car-backend worker --lane`, a second worker on the
+same device that listens to the interactive queue only. A job an annotator waits for then starts at once,
+even while a batch job runs (RQ cannot interrupt a running job). The lane loads the models again on its
+first job; its worker process is named `<worker>-interactive`, it writes no late deliveries (the batch
+worker does: a Label Studio outage must not hold up annotators), and `Lane` restarts it when it dies and
+stops it with its worker. The batch worker lowers its own CPU priority (BATCH_NICE) once the lane runs, so
+on CPU an interactive job takes the cores it needs while a batch job runs; both keep CAR_THREADS threads.
 """
 
 from __future__ import annotations
@@ -18,8 +27,11 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 from redis import Redis, RedisError
 from rq.exceptions import StopRequested
@@ -30,6 +42,7 @@ from car_backend.queue.connection import redis_client
 from car_backend.queue.jobqueue import SERIALIZER, WORKER_TTL_S, CarQueue, queue_names
 from car_backend.settings import Settings
 from car_backend.worker.context import NO_WRITES, WorkerContext
+from car_backend.worker.lanes import LANE_SUFFIX
 from car_backend.worker.tasks import deliver_due, install
 
 log = logging.getLogger(__name__)
@@ -42,6 +55,10 @@ MAINTENANCE_INTERVAL_S = 5
 RESTART_DELAY_S = 2.0
 PARENT_POLL_S = 1.0  # an embedded worker looks this often whether its server still runs
 PARENT_GONE_GRACE_S = 10.0  # then lets its job finish this long at most
+LANE_MIN_MEMORY = 8 * 2**30  # CAR_INTERACTIVE_LANE=auto runs a lane on hosts with this much memory or more
+BATCH_NICE = 10  # CPU priority the batch worker gives up beside its lane (CFS: ~10% of a core it shares)
+LANE_RESTART_MAX_S = 60.0  # a lane that keeps dying is started again at most this far apart
+LANE_STABLE_S = 60.0  # a lane that ran this long starts again after RESTART_DELAY_S, not its last backoff
 
 
 class CarWorker(SimpleWorker):
@@ -95,10 +112,12 @@ class CarWorker(SimpleWorker):
 
 
 def make_worker(cls: type[CarWorker], settings: Settings, redis: Redis, name: str | None,
-                context: WorkerContext | None = None) -> CarWorker:
-    """A worker on the interactive and batch queues; `context`: the process's WorkerContext, whose deliverer
-    the maintenance uses (none: no deliveries in maintenance)."""
-    queues = [CarQueue(q, connection=redis) for q in queue_names(settings)]
+                context: WorkerContext | None = None, interactive_only: bool = False) -> CarWorker:
+    """A worker on the interactive and batch queues (`interactive_only`: the interactive one, a lane);
+    `context`: the process's WorkerContext, whose deliverer the maintenance uses (none: no deliveries in
+    maintenance)."""
+    names = queue_names(settings)
+    queues = [CarQueue(q, connection=redis) for q in (names[:1] if interactive_only else names)]
     worker = cls(queues, name=name, connection=redis, queue_class=CarQueue, serializer=SERIALIZER,
                  log_job_description=False, worker_ttl=WORKER_TTL_S,
                  maintenance_interval=MAINTENANCE_INTERVAL_S, job_monitoring_interval=HEARTBEAT_INTERVAL_S)
@@ -119,6 +138,106 @@ def _exit_with(parent: int) -> None:
     threading.Thread(target=watch, name="car-parent-watch", daemon=True).start()
 
 
+def host_memory() -> int | None:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit when lower (a container);
+    None when unknown."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+        break
+    return total
+
+
+def lane_wanted(settings: Settings, burst: bool, memory: int | None) -> tuple[bool, str]:
+    """(whether a worker runs an interactive lane beside it, why) for CAR_INTERACTIVE_LANE; `memory`: the
+    host's (`host_memory()`). A burst worker (it exits when the queues are empty) never does."""
+    if burst:
+        return False, "a --burst worker runs no interactive lane"
+    if settings.interactive_lane != "auto":
+        return settings.interactive_lane == "on", f"CAR_INTERACTIVE_LANE={settings.interactive_lane}"
+    if memory is not None and memory < LANE_MIN_MEMORY:
+        return False, (f"CAR_INTERACTIVE_LANE=auto and this host has {memory / 2**30:.1f} GiB of memory (under "
+                       f"{LANE_MIN_MEMORY // 2**30} GiB): interactive jobs wait for the running batch job; set "
+                       "CAR_INTERACTIVE_LANE=on to run one anyway")
+    return True, "CAR_INTERACTIVE_LANE=auto"
+
+
+class Lane:
+    """The interactive lane of the worker `name` (this process): a `car-backend worker --lane` child process
+    named `name` + LANE_SUFFIX (+ `-<n>` when started again), on the same settings (this process's
+    environment), started again when it exits unless `stop()` was called (after RESTART_DELAY_S, doubling up
+    to LANE_RESTART_MAX_S while it keeps dying). It runs in a session of its own, so a Ctrl+C in a terminal
+    reaches only this worker, which stops it; it watches this process (`--parent-pid`) and exits when it is
+    gone (killed)."""
+
+    def __init__(self, name: str):
+        self.name = name + LANE_SUFFIX
+        self._parent = os.getpid()
+        self._proc: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._supervise, name="car-lane", daemon=True)
+
+    def start(self) -> Lane:
+        """Start the lane and its supervising thread. Call it before the worker lowers its priority: the lane
+        is forked from that thread and keeps its priority."""
+        self._thread.start()
+        return self
+
+    def _supervise(self) -> None:
+        delay, starts = RESTART_DELAY_S, 0
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            # A lane started again takes a new name: RQ refuses one whose dead owner's registration lives on.
+            name = self.name if starts == 0 else f"{self.name}-{starts}"
+            starts += 1
+            args = [sys.executable, "-m", "car_backend.cli", "worker", "--lane", "--name", name,
+                    "--parent-pid", str(self._parent)]
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                try:
+                    self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+                except OSError as exc:
+                    log.error("could not start the interactive lane %s: %s", name, exc)
+                    self._proc = None
+                proc = self._proc
+            if proc is not None:
+                log.info("interactive lane %s started (process %d)", name, proc.pid)
+                code = proc.wait()
+                if self._stopping.is_set():
+                    return
+                log.warning("interactive lane %s exited (%s); starting it again in %.0f s", name, code, delay)
+            if time.monotonic() - started >= LANE_STABLE_S:
+                delay = RESTART_DELAY_S
+            if self._stopping.wait(delay):
+                return
+            delay = min(LANE_RESTART_MAX_S, delay * 2)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Warm-stop the lane (SIGTERM: its current job finishes), SIGKILL after `timeout` seconds; no restart."""
+        self._stopping.set()
+        with self._lock:
+            proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("interactive lane %d did not stop within %.0f s; killing it", proc.pid, timeout)
+            proc.kill()
+            proc.wait(10)
+
+
 def main(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.redis_url:
         log.error("car-backend worker needs REDIS_URL (the queue's Redis); without it, `car-backend serve` "
@@ -126,19 +245,30 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     if getattr(args, "parent_pid", None):
         _exit_with(args.parent_pid)
-    if not settings.can_write_predictions:
+    lane_process = bool(getattr(args, "lane", False))
+    if not settings.can_write_predictions and not lane_process:  # a lane never writes: its worker says it
         log.warning("worker: %s", NO_WRITES)
     redis = redis_client(settings.redis_url, "worker")
     base_name = args.name or f"{socket.gethostname()}-{os.getpid()}"
-    context = WorkerContext(settings, redis, name=base_name)
+    # A lane writes no late deliveries (its batch worker does): a slow Label Studio must not hold it up.
+    context = WorkerContext(settings, redis, name=base_name, deliver=not lane_process)
     install(context)
+    lane = None
+    if not lane_process:
+        wanted, why = lane_wanted(settings, args.burst, host_memory())
+        if wanted:
+            lane = Lane(base_name).start()
+            os.nice(BATCH_NICE)  # this thread's, inherited by the threads jobs start (torch's included)
+            log.info("worker %s: interactive jobs also run on its lane %s (%s)", base_name, lane.name, why)
+        else:
+            log.info("worker %s: no interactive lane (%s)", base_name, why)
     generation = 0
     try:
         while True:
             name = base_name if generation == 0 else f"{base_name}-{generation}"
             worker = None
             try:
-                worker = make_worker(CarWorker, settings, redis, name, context)
+                worker = make_worker(CarWorker, settings, redis, name, context, interactive_only=lane_process)
                 worker.work(burst=args.burst, logging_level=None)
             except RedisError as exc:  # Redis vanished before or while the worker registered
                 log.error("worker %s: Redis is unavailable (%s)", name, exc)
@@ -150,3 +280,6 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             generation += 1
     except StopRequested:  # SIGTERM while waiting to start again
         return 0
+    finally:
+        if lane is not None:
+            lane.stop()
