@@ -9,23 +9,16 @@ its job keys (queue.ledger). When its last job finishes, `stage_ready` moves it 
 2. each task's delivery claim is taken (TaskState.WRITING, owner "deliver:<name>"), or taken over from a
    deliverer that died: /predict never answers a task while its write is in flight; a record whose task now
    holds a newer model_version is superseded and never written;
-                raise DeliveryDeferred(f"reading {len(records)} tasks back: {exc}") from None
-            return "refused: Label Studio could not give the tasks back"
-
-    def _verdict(self, record: LateRecord, found: dict[int, dict] | str) -> str:
-        """ "write", "present" (a prediction of this version is there), or why the task must not be written."""
-        if isinstance(found, str):
-            return found
-        task = found.get(record.task)
-        if task is None:
-            problem = "Label Studio has no such task in the project (another project's, or deleted)"
-        else:
-            problem = refusal(record, self._project_config(record.project), task)
-        if problem:
-            self.stats.count(CounterFamily.DELIVERIES, DeliveryOutcome.REFUSED)
-            log.warning("refused to write a prediction into task %s of project %s: %s", record.task,
-                        record.project.id, problem)
-            return f"refused: {problem}"
+3. the project's label config is read from Label Studio (GET /api/projects/<id>/, once per project per
+   round) and the batch's tasks are read back in one call of the project's task list
+   (`LabelStudioClient.project_tasks`, which triggers no prediction: Label Studio's GET /api/tasks/<id>/
+   would call this backend's /predict for a task without any prediction and wait, maybe on this very
+   worker): a record is written only when that config hashes to the one that planned its jobs
+   (`LateRecord.config`), the task is in that project and its data holds each predicted image under the key
+   the config's Image names (else dropped, logged without URLs, counted as `deliveries:refused`): what a
+   caller of /predict sent is never believed beyond what Label Studio confirms. A task that already has a
+   prediction of this model_version (an earlier write whose answer was lost: a timeout, a reset after
+   sending, a killed worker) counts as confirmed, unwritten;
 4. the rest go in one request (`POST /api/projects/<p>/import/predictions`), or one by one
    (`POST /api/predictions/`) where Label Studio lacks the bulk endpoint (404/405);
 5. only what Label Studio confirmed is marked delivered (`DeliveryLedger.confirm`) and leaves the outbox
@@ -235,16 +228,23 @@ class Deliverer:
             return self.ls.project_tasks(project.id, [record.task for record in records])
         except LabelStudioAPIError as exc:
             if exc.retryable:
-3. the project's label config is read from Label Studio (GET /api/projects/<id>/, once per project per
-   round) and the batch's tasks are read back in one call of the project's task list
-   (`LabelStudioClient.project_tasks`, which triggers no prediction: Label Studio's GET /api/tasks/<id>/
-   would call this backend's /predict for a task without any prediction and wait, maybe on this very
-   worker): a record is written only when that config hashes to the one that planned its jobs
-   (`LateRecord.config`), the task is in that project and its data holds each predicted image under the key
-   the config's Image names (else dropped, logged without URLs, counted as `deliveries:refused`): what a
-   caller of /predict sent is never believed beyond what Label Studio confirms. A task that already has a
-   prediction of this model_version (an earlier write whose answer was lost: a timeout, a reset after
-   sending, a killed worker) counts as confirmed, unwritten;
+                raise DeliveryDeferred(f"reading {len(records)} tasks back: {exc}") from None
+            return "refused: Label Studio could not give the tasks back"
+
+    def _verdict(self, record: LateRecord, found: dict[int, dict] | str) -> str:
+        """ "write", "present" (a prediction of this version is there), or why the task must not be written."""
+        if isinstance(found, str):
+            return found
+        task = found.get(record.task)
+        if task is None:
+            problem = "Label Studio has no such task in the project (another project's, or deleted)"
+        else:
+            problem = refusal(record, self._project_config(record.project), task)
+        if problem:
+            self.stats.count(CounterFamily.DELIVERIES, DeliveryOutcome.REFUSED)
+            log.warning("refused to write a prediction into task %s of project %s: %s", record.task,
+                        record.project.id, problem)
+            return f"refused: {problem}"
         if record.version in prediction_versions(task):
             return "present"
         return "write"
