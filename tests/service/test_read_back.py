@@ -2,7 +2,7 @@
 
 Label Studio's GET /api/tasks/<id>/ calls the ML backend's /predict for a task without any prediction and waits
 for the answer. A late delivery reads its tasks back before writing them; read that way, the /predict it
-triggers queues a job for the very worker doing the read-back (after a config change, that job is new), which
+triggers queues a job for the very worker doing the read-back (after the project's settings changed, that job is new), which
 waits CAR_PREDICT_WAIT for nothing. Here the fake Label Studio does what Label Studio does (its task GET calls
 the real app, served over HTTP, when `backend_url` is set), and one real worker process delivers.
 """
@@ -15,6 +15,7 @@ import time
 import uuid
 
 import pytest
+import requests
 from werkzeug.serving import make_server
 
 from car_backend.service.app import create_app
@@ -69,8 +70,12 @@ def test_a_late_delivery_with_one_worker_is_written_promptly_and_asks_for_no_pre
         body = predict(retrieve, tasks, project=f"{project}.1700000000")
         assert all("result" not in entry for entry in body["results"]), body
         started = time.monotonic()
-        # Label Studio's project has another label now: a /predict with its config needs jobs of its own.
-        ls.projects[project]["label_config"] = BRUSH.replace('value="cat"', 'value="lynx"')
+        # The project's settings change (Label Studio's next /setup sends other extra_params): a /predict now
+        # needs jobs of a new version, which would queue behind the worker doing the read-back. (A change of
+        # the label config itself would refuse these writes: they were planned with the old one.)
+        setup = requests.post(f"{ls.backend_url}/setup", json={"project": f"{project}.1700000000", "schema": BRUSH,
+                                                             "extra_params": {"preset": "voc"}}, timeout=10)
+        assert setup.status_code == 200 and setup.json()["model_version"] != body["model_version"], setup.text
 
         found = ls.wait_for_predictions(ids, timeout=PROMPT_S)
         elapsed = time.monotonic() - started
