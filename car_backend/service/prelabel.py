@@ -28,6 +28,7 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 from tqdm import tqdm
 
+from car_backend.engine.instances import split_instances
 from car_backend.exports.gallery import Gallery
 from car_backend.exports.records import ExportItem, Failure, Journal, write_failures
 from car_backend.exports.writers import ExportSpec, Layout, write_export
@@ -357,5 +358,7 @@ def segment_image(path: Path, name: str, project: Project, segmenter, fetcher: M
         scores={label.value: float(s) for label, s in zip(labels, own.scores, strict=True) if s > 0},
         score=task_score(kept, spec.score, margins),
         uncertainty=1.0 if uncertainty is None else uncertainty,  # nothing kept: worth a look
+        # Segment Anything's objects, where it ran, are the instances; else the export splits the label map
+        instances=None if own.parts is None else split_instances(own.label_map, own.scores, parts=own.parts),
     )
     return item, image
