@@ -111,12 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     proposal_fp32, proposal_tokenizer = random_clip(args.proposal, seed=1)
     classifier_fp32, classifier_tokenizer = random_clip(args.classifier, seed=2)
     variants = [args.precision] + ([args.baseline] if args.baseline and args.baseline != args.precision else [])
-    models = {}  # precision -> (proposal, classifier), each converted to what the engine resolves it to
-    for precision in variants:
-        dtypes = [DTYPES[resolve_precision(precision, device, role)] for role in ("proposal", "classifier")]
-        models[precision] = tuple(converted(model, device, dtype)
-                                  for model, dtype in zip((proposal_fp32, classifier_fp32), dtypes, strict=True))
-    del proposal_fp32, classifier_fp32
+    # precision -> (proposal, classifier), each in what the engine resolves it to (one copy per distinct dtype)
+    per_role = []
+    for role, model in (("proposal", proposal_fp32), ("classifier", classifier_fp32)):
+        dtypes = {precision: DTYPES[resolve_precision(precision, device, role)] for precision in variants}
+        per_role.append(converted(model, device, dtypes))
+    models = {precision: (per_role[0][precision], per_role[1][precision]) for precision in variants}
+    del proposal_fp32, classifier_fp32, per_role
     proposal, classifier = models[args.precision]
     if args.classifier != "ViT-L-14":
         print(f"note: classifier {args.classifier} (the official CaR classifier is ViT-L-14; pass "
@@ -139,27 +140,37 @@ def main(argv: list[str] | None = None) -> int:
                                                            name=f"{args.classifier}:random"))
                       for precision in variants]
         entries, runs = measure_fast(segmenters, images, list(VOCABULARY[:count]), preset)
-        entry, fast_runs[count] = entries[0], runs[0]
+        entry, fast_runs[count] = entries[0], runs
         if len(variants) > 1:
             baseline = entries[1]
             entry["baseline"] = {"precision": describe(args.baseline, models), **baseline}
             entry["speedup_over_baseline"] = round(baseline["fast_median_s"] / entry["fast_median_s"], 2)
-            entry["agreement_with_baseline"] = [compare(a, b) for a, b in zip(runs[0], runs[1], strict=True)]
+            entry["agreement_with_baseline"] = [agree(a, b) for a, b in zip(runs[0], runs[1], strict=True)]
         report["queries"][str(count)] = entry
     report["peak_rss_mb_fast"] = peak_rss_mb()
     if device.type == "cuda":
         report["cuda_peak_mb_fast"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     parity = None
     if not args.no_literal:
+        if proposal.visual.conv1.weight.dtype != classifier.visual.conv1.weight.dtype:
+            # The literal code runs one precision (the official code's own on a CPU is fp32): fresh fp32
+            # copies of the same seeded weights, built after the fast runs' peak memory was read.
+            proposal = random_clip(args.proposal, seed=1)[0].to(device)
+            classifier = random_clip(args.classifier, seed=2)[0].to(device)
+        report["literal_dtype"] = str(classifier.visual.conv1.weight.dtype).removeprefix("torch.")
         literal = LiteralCaR(proposal, proposal_tokenizer, classifier, classifier_tokenizer, preset)
         for count in counts:
             entry = report["queries"][str(count)]
             start = time.perf_counter()
             reference = literal.segment(images[1], list(VOCABULARY[:count]))
             entry["literal_s"] = round(time.perf_counter() - start, 3)
+            entry["literal_dtype"] = report["literal_dtype"]
             entry["speedup"] = round(entry["literal_s"] / entry["fast_median_s"], 2)
             entry["speedup_first_call"] = round(entry["literal_s"] / entry["fast_first_call_s"], 2)
-            entry["parity"] = compare(fast_runs[count][0], reference)
+            entry["parity"] = compare(fast_runs[count][0][0], reference)
+            if "baseline" in entry:
+                entry["baseline"]["speedup"] = round(entry["literal_s"] / entry["baseline"]["fast_median_s"], 2)
+                entry["baseline"]["parity"] = compare(fast_runs[count][1][0], reference)
         parity = {
             "kept_equal": all(e["parity"]["kept_equal"] for e in report["queries"].values()),
             "steps_equal": all(e["parity"]["steps_equal"] for e in report["queries"].values()),
@@ -204,11 +215,19 @@ def measure_fast(segmenters: list[Segmenter], images: list[np.ndarray], queries:
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def converted(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The float32 CPU `model` itself where that is what is asked, else a converted copy."""
-    if device.type == "cpu" and dtype == torch.float32:
-        return model
-    return copy.deepcopy(model).to(device, dtype)
+def converted(model: torch.nn.Module, device: torch.device, dtypes: dict[str, torch.dtype]
+              ) -> dict[str, torch.nn.Module]:
+    """The float32 CPU `model` in each precision's dtype: one module per distinct dtype, the last one converted
+    in place (so that a single precision's peak RSS is that of its own models)."""
+    distinct = list(dict.fromkeys(dtypes.values()))
+    if device.type == "cpu" and torch.float32 in distinct:  # the original serves float32; convert copies first
+        distinct.remove(torch.float32)
+        distinct.append(torch.float32)
+    modules = {}
+    for i, dtype in enumerate(distinct):
+        last = i == len(distinct) - 1
+        modules[dtype] = (model if last else copy.deepcopy(model)).to(device, dtype)
+    return {precision: modules[dtype] for precision, dtype in dtypes.items()}
 
 
 def describe(precision: str, models: dict) -> str:
@@ -354,6 +373,16 @@ def compare(fast, reference) -> dict:
     }
 
 
+def agree(fast, baseline) -> dict:
+    """Two engine answers (Segmentation) on one image: kept labels, steps, final scores, label maps."""
+    return {
+        "kept_equal": fast.kept == baseline.kept,
+        "steps_equal": fast.steps == baseline.steps,
+        "max_score_diff": float(np.abs(fast.scores - baseline.scores).max()),
+        "mask_agreement": float((fast.label_map == baseline.label_map).mean()),
+    }
+
+
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -373,9 +402,14 @@ def print_entry(count: int, entry: dict) -> None:
               f"{max(a['max_score_diff'] for a in agreement):.2e}, mask agreement "
               f"{min(a['mask_agreement'] for a in agreement):.4f}")
         print(f"    baseline stage medians (ms): {stages}")
+        if "parity" in base:
+            p = base["parity"]
+            print(f"    literal against the baseline: speed-up x{base['speedup']}; parity: kept {p['kept_equal']}, "
+                  f"steps {p['steps_equal']}, max score diff {p['max_score_diff']:.2e}, "
+                  f"mask agreement {p['mask_agreement']:.4f}")
     if "literal_s" in entry:
         p = entry["parity"]
-        print(f"    literal {entry['literal_s']:.1f} s -> speed-up x{entry['speedup']} "
+        print(f"    literal ({entry.get('literal_dtype', '')}) {entry['literal_s']:.1f} s -> speed-up x{entry['speedup']} "
               f"(x{entry['speedup_first_call']} against the fast first call); parity: kept {p['kept_equal']}, "
               f"steps {p['steps_equal']}, max score diff {p['max_score_diff']:.2e}, "
               f"mask agreement {p['mask_agreement']:.4f}")

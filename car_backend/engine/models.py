@@ -147,13 +147,13 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively: one of NATIVE_BF16_FLAGS among /proc/cpuinfo's flags (x86
-    Linux; read once per process). False where the file is missing (macOS, Windows) or has no such flag:
-    without them torch emulates bf16 matmuls, slower than fp32."""
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 natively: one of NATIVE_BF16_FLAGS among the `cpuinfo` file's flags
+    (x86 Linux; read once per process). False where the file is missing (macOS, Windows) or has no such
+    flag: without them torch emulates bf16 matmuls, slower than fp32."""
     try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
+        with open(cpuinfo) as lines:
+            for line in lines:
                 if line.startswith("flags"):
                     return not set(NATIVE_BF16_FLAGS).isdisjoint(line.split(":", 1)[-1].split())
     except OSError:
