@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also the default models (ViT-B/16 + ViT-L/14) on --default-scenes scenes at 384x512")
     p.add_argument("--default-scenes", type=int, default=3)
     p.add_argument("--variants", default="auto,bf16", help="comma-separated, of: " + ", ".join(VARIANTS))
+    p.add_argument("--no-tiny", action="store_true", help="only the default models' scenes")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
@@ -49,10 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     height, width = (int(v) for v in args.scene_size.lower().split("x"))
     print(f"cpu native bf16: {cpu_has_native_bf16()} ({torch.backends.cpu.get_cpu_capability()}), "
           f"{torch.get_num_threads()} threads; random weights")
-    tiny = random_clip(str(TINY_CLIP_CONFIG), seed=1) + random_clip(str(TINY_CLIP_CONFIG), seed=2)
-    sets = [("parity cases", "tiny", tiny, PARITY_CASES),
-            (f"{args.scenes} scenes {width}x{height}, 20 queries", "tiny", tiny,
-             scene_cases(args.scenes, (height, width)))]
+    sets = []
+    if not args.no_tiny:
+        tiny = random_clip(str(TINY_CLIP_CONFIG), seed=1) + random_clip(str(TINY_CLIP_CONFIG), seed=2)
+        sets += [("parity cases", "tiny", tiny, PARITY_CASES),
+                 (f"{args.scenes} scenes {width}x{height}, 20 queries", "tiny", tiny,
+                  scene_cases(args.scenes, (height, width)))]
     if args.default_models:
         default = random_clip("ViT-B-16", seed=1) + random_clip("ViT-L-14", seed=2)
         sets.append((f"{args.default_scenes} scenes 512x384, 20 queries", "B/16 + L/14", default,

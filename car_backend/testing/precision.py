@@ -6,7 +6,8 @@ under test resolves to) segment the same cases: the parity cases (`PARITY_CASES`
 tests/engine/test_parity.py runs against the literal implementation) and generated scenes
 (engine.synthetic.scene) with a vocabulary of queries. Per case: whether the kept labels and the number of
 steps are equal, the largest difference of a step's scores (over the steps both ran with the same live
-queries), and the share of pixels where the label maps agree.
+queries: always step 1, the classifier's rounding on every query; later steps where the kept labels did not
+diverge), and the share of pixels where the label maps agree.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class CaseAgreement:
     name: str
     kept_equal: bool
     steps_equal: bool
-    max_score_diff: float  # over every step both ran with the same live queries, and the final scores
+    max_score_diff: float  # over the steps both ran with the same live queries (step 1 at least)
     mask_agreement: float  # share of pixels where the label maps are equal
 
 
@@ -152,9 +153,9 @@ def compare_case(reference: Segmenter, candidate: Segmenter, case: Case) -> Case
         result = segmenter.segment(image, list(case.queries), preset=preset, mode=case.mode)
         runs.append((result, steps.restore()))
     (expected, expected_steps), (got, got_steps) = runs
-    diffs = [float(np.abs(expected.scores - got.scores).max())]
-    diffs += [float(np.abs(a - b).max()) for (live_a, a), (live_b, b) in zip(expected_steps, got_steps, strict=False)
-              if live_a == live_b]
+    # Steps are compared in order while both runs had the same live queries (step 1 always does).
+    diffs = [float(np.abs(a - b).max()) for (live_a, a), (live_b, b) in zip(expected_steps, got_steps, strict=False)
+             if live_a == live_b]
     return CaseAgreement(case.name, expected.kept == got.kept, expected.steps == got.steps, max(diffs),
                          float((expected.label_map == got.label_map).mean()))
 

@@ -17,9 +17,10 @@ _OWN_PREFIXES = ("CAR_", "REDIS_URL", "LABEL_STUDIO_", "BASIC_AUTH_")
 
 def tiny_settings(**overrides) -> Settings:
     """Settings with the tiny random CLIP on CPU (fast), plus `overrides`. The embedded Redis's data goes to
-    a fresh temporary folder (CAR_DATA_DIR), never the user's cache that other runs may share."""
+    a fresh temporary folder (CAR_DATA_DIR), never the user's cache that other runs may share. Precision is
+    fp32, so that outcomes do not depend on whether the machine's CPU has native bf16 (what `auto` picks)."""
     values = {"proposal_model": TINY_MODEL, "classifier_model": TINY_MODEL, "device": "cpu", "max_steps": 3,
-              "data_dir": tempfile.mkdtemp(prefix="car-data-")}
+              "precision": "fp32", "data_dir": tempfile.mkdtemp(prefix="car-data-")}
     values.update(overrides)
     return Settings(**values)
 
