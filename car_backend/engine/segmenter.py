@@ -85,8 +85,10 @@ class PreparedImage:
     trunk_seconds: float
     original_size: tuple[int, int]  # (H, W) of the image as given
     backgrounds: dict[tuple[str, ...], torch.Tensor | None] = field(default_factory=dict)
-    # step-1 (proposals, read-only scores) keyed by all they depend on; see Segmenter._first_step
-    first_steps: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray]] = field(default_factory=OrderedDict)
+    # step-1 (proposals, read-only scores, prompted-image embeddings by mask key) keyed by all they depend on;
+    # see Segmenter._first_step
+    first_steps: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray, dict[bytes, torch.Tensor]]] = field(
+        default_factory=OrderedDict)
     # step-1 proposals keyed by all they depend on (a subset of the above); see Segmenter._first_proposals
     first_proposals: OrderedDict[tuple, torch.Tensor] = field(default_factory=OrderedDict)
 
