@@ -11,8 +11,9 @@ For each query count: the fast engine segments one warm-up image (its first call
 implementation segments the first measured image once. `--precision auto` resolves per model as the engine
 does (engine.models.resolve_precision: on a CPU with native bf16, a bf16 classifier and an fp32 proposal
 model); `--baseline fp32` runs the fp32 engine on the same images, interleaved, and prints the ratio and how
-far the two answers are apart. Prints per-stage medians, peak memory, the speed-up and parity figures; the
-last line is one JSON object.
+far the two answers are apart. The literal code runs one precision: the fast engine's where both models
+share one, else fp32 (the official code's on a CPU). Prints per-stage medians, peak memory, the speed-up and
+parity figures; the last line is one JSON object.
 """
 
 from __future__ import annotations
