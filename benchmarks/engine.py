@@ -1,20 +1,25 @@
 """Engine benchmark: the fast CaR engine against the literal official-order implementation, same run.
 
     python benchmarks/engine.py [--quick] [--device cpu|cuda] [--precision auto|fp32|fp16|bf16]
-                                [--classifier ViT-B-16|ViT-L-14] [--queries 5,10,20] [--images 3]
+                                [--baseline fp32] [--classifier ViT-B-16|ViT-L-14] [--queries 5,10,20] [--images 3]
     python benchmarks/engine.py --memory [--memory-labels 100] [--memory-size 4000x3000] [--before-source DIR]
     python benchmarks/engine.py --refiners [--refiner-types vit_b,hq_vit_b,sam2.1_hiera_t] [--size 320x240]
 
 Both models have random weights (no network here), with sharpened attention (see car_backend/engine/synthetic.py).
 For each query count: the fast engine segments one warm-up image (its first call: cold text cache), then
 `--images` fresh images (trunk included, text cache warm: the steady state of a worker); the literal
-implementation segments the first measured image once. Prints per-stage medians, peak memory, the
-speed-up and parity figures; the last line is one JSON object.
+implementation segments the first measured image once. `--precision auto` resolves per model as the engine
+does (engine.models.resolve_precision: on a CPU with native bf16, a bf16 classifier and an fp32 proposal
+model); `--baseline fp32` runs the fp32 engine on the same images, interleaved, and prints the ratio and how
+far the two answers are apart. The literal code runs one precision: the fast engine's where both models
+share one, else fp32 (the official code's on a CPU). Prints per-stage medians, peak memory, the speed-up and
+parity figures; the last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import resource
@@ -29,6 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from car_backend.engine import ClipModel, EngineConfig, Segmenter, get_preset  # noqa: E402
+from car_backend.engine.config import PRECISIONS  # noqa: E402
+from car_backend.engine.models import resolve_precision  # noqa: E402
 from car_backend.engine.reference import LiteralCaR  # noqa: E402
 from car_backend.engine.synthetic import random_clip, scene  # noqa: E402
 
@@ -45,7 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small images, 5 and 20 queries, one image (a few minutes)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="CAR_PRECISION of the fast engine (auto: resolved per model as the engine does)")
+    p.add_argument("--baseline", choices=PRECISIONS,
+                   help="also run the fast engine at this precision (e.g. fp32), interleaved image by image in "
+                        "the same process, and print the ratio of the medians (peak RSS then covers both)")
     p.add_argument("--proposal", default="ViT-B-16", help="open_clip name of the proposal CLIP")
     p.add_argument("--classifier", default="ViT-B-16",
                    help="open_clip name of the classifier CLIP (the official one is ViT-L-14; B-16 keeps the "
@@ -97,45 +108,70 @@ def main(argv: list[str] | None = None) -> int:
     width, height = (int(v) for v in args.size.lower().split("x"))
     counts = [int(q) for q in args.queries.split(",")]
     device = torch.device(args.device)
-    dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32, "fp32": torch.float32,
-             "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
     preset = get_preset(args.preset)
-    proposal, proposal_tokenizer = random_clip(args.proposal, seed=1)
-    classifier, classifier_tokenizer = random_clip(args.classifier, seed=2)
-    proposal, classifier = proposal.to(device, dtype), classifier.to(device, dtype)
+    proposal_fp32, proposal_tokenizer = random_clip(args.proposal, seed=1)
+    classifier_fp32, classifier_tokenizer = random_clip(args.classifier, seed=2)
+    variants = [args.precision] + ([args.baseline] if args.baseline and args.baseline != args.precision else [])
+    # precision -> (proposal, classifier), each in what the engine resolves it to (one copy per distinct dtype)
+    per_role = []
+    for role, model in (("proposal", proposal_fp32), ("classifier", classifier_fp32)):
+        dtypes = {precision: DTYPES[resolve_precision(precision, device, role)] for precision in variants}
+        per_role.append(converted(model, device, dtypes))
+    models = {precision: (per_role[0][precision], per_role[1][precision]) for precision in variants}
+    del proposal_fp32, classifier_fp32, per_role
+    proposal, classifier = models[args.precision]
     if args.classifier != "ViT-L-14":
         print(f"note: classifier {args.classifier} (the official CaR classifier is ViT-L-14; pass "
               "--classifier ViT-L-14 to use it)")
-    print(f"device {device} {dtype} ({torch.get_num_threads()} threads), proposal {args.proposal}, "
-          f"classifier {args.classifier}, "
-          f"images {width}x{height}, preset {preset.name}, random weights")
-    proposal_clip = ClipModel(proposal, proposal_tokenizer, name=f"{args.proposal}:random")
-    classifier_clip = ClipModel(classifier, classifier_tokenizer, name=f"{args.classifier}:random")
+    print(f"device {device} precision {describe(args.precision, models)} ({torch.get_num_threads()} threads), "
+          f"proposal {args.proposal}, classifier {args.classifier}, images {width}x{height}, preset {preset.name}, "
+          f"random weights" + (f"; baseline {describe(args.baseline, models)}, interleaved" if len(variants) > 1
+                               else ""))
     images = [scene(seed, height, width) for seed in range(args.images + 1)]
-    report: dict = {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
+    report: dict = {"device": str(device), "precision": args.precision, "dtype": describe(args.precision, models),
                     "threads": torch.get_num_threads(), "proposal": args.proposal, "classifier": args.classifier,
                     "image_size": [width, height], "preset": preset.name, "queries": {}}
     # Fast runs for every query count first, so that their peak memory is measured before the literal's.
     fast_runs = {}
     for count in counts:
-        segmenter = Segmenter(EngineConfig(device=args.device), proposal_model=proposal_clip,
-                              classifier_model=classifier_clip)
-        entry, fast_runs[count] = measure_fast(segmenter, images, list(VOCABULARY[:count]), preset)
+        segmenters = [Segmenter(EngineConfig(device=args.device, precision=precision),
+                                proposal_model=ClipModel(models[precision][0], proposal_tokenizer,
+                                                         name=f"{args.proposal}:random"),
+                                classifier_model=ClipModel(models[precision][1], classifier_tokenizer,
+                                                           name=f"{args.classifier}:random"))
+                      for precision in variants]
+        entries, runs = measure_fast(segmenters, images, list(VOCABULARY[:count]), preset)
+        entry, fast_runs[count] = entries[0], runs
+        if len(variants) > 1:
+            baseline = entries[1]
+            entry["baseline"] = {"precision": describe(args.baseline, models), **baseline}
+            entry["speedup_over_baseline"] = round(baseline["fast_median_s"] / entry["fast_median_s"], 2)
+            entry["agreement_with_baseline"] = [agree(a, b) for a, b in zip(runs[0], runs[1], strict=True)]
         report["queries"][str(count)] = entry
     report["peak_rss_mb_fast"] = peak_rss_mb()
     if device.type == "cuda":
         report["cuda_peak_mb_fast"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     parity = None
     if not args.no_literal:
+        if proposal.visual.conv1.weight.dtype != classifier.visual.conv1.weight.dtype:
+            # The literal code runs one precision (the official code's own on a CPU is fp32): fresh fp32
+            # copies of the same seeded weights, built after the fast runs' peak memory was read.
+            proposal = random_clip(args.proposal, seed=1)[0].to(device)
+            classifier = random_clip(args.classifier, seed=2)[0].to(device)
+        report["literal_dtype"] = str(classifier.visual.conv1.weight.dtype).removeprefix("torch.")
         literal = LiteralCaR(proposal, proposal_tokenizer, classifier, classifier_tokenizer, preset)
         for count in counts:
             entry = report["queries"][str(count)]
             start = time.perf_counter()
             reference = literal.segment(images[1], list(VOCABULARY[:count]))
             entry["literal_s"] = round(time.perf_counter() - start, 3)
+            entry["literal_dtype"] = report["literal_dtype"]
             entry["speedup"] = round(entry["literal_s"] / entry["fast_median_s"], 2)
             entry["speedup_first_call"] = round(entry["literal_s"] / entry["fast_first_call_s"], 2)
-            entry["parity"] = compare(fast_runs[count][0], reference)
+            entry["parity"] = compare(fast_runs[count][0][0], reference)
+            if "baseline" in entry:
+                entry["baseline"]["speedup"] = round(entry["literal_s"] / entry["baseline"]["fast_median_s"], 2)
+                entry["baseline"]["parity"] = compare(fast_runs[count][1][0], reference)
         parity = {
             "kept_equal": all(e["parity"]["kept_equal"] for e in report["queries"].values()),
             "steps_equal": all(e["parity"]["steps_equal"] for e in report["queries"].values()),
@@ -155,17 +191,51 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure_fast(segmenter: Segmenter, images: list[np.ndarray], queries: list[str], preset) -> tuple[dict, list]:
-    """One first call (cold text cache) on images[0], then one call per further image (trunk included)."""
-    start = time.perf_counter()
-    segmenter.segment(images[0], queries, preset=preset)
-    cold = time.perf_counter() - start
-    runs = [segmenter.segment(image, queries, preset=preset) for image in images[1:]]
-    medians = {s: statistics.median(r.timings.get(s, 0.0) for r in runs) for s in STAGES}
-    entry = {"fast_first_call_s": round(cold, 3), "fast_median_s": round(medians["total"], 3),
-             "stage_medians_s": {s: round(v, 4) for s, v in medians.items()},
-             "steps": [r.steps for r in runs], "kept": [len(r.kept) for r in runs]}
-    return entry, runs
+def measure_fast(segmenters: list[Segmenter], images: list[np.ndarray], queries: list[str], preset
+                 ) -> tuple[list[dict], list[list]]:
+    """Per segmenter: one first call (cold text cache) on images[0], then one call per further image (trunk
+    included); the segmenters take turns on each image, so that a load from other processes hits them alike."""
+    colds = []
+    for segmenter in segmenters:
+        start = time.perf_counter()
+        segmenter.segment(images[0], queries, preset=preset)
+        colds.append(time.perf_counter() - start)
+    runs: list[list] = [[] for _ in segmenters]
+    for image in images[1:]:
+        for segmenter, done in zip(segmenters, runs, strict=True):
+            done.append(segmenter.segment(image, queries, preset=preset))
+    entries = []
+    for cold, done in zip(colds, runs, strict=True):
+        medians = {s: statistics.median(r.timings.get(s, 0.0) for r in done) for s in STAGES}
+        entries.append({"fast_first_call_s": round(cold, 3), "fast_median_s": round(medians["total"], 3),
+                        "stage_medians_s": {s: round(v, 4) for s, v in medians.items()},
+                        "steps": [r.steps for r in done], "kept": [len(r.kept) for r in done]})
+    return entries, runs
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def converted(model: torch.nn.Module, device: torch.device, dtypes: dict[str, torch.dtype]
+              ) -> dict[str, torch.nn.Module]:
+    """The float32 CPU `model` in each precision's dtype: one module per distinct dtype, the last one converted
+    in place (so that a single precision's peak RSS is that of its own models)."""
+    distinct = list(dict.fromkeys(dtypes.values()))
+    if device.type == "cpu" and torch.float32 in distinct:  # the original serves float32; convert copies first
+        distinct.remove(torch.float32)
+        distinct.append(torch.float32)
+    modules = {}
+    for i, dtype in enumerate(distinct):
+        last = i == len(distinct) - 1
+        modules[dtype] = (model if last else copy.deepcopy(model)).to(device, dtype)
+    return {precision: modules[dtype] for precision, dtype in dtypes.items()}
+
+
+def describe(precision: str, models: dict) -> str:
+    """`auto (proposal fp32, classifier bf16)`: a precision with what it resolved to per model."""
+    proposal, classifier = (str(next(m.parameters()).dtype).removeprefix("torch.") for m in models[precision])
+    resolved = proposal if proposal == classifier else f"proposal {proposal}, classifier {classifier}"
+    return precision if resolved == precision else f"{precision} ({resolved})"
 
 
 def refiner_section(args: argparse.Namespace) -> dict:
@@ -304,6 +374,16 @@ def compare(fast, reference) -> dict:
     }
 
 
+def agree(fast, baseline) -> dict:
+    """Two engine answers (Segmentation) on one image: kept labels, steps, final scores, label maps."""
+    return {
+        "kept_equal": fast.kept == baseline.kept,
+        "steps_equal": fast.steps == baseline.steps,
+        "max_score_diff": float(np.abs(fast.scores - baseline.scores).max()),
+        "mask_agreement": float((fast.label_map == baseline.label_map).mean()),
+    }
+
+
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -313,9 +393,24 @@ def print_entry(count: int, entry: dict) -> None:
     print(f"{count:>3} queries: fast median {entry['fast_median_s'] * 1000:.0f} ms "
           f"(first call {entry['fast_first_call_s'] * 1000:.0f} ms), steps {entry['steps']}, kept {entry['kept']}")
     print(f"    stage medians (ms): {stages}")
+    if "baseline" in entry:
+        base = entry["baseline"]
+        stages = "  ".join(f"{s} {v * 1000:.0f}" for s, v in base["stage_medians_s"].items())
+        agreement = entry["agreement_with_baseline"]
+        print(f"    baseline {base['precision']}: median {base['fast_median_s'] * 1000:.0f} ms (first call "
+              f"{base['fast_first_call_s'] * 1000:.0f} ms) -> x{entry['speedup_over_baseline']}; kept equal "
+              f"{sum(a['kept_equal'] for a in agreement)}/{len(agreement)}, max score diff "
+              f"{max(a['max_score_diff'] for a in agreement):.2e}, mask agreement "
+              f"{min(a['mask_agreement'] for a in agreement):.4f}")
+        print(f"    baseline stage medians (ms): {stages}")
+        if "parity" in base:
+            p = base["parity"]
+            print(f"    literal against the baseline: speed-up x{base['speedup']}; parity: kept {p['kept_equal']}, "
+                  f"steps {p['steps_equal']}, max score diff {p['max_score_diff']:.2e}, "
+                  f"mask agreement {p['mask_agreement']:.4f}")
     if "literal_s" in entry:
         p = entry["parity"]
-        print(f"    literal {entry['literal_s']:.1f} s -> speed-up x{entry['speedup']} "
+        print(f"    literal ({entry.get('literal_dtype', '')}) {entry['literal_s']:.1f} s -> speed-up x{entry['speedup']} "
               f"(x{entry['speedup_first_call']} against the fast first call); parity: kept {p['kept_equal']}, "
               f"steps {p['steps_equal']}, max score diff {p['max_score_diff']:.2e}, "
               f"mask agreement {p['mask_agreement']:.4f}")

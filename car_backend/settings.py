@@ -84,7 +84,9 @@ class Settings:
     device: str = field(default="auto", metadata=_meta("CAR_DEVICE", "Where the models run.", DEVICES))
     precision: str = field(
         default="auto",
-        metadata=_meta("CAR_PRECISION", "Model precision; auto = fp16 on CUDA, fp32 on CPU.", PRECISIONS),
+        metadata=_meta("CAR_PRECISION", "Model precision; auto = fp16 on CUDA; on a CPU with native bf16 "
+                       "(avx512_bf16 or amx_bf16) the classifier in bf16 and the proposal model in fp32 (README "
+                       "\"Precision\"); fp32 on other CPUs and with CAR_COMPAT=official.", PRECISIONS),
     )
     preset: str = field(
         default="coco",

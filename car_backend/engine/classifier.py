@@ -4,11 +4,15 @@ As the official code does (spec section 3): CLIP's preprocessing (shorter side t
 the CLS token of the *penultimate* block through ln_post and proj, and for each template a softmax over
 the live queries; with templates, the per-template probabilities are summed and soft-maxed again. The
 score of query q is entry (q, q). Unlike the official code, each prompted image is encoded once (not once
-per template) and text embeddings come from the model's cache.
+per template), text embeddings come from the model's cache, and a prompted image is encoded once per
+`segment` call: it depends only on its binary mask (the image, prompts and classifier being fixed), so
+queries with equal masks, every unprompted query, and a query whose mask an earlier step of the
+recurrence already prompted share one encoding (`mask_keys`; the segmenter keeps the call's embeddings).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from car_backend.engine.imageops import shorter_side_resize_crop
@@ -55,6 +59,18 @@ class MaskClassifier:
                 images[prompted] = marked
             outputs.append(shorter_side_resize_crop(images, self.input_size))
         return torch.cat(outputs)
+
+    @torch.inference_mode()
+    def mask_keys(self, proposals: torch.Tensor, mask_threshold: float) -> list[bytes]:
+        """What each prompted image of soft proposals (Q, H, W) depends on besides the image, prompts and
+        threshold (see `prompted_inputs`): b"" for a proposal that leaves the image unprompted, else its
+        packed binary mask. Equal keys give equal prompted images."""
+        sums = proposals.sum(dim=(1, 2))
+        keys = []
+        for soft, total in zip(proposals, sums.tolist(), strict=True):
+            mask = soft > mask_threshold
+            keys.append(np.packbits(mask.cpu().numpy()).tobytes() if total > 1 and bool(mask.any()) else b"")
+        return keys
 
     @torch.inference_mode()
     def embed_images(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,9 @@ class EngineConfig:
     """The models and limits one `Segmenter` runs with.
 
     proposal_model / classifier_model: `NAME:WEIGHTS` specs (see `engine.models.ModelSpec`).
-    device: auto | cpu | cuda. precision: auto | fp32 | fp16 | bf16 (auto = fp16 on CUDA, fp32 on CPU).
+    device: auto | cpu | cuda. precision: auto | fp32 | fp16 | bf16 (auto = fp16 on CUDA; on a CPU with
+    native bf16 the classifier in bf16 and the proposal model in fp32; fp32 on other CPUs and with compat
+    official: `engine.models.resolve_precision`).
     preset: the preset a call without one uses (`engine.presets.PRESETS`).
     max_steps: cap on recurrent steps. sam_checkpoint / sam_model_type: Segment Anything (family and model,
     `engine.refiners`), off when the checkpoint is empty (`random`: random weights, tests and benchmarks).

@@ -14,6 +14,7 @@ retry loop (about a minute) and its generic message.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -114,10 +115,50 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """`auto` is fp16 on CUDA and fp32 on CPU (CPU half-precision matmuls are slow or unsupported)."""
+    """`auto` is fp16 on CUDA and fp32 on CPU (CPU half-precision matmuls are slow or unsupported).
+
+    The engine resolves `auto` per model first (`resolve_precision`); this is the plain rule for a model
+    loaded on its own.
+    """
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def resolve_precision(precision: str, device: torch.device, role: str, compat: str = "fixed") -> str:
+    """The precision (`fp32` | `fp16` | `bf16`) the engine loads one model in; `precision` is CAR_PRECISION.
+
+    `role`: `proposal` (the Grad-CAM CLIP) or `classifier`; `compat`: CAR_COMPAT. `auto` is fp16 on CUDA
+    (both models); on a CPU with native bf16 (`cpu_has_native_bf16`) bf16 for the classifier and fp32 for the
+    proposal model, whose trunk feeds the Grad-CAM maps, the affinity and so the CRF's input (README
+    "Precision": the measured agreement with fp32); fp32 on other CPUs and under CAR_COMPAT=official (the
+    official code's own CPU precision). Any other value is returned as given.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    if role == "classifier" and compat == "fixed" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 natively: one of NATIVE_BF16_FLAGS among the `cpuinfo` file's flags
+    (x86 Linux; read once per process). False where the file is missing (macOS, Windows) or has no such
+    flag: without them torch emulates bf16 matmuls, slower than fp32."""
+    try:
+        with open(cpuinfo) as lines:
+            for line in lines:
+                if line.startswith("flags"):
+                    return not set(NATIVE_BF16_FLAGS).isdisjoint(line.split(":", 1)[-1].split())
+    except OSError:
+        pass
+    return False
 
 
 class ClipModel:

@@ -40,7 +40,14 @@ from car_backend.engine.classifier import MaskClassifier
 from car_backend.engine.config import PROPOSAL_MODES, EngineConfig
 from car_backend.engine.head import MaskHead
 from car_backend.engine.instances import Parts, paint_parts
-from car_backend.engine.models import ClipModel, ModelLoadError, SharedTextCache, load_clip, resolve_device
+from car_backend.engine.models import (
+    ClipModel,
+    ModelLoadError,
+    SharedTextCache,
+    load_clip,
+    resolve_device,
+    resolve_precision,
+)
 from car_backend.engine.postprocess import (
     SamRefiner,
     assemble_label_map,
@@ -79,8 +86,10 @@ class PreparedImage:
     trunk_seconds: float
     original_size: tuple[int, int]  # (H, W) of the image as given
     backgrounds: dict[tuple[str, ...], torch.Tensor | None] = field(default_factory=dict)
-    # step-1 (proposals, read-only scores) keyed by all they depend on; see Segmenter._first_step
-    first_steps: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray]] = field(default_factory=OrderedDict)
+    # step-1 (proposals, read-only scores, prompted-image embeddings by mask key) keyed by all they depend on;
+    # see Segmenter._first_step
+    first_steps: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray, dict[bytes, torch.Tensor]]] = field(
+        default_factory=OrderedDict)
     # step-1 proposals keyed by all they depend on (a subset of the above); see Segmenter._first_proposals
     first_proposals: OrderedDict[tuple, torch.Tensor] = field(default_factory=OrderedDict)
 
@@ -134,18 +143,20 @@ class Segmenter:
     @property
     def proposal_clip(self) -> ClipModel:
         if self._proposal_clip is None:
-            self._proposal_clip = self._load(self.config.proposal_model, "CAR_PROPOSAL_MODEL")
+            self._proposal_clip = self._load(self.config.proposal_model, "CAR_PROPOSAL_MODEL", "proposal")
         return self._proposal_clip
 
     @property
     def classifier_clip(self) -> ClipModel:
         if self._classifier_clip is None:
-            self._classifier_clip = self._load(self.config.classifier_model, "CAR_CLASSIFIER_MODEL")
+            self._classifier_clip = self._load(self.config.classifier_model, "CAR_CLASSIFIER_MODEL", "classifier")
         return self._classifier_clip
 
-    def _load(self, spec: str, setting: str) -> ClipModel:
+    def _load(self, spec: str, setting: str, role: str) -> ClipModel:
         s = self.config
-        clip = load_clip(spec, resolve_device(s.device), s.precision, s.weights_dir, setting=setting)
+        device = resolve_device(s.device)
+        precision = resolve_precision(s.precision, device, role, s.compat)
+        clip = load_clip(spec, device, precision, s.weights_dir, setting=setting)
         if self._text_cache is not None:
             clip.shared_cache = self._text_cache
         return clip
@@ -266,14 +277,16 @@ class Segmenter:
         fallback: StepRecord | None = None  # the latest step whose proposals are not all zero
         live = list(range(len(queries)))
         kept_before = 0  # the official loop stops when a step keeps as many queries as the step before
+        known: dict[bytes, torch.Tensor] = {}  # this call's prompted-image embeddings by mask key (_scores)
         while True:
             if steps:
                 cam_texts = [CAM_TEMPLATE.format(queries[i]) for i in live]
                 proposals, scores = self._step(prepared, cam_texts, background_texts, class_texts[:, live],
-                                               classifier, preset, referring, timer)
+                                               classifier, preset, referring, timer, known)
             else:
-                proposals, scores = self._first_step(prepared, queries, background, background_texts,
-                                                     class_texts, classifier, preset, referring, timer)
+                proposals, scores, first_known = self._first_step(prepared, queries, background, background_texts,
+                                                                  class_texts, classifier, preset, referring, timer)
+                known.update(first_known)  # a copy: the cached dict is shared with later calls
             kept = [i for i, s in enumerate(scores) if s > preset.confidence_threshold] or [int(np.argmax(scores))]
             record = StepRecord(live=live, scores=scores, kept=kept, proposals=proposals,
                                 empty=float(proposals.max()) == 0)
@@ -293,23 +306,28 @@ class Segmenter:
 
     def _first_step(self, prepared: PreparedImage, queries: list[str], background: tuple[str, ...],
                     background_texts: torch.Tensor, class_texts: torch.Tensor, classifier: MaskClassifier,
-                    preset: Preset, referring: bool, timer: StageTimer) -> tuple[torch.Tensor, np.ndarray]:
+                    preset: Preset, referring: bool, timer: StageTimer
+                    ) -> tuple[torch.Tensor, np.ndarray, dict[bytes, torch.Tensor]]:
         """Step 1: every query, CAMs prompted with the raw query texts (spec 1); cached on `prepared`.
+
+        Returns the proposals, the scores and the prompted-image embeddings by mask (see `_scores`).
 
         The key holds everything step 1 reads besides the prepared image: the models (by identity), the
         texts and the thresholds and prompts, but not theta. On a miss the proposals may still come from
         `_first_proposals` (their own cache, not keyed by eta, prompts, templates or classifier). The cached
-        tensors are never modified: `_recur` only drops its StepRecord's reference, and scores are read-only.
+        tensors are never modified: `_recur` only drops its StepRecord's reference, scores are read-only and
+        the embeddings are copied.
         """
         key = (tuple(queries), referring, background, preset.templates, preset.clipes_threshold, preset.mask_threshold,
                preset.visual_prompts, self.proposal_clip, classifier.clip, _HEAD.get())
 
-        def compute() -> tuple[torch.Tensor, np.ndarray]:
+        def compute() -> tuple[torch.Tensor, np.ndarray, dict[bytes, torch.Tensor]]:
             proposals = self._first_proposals(prepared, queries, background, background_texts, preset, referring,
                                               timer)
-            scores = self._scores(prepared, classifier, proposals, class_texts, preset, timer)
+            known: dict[bytes, torch.Tensor] = {}
+            scores = self._scores(prepared, classifier, proposals, class_texts, preset, timer, known)
             scores.flags.writeable = False
-            return proposals, scores
+            return proposals, scores, known
 
         return self._memo(prepared.first_steps, key, FIRST_STEP_CACHE_SIZE, compute)
 
@@ -341,10 +359,10 @@ class Segmenter:
 
     def _step(self, prepared: PreparedImage, cam_texts: list[str], background_texts: torch.Tensor,
               class_texts: torch.Tensor, classifier: MaskClassifier, preset: Preset, referring: bool,
-              timer: StageTimer) -> tuple[torch.Tensor, np.ndarray]:
+              timer: StageTimer, known: dict[bytes, torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
         """Proposals (Q, H, W) and classifier scores (Q,) for the live queries' CAM texts and class texts."""
         proposals = self._proposals(prepared, cam_texts, background_texts, preset, referring, timer)
-        return proposals, self._scores(prepared, classifier, proposals, class_texts, preset, timer)
+        return proposals, self._scores(prepared, classifier, proposals, class_texts, preset, timer, known)
 
     def _proposals(self, prepared: PreparedImage, cam_texts: list[str], background_texts: torch.Tensor,
                    preset: Preset, referring: bool, timer: StageTimer) -> torch.Tensor:
@@ -365,16 +383,28 @@ class Segmenter:
         return refined if head is None else head.blend * masks + (1.0 - head.blend) * refined
 
     def _scores(self, prepared: PreparedImage, classifier: MaskClassifier, proposals: torch.Tensor,
-                texts: torch.Tensor, preset: Preset, timer: StageTimer) -> np.ndarray:
+                texts: torch.Tensor, preset: Preset, timer: StageTimer, known: dict[bytes, torch.Tensor]
+                ) -> np.ndarray:
+        """Scores (Q,) of soft proposals (Q, H, W) against class texts (T, Q, E).
+
+        `known`: the call's prompted-image embeddings (E,) by mask key (MaskClassifier.mask_keys), read and
+        extended: an image prompted with a mask that an earlier step or another query prompted already (or
+        unprompted, like another query's) is not prompted nor encoded again.
+        """
         if len(proposals) == 1:  # a softmax over one query is 1: nothing to compute
             return np.ones(1, dtype=np.float32)
         with timer("prompts"):
-            inputs = classifier.prompted_inputs(
-                prepared.pixels, proposals, preset.mask_threshold, preset.visual_prompts,
-                prepared.background(preset.visual_prompts),
-            )
+            keys = classifier.mask_keys(proposals, preset.mask_threshold)
+            fresh = [keys.index(key) for key in dict.fromkeys(keys) if key not in known]
+            if fresh:
+                inputs = classifier.prompted_inputs(
+                    prepared.pixels, proposals[fresh], preset.mask_threshold, preset.visual_prompts,
+                    prepared.background(preset.visual_prompts),
+                )
         with timer("classify"):
-            embeddings = classifier.embed_images(inputs)
+            if fresh:
+                known.update(zip((keys[i] for i in fresh), classifier.embed_images(inputs), strict=True))
+            embeddings = torch.stack([known[key] for key in keys])
             scores = classifier.scores(embeddings, texts, double_softmax=preset.templates is not None)
         return scores.cpu().numpy()
 

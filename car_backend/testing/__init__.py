@@ -9,6 +9,8 @@ Pieces that both the test suite (through tests/support) and the benchmarks use, 
 - `fake_label_studio`: a stand-in for Label Studio's API, images and media endpoints on 127.0.0.1;
 - `faults`: delivery fault scenarios (tests/service/test_faults.py, benchmarks/faults.py);
 - `scenes`: generated scenes with known masks (mask-head tests, benchmarks/fit.py);
+- `precision`: the engine's parity cases and its bf16-against-fp32 agreement (tests/engine/test_precision.py,
+  benchmarks/precision.py);
 - `attacker`: an HTTP server on another loopback address that records connections and `Authorization`.
 
 Nothing in car_backend outside this package imports it (tests/test_layers.py checks).

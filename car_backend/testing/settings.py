@@ -17,11 +17,12 @@ _OWN_PREFIXES = ("CAR_", "REDIS_URL", "LABEL_STUDIO_", "BASIC_AUTH_")
 
 def tiny_settings(**overrides) -> Settings:
     """Settings with the tiny random CLIP on CPU (fast), plus `overrides`. The embedded Redis's data goes to
-    a fresh temporary folder (CAR_DATA_DIR), never the user's cache that other runs may share. Workers run
-    no interactive lane (CAR_INTERACTIVE_LANE=off: one process per worker, so tests that count processes,
-    kill workers or order jobs see one) unless `interactive_lane` says so."""
+    a fresh temporary folder (CAR_DATA_DIR), never the user's cache that other runs may share. Precision is
+    fp32, so that outcomes do not depend on whether the machine's CPU has native bf16 (what `auto` picks).
+    Workers run no interactive lane (CAR_INTERACTIVE_LANE=off: one process per worker, so tests that count
+    processes, kill workers or order jobs see one) unless `interactive_lane` says so."""
     values = {"proposal_model": TINY_MODEL, "classifier_model": TINY_MODEL, "device": "cpu", "max_steps": 3,
-              "data_dir": tempfile.mkdtemp(prefix="car-data-"), "interactive_lane": "off"}
+              "precision": "fp32", "data_dir": tempfile.mkdtemp(prefix="car-data-"), "interactive_lane": "off"}
     values.update(overrides)
     return Settings(**values)
 

@@ -17,43 +17,11 @@ import pytest
 from car_backend.engine import ClipModel, EngineConfig, Segmenter, get_preset
 from car_backend.engine.config import COMPAT_MODES
 from car_backend.engine.reference import LiteralCaR
+from car_backend.testing.precision import PARITY_CASES
 from tests.support.engine import random_clip, scene
 
-WORDS = ["cat", "dog", "car", "tree person", "red apple", "boat", "sofa", "bird", "horse", "train", "bus", "cow"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    preset: str
-    theta: float
-    seed: int
-    queries: tuple[str, ...]
-    prompts: tuple[str, ...] | None = None  # override the preset's visual prompts
-    mode: str = "semantic"
-
-    def resolved_preset(self):
-        # eta is nudged off the preset's round value: refined proposals can hold pixels at 0.5 to within a few
-        # 1e-6, and the two implementations round such a pixel to different sides of the threshold (a
-        # one-pixel mask difference that the random tiny classifier turns into a different score). Both
-        # agree on either side of a 1e-5 margin (case coco-3 has a pixel between 0.500001 and 0.50001).
-        base = get_preset(self.preset)
-        preset = dataclasses.replace(base, confidence_threshold=self.theta, mask_threshold=base.mask_threshold + 1e-5)
-        return dataclasses.replace(preset, visual_prompts=self.prompts) if self.prompts else preset
-
-
-CASES = [
-    Case("coco", 0.04, 1, tuple(WORDS[1:7])),
-    Case("coco", 0.04, 3, tuple(WORDS[3:9])),
-    Case("voc", 0.04, 0, tuple(WORDS[0:6])),
-    Case("voc", 0.04, 2, tuple(WORDS[2:8])),
-    Case("coco", 0.1, 2, ("horse", "cat", "train", "red apple", "dog", "boat")),
-    Case("coco", 0.08, 3, tuple(WORDS)),
-    Case("coco", 0.1, 4, ("cat", "dog", "car", "boat", "sofa"), prompts=("black", "rectangle", "contour")),
-    Case("voc", 0.04, 5, ("bird", "horse", "train", "bus", "cow"), prompts=("circle", "blur", "gray")),
-    Case("refcoco+", 0.05, 6, ("the cat on the left", "a red car", "the tree person", "small boat"),
-         mode="referring"),
-    Case("refcocog", 0.02, 7, ("a dog", "the horse near the bus", "a big cow"), mode="referring"),
-]
+# The cases live in the harness, which benchmarks/precision.py shares (`Case`: see there).
+CASES = PARITY_CASES
 
 
 def compare(fast, literal) -> dict:

@@ -110,12 +110,12 @@ def test_eta_sweep_matches_fresh_segmenters(tiny_clips, queries, preset, mode, s
         swept = segmenter.segment(prepared, queries, preset=swept_preset, mode=mode)
         fresh = make_segmenter(tiny_clips).segment(image, queries, preset=swept_preset, mode=mode)
         assert same_segmentation(swept, fresh), eta
-        _, scores = next(reversed(prepared.first_steps.values()))  # this call's, the most recently used
+        _, scores, _ = next(reversed(prepared.first_steps.values()))  # this call's, the most recently used
         step_one_scores.add(scores.tobytes())
     assert len(step_one_scores) >= 3  # eta does change step 1's scores
     assert len(prepared.first_proposals) == 1 and len(prepared.first_steps) == len(ETAS)
     (proposals,) = prepared.first_proposals.values()
-    assert all(cached is proposals for cached, _ in prepared.first_steps.values())
+    assert all(cached is proposals for cached, _, _ in prepared.first_steps.values())
 
 
 class StepOneCounter:
@@ -190,7 +190,7 @@ def test_first_step_cache_is_bounded_per_image(tiny_clips):
     for index in range(FIRST_STEP_CACHE_SIZE + 2):
         segmenter.segment(prepared, QUERIES[:2], preset=dataclasses.replace(LOW_THETA, mask_threshold=0.1 * index))
     assert len(prepared.first_steps) == FIRST_STEP_CACHE_SIZE
-    assert all(not scores.flags.writeable for _, scores in prepared.first_steps.values())
+    assert all(not scores.flags.writeable for _, scores, _ in prepared.first_steps.values())
 
 
 def test_first_proposals_cache_is_bounded_and_never_modified(tiny_clips):
