@@ -273,19 +273,9 @@ class LabelStudioClient:
         return found
 
     def project_task(self, project_id: int, task_id: int) -> dict | None:
-        """Task `task_id` as project `project_id` holds it (`id`, `data`), or None when the project has no such
-        task. Read through the project's task list (GET /api/tasks/?project=, the Data Manager's filter on the
-        id), which unlike GET /api/tasks/<id>/ does not make Label Studio call this backend's /predict for a
-        task without predictions (protocol spec 1.2; except with the deprecated
-        evaluate_predictions_automatically)."""
-        only = {"filters": {"conjunction": "and", "items": [{"filter": "filter:tasks:id", "operator": "equal",
-                                                              "type": "Number", "value": int(task_id)}]},
-                "selectedItems": {"all": False, "included": [int(task_id)]}}
-        body = self._json("GET", "/api/tasks/", params={"project": int(project_id), "fields": "task_only",
-                                                        "page": 1, "page_size": 1, "query": json.dumps(only)})
-        tasks = body.get("tasks", []) if isinstance(body, dict) else body
-        found = [t for t in tasks or () if isinstance(t, dict) and t.get("id") == int(task_id)]
-        return found[0] if found else None
+        """Task `task_id` as project `project_id` holds it, or None when the project has no such task; read
+        through the project's task list (`project_tasks`), never GET /api/tasks/<id>/."""
+        return self.project_tasks(project_id, [task_id]).get(int(task_id))
 
     def ml_backends(self, project_id: int) -> list[dict]:
         found = self._json("GET", "/api/ml/", params={"project": project_id})

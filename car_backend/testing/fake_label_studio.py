@@ -16,10 +16,9 @@ Routes, in this order:
    `protected` need authorization (else 401), as Label Studio's /data/upload/ does.
 2. The recorded API (always authorized): POST /api/predictions/ (recorded in `predictions`),
    GET /api/projects/<id>/, GET /api/annotations/<id>/ (`add_annotation`), GET /api/ml/?project=, GET /api/tasks/?project=&page=&page_size= (paginated,
-   with the recorded predictions; a `query` with the Data Manager's `filter:tasks:id` filter narrows it to
-   that task, counted in `task_list_reads`; with `query={"selectedItems": {"all": false, "included": [ids]}}`
-   the project's tasks of those ids among those added with `add_project`/`add_tasks`, as the Data Manager's
-   list does). `add_project` sets a project's label config, tasks and extra params.
+   with the recorded predictions; with `query={"selectedItems": {"all": false, "included": [ids]}}` the
+   project's tasks of those ids among those added with `add_project`/`add_tasks`, as the Data Manager's list
+   does, each selected id counted in `task_list_reads`). `add_project` sets a project's label config, tasks and extra params.
    Delivery (in `_delivery_api`): GET /api/tasks/<id>/ (a task added with `add_project`/`add_tasks`, with
    its recorded predictions; like Label Studio, for a task without any prediction it first calls the ML
    backend's /predict at `backend_url`, when set, waits for the answer (`predict_timeout`) and stores what
@@ -135,7 +134,7 @@ class FakeLabelStudio:
         self.routes: dict[str, Reply | Callable[[], Reply]] = {}
         self.annotations: dict[int, dict] = {}  # GET /api/annotations/<id>/ (add_annotation)
         self.annotation_reads: Counter = Counter()  # id as requested -> reads
-        self.task_list_reads: Counter = Counter()  # task id -> reads of the task list filtered on it
+        self.task_list_reads: Counter = Counter()  # task id -> reads of the task list that selected it
         self.protected: set[str] = set()
         self.seen: list[Seen] = []
         self.refreshes = 0
@@ -418,11 +417,6 @@ class FakeLabelStudio:
             return _json(404, {"detail": "Not found."})
         page, size = _int(args.get("page"), 1), _int(args.get("page_size"), 100)
         everything = found["tasks"]
-        wanted = _id_filter(args.get("query"))
-        if wanted is not None:  # the Data Manager's filter on the task id
-            with self.lock:
-                self.task_list_reads[wanted] += 1
-            everything = [t for t in everything if t["id"] == wanted]
         chunk = everything[(page - 1) * size: page * size]
         if page > 1 and not chunk:
             return _json(404, {"detail": "Invalid page."})
@@ -443,6 +437,7 @@ class FakeLabelStudio:
                 return _json(404, {"detail": "Not found."})
             ids = sorted(i for i, t in self.tasks.items()
                          if t["project"] == project_id and (included is None or i in included))
+            self.task_list_reads.update(included or ())
             size = _int(args.get("page_size"), 100)
             chunk = [{"id": i, "project": project_id, "data": self.tasks[i]["data"],
                       "predictions": [p for p in self.predictions if p["task"] == i]} for i in ids[:size]]
@@ -518,16 +513,6 @@ def _object(body: bytes) -> dict:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _id_filter(query: str | None) -> int | None:
-    """The task id a Data Manager `query` filters on (`filter:tasks:id` equal), if any."""
-    try:
-        items = json.loads(query)["filters"]["items"] if query else []
-    except (ValueError, KeyError, TypeError):
-        return None
-    found = [i.get("value") for i in items if isinstance(i, dict) and i.get("filter") == "filter:tasks:id"]
-    return found[0] if found and isinstance(found[0], int) else None
 
 
 def _int(text: str | None, default: int | None = None) -> int | None:
