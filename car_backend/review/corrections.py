@@ -3,8 +3,9 @@
 `review_annotation` (the job /webhook queues for ANNOTATION_CREATED/UPDATED) reads the annotation back from
 Label Studio (review.webhook.read_back) and compares it with the prediction delivered for the task (the
 delivery ledger's mark): IoU per label, labels missed, labels added wrongly. It keeps the annotation's masks
-as the task's correction, and queues a calibration once a project has CAR_CALIBRATE_AFTER more corrected
-tasks than the last one used, and a mask-head training after CAR_FIT_AFTER more than the last training.
+as the task's correction (with the time of this review: training and calibration take the most recent), and
+queues a calibration once a project has CAR_CALIBRATE_AFTER more corrected tasks than it had when the last
+one ran, and a mask-head training after CAR_FIT_AFTER more than the last training.
 """
 
 from __future__ import annotations

@@ -354,6 +354,15 @@ class ReviewStore:
         raw = self.redis.get(self.FIT.key(project.key))
         return _read_fit_status(raw) if raw is not None else None
 
+    def fit_and_calibration(self, project: ProjectId) -> tuple[FitStatus | None, Calibration | None]:
+        """`fit_status` and `calibration` in one Redis round trip (for /status)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.FIT.key(project.key))
+            pipe.get(self.CALIBRATION.key(project.key))
+            fit, calibration = pipe.execute()
+        return (_read_fit_status(fit) if fit is not None else None,
+                Calibration.from_json(calibration) if calibration is not None else None)
+
     def put_fit_status(self, project: ProjectId, status: FitStatus) -> None:
         with self.redis.pipeline() as pipe:
             pipe.set(self.FIT.key(project.key), status.to_json(), ex=PROJECT_TTL_S)

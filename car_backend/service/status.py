@@ -144,8 +144,9 @@ def project_status(state: RedisState, queue: JobQueue, review: ReviewStore, proj
     counts["done"] = sum(1 for r in rows if r.done)
     counts["empty"] = sum(1 for r in rows if r.empty)
     failures = [{"task": r.task, "reason": r.reason} for r in rows if r.progress is Progress.FAILED]
-    return ProjectProgress(str(project), len(rows), counts, failures[:MAX_LISTED_FAILURES], review.fit_status(project),
-                           calibration=review.calibration(project))
+    fit, calibration = review.fit_and_calibration(project)
+    return ProjectProgress(str(project), len(rows), counts, failures[:MAX_LISTED_FAILURES], fit,
+                           calibration=calibration)
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
