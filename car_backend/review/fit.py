@@ -158,7 +158,7 @@ def mean_iou(agreement: ProjectAgreement) -> float | None:
     return float(np.mean(labels)) if labels else None
 
 
-def judge_head(segmenter: Segmenter, train: Sequence[FitItem], held: Sequence[FitItem], config: HeadConfig,
+def judge_head(segmenter: Segmenter, train: Sequence[FitItem], held: Iterable[FitItem], config: HeadConfig,
                epochs: int, seed: int, seconds: float | None = None, thresholds: dict[str, float] | None = None,
                current: MaskHead | None = None, state: TrainingState | None = None,
                on_epoch: Callable[[TrainingState], None] | None = None) -> Judgement:
