@@ -116,9 +116,9 @@ def recent(corrections: Sequence[Correction], count: int = MAX_CALIBRATION_TASKS
 class CalibrationImages:
     """A calibration's corrected tasks with their prepared images, held within `budget` bytes.
 
-    Each image is fetched once and prepared, the most recently annotated task first; a prepared image is
-    kept while its bytes plus the room of its first-step caches (`reserve`) fit in the budget left after the
-    working-size pixels of every image (always kept). Iterating gives (correction, [(spec, prepared)]) in
+    Each image is fetched once and prepared, the most recently annotated task first. The working-size pixels
+    of every image are kept (~3 MB at 1024 px); a prepared image is kept too while its bytes plus the room
+    of its first-step caches (`reserve`) fit in the budget with what is held so far. Iterating gives (correction, [(spec, prepared)]) in
     task order: a kept image as it is, any other prepared again (uncached, the same result) and let go
     before the next. Tasks whose image cannot be fetched are skipped with a warning."""
 
