@@ -246,6 +246,7 @@ def _fit(rt: ReviewRuntime, project: ProjectId) -> FitStatus:
                on_epoch=checkpoint)
     per_epoch = (time.monotonic() - trained) / max(1, state.epochs - done)
     del examples  # judging prepares the held-out images: the training's features are let go first
+    release_memory()
     before, after = agreements_of(segmenter, _streamed(rt, project, held), thresholds,
                                   [rt.head(status.head), state.head])
     judgement = Judgement(state, before, after, per_epoch)
