@@ -4,7 +4,7 @@ with --memory, the memory of the training job on 200 corrections of 1024 x 1024 
     python benchmarks/fit.py [--quick] [--device cpu|cuda] [--tasks 10,30,100] [--held-out 20] [--epochs 20]
                              [--width 192] [--depth 2] [--size 128] [--vocabulary all|present]
     python benchmarks/fit.py --memory [--corrections 200] [--held-out 4] [--size 1024] [--epochs 2]
-                             [--model ViT-B-16] [--fit-memory-mb 2048] [--device cpu|cuda]
+                             [--model ViT-B-16] [--fit-memory-mb 1024] [--device cpu|cuda]
 
 Corrected tasks are generated scenes (car_backend.testing.scenes: four classes of shapes, each with its own
 colour and texture, 1-3 objects per scene, known masks). The proposal and classifier CLIPs have random weights

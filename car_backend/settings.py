@@ -162,7 +162,7 @@ class Settings:
         default=0, metadata=_meta("CAR_FIT_SEED", "Seed of the mask head's initialisation and example order."),
     )
     fit_memory_mb: int = field(
-        default=2048,
+        default=1024,
         metadata=_meta("CAR_FIT_MEMORY_MB", "Memory in MB a mask-head training or a calibration may hold for its "
                        "corrected images: a training keeps the most recently corrected tasks' features that fit "
                        "(~24 MB each at 1024x1024), a calibration prepares the images beyond it again for each "
