@@ -1,7 +1,10 @@
-"""Mask-head benchmark: training time per epoch, and held-out mIoU before and after, for 10/30/100 corrections.
+"""Mask-head benchmark: training time per epoch, and held-out mIoU before and after, for 10/30/100 corrections;
+with --memory, the memory of the training job on 200 corrections of 1024 x 1024 images.
 
     python benchmarks/fit.py [--quick] [--device cpu|cuda] [--tasks 10,30,100] [--held-out 20] [--epochs 20]
                              [--width 192] [--depth 2] [--size 128] [--vocabulary all|present]
+    python benchmarks/fit.py --memory [--corrections 200] [--held-out 4] [--size 1024] [--epochs 2]
+                             [--model ViT-B-16] [--fit-memory-mb 1024] [--device cpu|cuda]
 
 Corrected tasks are generated scenes (car_backend.testing.scenes: four classes of shapes, each with its own
 colour and texture, 1-3 objects per scene, known masks). The proposal and classifier CLIPs have random weights
@@ -12,18 +15,32 @@ training example, and the held-out mIoU and mean agreement of CaR alone (the bas
 run) and with the head. `--vocabulary present` queries only each scene's labels (as CAR_TASK_LABELS_KEY
 would), so that the random classifier's presence decisions do not mask what the head does to mask quality.
 The last line is one JSON object.
+
+--memory runs the training job itself (`review.fit.fit_project`, as a worker does: corrections in a claimed
+Redis database, images served by the fake Label Studio, CAR_FIT_MEMORY_MB at its default unless given) on
+`--corrections` corrected tasks of the training split plus `--held-out` of the held-out split, generated
+scenes of `--size` px, random weights of `--model` (default: the tiny test architecture; ViT-B-16 is the
+default proposal CLIP's). It prints the models' own memory (their parameters), the peak memory of the
+training over what the process held before it (RSS from getrusage on CPU, torch.cuda.max_memory_allocated
+on a GPU), the bound it must stay under (models + 3 GiB), the seconds, and the baseline of the same run: what
+one image held before (a prepared image: block L's attention and the N x N affinity) against now (its dense
+features), measured on one image, and the former total (every corrected image prepared at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,7 +52,9 @@ from car_backend.pipeline.planning import plan_task  # noqa: E402
 from car_backend.pipeline.spec import Project  # noqa: E402
 from car_backend.review.fit import FitItem, judge_head, mean_iou  # noqa: E402
 from car_backend.testing.scenes import SceneClass, labelled_scene  # noqa: E402
-from car_backend.testing.settings import TINY_CLIP_CONFIG, tiny_settings  # noqa: E402
+from car_backend.testing.settings import TINY_CLIP_CONFIG, TINY_MODEL, tiny_settings  # noqa: E402
+
+BOUND_GIB = 3.0  # the training job may hold this much beyond the models
 
 CLASSES = (SceneClass("red", (220, 40, 40), "flat", "ellipse"), SceneClass("yellow", (230, 220, 40), "stripes", "rectangle"),
            SceneClass("green", (40, 200, 60), "checks", "ellipse"), SceneClass("blue", (40, 60, 220), "dots", "rectangle"))
@@ -57,7 +76,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocabulary", default="present", choices=("all", "present"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--memory", action="store_true", help="the training job's memory on large images (see above)")
+    p.add_argument("--corrections", type=int, default=200, help="--memory: corrected tasks of the training split")
+    p.add_argument("--fit-memory-mb", type=int, help="--memory: CAR_FIT_MEMORY_MB (default: the setting's)")
     args = p.parse_args(argv)
+    if args.memory:
+        defaults = {"held_out": (20, 4), "epochs": (20, 2), "size": (128, 1024), "model": (str(TINY_CLIP_CONFIG), "")}
+        for name, (plain, memory) in defaults.items():
+            if getattr(args, name) == plain:
+                setattr(args, name, memory)
     if args.quick:
         args.tasks, args.held_out, args.epochs, args.width = "10,30", 8, 8, 64
     return args
@@ -67,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory:
+        return memory_main(args)
     device = torch.device(args.device)
     proposal, tokenizer = random_clip(args.model, seed=1)
     classifier, classifier_tokenizer = random_clip(args.model, seed=2)
@@ -113,6 +142,104 @@ def main(argv: list[str] | None = None) -> int:
                       "vocabulary": args.vocabulary, "head_mb": round(judged.state.head.megabytes, 3),
                       "rows": rows}))
     return 0
+
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (MB)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
+def _peak_rss_mb() -> float:
+    """The peak resident memory of this process so far (MB; getrusage gives kB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_main(args: argparse.Namespace) -> int:
+    """--memory (see the module docstring)."""
+    from redis import Redis
+
+    from car_backend.labelstudio.regions import shrink
+    from car_backend.pipeline.identity import ProjectId, instance_of
+    from car_backend.review.fit import fit_project, held_out
+    from car_backend.review.store import Correction, FitState
+    from car_backend.testing.fake_label_studio import FakeLabelStudio, Reply
+    from car_backend.testing.redis import claim_redis_db
+    from car_backend.worker.context import WorkerContext
+
+    cuda = args.device == "cuda"
+    model = f"{args.model}:random" if args.model else TINY_MODEL
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(contextlib.contextmanager(claim_redis_db)())
+        fake = stack.enter_context(FakeLabelStudio())
+        extra = {"fit_memory_mb": args.fit_memory_mb} if args.fit_memory_mb else {}
+        settings = tiny_settings(redis_url=url, label_studio_url=fake.url, label_studio_api_key=fake.api_key,
+                                 proposal_model=model, classifier_model=model, device=args.device,
+                                 fit_epochs=args.epochs, head_width=args.width, head_depth=args.depth,
+                                 fit_after=0, calibrate_after=0, fit_seconds=3600.0, **extra)
+        redis = stack.enter_context(contextlib.closing(Redis.from_url(url)))
+        ctx = WorkerContext(settings, redis, name="bench")
+        segmenter = ctx.segmenter()
+        models_mb = sum(p.numel() * p.element_size() for clip in (segmenter.proposal_clip, segmenter.classifier_clip)
+                        for p in clip.model.parameters()) / 2 ** 20
+        project = ProjectId(instance_of(settings.label_studio_url), 1)
+        planned = Project(parse_label_config(LABEL_CONFIG), "bench")
+        wanted = {False: args.corrections, True: args.held_out}
+        task, stored = 0, 0
+        while wanted[False] or wanted[True]:
+            task += 1
+            if not wanted[held_out(task)]:
+                continue
+            wanted[held_out(task)] -= 1
+            scene = labelled_scene(task, CLASSES, (args.size, args.size))
+            png = io.BytesIO()
+            Image.fromarray(scene.image).save(png, format="PNG", compress_level=1)
+            fake.routes[f"/scene/{task}.png"] = Reply(body=png.getvalue(), headers={"Content-Type": "image/png"})
+            spec_task = {"id": task, "data": {"image": f"{fake.url}/scene/{task}.png"}}
+            specs = tuple(plan_task(spec_task, planned, settings).specs)
+            ctx.review.put_correction(project, Correction(task, specs, shrink(scene.masks), annotated=float(task)))
+            stored += 1
+        print(f"fit memory benchmark: {stored} corrected tasks ({args.corrections} training, {args.held_out} held "
+              f"out) of {args.size}x{args.size} px, {args.model or 'tiny'} random, {args.device}, "
+              f"CAR_FIT_MEMORY_MB={settings.fit_memory_mb}, {args.epochs} epochs, torch threads "
+              f"{torch.get_num_threads()}", flush=True)
+
+        # the job, measured from what the process holds now (models, Redis client, served PNGs)
+        before = torch.cuda.memory_allocated() / 2 ** 20 if cuda else _rss_mb()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        status = fit_project(project, ctx.review_runtime)
+        seconds = time.perf_counter() - started
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _peak_rss_mb()
+        job_mb = peak - before
+
+        # the baseline: one image prepared (as every corrected image was, all held at once) against its features
+        image = labelled_scene(1, CLASSES, (args.size, args.size)).image
+        features_mb = segmenter.dense_features(image).features.numel() * 4 / 2 ** 20
+        prepared_mb = segmenter.prepare(image, cache=False).held_bytes() / 2 ** 20
+    bound_mb = BOUND_GIB * 1024
+    within = job_mb <= bound_mb
+    kind = "CUDA max_memory_allocated" if cuda else "RSS"
+    print(f"  models' parameters {models_mb:.0f} MB; {kind} before the training {before:.0f} MB, peak "
+          f"{peak:.0f} MB: the training held {job_mb:.0f} MB beyond (bound {bound_mb:.0f} MB: "
+          f"{'within' if within else 'EXCEEDED'})")
+    print(f"  the job: {status.state.value}, {status.train_tasks} training tasks used, {status.left_out} left out "
+          f"by CAR_FIT_MEMORY_MB, features {status.features_mb:.0f} MB, {status.epochs} epochs, "
+          f"{status.seconds_per_epoch:.1f} s/epoch, {seconds:.0f} s in all")
+    print(f"  baseline, per image: prepared {prepared_mb:.1f} MB (before) vs dense features {features_mb:.1f} MB "
+          f"(now); before, the {stored} images were held prepared at once: {stored * prepared_mb / 1024:.1f} GiB")
+    print(json.dumps({"benchmark": "fit-memory", "device": args.device, "model": args.model or "tiny",
+                      "size": args.size, "corrections": args.corrections, "held_out": args.held_out,
+                      "fit_memory_mb": settings.fit_memory_mb, "epochs": status.epochs,
+                      "models_mb": round(models_mb, 1), "before_mb": round(before, 1), "peak_mb": round(peak, 1),
+                      "job_mb": round(job_mb, 1), "bound_mb": bound_mb, "within": within,
+                      "state": status.state.value, "train_tasks": status.train_tasks, "left_out": status.left_out,
+                      "features_mb": status.features_mb, "seconds": round(seconds, 1),
+                      "seconds_per_epoch": status.seconds_per_epoch,
+                      "per_image_prepared_mb": round(prepared_mb, 1), "per_image_features_mb": round(features_mb, 2),
+                      "before_total_gib": round(stored * prepared_mb / 1024, 1)}))
+    return 0 if within and status.state is FitState.DONE else 1
 
 
 if __name__ == "__main__":

@@ -175,6 +175,13 @@ class Settings:
     fit_seed: int = field(
         default=0, metadata=_meta("CAR_FIT_SEED", "Seed of the mask head's initialisation and example order."),
     )
+    fit_memory_mb: int = field(
+        default=1024,
+        metadata=_meta("CAR_FIT_MEMORY_MB", "Memory in MB a mask-head training or a calibration may hold for its "
+                       "corrected images: a training keeps the most recently corrected tasks' features that fit "
+                       "(~24 MB each at 1024x1024), a calibration prepares the images beyond it again for each "
+                       "threshold set it tries."),
+    )
     task_labels_key: str = field(
         default="",
         metadata=_meta("CAR_TASK_LABELS_KEY", "Task-data key listing the labels to look for in that task (optional)."),
@@ -366,8 +373,8 @@ class Settings:
                 )
         for name in ("max_steps", "job_timeout", "max_image_pixels", "max_download_bytes", "port", "http_threads",
                      "download_timeout", "max_labels", "max_label_length", "max_request_bytes",
-                     "max_label_config_bytes",
-                     "fit_epochs", "fit_seconds", "head_width", "head_depth"):
+                     "max_label_config_bytes", "fit_epochs", "fit_seconds", "head_width", "head_depth",
+                     "fit_memory_mb"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be a positive number, got {getattr(self, name)!r}")
         for name in ("predict_wait", "polygon_tolerance", "job_retries", "result_ttl", "text_cache_ttl", "threads",

@@ -52,6 +52,15 @@ class LastBlock:
 
 
 @dataclass
+class DenseFeatures:
+    """What a mask head reads of one image (engine.head): its (N, 2D) float32 patch features on the device,
+    for an (h, w) patch grid (N = h * w)."""
+
+    features: torch.Tensor
+    grid: tuple[int, int]
+
+
+@dataclass
 class ProposalImage:
     """Everything about one image the proposal step needs, computed once."""
 
@@ -77,10 +86,7 @@ class ProposalGenerator:
     def prepare(self, pixels: torch.Tensor) -> ProposalImage:
         """Run the image-dependent, text-independent part once. `pixels`: (3, H, W) uint8 on the device."""
         height, width = pixels.shape[-2:]
-        grid = (math.ceil(height / self._patch), math.ceil(width / self._patch))
-        resized = pil_bicubic_resize(pixels[None], (grid[0] * self._patch, grid[1] * self._patch))
-        tokens = embed_patches(self.clip.visual, normalise(self.clip.visual, resized, self.clip.dtype),
-                               self.half_positions)
+        grid, tokens = self._tokens(pixels)
         blocks = self.clip.visual.transformer.resblocks
         first_with_weights = max(0, len(blocks) - AFFINITY_BLOCKS)
         attentions = []
@@ -92,6 +98,43 @@ class ProposalGenerator:
         attentions.append(last.probs.mean(0))
         affinity = torch.stack(attentions[-AFFINITY_BLOCKS:]).mean(0)[1:, 1:]
         return ProposalImage(size=(height, width), grid=grid, last_block=last, transition=_transition(affinity))
+
+    @torch.no_grad()  # not inference_mode: a head's training saves these for its backward
+    def dense_features(self, pixels: torch.Tensor) -> DenseFeatures:
+        """The patch features `engine.head.dense_features` reads from `prepare`'s result (block L's ln_1 rows
+        and the ln_post output of the patch tokens), without keeping any attention map or the affinity: what
+        a mask head trains on, a few MB per image where `prepare` holds ~1 GB at 1024 x 1024 (ViT-B/16).
+        Equal to prepare's within float rounding: the attentions run fused here, as no weights are kept.
+        `pixels`: (3, H, W) uint8 on the device."""
+        grid, tokens = self._tokens(pixels)
+        blocks = self.clip.visual.transformer.resblocks
+        for block in blocks[:-1]:
+            tokens, _ = block_forward(block, tokens, need_weights=False)
+        x = tokens[0].float()
+        block, visual = blocks[-1], self.clip.visual
+        attn = block.attn
+        width = x.shape[-1]
+        ln1 = _layer_norm(block.ln_1, x)
+        qkv = F.linear(ln1, attn.in_proj_weight.float(), _float(attn.in_proj_bias))
+        q, k, v = (t.reshape(-1, attn.num_heads, width // attn.num_heads).transpose(0, 1)
+                   for t in qkv.split(width, dim=-1))
+        context = F.scaled_dot_product_attention(q, k, v)
+        attended = F.linear(context.transpose(0, 1).reshape(-1, width), attn.out_proj.weight.float(),
+                            _float(attn.out_proj.bias))
+        z1 = (x + _layer_scale(block.ls_1, attended))[1:]
+        fc, act, proj = block.mlp.c_fc, block.mlp.gelu, block.mlp.c_proj
+        pre = F.linear(_affine(block.ln_2, _normalise(z1, block.ln_2.eps)[0]), fc.weight.float(), _float(fc.bias))
+        z2 = z1 + _layer_scale(block.ls_2, F.linear(act(pre), proj.weight.float(), _float(proj.bias)))
+        post_hat, _ = _normalise(z2, visual.ln_post.eps)
+        return DenseFeatures(torch.cat([ln1[1:], _affine(visual.ln_post, post_hat)], dim=-1), grid)
+
+    def _tokens(self, pixels: torch.Tensor) -> tuple[tuple[int, int], torch.Tensor]:
+        """(patch grid (h, w), embedded tokens (1, T, D)) of (3, H, W) uint8 pixels, resized to whole patches."""
+        height, width = pixels.shape[-2:]
+        grid = (math.ceil(height / self._patch), math.ceil(width / self._patch))
+        resized = pil_bicubic_resize(pixels[None], (grid[0] * self._patch, grid[1] * self._patch))
+        return grid, embed_patches(self.clip.visual, normalise(self.clip.visual, resized, self.clip.dtype),
+                                   self.half_positions)
 
     def _last_block(self, x: torch.Tensor) -> LastBlock:
         visual = self.clip.visual

@@ -40,6 +40,7 @@ from car_backend.engine.classifier import MaskClassifier
 from car_backend.engine.config import PROPOSAL_MODES, EngineConfig
 from car_backend.engine.head import MaskHead
 from car_backend.engine.instances import Parts, paint_parts
+from car_backend.engine.memory import nbytes
 from car_backend.engine.models import (
     ClipModel,
     ModelLoadError,
@@ -57,7 +58,7 @@ from car_backend.engine.postprocess import (
     pixel_winners,
 )
 from car_backend.engine.presets import CAM_TEMPLATE, Preset, get_preset
-from car_backend.engine.proposals import ProposalGenerator, ProposalImage
+from car_backend.engine.proposals import DenseFeatures, ProposalGenerator, ProposalImage
 from car_backend.engine.result import QueryMasks, Segmentation, resize_nearest
 from car_backend.engine.two_stage import assign, class_probabilities, label_masks, mask_prompted_inputs
 from car_backend.engine.visual_prompts import VISUAL_PROMPTS, prompt_background
@@ -99,6 +100,14 @@ class PreparedImage:
         if key not in self.backgrounds:
             self.backgrounds[key] = prompt_background(self.pixels, key)
         return self.backgrounds[key]
+
+    def held_bytes(self) -> int:
+        """Bytes of the arrays and tensors this prepared image holds now, its caches included (at 1024 x
+        1024 px with ViT-B/16 about 1 GB, mostly block L's attention and the N x N affinity)."""
+        proposal = self.proposal
+        return nbytes([self.rgb, self.pixels, proposal.transition, *vars(proposal.last_block).values(),
+                       *self.backgrounds.values(), *(p for p, _ in self.first_steps.values()),
+                       *self.first_proposals.values()])
 
 
 @dataclass
@@ -185,14 +194,26 @@ class Segmenter:
         return self._sam
 
     # ------------------------------------------------------------------------------------------ images
-    def prepare(self, image: Image.Image | np.ndarray) -> PreparedImage:
-        """The image with its text-independent work done (cached for the last few distinct images)."""
-        return self._prepare(image)[0]
+    def prepare(self, image: Image.Image | np.ndarray, cache: bool = True,
+                original_size: tuple[int, int] | None = None) -> PreparedImage:
+        """The image with its text-independent work done, cached for the last few distinct images unless
+        `cache` is False (training and calibration hold their images themselves, within a byte budget).
+        `original_size` (H, W): the size results are answered at, when `image` is the working image (a
+        `PreparedImage.rgb`) of a larger original: preparing it again gives the same prepared image."""
+        return self._prepare(image, cache, original_size)[0]
 
-    def _prepare(self, image: Image.Image | np.ndarray) -> tuple[PreparedImage, bool]:
+    def dense_features(self, image: Image.Image | np.ndarray) -> DenseFeatures:
+        """The proposal CLIP's patch features of an image, as a mask head reads them, computed without the
+        attention maps and the affinity `prepare` keeps (see ProposalGenerator.dense_features); not cached."""
+        rgb = _fit(to_rgb_array(image), self.config.max_side)
+        pixels = torch.from_numpy(rgb).permute(2, 0, 1).contiguous().to(self.proposal_clip.device)
+        return self._generator().dense_features(pixels)
+
+    def _prepare(self, image: Image.Image | np.ndarray, cache: bool = True,
+                 original_size: tuple[int, int] | None = None) -> tuple[PreparedImage, bool]:
         """(prepared image, whether it was computed now rather than taken from the cache)."""
         original = to_rgb_array(image)
-        key = (original.shape, hashlib.blake2b(original.tobytes(), digest_size=16).digest())
+        key = (original.shape, original_size, hashlib.blake2b(original.tobytes(), digest_size=16).digest())
         with self._lock:
             cached = self._prepared.get(key)
             if cached is not None:
@@ -205,7 +226,9 @@ class Segmenter:
         proposal = generator.prepare(pixels)
         _synchronize(pixels.device)
         prepared = PreparedImage(rgb, pixels, proposal, key, trunk_seconds=time.perf_counter() - start,
-                                 original_size=original.shape[:2])
+                                 original_size=original_size or original.shape[:2])
+        if not cache:
+            return prepared, True
         with self._lock:
             self._prepared[key] = prepared
             while len(self._prepared) > PREPARED_CACHE_SIZE:

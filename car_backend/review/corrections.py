@@ -3,13 +3,15 @@
 `review_annotation` (the job /webhook queues for ANNOTATION_CREATED/UPDATED) reads the annotation back from
 Label Studio (review.webhook.read_back) and compares it with the prediction delivered for the task (the
 delivery ledger's mark): IoU per label, labels missed, labels added wrongly. It keeps the annotation's masks
-as the task's correction, and queues a calibration once a project has CAR_CALIBRATE_AFTER more corrected
-tasks than the last one used, and a mask-head training after CAR_FIT_AFTER more than the last training.
+as the task's correction (with the time of this review: training and calibration take the most recent), and
+queues a calibration once a project has CAR_CALIBRATE_AFTER more corrected tasks than it had when the last
+one ran, and a mask-head training after CAR_FIT_AFTER more than the last training.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,7 +86,8 @@ def review_annotation(event: AnnotationEvent, rt: ReviewRuntime) -> ReviewResult
             outcome.compared, outcome.version, outcome.score = True, delivered.version, round(agreement.score, 4)
             outcome.missed, outcome.added = list(agreement.missed), list(agreement.added)
     if event.specs and (annotated or delivered is not None):
-        count = rt.review.put_correction(event.project, Correction(event.task, event.specs, annotated))
+        count = rt.review.put_correction(event.project, Correction(event.task, event.specs, annotated,
+                                                                         time.time()))
         outcome.corrected_tasks = count
         outcome.calibration_queued = _maybe_calibrate(rt, event, count)
         outcome.fit_queued = _maybe_fit(rt, event, count)
@@ -106,7 +109,8 @@ def _maybe_calibrate(rt: ReviewRuntime, event: AnnotationEvent, corrected: int) 
     if not every:
         return False
     current = rt.review.calibration(event.project)
-    if corrected < (current.tasks if current else 0) + every:
+    # corrected_tasks: what the project had then (`tasks` counts those used, at most MAX_CALIBRATION_TASKS)
+    if corrected < ((current.corrected_tasks or current.tasks) if current else 0) + every:
         return False
     if queue_calibration(rt.queue, rt.review, event.project, rt.name, rt.settings) is None:
         return False  # one is queued or running; it will see these corrections too

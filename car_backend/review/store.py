@@ -62,15 +62,17 @@ THRESHOLD_BOUNDS = (
 
 @dataclass(frozen=True)
 class Correction:
-    """One corrected task: the jobs that predict it and the annotation's masks (shrunk, per label)."""
+    """One corrected task: the jobs that predict it, the annotation's masks (shrunk, per label) and when the
+    annotation was reviewed (unix time; 0 for a correction an older version stored: older than any other)."""
 
     task: int
     specs: tuple[JobSpec, ...]
     masks: dict[str, np.ndarray]  # label -> bool (H, W)
+    annotated: float = 0.0
 
     def to_json(self) -> str:
         """{"task", "specs": [JobSpec.to_dict()], "masks": {label: {"shape": [h, w], "bits": base64 of the
-        zlib-compressed np.packbits of the mask}}}."""
+        zlib-compressed np.packbits of the mask}}, "annotated"}."""
         masks = {}
         for label, mask in self.masks.items():
             mask = np.asarray(mask, dtype=bool)
@@ -78,7 +80,8 @@ class Correction:
                 raise ValueError(f"the mask of {label!r} is not 2-D: shape {mask.shape}")
             bits = zlib.compress(np.packbits(mask, axis=None).tobytes())
             masks[label] = {"shape": list(mask.shape), "bits": base64.b64encode(bits).decode("ascii")}
-        return json.dumps({"task": self.task, "specs": [s.to_dict() for s in self.specs], "masks": masks})
+        return json.dumps({"task": self.task, "specs": [s.to_dict() for s in self.specs], "masks": masks,
+                           "annotated": self.annotated})
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Correction:
@@ -96,10 +99,11 @@ class Correction:
                 if h < 0 or w < 0 or bits.size * 8 < h * w:
                     raise ValueError(f"the mask of {label!r} holds fewer bits than its shape {h}x{w}")
                 masks[label] = np.unpackbits(bits, count=h * w).reshape(h, w).astype(bool)
+            annotated = float(data.get("annotated", 0.0))
         except (ValueError, KeyError, TypeError, AttributeError, PlainError, zlib.error, binascii.Error) as exc:
             # The type only: the message may quote the stored data (image URLs).
             raise ValueError(f"not a stored correction ({type(exc).__name__})") from None
-        return cls(task, specs, masks)
+        return cls(task, specs, masks, annotated)
 
 
 @dataclass(frozen=True)
@@ -109,20 +113,25 @@ class Calibration:
     generation: int  # 1 for the first calibration of a project; part of the model_version
     thresholds: dict[str, float]
     previous: dict[str, float]  # the thresholds in use before (the preset's, for a first calibration)
-    tasks: int  # corrected tasks it was chosen on
+    tasks: int  # corrected tasks it was chosen on (the MAX_CALIBRATION_TASKS most recent at most)
     before: float  # mean agreement with the thresholds in use before
     after: float  # mean agreement with the chosen ones
     labels_before: dict[str, float] = field(default_factory=dict)  # per-label IoU
     labels_after: dict[str, float] = field(default_factory=dict)
     evaluations: int = 0
     seconds: float = 0.0
+    # corrected tasks the project had when it ran: the next one waits for CAR_CALIBRATE_AFTER more (0: written
+    # by an older version, which recorded only `tasks`)
+    corrected_tasks: int = 0
+    reason: str = ""  # why the last calibration tried nothing (out of memory), else ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Calibration:
-        return cls(**json.loads(raw))
+        data = json.loads(raw)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 class FitState(str, Enum):
@@ -159,6 +168,8 @@ class FitStatus:
     miou_after: float | None = None
     adopted: bool = False
     corrected_tasks: int = 0  # corrected tasks the project had when the last training started
+    left_out: int = 0  # the oldest training tasks whose features did not fit in CAR_FIT_MEMORY_MB
+    features_mb: float = 0.0  # what the last training's features held
     kept: list[str] = field(default_factory=list)  # digests of the stored heads, oldest first
     updated: float = 0.0  # unix time of the last write
 
@@ -263,11 +274,20 @@ class ReviewStore:
         return int(count) - 1  # the format field
 
     def corrections(self, project: ProjectId) -> list[Correction]:
-        """The project's corrected tasks, by task; entries that do not read as a Correction (pickles left by
-        an older version) are skipped, one warning each."""
+        """The project's corrected tasks, oldest annotation first (then by task); entries that do not read as
+        a Correction (pickles left by an older version) are skipped, one warning each."""
         entries = self.redis.hgetall(self.CORRECTIONS.key(project.key))
         found = [c for task, raw in entries.items() if (c := self._read(project, task, raw, "skipping")) is not None]
-        return sorted(found, key=lambda c: c.task)
+        return sorted(found, key=lambda c: (c.annotated, c.task))
+
+    def corrected_tasks(self, project: ProjectId) -> int:
+        """How many corrected tasks the project has (entries of its corrections hash), without reading them."""
+        key = self.CORRECTIONS.key(project.key)
+        with self.redis.pipeline() as pipe:
+            pipe.hlen(key)
+            pipe.hexists(key, FORMAT_FIELD)
+            count, marked = pipe.execute()
+        return int(count) - int(bool(marked))
 
     def _drop_unreadable(self, project: ProjectId, key: str) -> int:
         """Delete the entries of the corrections hash that do not read as a Correction; its length after."""
@@ -333,6 +353,15 @@ class ReviewStore:
         """The project's mask-head status; None before any training was queued (or unreadable)."""
         raw = self.redis.get(self.FIT.key(project.key))
         return _read_fit_status(raw) if raw is not None else None
+
+    def fit_and_calibration(self, project: ProjectId) -> tuple[FitStatus | None, Calibration | None]:
+        """`fit_status` and `calibration` in one Redis round trip (for /status)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.FIT.key(project.key))
+            pipe.get(self.CALIBRATION.key(project.key))
+            fit, calibration = pipe.execute()
+        return (_read_fit_status(fit) if fit is not None else None,
+                Calibration.from_json(calibration) if calibration is not None else None)
 
     def put_fit_status(self, project: ProjectId, status: FitStatus) -> None:
         with self.redis.pipeline() as pipe:

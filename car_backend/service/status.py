@@ -13,7 +13,9 @@ unfinished keys, those jobs' RQ statuses):
   `empty` of those are empty predictions for permanent failures (the image cannot be decoded, ...);
 - waiting_to_be_written: done, not yet confirmed written through the API (in the outbox, or retrying).
 
-`fit` is the project's mask-head training status (review.store.FitStatus), None before any training.
+`fit` is the project's mask-head training status (review.store.FitStatus), None before any training;
+`calibration` its thresholds' calibration (review.store.Calibration: `reason` says why the last one tried
+nothing, e.g. out of memory), None before any.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from car_backend.queue.jobqueue import JobQueue
 from car_backend.queue.ledger import TaskEntry, TaskState
 from car_backend.queue.state import RedisState
 from car_backend.review.report import cli_project
-from car_backend.review.store import FitStatus, ReviewStore
+from car_backend.review.store import Calibration, FitStatus, ReviewStore
 from car_backend.settings import Settings
 
 MAX_LISTED_FAILURES = 100
@@ -75,6 +77,7 @@ class ProjectProgress:
     failures: list[dict] = field(default_factory=list)
     fit: FitStatus | None = None
     tasks: list[TaskProgress] | None = None
+    calibration: Calibration | None = None
 
     def to_dict(self) -> dict:
         """The JSON /status answers."""
@@ -87,7 +90,8 @@ class ProjectProgress:
                              "reason": row.reason, **flags, "empty": row.empty})
             return {"project": self.project, "tasks": rows}
         return {"project": self.project, "total": self.total, **self.counts, "failures": self.failures,
-                "fit": asdict(self.fit) if self.fit is not None else None}
+                "fit": asdict(self.fit) if self.fit is not None else None,
+                "calibration": asdict(self.calibration) if self.calibration is not None else None}
 
 
 def task_progress(state: RedisState, queue: JobQueue, project: ProjectId,
@@ -140,7 +144,9 @@ def project_status(state: RedisState, queue: JobQueue, review: ReviewStore, proj
     counts["done"] = sum(1 for r in rows if r.done)
     counts["empty"] = sum(1 for r in rows if r.empty)
     failures = [{"task": r.task, "reason": r.reason} for r in rows if r.progress is Progress.FAILED]
-    return ProjectProgress(str(project), len(rows), counts, failures[:MAX_LISTED_FAILURES], review.fit_status(project))
+    fit, calibration = review.fit_and_calibration(project)
+    return ProjectProgress(str(project), len(rows), counts, failures[:MAX_LISTED_FAILURES], fit,
+                           calibration=calibration)
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:

@@ -129,3 +129,18 @@ def test_training_on_cuda_is_deterministic(segmenter, examples):
             for _ in range(2)]
     for a, b in zip(_weights(runs[0].head), _weights(runs[1].head), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_features_are_prepares_without_its_attention_and_affinity(segmenter):
+    """What a training keeps of an image: the features `prepare` holds, a small part of what it holds."""
+    image = labelled_scene(7, CLASSES, (200, 312)).image
+    prepared = segmenter.prepare(image, cache=False)
+    dense = segmenter.dense_features(image)
+    expected = dense_features(segmenter.proposal_clip, prepared.proposal)
+    assert dense.grid == prepared.proposal.grid and dense.features.shape == expected.shape
+    torch.testing.assert_close(dense.features, expected, atol=1e-4, rtol=1e-4)  # fused attention: rounding only
+    assert not dense.features.is_inference()  # a head's backward may save it
+    assert dense.features.numel() * 4 * 10 < prepared.held_bytes()
+    again = segmenter.prepare(prepared.rgb, cache=False, original_size=(400, 624))  # its working pixels again
+    assert again.original_size == (400, 624)
+    assert torch.equal(again.proposal.transition, prepared.proposal.transition)

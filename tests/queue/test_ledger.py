@@ -152,7 +152,7 @@ def test_status_of_a_project_takes_a_constant_number_of_round_trips(redis_url, t
     queue, review = JobQueue(settings, redis, state.locks), ReviewStore(redis)
     CountingRedis.trips = 0
     progress = project_status(state, queue, review, project)
-    assert CountingRedis.trips <= 6  # entries, results, locks, job statuses, the fit status (+ a script load)
+    assert CountingRedis.trips <= 6  # entries, results, locks, job statuses, fit and calibration (+ a script load)
     assert progress.total == tasks
     assert progress.counts[Progress.DELIVERED.value] == len(delivered)
     assert progress.counts[Progress.FAILED.value] == len(late)  # no job was ever queued for them

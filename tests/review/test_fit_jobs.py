@@ -7,13 +7,16 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import signal
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from rq.job import JobStatus
 
 from car_backend.engine import Segmentation
 from car_backend.engine.head import HeadConfig, MaskHead, head_to_bytes, new_head
@@ -24,13 +27,17 @@ from car_backend.pipeline.planning import plan_task
 from car_backend.pipeline.spec import Project
 from car_backend.pipeline.versions import model_version
 from car_backend.queue.jobqueue import JobName
+from car_backend.review.calibration import MAX_CALIBRATION_TASKS, recent
 from car_backend.review.corrections import review_annotation
-from car_backend.review.fit import fit_project, held_out
-from car_backend.review.store import Correction, FitState, FitStatus, ReviewStore
+from car_backend.review.fit import fit_project, held_out, training_items
+from car_backend.review.store import Calibration, Correction, FitState, FitStatus, ReviewStore
+from car_backend.review.triggers import queue_calibration, queue_fit
 from car_backend.review.webhook import AnnotationEvent
+from car_backend.service.status import project_status
 from car_backend.testing.fake_label_studio import Reply
 from car_backend.testing.scenes import SceneClass, labelled_scene
-from tests.support.settings import settings_env
+from car_backend.worker.process import CarWorker, make_worker
+from tests.support.settings import settings_env, tiny_settings
 
 CLASSES = (SceneClass("red", (220, 40, 40), "flat", "ellipse"), SceneClass("blue", (40, 60, 220), "stripes", "rectangle"))
 LABEL_CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
@@ -58,18 +65,19 @@ def context(service_settings, redis):
     torch.set_num_threads(previous)
 
 
-def _corrections(ctx, fake_ls, ids: list[int]) -> list[Correction]:
-    """Corrected tasks of generated scenes served by the fake Label Studio."""
+def _corrections(ctx, fake_ls, ids: list[int], size: tuple[int, int] = SIZE) -> list[Correction]:
+    """Corrected tasks of generated scenes served by the fake Label Studio, annotated in the order of `ids`."""
     config = parse_label_config(LABEL_CONFIG)
     project = Project(config, model_version(ctx.settings, config))
     out = []
     for task_id in ids:
-        scene = labelled_scene(task_id, CLASSES, SIZE)
+        scene = labelled_scene(task_id, CLASSES, size)
         png = io.BytesIO()
         Image.fromarray(scene.image).save(png, format="PNG")
         fake_ls.routes[f"/scene/{task_id}.png"] = Reply(body=png.getvalue(), headers={"Content-Type": "image/png"})
         task = {"id": task_id, "data": {"image": f"{fake_ls.url}/scene/{task_id}.png"}}
-        out.append(Correction(task_id, tuple(plan_task(task, project, ctx.settings).specs), scene.masks))
+        out.append(Correction(task_id, tuple(plan_task(task, project, ctx.settings).specs), scene.masks,
+                              annotated=1_700_000_000.0 + len(out)))
     return out
 
 
@@ -220,3 +228,107 @@ def test_fit_command_queues_a_training(service_settings, redis, task_ids):
     env.pop("REDIS_URL")
     missing = subprocess.run(run, capture_output=True, text=True, env=env, timeout=60)
     assert missing.returncode == 2 and "REDIS_URL" in missing.stderr
+
+
+def test_a_fit_on_1024_px_corrections_holds_their_features_within_the_memory_setting(context, fake_ls, task_ids):
+    ctx = context()
+    ids = _ids(task_ids, 4, 1)
+    project = _project(ctx, ids[0])
+    corrections = _corrections(ctx, fake_ls, list(reversed(ids)), size=(1024, 1024))  # lowest ids annotated last
+    for correction in corrections:
+        ctx.review.put_correction(project, correction)
+    status = fit_project(project, ctx.review_runtime)
+    assert status.state is FitState.DONE and status.epochs == 3, status
+    assert status.train_tasks == 4 and status.held_out_tasks == 1 and status.left_out == 0
+    # ViT patch 16 at 1024 px: 64 x 64 patches of 2 x 64 float32 features (the tiny CLIP), 2 MiB a task; a
+    # prepared image would hold ~210 MB (the affinity and block L's attention)
+    assert status.features_mb == pytest.approx(4 * 2.0)
+
+    capped = context(fit_memory_mb=5)  # room for two tasks' features: the two most recently annotated
+    train = [c for c in capped.review.corrections(project) if not held_out(c.task)]
+    items, held, left_out = training_items(capped.review_runtime, project, train, 5 * 2 ** 20)
+    assert [item.task for item in items] == sorted(c.task for c in train)[:2] and left_out == 2
+    assert held == 2 * 2 ** 21
+    status = fit_project(project, capped.review_runtime)
+    assert status.state is FitState.DONE and not status.adopted
+    assert status.train_tasks == 2 and status.left_out == 2 and "CAR_FIT_MEMORY_MB=5 holds" in status.reason
+
+
+def test_corrections_come_oldest_annotation_first_and_calibration_takes_the_latest(redis):
+    review = ReviewStore(redis)
+    project = ProjectId("local", 9_000_001)
+    spec = plan_task({"id": 1, "data": {"image": "http://127.0.0.1/a.png"}},
+                     Project(parse_label_config(LABEL_CONFIG), "v"), tiny_settings()).specs[0]
+    mask = {"red": np.ones((4, 4), bool)}
+    for task in range(1, 41):  # the highest ids annotated first
+        review.put_correction(project, Correction(task, (spec,), mask, annotated=1000.0 - task))
+    stored = review.corrections(project)
+    assert [c.task for c in stored] == list(range(40, 0, -1)) and review.corrected_tasks(project) == 40
+    assert [c.task for c in recent(stored)] == list(range(1, MAX_CALIBRATION_TASKS + 1))
+
+
+def test_calibration_waits_for_as_many_more_corrections_after_its_capped_record(context, fake_ls, task_ids):
+    """A calibration uses MAX_CALIBRATION_TASKS tasks at most, but the next waits for CAR_CALIBRATE_AFTER more
+    than the project had then (comparing with the capped count re-queued it on every correction past 50)."""
+    ctx = context(calibrate_after=2, queue=f"calibrate-after-{task_ids(1)[0]}")
+    ids = task_ids(3)
+    project = _project(ctx, ids[0])
+    spec = _corrections(ctx, fake_ls, ids[:1])[0].specs[0]
+    for task in range(10_000, 10_060):  # 60 corrected tasks when the last calibration ran on 30 of them
+        ctx.review.put_correction(project, Correction(task, (spec,), {"red": np.ones(SIZE, bool)}))
+    ctx.review.put_calibration(project, Calibration(generation=1, thresholds={}, previous={}, tasks=30, before=0.1,
+                                                    after=0.2, corrected_tasks=60))
+    corrections = _corrections(ctx, fake_ls, ids)
+    fake_ls.add_project(project.id, LABEL_CONFIG,
+                        [{"id": c.task, "data": {"image": c.specs[0].image}} for c in corrections])
+    (target,) = parse_label_config(LABEL_CONFIG).targets
+    queued = []
+    for correction in corrections:
+        label_map = np.zeros(SIZE, dtype=np.int32)
+        label_map[correction.masks.get("red", np.zeros(SIZE, bool))] = 1
+        seg = Segmentation(["red", "blue"], label_map, np.stack([label_map == 1, label_map == 2]),
+                           np.ones(2, np.float32), steps=2)
+        fake_ls.add_annotation(correction.task, correction.task, project.id,
+                               segmentation_to_regions(seg, target, list(target.labels), kind="brush"))
+        event = AnnotationEvent(project, correction.task, correction.task,
+                                hashlib.sha256(LABEL_CONFIG.encode()).hexdigest(), correction.specs)
+        queued.append(review_annotation(event, ctx.review_runtime).calibration_queued)
+    assert queued == [False, True, False]  # at 61 no, at 62 yes; at 63 the queued one holds the lock
+
+
+def test_a_fit_or_calibration_out_of_memory_is_recorded_and_the_worker_serves_the_next_job(context, fake_ls, task_ids):
+    """A test-controlled model raises MemoryError on images of more than 1000 patches (a 512 px image), as an
+    allocation at that size would; the corrected tasks are 512 px, the prediction afterwards 64 px."""
+    ctx = context(job_retries=2, queue=f"oom-{task_ids(1)[0]}")
+    ids = _ids(task_ids, 4, 1)
+    project = _project(ctx, ids[0])
+    for correction in _corrections(ctx, fake_ls, ids, size=(512, 512)):
+        ctx.review.put_correction(project, correction)
+
+    def allocate(_module, args):
+        if args[0].shape[-2] > 1000:
+            raise MemoryError("injected: no room for this image")
+
+    ctx.segmenter().proposal_clip.visual.transformer.resblocks[0].ln_1.register_forward_pre_hook(allocate)
+    fit_job = queue_fit(ctx.queue, ctx.review, project, "test", ctx.settings)
+    calibration_job = queue_calibration(ctx.queue, ctx.review, project, "test", ctx.settings)
+    (later,) = _corrections(ctx, fake_ls, task_ids(1))
+    segment_job = ctx.queue.submit_call(JobName.SEGMENT, (later.specs[0].to_dict(),), description="later")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    worker = make_worker(CarWorker, ctx.settings, ctx.review.redis, f"oom-{uuid.uuid4().hex[:8]}")
+    try:
+        worker.work(burst=True, max_jobs=10)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    # each job ran once and finished: a memory failure is an answer, not an error RQ retries
+    assert ctx.queue.statuses([fit_job, calibration_job, segment_job]) == [JobStatus.FINISHED] * 3
+    assert ctx.state.results.get_many([later.specs[0].key])[0].ok  # the worker went on with the next job
+    shown = project_status(ctx.state, ctx.queue, ctx.review, project).to_dict()  # what /status answers
+    assert shown["fit"]["state"] == FitState.FAILED.value
+    assert shown["fit"]["reason"].startswith("out of memory (MemoryError: injected")
+    assert "CAR_FIT_MEMORY_MB" in shown["fit"]["reason"]
+    assert shown["calibration"]["reason"].startswith("out of memory (MemoryError: injected")
+    assert shown["calibration"]["generation"] == 0 and shown["calibration"]["corrected_tasks"] == 5
+    assert not ctx.review.try_lock_fit(project, "x") or ctx.review.unlock_fit(project) is None  # locks released
+    assert ctx.review.try_lock_calibration(project, "x", 60)

@@ -230,3 +230,41 @@ def test_a_calibration_in_one_candidate_slices_ends_where_one_job_does(in_proces
         expected.thresholds, expected.before, expected.after, expected.evaluations, expected.labels_after)
     assert not review.redis.exists(ReviewStore.CALIBRATING.key(sliced.key))
     assert review.calibration_progress(sliced) is None
+
+
+def test_a_calibration_over_its_memory_budget_prepares_images_again_and_chooses_the_same(in_process_worker, fake_ls,
+                                                                                        task_ids, monkeypatch,
+                                                                                        caplog):
+    """CAR_FIT_MEMORY_MB=1 holds one of the three prepared images (with its caches' room): the others are
+    prepared again for each candidate, one at a time, and the search ends where an unbounded one does."""
+    import logging
+
+    from car_backend.labelstudio.regions import label_masks, shrink
+    from car_backend.pipeline.planning import plan_task
+    from car_backend.pipeline.spec import Project
+    from car_backend.pipeline.versions import model_version
+    from car_backend.review import calibration
+    from car_backend.review.calibration import calibrate_project
+    from car_backend.review.store import Correction
+
+    monkeypatch.setattr(calibration, "CALIBRATION_SLICE_S", 1e9)
+    config = parse_label_config(BRUSH)
+    ids = task_ids(3)
+    annotated = annotated_regions(BRUSH, [review_image(i) for i in range(3)])
+    found = []
+    for budget in (2048, 1):
+        ctx = in_process_worker(fit_memory_mb=budget)
+        project = ProjectId(instance_of(ctx.settings.label_studio_url), task_ids(1)[0])
+        version = model_version(ctx.settings, config)
+        for i, (task_id, regions) in enumerate(zip(ids, annotated, strict=True)):
+            task = {"id": task_id, "data": {"image": f"{fake_ls.url}/img/review-{i}.png"}}
+            spec = plan_task(task, Project(config, version), ctx.settings).specs[0]
+            ctx.review.put_correction(project, Correction(task_id, (spec,), shrink(label_masks(regions, (64, 96)))))
+        with caplog.at_level(logging.INFO, logger="car_backend.review.calibration"):
+            caplog.clear()
+            calibrate_project(project, ctx.review_runtime)
+        again = [r.getMessage() for r in caplog.records if "prepared again" in r.getMessage()]
+        assert (again != []) == (budget == 1), again
+        got = ctx.review.calibration(project)
+        found.append((got.thresholds, got.before, got.after, got.evaluations, got.labels_after, got.tasks))
+    assert found[0] == found[1]
