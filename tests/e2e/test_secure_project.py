@@ -19,11 +19,12 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from label_studio_sdk.converter.brush import decode_rle
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image
 
 from car_backend.engine.instances import MIN_AREA_PX
 from car_backend.engine.segmenter import Segmenter
+from car_backend.review.fit import held_out
 from car_backend.settings import Settings
 from tests.support.label_configs import read_config
 from tests.support.label_studio import REPO, LabelStudioError, wait_for_http
@@ -47,6 +48,7 @@ def secure_backend(label_studio, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAR_", "LABEL_STUDIO_", "REDIS_", "BASIC_"))}
     env.update(CAR_DATA_DIR=str(folder / "data"), CAR_PROPOSAL_MODEL=TINY_MODEL, CAR_CLASSIFIER_MODEL=TINY_MODEL,
                CAR_DEVICE="cpu", CAR_PRECISION="fp32", CAR_PREDICT_WAIT="2", CAR_CALIBRATE_AFTER="0", CAR_FIT_AFTER="0",
+               CAR_FIT_EPOCHS="3", CAR_HEAD_WIDTH="32", CAR_HEAD_DEPTH="1",
                BASIC_AUTH_USER=USER, BASIC_AUTH_PASS=PASSWORD, LABEL_STUDIO_URL=label_studio.url,
                LABEL_STUDIO_API_KEY=label_studio.pat, LOG_LEVEL="INFO")
     with open(log, "w") as out:
@@ -234,3 +236,55 @@ def test_instance_box_and_tag_projects_store_their_predictions(label_studio, sec
     # The Data Manager's task list shows them (what the labeling screen loads).
     listed = {t["id"]: t for t in client.tasks(project_id)}
     assert all(listed[t]["total_predictions"] >= 1 for t in task_ids)
+
+
+def test_start_training_on_corrections_of_1024_images(label_studio, secure_backend, tmp_path):
+    """Four training and one held-out corrected task, each a 1024x1024 image: Start Training in Label Studio
+    trains a head on them within the memory budget and says how it went in /status."""
+    url, _ = secure_backend
+    client = label_studio.client
+    config = read_config("brush.xml")
+    project_id = client.create_project(config, title="e2e training at 1024 px")["id"]
+    image = Image.new("RGB", (1024, 1024), (90, 140, 60))
+    image.paste((220, 30, 30), (200, 200, 520, 600))
+    path = tmp_path / "big.png"
+    image.save(path)
+    train, held = [], []
+    for _ in range(40):  # task ids are Label Studio's; upload until both splits have what a fit needs
+        (task_id,) = client.upload_images(project_id, [path])
+        (held if held_out(task_id) else train).append(task_id)
+        if len(train) >= 4 and held:
+            break
+    tasks = train[:4] + held[:1]
+    assert len(tasks) == 5, "no held-out task id among 40 uploads"
+    ml_id = connect(client, project_id, url)["id"]
+    version = setup_version(url, config, project_id)
+    client.retrieve_predictions(project_id, tasks)
+    assert all(stored(client, tasks, version, deadline_s=300).values())
+
+    square = np.zeros((1024, 1024), dtype=np.uint8)
+    square[200:600, 200:520] = 255
+    region = {"id": "car1", "from_name": "tag", "to_name": "image", "type": "brushlabels",
+              "original_width": 1024, "original_height": 1024, "image_rotation": 0,
+              "value": {"format": "rle", "rle": mask2rle(square), "brushlabels": ["car"]}}
+    reviewed = 'car_webhook_annotations_total{outcome="reviewed"}'
+    before = metric(url, reviewed) or 0
+    for task_id in tasks:  # the annotators' corrections (Label Studio sends them to /webhook)
+        client.create_annotation(task_id, [region])
+    deadline = time.monotonic() + 120
+    while (metric(url, reviewed) or 0) < before + len(tasks):  # every correction reviewed before training
+        assert time.monotonic() < deadline, "the corrections were not all reviewed"
+        time.sleep(1)
+
+    client.api("POST", f"/api/ml/{ml_id}/train", json={})
+    deadline = time.monotonic() + 300
+    fit = None
+    while time.monotonic() < deadline:
+        report = requests.get(f"{url}/status", params={"project": project_id}, auth=AUTH, timeout=10).json()
+        fit = report.get("fit")
+        if fit and fit["state"] in ("done", "failed"):
+            break
+        time.sleep(2)
+    assert fit and fit["state"] == "done", fit
+    assert fit["train_tasks"] == 4 and fit["held_out_tasks"] == 1 and fit["left_out"] == 0, fit
+    assert fit["features_mb"] > 0 and "memory" not in fit["reason"], fit
