@@ -289,8 +289,9 @@ def check_target(target: Target, *, trusted: bool, wildcard: bool, resolver: Res
     """The checked addresses for `target`, or UnsafeURL (OSError from `resolver` passes through).
 
     trusted: the host is Label Studio's own or listed by name in CAR_ALLOWED_HOSTS (loopback and private
-    addresses allowed). wildcard: the host may be fetched although not listed (CAR_ALLOWED_HOSTS has `*`, or
-    Label Studio redirected here): public addresses only. Every address the name resolves to must pass.
+    addresses allowed). wildcard: the host may be fetched although not listed, at public addresses only (the
+    media fetcher always passes True: public image hosts need no listing; False refuses every unlisted host).
+    Every address the name resolves to must pass.
     """
     if target.literal is not None and address_risk(target.literal) not in (None, "private"):
         raise UnsafeURL(f"{target.shown()}: {target.host} is a {address_risk(target.literal)} address, "

@@ -107,12 +107,12 @@ def plan_task(task: dict, project: Project, settings: Settings, prompt: list[str
             focus=focus_of(request, request.label if request else None), thresholds=project.thresholds,
             head=project.head))
         plan.sources.append((data_key, ref.strip()))
-    if not plan.specs and limited and not problems:
-        plan.pending = "; ".join(limited)
-    elif not plan.specs:
+    if limited:  # a setting refuses part of the task: all of it waits, so raising the limit predicts it whole
+        return TaskPlan(task_id, pending="; ".join(limited + problems))
+    if not plan.specs:
         plan.failure = "; ".join(problems + limited) or "nothing to predict"
-    elif problems or limited:
-        log.warning("task %s: %s", task_id, "; ".join(problems + limited))
+    elif problems:
+        log.warning("task %s: %s", task_id, "; ".join(problems))
     return plan
 
 

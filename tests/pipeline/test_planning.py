@@ -191,3 +191,20 @@ def test_task_scores_for_review_order():
     assert 0.0 <= sure < hesitant_classifier <= 1.0
     assert sure < hesitant_borders <= 1.0
     assert task_score([0.8], "uncertainty") == pytest.approx(0.2)  # no CRF margin known: the classifier alone
+
+
+def test_a_label_limit_on_one_image_makes_the_whole_task_pending():
+    """Two images, one of them asking for more labels than CAR_MAX_LABELS, the other missing from the data:
+    raising the limit must predict the task, so it is pending, never a (partial or empty) prediction."""
+    xml = ('<View><Image name="a" value="$a"/><Image name="b" value="$b"/>'
+           '<BrushLabels name="few" toName="a"><Label value="cat"/></BrushLabels>'
+           '<BrushLabels name="many" toName="b"><Label value="x1"/><Label value="x2"/><Label value="x3"/>'
+           '</BrushLabels></View>')
+    settings = tiny_settings(max_labels=2)
+    both = plan_task({"id": 1, "data": {"a": "http://h/a.png", "b": "http://h/b.png"}}, project(xml, settings), settings)
+    assert both.pending and "CAR_MAX_LABELS" in both.pending and not both.specs and both.failure is None
+    one = plan_task({"id": 2, "data": {"b": "http://h/b.png"}}, project(xml, settings), settings)
+    assert one.pending and one.failure is None and not one.specs
+    fine = plan_task({"id": 3, "data": {"a": "http://h/a.png", "b": "http://h/b.png"}}, project(xml, tiny_settings()),
+                     tiny_settings())
+    assert len(fine.specs) == 2 and fine.pending is None
