@@ -285,13 +285,14 @@ def test_calibration_waits_for_as_many_more_corrections_after_its_capped_record(
     queued = []
     for correction in corrections:
         label_map = np.zeros(SIZE, dtype=np.int32)
-        label_map[correction.masks.get("red", np.zeros(SIZE, bool))] = 1
+        label_map[:, : label_map.shape[1] // 2] = 1  # every annotation has red (whatever the scene of its id)
         seg = Segmentation(["red", "blue"], label_map, np.stack([label_map == 1, label_map == 2]),
                            np.ones(2, np.float32), steps=2)
         fake_ls.add_annotation(correction.task, correction.task, project.id,
                                segmentation_to_regions(seg, target, list(target.labels), kind="brush"))
         event = AnnotationEvent(project, correction.task, correction.task,
-                                hashlib.sha256(LABEL_CONFIG.encode()).hexdigest(), correction.specs)
+                                hashlib.sha256(LABEL_CONFIG.encode()).hexdigest(), correction.specs,
+                                tuple((target.data_key, spec.image) for spec in correction.specs))
         queued.append(review_annotation(event, ctx.review_runtime).calibration_queued)
     assert queued == [False, True, False]  # at 61 no, at 62 yes; at 63 the queued one holds the lock
 
