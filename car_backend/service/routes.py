@@ -11,6 +11,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from redis import RedisError
 
+from car_backend.labelstudio.client import LabelStudioAPIError, LabelStudioClient
 from car_backend.labelstudio.config import RESULT_TYPES, LabelConfigError
 from car_backend.pipeline.planning import output_targets
 from car_backend.queue.jobqueue import JobName
@@ -186,7 +187,11 @@ def _start_training(service: Service, body: dict) -> Response:
     if not _valid_project(project):
         raise RequestError("START_TRAINING needs a 'project' object with an integer 'id' (or a project id of at "
                            f"most {MAX_ID_DIGITS} digits)")
-    pid = service.projects.identify_api(project) if isinstance(project, dict) else service.projects.identify(project)
+    project_id = project.get("id") if isinstance(project, dict) else int(str(project).split(".")[0])
+    confirmed = _confirmed_project(service.settings, project_id)
+    if isinstance(confirmed, Response):
+        return confirmed
+    pid = service.projects.identify_api(confirmed)  # Label Studio's id and creation stamp, not the payload's
     if pid is None:
         raise RequestError("START_TRAINING needs a 'project' object with an 'id'")
     job = queue_fit(service.backend.queue, service.backend.review, pid, "webhook", service.settings)
@@ -194,6 +199,26 @@ def _start_training(service: Service, body: dict) -> Response:
     log.info("/webhook: START_TRAINING for project %s: %s", pid, status)
     # not "job": Label Studio would record a TrainJob it never follows
     return json_response({"status": status, "action": TRAINING_ACTION, "project": str(pid), "fit_job": job})
+
+
+def _confirmed_project(settings: Settings, project_id: int) -> dict | Response:
+    """Label Studio's own object of project `project_id` (a training acts only for a project Label Studio
+    confirms), or the answer to give: 404 when Label Studio has no such project, 503 when it cannot say now,
+    400 without LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY. The answers name no detail of Label Studio's."""
+    try:
+        found = LabelStudioClient(settings, settings.ls_timeout).project(project_id)
+    except LabelStudioAPIError as exc:
+        if exc.status is None and not exc.retryable:
+            raise RequestError("START_TRAINING needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: the project is "
+                               "confirmed with Label Studio before a training is queued") from None
+        if exc.retryable:
+            log.warning("/webhook: START_TRAINING for project %s: Label Studio cannot confirm it now: %s",
+                        project_id, exc)
+            return json_response({"error": "Label Studio cannot confirm the project now; try again"}, 503)
+        return json_response({"error": f"Label Studio has no project {project_id}"}, 404)
+    if not isinstance(found, dict) or found.get("id") != project_id:
+        return json_response({"error": f"Label Studio has no project {project_id}"}, 404)
+    return found
 
 
 @blueprint.get("/versions")

@@ -68,6 +68,7 @@ def test_start_training_fits_a_head_that_predicts_held_out_tasks_better(service_
         fake_ls.routes[f"/scene/{task_id}.png"] = Reply(body=_png(scene.image), headers={"Content-Type": "image/png"})
         tasks.append({"id": task_id, "data": {"image": f"{fake_ls.url}/scene/{task_id}.png",
                                               "labels": list(scene.masks)}})
+    fake_ls.add_project(int(project), LABEL_CONFIG, tasks, created=1)  # START_TRAINING is confirmed there
     client = make_client(settings)
     setup = {"project": f"{project}.1", "schema": LABEL_CONFIG}
     first_version = client.post("/setup", json=setup).get_json()["model_version"]

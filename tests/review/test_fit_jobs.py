@@ -157,8 +157,9 @@ def test_fit_after_queues_a_training_once_enough_tasks_are_corrected(context, fa
     assert ctx.review.fit_status(project).state is FitState.QUEUED
 
 
-def test_start_training_at_the_webhook(service_settings, make_client, redis, task_ids):
+def test_start_training_at_the_webhook(service_settings, make_client, redis, fake_ls, task_ids):
     (project,) = task_ids(1)
+    fake_ls.add_project(project, LABEL_CONFIG, [])
     client = make_client(service_settings(queue=f"start-{project}"))
     first = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": project}})
     assert first.status_code == 200 and first.get_json()["status"] == "queued" and first.get_json()["fit_job"]

@@ -71,13 +71,25 @@ def test_annotation_events_are_accepted_without_credentials(authed):
         assert response.status_code in (200, 400), (action, response.get_json())
 
 
-def test_start_training_with_credentials_queues_one_fit_per_project(authed):
+def test_start_training_with_credentials_queues_one_fit_per_project(authed, fake_ls):
     project = {"id": 700000 + uuid.uuid4().int % 100000, "created_at": "2026-12-06T04:53:26.123456Z"}
+    fake_ls.add_project(project["id"], BRUSH, [], created=1796532806)
     first = authed.post("/webhook", json={"action": "START_TRAINING", "project": project}, headers=GOOD)
     assert first.status_code == 200 and first.get_json()["status"] == "queued"
-    for _ in range(20):
-        again = authed.post("/webhook", json={"action": "START_TRAINING", "project": project}, headers=GOOD)
+    for i in range(20):  # another creation stamp in the payload: Label Studio's stamp names the project
+        forged = {**project, "created_at": f"2020-01-{1 + i:02d}T00:00:00Z"}
+        again = authed.post("/webhook", json={"action": "START_TRAINING", "project": forged}, headers=GOOD)
         assert again.get_json()["status"] == "already training"
+
+
+def test_start_training_acts_only_for_a_project_label_studio_confirms(authed, fake_ls):
+    unknown = 800000 + uuid.uuid4().int % 100000
+    for _ in range(3):
+        response = authed.post("/webhook", json={"action": "START_TRAINING", "project": {"id": unknown}},
+                               headers=GOOD)
+        assert response.status_code == 404 and "fit_job" not in response.get_json()
+    status = authed.get(f"/status?project={unknown}", headers=GOOD).get_json()
+    assert status.get("fit") is None, status
 
 
 @pytest.mark.parametrize("project", [
