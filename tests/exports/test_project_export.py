@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from io import BytesIO
 
 import numpy as np
 from PIL import Image
@@ -17,6 +18,7 @@ from car_backend.labelstudio.client import LabelStudioClient
 from car_backend.labelstudio.config import LabelSpec, parse_label_config
 from car_backend.labelstudio.results import segmentation_to_regions
 from car_backend.settings import Settings
+from car_backend.testing.fake_label_studio import Reply
 from tests.exports.known import ring_scene, stripes_scene
 from tests.exports.test_writers import iou, read_yolo, read_yolo_instances
 from tests.support.settings import settings_env
@@ -278,3 +280,57 @@ def test_overlapping_regions_later_label_wins_and_instances_follow_the_label_map
     inst = objects.instance_map[0]
     assert (inst[:40] == 1).all() and (inst[40:60] == 2).all() and (inst[60:] == 3).all()  # c over b
     assert labels == ["cat", "dog"] and item.scores == {"cat": 1.0, "dog": 1.0}
+
+
+def real_size_scene(height: int, width: int) -> np.ndarray:
+    """Three separate cats and a dog ring around the middle one, at a real photo's size."""
+    label_map = np.zeros((height, width), np.int32)
+    for k in range(3):
+        x = width * (1 + 3 * k) // 10
+        label_map[height // 3: 2 * height // 3, x: x + width // 8] = 1
+    ring = np.zeros((height, width), bool)
+    ring[height // 5: 4 * height // 5, 3 * width // 10: 6 * width // 10] = True
+    ring[height // 4: 3 * height // 4, 7 * width // 20: 11 * width // 20] = False
+    label_map[ring & (label_map == 0)] = 2
+    return label_map
+
+
+def test_real_size_annotations_export_to_coco_and_yolo(fake_ls, task_ids, tmp_path):
+    """A 1024x1024 and a 4000x3000 annotated task: COCO decodes (pycocotools) to each object, YOLO polygons
+    rasterise back to each label, the dog's hole open."""
+    mask_api = __import__("pytest").importorskip("pycocotools.mask")
+    ids = task_ids(2)
+    sizes = {ids[0]: (1024, 1024), ids[1]: (3000, 4000)}
+    tasks = []
+    for task, (height, width) in sizes.items():
+        fake_ls.routes[f"/big/{task}.png"] = _png_reply(height, width)
+        tasks.append({"id": task, "data": {"image": f"{fake_ls.url}/big/{task}.png"},
+                      "annotations": [{"id": task, "result": regions(real_size_scene(height, width), "brush")}]})
+    fake_ls.add_project(ids[0], CONFIG, tasks)
+    assert export_project(ids[0], "coco", tmp_path / "coco", settings_for(fake_ls)) == 0
+    doc = json.loads((tmp_path / "coco" / "annotations.json").read_text())
+    assert len(doc["images"]) == 2
+    for image in doc["images"]:
+        height, width = sizes[image["ls_task"]]
+        assert (image["height"], image["width"]) == (height, width)
+        label_map = real_size_scene(height, width)
+        anns = [a for a in doc["annotations"] if a["image_id"] == image["id"]]
+        for value in (1, 2):
+            decoded = np.zeros((height, width), bool)
+            for ann in (a for a in anns if a["category_id"] == value):
+                decoded |= mask_api.decode({"size": ann["segmentation"]["size"],
+                                            "counts": ann["segmentation"]["counts"].encode()}).astype(bool)
+            assert (decoded == (label_map == value)).all()
+    assert export_project(ids[0], "yolo", tmp_path / "yolo", settings_for(fake_ls)) == 0
+    for task, (height, width) in sizes.items():
+        label_map = real_size_scene(height, width)
+        masks = read_yolo(tmp_path / "yolo" / "labels" / f"{task}.txt", height, width, 2)
+        for k, mask in enumerate(masks):
+            assert iou(mask, label_map == k + 1) >= 0.98
+        assert not masks[1][height // 2, width // 2 + width // 40]  # inside the ring: no dog
+
+
+def _png_reply(height: int, width: int) -> Reply:
+    out = BytesIO()
+    Image.new("RGB", (width, height), (90, 140, 60)).save(out, format="PNG")
+    return Reply(body=out.getvalue(), headers={"Content-Type": "image/png"})
