@@ -40,25 +40,19 @@ from PIL import Image  # noqa: E402
 from redis import Redis  # noqa: E402
 from rq.job import Job  # noqa: E402
 
+from benchmarks.service import percentile, redis_url, wait_http  # noqa: E402
 from car_backend.pipeline.planning import plan_task  # noqa: E402
 from car_backend.queue.jobqueue import SERIALIZER  # noqa: E402
 from car_backend.service.backend import Backend  # noqa: E402
 from car_backend.testing.fake_label_studio import FakeLabelStudio, Reply, image_bytes  # noqa: E402
 from car_backend.testing.processes import start_worker  # noqa: E402
-from car_backend.testing.redis import claim_redis_db, free_port, port_open, start_redis_server  # noqa: E402
+from car_backend.testing.redis import free_port  # noqa: E402
 from car_backend.testing.settings import settings_env, tiny_settings  # noqa: E402
 
 INTERACTIVE_CONFIG = (ROOT / "label_config" / "interactive.xml").read_text()
 BRUSH_CONFIG = (ROOT / "label_config" / "brush.xml").read_text()
 PREDICT_WAIT_S = 60.0
 LANE_START_S = 120.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def noise_png(side: int) -> bytes:
@@ -69,18 +63,6 @@ def noise_png(side: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "PNG")
     return buf.getvalue()
-
-
-def redis_url(stack: contextlib.ExitStack) -> str:
-    """REDIS_URL; else a database of our own on 127.0.0.1:6379; else a private redis-server."""
-    if os.environ.get("REDIS_URL"):
-        return os.environ["REDIS_URL"]
-    if port_open("127.0.0.1", 6379):
-        return stack.enter_context(contextlib.contextmanager(claim_redis_db)())
-    port = free_port()
-    server = start_redis_server(port)
-    stack.callback(server.terminate)
-    return f"redis://127.0.0.1:{port}/0"
 
 
 class Bench:
@@ -156,7 +138,7 @@ class Bench:
         base = f"http://127.0.0.1:{port}"
         backend = Backend(settings)
         try:
-            _wait_http(f"{base}/health")
+            wait_http(f"{base}/health")
             if mode == "on":
                 self._wait_lane(base)
             # Warm up: an interactive call while a batch job runs, so both processes load the models.
@@ -211,18 +193,6 @@ class Bench:
         while requests.get(f"{base}/health", timeout=5).json().get("lanes", 0) < 1:
             if time.monotonic() > deadline:
                 raise RuntimeError("the interactive lane did not register")
-            time.sleep(0.2)
-
-
-def _wait_http(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
             time.sleep(0.2)
 
 

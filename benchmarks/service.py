@@ -148,7 +148,7 @@ class Bench:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
         try:
-            _wait_http(f"{base}/health")
+            wait_http(f"{base}/health")
             yield settings, base
         finally:
             server.terminate()
@@ -358,7 +358,7 @@ class Responsiveness:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
         try:
-            _wait_http(f"{base}/health")
+            wait_http(f"{base}/health")
             yield base
         finally:
             proc.terminate()
@@ -470,7 +470,8 @@ def interactive_figures(row: dict) -> dict:
             "p95_ms": row["interactive_under_batch_p95_ms"]}
 
 
-def _wait_http(url: str, timeout: float = 60.0) -> None:
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    """Poll GET `url` until the server answers (any status); ConnectionError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         try:
