@@ -22,6 +22,7 @@ from car_backend.review.agreement import compare
 from car_backend.review.store import ReviewStore
 from car_backend.service.app import create_app
 from car_backend.service.backend import Backend
+from tests.support.processes import serve
 from tests.support.service import BRUSH, predict
 
 
@@ -187,28 +188,6 @@ def _running(pid: int) -> bool:
     return status != "Z"
 
 
-def _serve(settings) -> tuple:
-    """`car-backend serve` (real waitress) with `settings` on 127.0.0.1; (process, base URL) once /health answers."""
-    import subprocess
-    import sys
-
-    import requests
-
-    from tests.support.settings import settings_env
-
-    server = subprocess.Popen([sys.executable, "-m", "car_backend.cli", "serve"], env=settings_env(settings),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{settings.port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            requests.get(f"{base}/health", timeout=1)
-            return server, base
-        except requests.ConnectionError:
-            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
-            time.sleep(0.2)
-
-
 def _slow_body(base: str, path: str, results: list, drip_s: float = 0.5, bytes_total: int = 1000) -> None:
     """A client that sends its headers, then one byte of its body every `drip_s`; appends what it got back."""
     import socket
@@ -244,7 +223,7 @@ def test_health_and_setup_answer_under_waiting_predicts_and_slow_clients(service
     spawn_worker(service_settings(queue=queue))
     settings = service_settings(queue=queue, port=free_port(), host="127.0.0.1", predict_wait=12.0,
                                 predict_waiters=6, request_timeout=3.0, log_level="WARNING")
-    server, base = _serve(settings)
+    server, base = serve(settings)
     answers: list[tuple[float, dict]] = []
     slow: list[str] = []
 

@@ -7,34 +7,18 @@ import select
 import socket
 import statistics
 import subprocess
-import sys
 import time
 
 import pytest
 import requests
 
+from tests.support.processes import serve
 from tests.support.redis import free_port
-from tests.support.settings import settings_env
 
 BRUSH = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
          '<Label value="cat"/><Label value="dog"/></BrushLabels></View>')
 AUTH = ("operator", "s3cret:pass")
 SLOW_CLIENTS = 200
-
-
-def _serve(settings) -> tuple[subprocess.Popen, str]:
-    """`car-backend serve` with `settings`; (process, base URL) once /health answers."""
-    server = subprocess.Popen([sys.executable, "-m", "car_backend.cli", "serve"], env=settings_env(settings),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://{settings.host}:{settings.port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            requests.get(f"{base}/health", timeout=1)
-            return server, base
-        except requests.ConnectionError:
-            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
-            time.sleep(0.2)
 
 
 def _stop(server: subprocess.Popen) -> str:
@@ -50,7 +34,7 @@ def test_200_slow_header_clients_do_not_starve_health_and_setup(service_settings
     and /setup (with basic auth, as Label Studio calls them) answer within 200 ms all along."""
     settings = service_settings(port=free_port(), host="127.0.0.1", request_timeout=60.0, log_level="WARNING",
                                 basic_auth_user=AUTH[0], basic_auth_pass=AUTH[1])
-    server, base = _serve(settings)
+    server, base = serve(settings)
     slow: list[socket.socket] = []
     health_s, setup_s = [], []
     try:
@@ -104,7 +88,7 @@ def test_parallel_parses_of_huge_configs_do_not_stall_health(service_settings):
 
     settings = service_settings(port=free_port(), host="127.0.0.1", log_level="WARNING")
     limit = settings.max_label_config_bytes
-    server, base = _serve(settings)
+    server, base = serve(settings)
     stop = threading.Event()
     statuses: list[int] = []
 
@@ -145,7 +129,7 @@ def test_parallel_parses_of_huge_configs_do_not_stall_health(service_settings):
 @pytest.mark.integration
 def test_a_request_still_arriving_after_the_request_timeout_gets_408_and_an_idle_one_is_closed(service_settings):
     settings = service_settings(port=free_port(), host="127.0.0.1", request_timeout=2.0, log_level="WARNING")
-    server, _ = _serve(settings)
+    server, _ = serve(settings)
     try:
         dripping = socket.create_connection(("127.0.0.1", settings.port), timeout=10)
         idle = socket.create_connection(("127.0.0.1", settings.port), timeout=10)
